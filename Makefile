@@ -1,0 +1,48 @@
+# Two commands set up everything on a fresh Debian 12 machine as root:
+#   make demo   - system packages, .venv, the package, then the main job
+#   make test   - the same with the dev extras, then the test suite
+# Both build .venv from nothing every time, so a missing install step shows at once.
+
+VENV ?= .venv
+PYTHON ?= python3
+SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps
+
+.PHONY: system venv venv-dev demo test lint guests clean
+
+system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages: $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+	  echo "not root or no apt-get: assuming $(SYSTEM_PACKAGES) are present"; \
+	fi
+
+venv: system
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[plot]'
+
+venv-dev: system
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev,plot]'
+
+demo: venv
+	$(VENV)/bin/postcopy demo
+
+test: venv-dev
+	$(VENV)/bin/python -m pytest
+
+lint:
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+guests:
+	guests/build.sh
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

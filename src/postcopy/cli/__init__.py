@@ -1,0 +1,1 @@
+"""The `postcopy` command line."""

@@ -1,0 +1,1 @@
+"""The outgoing and incoming migration state machines: precopy, switchover, postcopy."""

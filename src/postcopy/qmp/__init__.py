@@ -1,0 +1,1 @@
+"""The QMP server: QEMU's control protocol over a Unix socket."""

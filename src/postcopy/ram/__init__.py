@@ -1,0 +1,1 @@
+"""RAM blocks, the RAM list and page bitmaps (numpy)."""

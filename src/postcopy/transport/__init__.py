@@ -1,0 +1,1 @@
+"""Connections that carry the migration stream: TCP, Unix, TLS, authentication."""

@@ -1,0 +1,1 @@
+"""The KVM micro-VM that is migrated, and its built-in guests."""
