@@ -1,0 +1,120 @@
+"""Migration capabilities and parameters, with QEMU's names, types and checks.
+
+QMP's migrate-set-capabilities / migrate-set-parameters and their query commands read and
+write these. Names that QEMU does not have carry QEMU's "x-" prefix for experiments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+# Capabilities we implement; QEMU has more (xbzrle, multifd, ...) which we refuse by name.
+SUPPORTED_CAPABILITIES = (
+    "events",
+    "postcopy-ram",
+    "postcopy-preempt",
+    "postcopy-blocktime",
+    "return-path",
+    "pause-before-switchover",
+    "zero-blocks",
+)
+
+KNOWN_QEMU_CAPABILITIES = SUPPORTED_CAPABILITIES + (
+    "xbzrle", "rdma-pin-all", "auto-converge", "compress", "x-colo", "release-ram",
+    "block", "multifd", "dirty-bitmaps", "late-block-activate", "x-ignore-shared",
+    "validate-uuid", "background-snapshot", "zero-copy-send", "switchover-ack",
+    "dirty-limit", "mapped-ram",
+)
+
+
+class ParameterError(ValueError):
+    """A capability or parameter name or value that is refused, with the reason."""
+
+
+@dataclass
+class Capabilities:
+    enabled: dict[str, bool] = field(
+        default_factory=lambda: {name: False for name in SUPPORTED_CAPABILITIES}
+    )
+
+    def set(self, name: str, state: bool) -> None:
+        if name not in SUPPORTED_CAPABILITIES:
+            if name in KNOWN_QEMU_CAPABILITIES:
+                raise ParameterError(f"capability '{name}' is not supported by postcopy")
+            raise ParameterError(f"Capability '{name}' not found")
+        if not isinstance(state, bool):
+            raise ParameterError(f"capability '{name}' state must be a boolean, not {state!r}")
+        self.enabled[name] = state
+
+    def __getitem__(self, name: str) -> bool:
+        return self.enabled[name]
+
+    def query(self) -> list[dict[str, Any]]:
+        return [{"capability": name, "state": state} for name, state in self.enabled.items()]
+
+    def names(self) -> frozenset[str]:
+        return frozenset(name for name, state in self.enabled.items() if state)
+
+
+@dataclass
+class Parameters:
+    """Migration parameters (QEMU's names in query-migrate-parameters use dashes)."""
+
+    # bytes per second; 0 means unlimited (QEMU's default is 128 MiB/s; we default to the link)
+    max_bandwidth: int = 0
+    # bytes per second during postcopy; 0 means unlimited (QEMU's meaning)
+    max_postcopy_bandwidth: int = 0
+    # milliseconds the guest may be stopped at a precopy switchover
+    downtime_limit: int = 300
+    # precopy rounds before giving up on convergence and switching anyway (precopy-only)
+    x_max_rounds: int = 30
+    # switch to postcopy automatically after this many completed precopy rounds; -1 = manual.
+    # 0 means postcopy from the start (no precopy round at all).
+    x_postcopy_after_rounds: int = -1
+    # switch to postcopy automatically when precopy rounds stop shrinking the dirty set
+    x_postcopy_when_stalled: bool = False
+    # pages per background run in postcopy (small runs keep requested pages from waiting)
+    x_postcopy_run_pages: int = 64
+    # pages per run in precopy
+    x_precopy_run_pages: int = 512
+    # the transport's authentication key, given as a file path (never sent anywhere)
+    x_key_file: str = ""
+    tls_creds: str = ""
+    tls_hostname: str = ""
+    announce_initial: int = 50
+
+    _LIMITS: ClassVar[dict[str, tuple[int, int]]] = {
+        "max_bandwidth": (0, 2**62),
+        "max_postcopy_bandwidth": (0, 2**62),
+        "downtime_limit": (0, 2000000),
+        "x_max_rounds": (1, 10000),
+        "x_postcopy_after_rounds": (-1, 10000),
+        "x_postcopy_run_pages": (1, 512),
+        "x_precopy_run_pages": (1, 512),
+        "announce_initial": (1, 100000),
+    }
+
+    def set(self, qmp_name: str, value: Any) -> None:
+        name = qmp_name.replace("-", "_")
+        known = {f.name: f for f in fields(self)}
+        if name not in known or name.startswith("_"):
+            raise ParameterError(f"Parameter '{qmp_name}' is unexpected")
+        current = getattr(self, name)
+        if isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ParameterError(f"Invalid parameter type for '{qmp_name}', expected: boolean")
+        elif isinstance(current, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParameterError(f"Invalid parameter type for '{qmp_name}', expected: integer")
+            low, high = self._LIMITS.get(name, (0, 2**63 - 1))
+            if not low <= value <= high:
+                raise ParameterError(
+                    f"Parameter '{qmp_name}' expects a value between {low} and {high}, not {value}"
+                )
+        elif isinstance(current, str) and not isinstance(value, str):
+            raise ParameterError(f"Invalid parameter type for '{qmp_name}', expected: string")
+        setattr(self, name, value)
+
+    def query(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

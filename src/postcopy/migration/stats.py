@@ -1,0 +1,181 @@
+"""Migration statistics: byte and page counters, rates, request latency and blocktime.
+
+Names follow QEMU's query-migrate fields. Time comes from an injectable clock (seconds,
+monotonic) so the accounting can be tested deterministically.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class RamCounters:
+    """What the source sent (QEMU's MigrationStats.ram)."""
+
+    total: int = 0                 # bytes of guest RAM
+    normal: int = 0                # pages sent with data
+    duplicate: int = 0             # zero pages sent as markers
+    transferred: int = 0           # bytes put on the wire, headers included
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    postcopy_requests: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0      # pages per second, measured between syncs
+    remaining: int = 0             # bytes still to send
+    page_size: int = 4096
+    pages_pushed: int = 0          # after switchover: pages sent by the background push
+    pages_requested: int = 0       # after switchover: pages sent because they were requested
+
+    def as_qmp(self, elapsed: float) -> dict[str, Any]:
+        mbps = self.transferred * 8 / 1e6 / elapsed if elapsed > 0 else 0.0
+        pages = self.normal + self.duplicate
+        return {
+            "transferred": self.transferred,
+            "remaining": self.remaining,
+            "total": self.total,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal * self.page_size,
+            "mbps": round(mbps, 3),
+            "pages-per-second": int(pages / elapsed) if elapsed > 0 else 0,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "dirty-sync-count": self.dirty_sync_count,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-requests": self.postcopy_requests,
+            "page-size": self.page_size,
+            "skipped": 0,
+            "multifd-bytes": 0,
+            "x-pages-pushed": self.pages_pushed,
+            "x-pages-requested": self.pages_requested,
+        }
+
+
+class RateMeter:
+    """Bytes per second over a sliding window, for expected downtime and the live display."""
+
+    def __init__(self, clock: Clock = time.monotonic, window: float = 0.5) -> None:
+        self._clock = clock
+        self._window = window
+        self._start = clock()
+        self._bytes = 0
+        self.rate = 0.0
+
+    def add(self, count: int) -> None:
+        self._bytes += count
+        now = self._clock()
+        elapsed = now - self._start
+        if elapsed >= self._window:
+            self.rate = self._bytes / elapsed
+            self._start = now
+            self._bytes = 0
+
+
+class LatencyRecorder:
+    """Request latency, fault read to page placed, per page; vectorised per placed run."""
+
+    def __init__(self, block_pages: list[int], clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._asked_at = [np.full(pages, np.nan) for pages in block_pages]
+        self._samples: list[npt.NDArray[np.float64]] = []
+        self._lock = threading.Lock()
+
+    def asked(self, block: int, first_page: int, count: int, when: float) -> None:
+        self._asked_at[block][first_page:first_page + count] = when
+
+    def placed(self, block: int, first_page: int, count: int) -> None:
+        asked = self._asked_at[block][first_page:first_page + count]
+        waiting = ~np.isnan(asked)
+        if waiting.any():
+            now = self._clock()
+            with self._lock:
+                self._samples.append(now - asked[waiting])
+            asked[waiting] = np.nan
+
+    def summary(self) -> dict[str, float | int]:
+        with self._lock:
+            samples = np.concatenate(self._samples) if self._samples else np.zeros(0)
+        if samples.size == 0:
+            return {"count": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
+        p50, p99 = np.percentile(samples, [50, 99])
+        return {
+            "count": int(samples.size),
+            "p50-us": round(float(p50) * 1e6, 1),
+            "p99-us": round(float(p99) * 1e6, 1),
+            "max-us": round(float(samples.max()) * 1e6, 1),
+        }
+
+    def samples(self) -> npt.NDArray[np.float64]:
+        with self._lock:
+            return np.concatenate(self._samples) if self._samples else np.zeros(0)
+
+
+@dataclass
+class _Waiter:
+    block: int = -1
+    page: int = -1
+    since: float = 0.0
+
+
+@dataclass
+class BlocktimeTracker:
+    """QEMU's postcopy-blocktime: per vCPU the time it waited for pages, and the total time
+    during which all vCPUs waited at once. Times are in milliseconds in the QMP view."""
+
+    vcpus: int
+    clock: Clock = time.monotonic
+    per_vcpu: list[float] = field(default_factory=list)
+    total: float = 0.0
+    faults: int = 0
+
+    def __post_init__(self) -> None:
+        self.per_vcpu = [0.0] * self.vcpus
+        self._waiting = [_Waiter() for _ in range(self.vcpus)]
+        self._blocked = 0
+        self._all_blocked_since = 0.0
+        self._lock = threading.Lock()
+
+    def fault(self, vcpu: int, block: int, page: int, when: float) -> None:
+        with self._lock:
+            waiter = self._waiting[vcpu]
+            if waiter.block >= 0:
+                return  # already counted as waiting; a vCPU waits on one page at a time
+            waiter.block, waiter.page, waiter.since = block, page, when
+            self.faults += 1
+            self._blocked += 1
+            if self._blocked == self.vcpus:
+                self._all_blocked_since = when
+
+    def placed(self, block: int, first_page: int, count: int) -> None:
+        with self._lock:
+            if self._blocked == 0:
+                return
+            now = self.clock()
+            for vcpu, waiter in enumerate(self._waiting):
+                if waiter.block == block and first_page <= waiter.page < first_page + count:
+                    if self._blocked == self.vcpus:
+                        self.total += now - self._all_blocked_since
+                    self.per_vcpu[vcpu] += now - waiter.since
+                    waiter.block = -1
+                    self._blocked -= 1
+
+    def as_qmp(self) -> dict[str, Any]:
+        return {
+            "postcopy-blocktime": int(self.total * 1000),
+            "postcopy-vcpu-blocktime": [int(t * 1000) for t in self.per_vcpu],
+            "x-postcopy-blocktime-us": round(self.total * 1e6, 1),
+            "x-postcopy-vcpu-blocktime-us": [round(t * 1e6, 1) for t in self.per_vcpu],
+            "x-postcopy-vcpu-faults": self.faults,
+        }

@@ -1,0 +1,100 @@
+"""Unit tests of the migration's pure policies: discard ranges, blocktime, latency, status."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges
+from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
+from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
+from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@given(st.lists(st.booleans(), max_size=400), st.lists(st.booleans(), max_size=400))
+def test_discard_ranges_cover_exactly_sent_and_dirty(sent_bits: list[bool],
+                                                     dirty_bits: list[bool]) -> None:
+    size = min(len(sent_bits), len(dirty_bits))
+    sent = np.array(sent_bits[:size], dtype=np.bool_)
+    dirty = np.array(dirty_bits[:size], dtype=np.bool_)
+    covered = np.zeros(size, dtype=np.bool_)
+    for group in discard_ranges(sent, dirty):
+        assert 1 <= len(group) <= MAX_DISCARD_RANGES
+        for first, count in group:
+            assert count > 0
+            assert not covered[first:first + count].any()
+            covered[first:first + count] = True
+    assert (covered == (sent & dirty)).all()
+
+
+def test_blocktime_counts_per_vcpu_and_all_blocked_overlap() -> None:
+    clock = FakeClock()
+    tracker = BlocktimeTracker(vcpus=2, clock=clock)
+    tracker.fault(0, block=0, page=10, when=1.0)
+    tracker.fault(1, block=0, page=20, when=2.0)   # both blocked from t=2
+    clock.now = 3.0
+    tracker.placed(0, 10, 1)                       # vCPU0 waited 2 s; overlap 1 s
+    clock.now = 5.0
+    tracker.placed(0, 15, 10)                      # vCPU1 waited 3 s
+    assert tracker.per_vcpu == [2.0, 3.0]
+    assert tracker.total == 1.0
+    view = tracker.as_qmp()
+    assert view["postcopy-blocktime"] == 1000
+    assert view["postcopy-vcpu-blocktime"] == [2000, 3000]
+
+
+def test_latency_recorder_measures_only_requested_pages() -> None:
+    clock = FakeClock()
+    recorder = LatencyRecorder([100], clock=clock)
+    recorder.asked(0, 5, 1, when=1.0)
+    recorder.asked(0, 50, 2, when=2.0)
+    clock.now = 1.5
+    recorder.placed(0, 0, 10)
+    clock.now = 2.25
+    recorder.placed(0, 40, 20)
+    recorder.placed(0, 40, 20)                     # placed again: not counted twice
+    summary = recorder.summary()
+    assert summary["count"] == 3
+    assert summary["max-us"] == 500000.0
+    assert sorted(recorder.samples().tolist()) == [0.25, 0.25, 0.5]
+
+
+def test_status_table_refuses_illegal_moves() -> None:
+    seen: list[MigrationStatus] = []
+    status = StatusHolder(seen.append)
+    status.move(MigrationStatus.SETUP)
+    status.move(MigrationStatus.ACTIVE)
+    with pytest.raises(IllegalTransition, match="active -> postcopy-paused"):
+        status.move(MigrationStatus.POSTCOPY_PAUSED)
+    status.move(MigrationStatus.POSTCOPY_ACTIVE)
+    status.move(MigrationStatus.COMPLETED)
+    assert [s.value for s in seen] == ["setup", "active", "postcopy-active", "completed"]
+
+
+def test_parameters_and_capabilities_use_qemu_names_and_check_values() -> None:
+    parameters = Parameters()
+    parameters.set("downtime-limit", 50)
+    assert parameters.query()["downtime-limit"] == 50
+    with pytest.raises(ParameterError, match="Parameter 'no-such' is unexpected"):
+        parameters.set("no-such", 1)
+    with pytest.raises(ParameterError, match="expected: integer"):
+        parameters.set("max-bandwidth", "fast")
+    with pytest.raises(ParameterError, match="between"):
+        parameters.set("x-postcopy-run-pages", 0)
+    capabilities = Capabilities()
+    capabilities.set("postcopy-ram", True)
+    assert "postcopy-ram" in capabilities.names()
+    with pytest.raises(ParameterError, match="not supported"):
+        capabilities.set("xbzrle", True)
+    with pytest.raises(ParameterError, match="not found"):
+        capabilities.set("warp-drive", True)
