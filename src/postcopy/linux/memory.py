@@ -1,0 +1,480 @@
+"""Memory the migration moves and the small kernel objects around it.
+
+`Mapping` is one mmap of anonymous memory, of a memfd, or of a file on hugetlbfs, made
+with libc's mmap through ctypes: its address never moves and `close()` always unmaps,
+even while memoryviews or numpy arrays still point into it (Python's `mmap.mmap` refuses
+to close then). `madvise`, `mlock` and `punch_hole` act on ranges of it. Module
+functions report the host's page sizes and huge page reservations; `EventFd` wraps
+eventfd(2), which the fault thread polls next to the userfaultfd to be told to quit.
+
+Thin bindings, no policy: every failure is a `MappingError` naming the call, the range
+and the errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno
+import os
+from pathlib import Path
+from types import TracebackType
+
+from postcopy.linux._libc import libc
+
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000
+MAP_HUGE_SHIFT = 26
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+MiB = 1 << 20
+HUGE_PAGE_2M = 2 * MiB
+
+_SYS_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
+_SYS_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# Private prototypes, so that other bindings declaring different argtypes on the shared
+# libc handle cannot change how these are called.
+_mmap = ctypes.CFUNCTYPE(
+    ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+    use_errno=True,
+)(("mmap", libc))
+_munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
+    ("munmap", libc)
+)
+_madvise = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, use_errno=True
+)(("madvise", libc))
+_mlock = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
+    ("mlock", libc)
+)
+_munlock = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
+    ("munlock", libc)
+)
+_fallocate = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, use_errno=True
+)(("fallocate", libc))
+
+
+class Advice(enum.IntEnum):
+    """madvise(2) advice values (include/uapi/asm-generic/mman-common.h)."""
+
+    NORMAL = 0
+    RANDOM = 1
+    SEQUENTIAL = 2
+    WILLNEED = 3
+    DONTNEED = 4
+    FREE = 8
+    REMOVE = 9
+    DONTFORK = 10
+    DOFORK = 11
+    MERGEABLE = 12
+    UNMERGEABLE = 13
+    HUGEPAGE = 14
+    NOHUGEPAGE = 15
+    DONTDUMP = 16
+    DODUMP = 17
+    WIPEONFORK = 18
+    KEEPONFORK = 19
+    COLD = 20
+    PAGEOUT = 21
+    POPULATE_READ = 22
+    POPULATE_WRITE = 23
+    DONTNEED_LOCKED = 24
+    COLLAPSE = 25
+
+
+class MappingError(OSError):
+    """A memory system call failed; the message names the call, the range and the errno."""
+
+    def __init__(self, err: int, operation: str, address: int | None = None,
+                 length: int | None = None) -> None:
+        where = "" if address is None else f" [{address:#x}, +{length or 0:#x})"
+        super().__init__(err, f"{operation}{where}: {os.strerror(err)}")
+        self.operation = operation
+        self.address = address
+        self.range_length = length
+
+
+def page_size() -> int:
+    """The host's base page size in bytes."""
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def transparent_hugepage_mode() -> str | None:
+    """The THP mode selected in sysfs ("always", "madvise" or "never"), None if absent."""
+    try:
+        text = _SYS_THP_ENABLED.read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return None
+
+
+def huge_page_sizes() -> list[int]:
+    """The huge page sizes this kernel offers (from /sys/kernel/mm/hugepages), ascending."""
+    sizes = []
+    try:
+        entries = list(_SYS_HUGEPAGES.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        name = entry.name  # "hugepages-2048kB"
+        if name.startswith("hugepages-") and name.endswith("kB"):
+            sizes.append(int(name[len("hugepages-"):-2]) * 1024)
+    return sorted(sizes)
+
+
+def _hugepages_dir(size: int) -> Path:
+    return _SYS_HUGEPAGES / f"hugepages-{size // 1024}kB"
+
+
+def hugepages_reserved(size: int = HUGE_PAGE_2M) -> tuple[int, int]:
+    """(total, free) huge pages of `size` in the kernel's pool; (0, 0) if the size is absent."""
+    directory = _hugepages_dir(size)
+    try:
+        total = int((directory / "nr_hugepages").read_text())
+        free = int((directory / "free_hugepages").read_text())
+    except (OSError, ValueError):
+        return (0, 0)
+    return (total, free)
+
+
+def set_hugepages(total: int, size: int = HUGE_PAGE_2M) -> int:
+    """Ask the kernel for a pool of `total` huge pages of `size` (root); returns the total
+    it reached, which is lower when memory is too fragmented."""
+    path = _hugepages_dir(size) / "nr_hugepages"
+    try:
+        path.write_text(f"{total}\n")
+        return int(path.read_text())
+    except OSError as error:
+        raise MappingError(error.errno or errno.EINVAL, f"write {path} = {total}") from None
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def default_huge_page_size() -> int | None:
+    """Hugepagesize from /proc/meminfo: the size of a hugetlbfs mount without pagesize=."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def hugetlbfs_mounts() -> list[tuple[str, int]]:
+    """Every hugetlbfs mount in /proc/mounts as (mount point, page size)."""
+    mounts = []
+    default = default_huge_page_size() or HUGE_PAGE_2M
+    try:
+        with open("/proc/mounts") as table:
+            lines = table.readlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "hugetlbfs":
+            continue
+        size = default
+        for option in fields[3].split(","):
+            if option.startswith("pagesize="):
+                size = _parse_size(option.split("=", 1)[1])
+        # /proc/mounts escapes spaces in paths as \040.
+        mounts.append((fields[1].replace("\\040", " "), size))
+    return mounts
+
+
+def mount_hugetlbfs_path(page_size: int = HUGE_PAGE_2M) -> str | None:
+    """The first hugetlbfs mount point serving `page_size` pages, or None."""
+    for path, size in hugetlbfs_mounts():
+        if size == page_size:
+            return path
+    return None
+
+
+def _map(length: int, prot: int, flags: int, fd: int, what: str) -> int:
+    address = _mmap(None, length, prot, flags, fd, 0)
+    if address is None or address == MAP_FAILED:
+        raise MappingError(ctypes.get_errno(), f"mmap {what}", None, length)
+    return int(address)
+
+
+class Mapping:
+    """One mmap'ed region of memory: anonymous, memfd or hugetlbfs. Create with the classmethods.
+
+    `view` is a writable memoryview (format "B") over the whole region. It and anything
+    built from it (slices, numpy arrays) must not be used after `close()`: the memory is
+    unmapped regardless, and touching it then crashes the process.
+    """
+
+    address: int
+    length: int
+    page_size: int
+    kind: str
+    shared: bool
+    fd: int | None
+
+    def __init__(self, address: int, length: int, *, page_size: int, kind: str, shared: bool,
+                 fd: int | None) -> None:
+        """Adopt an existing mapping (its munmap and the fd's close become ours)."""
+        self.address = address
+        self.length = length
+        self.page_size = page_size
+        self.kind = kind
+        self.shared = shared
+        self.fd = fd
+        self._array = (ctypes.c_ubyte * length).from_address(address)
+        self._view: memoryview | None = memoryview(self._array).cast("B")
+        self._closed = False
+
+    # -- constructors ----------------------------------------------------------------
+
+    @classmethod
+    def anonymous(cls, length: int, *, shared: bool = False, noreserve: bool = True) -> Mapping:
+        """Anonymous memory, private by default (what postcopy migrates), base pages."""
+        base = page_size()
+        _check_length(length, base, "anonymous")
+        flags = MAP_ANONYMOUS | (MAP_SHARED if shared else MAP_PRIVATE)
+        if noreserve:
+            flags |= MAP_NORESERVE
+        address = _map(length, PROT_READ | PROT_WRITE, flags, -1, "anonymous")
+        return cls(address, length, page_size=base, kind="anonymous", shared=shared, fd=None)
+
+    @classmethod
+    def memfd(cls, length: int, name: str = "ram", *, hugetlb: bool = False,
+              huge_page_size: int = HUGE_PAGE_2M) -> Mapping:
+        """A MAP_SHARED mapping of a new memfd (shmem, or hugetlb pages with `hugetlb`).
+
+        The fd stays open (`.fd`) so the same memory can be mapped again (`alias()`),
+        passed to another process, or have holes punched in it.
+        """
+        size = huge_page_size if hugetlb else page_size()
+        _check_length(length, size, "memfd")
+        flags = os.MFD_CLOEXEC
+        if hugetlb:
+            flags |= os.MFD_HUGETLB | (size.bit_length() - 1) << MAP_HUGE_SHIFT
+        try:
+            fd = os.memfd_create(name, flags)
+        except OSError as error:
+            raise MappingError(error.errno or errno.EINVAL, f"memfd_create {name!r}") from None
+        try:
+            os.ftruncate(fd, length)
+            address = _map(length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, f"memfd {name!r}")
+        except OSError as error:
+            os.close(fd)
+            if isinstance(error, MappingError):
+                raise
+            raise MappingError(error.errno or errno.EINVAL, f"ftruncate memfd {name!r}",
+                               None, length) from None
+        return cls(address, length, page_size=size, kind="memfd", shared=True, fd=fd)
+
+    @classmethod
+    def hugetlbfs(cls, length: int, *, directory: str | None = None,
+                  page_size: int = HUGE_PAGE_2M, shared: bool = False) -> Mapping:
+        """Huge pages from a file on a hugetlbfs mount; the file is unlinked once mapped.
+
+        `directory` defaults to the first hugetlbfs mount serving `page_size` pages (see
+        `mount_hugetlbfs_path`). Private by default, like QEMU's file-backed RAM without
+        share=on: MADV_DONTNEED then really empties a private page, which postcopy needs.
+        """
+        _check_length(length, page_size, "hugetlbfs")
+        if directory is None:
+            directory = mount_hugetlbfs_path(page_size)
+            if directory is None:
+                raise MappingError(errno.ENOENT,
+                                   f"hugetlbfs: no hugetlbfs mount with {page_size} byte pages")
+        path = os.path.join(directory, f"postcopy-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise MappingError(error.errno or errno.EINVAL, f"open {path}") from None
+        try:
+            os.ftruncate(fd, length)
+            flags = MAP_SHARED if shared else MAP_PRIVATE
+            address = _map(length, PROT_READ | PROT_WRITE, flags, fd, f"hugetlbfs {path}")
+        except OSError as error:
+            os.close(fd)
+            if isinstance(error, MappingError):
+                raise
+            raise MappingError(error.errno or errno.EINVAL, f"ftruncate {path}",
+                               None, length) from None
+        finally:
+            os.unlink(path)
+        return cls(address, length, page_size=page_size, kind="hugetlbfs", shared=shared, fd=fd)
+
+    def alias(self) -> Mapping:
+        """A second MAP_SHARED mapping of the same memfd/hugetlbfs file, at another address.
+
+        Lets one mapping be registered with userfaultfd (MINOR faults) while the other
+        fills the page cache behind it. The alias owns a dup of the fd.
+        """
+        if self.fd is None or not self.shared:
+            raise MappingError(errno.EINVAL, f"alias of a {self.kind} private mapping",
+                               self.address, self.length)
+        fd = os.dup(self.fd)
+        try:
+            address = _map(self.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, "alias")
+        except MappingError:
+            os.close(fd)
+            raise
+        return Mapping(address, self.length, page_size=self.page_size, kind=self.kind,
+                       shared=True, fd=fd)
+
+    # -- operations ------------------------------------------------------------------
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("mapping is closed")
+        return self._view
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _range(self, offset: int, length: int | None) -> tuple[int, int]:
+        if self._closed:
+            raise ValueError("mapping is closed")
+        if length is None:
+            length = self.length - offset
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(
+                f"range +{offset:#x} len {length:#x} outside mapping of {self.length:#x} bytes"
+            )
+        return self.address + offset, length
+
+    def madvise(self, advice: Advice, offset: int = 0, length: int | None = None) -> None:
+        """madvise(2) on [offset, offset+length) of this mapping (default: to its end)."""
+        address, length = self._range(offset, length)
+        if _madvise(address, length, int(advice)) != 0:
+            raise MappingError(ctypes.get_errno(), f"madvise {Advice(advice).name}",
+                               address, length)
+
+    def mlock(self, offset: int = 0, length: int | None = None) -> None:
+        """mlock(2): fault the range in and keep it resident."""
+        address, length = self._range(offset, length)
+        if _mlock(address, length) != 0:
+            raise MappingError(ctypes.get_errno(), "mlock", address, length)
+
+    def munlock(self, offset: int = 0, length: int | None = None) -> None:
+        address, length = self._range(offset, length)
+        if _munlock(address, length) != 0:
+            raise MappingError(ctypes.get_errno(), "munlock", address, length)
+
+    def punch_hole(self, offset: int = 0, length: int | None = None) -> None:
+        """Free the backing file's pages in the range (fallocate PUNCH_HOLE|KEEP_SIZE).
+
+        The discard for memfd/hugetlbfs memory: MADV_DONTNEED on a shared mapping only
+        drops this process's page table entries, the file keeps the data.
+        """
+        address, length = self._range(offset, length)
+        if self.fd is None:
+            raise MappingError(errno.EINVAL, "fallocate PUNCH_HOLE on anonymous memory",
+                               address, length)
+        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            raise MappingError(ctypes.get_errno(), "fallocate PUNCH_HOLE", address, length)
+
+    def close(self) -> None:
+        """Unmap and close the fd. Idempotent; views into the mapping become invalid."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._view is not None:
+            # Exported (slices, numpy) views cannot be released: unmapped all the same.
+            with contextlib.suppress(BufferError):
+                self._view.release()
+            self._view = None
+        result = _munmap(self.address, self.length)
+        err = ctypes.get_errno()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if result != 0:
+            raise MappingError(err, "munmap", self.address, self.length)
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"at {self.address:#x}"
+        return (f"<Mapping {self.kind} {state} length={self.length:#x} "
+                f"page_size={self.page_size} shared={self.shared}>")
+
+
+def _check_length(length: int, unit: int, what: str) -> None:
+    if length <= 0 or length % unit:
+        raise ValueError(f"{what} mapping length {length} must be a positive multiple of {unit}")
+
+
+class EventFd:
+    """An eventfd(2) counter: `write(n)` adds n, `read()` takes the whole count (or 1).
+
+    Non-blocking by default; `read()` on a non-blocking, empty counter returns 0 (a real
+    read never returns 0, so 0 unambiguously means "nothing pending"). A blocking one
+    waits, without the GIL.
+    """
+
+    def __init__(self, initval: int = 0, *, nonblock: bool = True,
+                 semaphore: bool = False) -> None:
+        flags = os.EFD_CLOEXEC
+        if nonblock:
+            flags |= os.EFD_NONBLOCK
+        if semaphore:
+            flags |= os.EFD_SEMAPHORE
+        self.fd: int = os.eventfd(initval, flags)
+        self.nonblock = nonblock
+        self.semaphore = semaphore
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, n: int = 1) -> None:
+        os.eventfd_write(self._fd(), n)
+
+    def read(self) -> int:
+        try:
+            return os.eventfd_read(self._fd())
+        except BlockingIOError:
+            return 0
+
+    def _fd(self) -> int:
+        if self.fd < 0:
+            raise ValueError("eventfd is closed")
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> EventFd:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
