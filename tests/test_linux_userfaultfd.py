@@ -36,7 +36,12 @@ from postcopy.linux.userfaultfd import (
     Unmap,
     UserfaultFd,
 )
-from test_linux_memory import hugetlbfs_2m  # noqa: F401  (a fixture used below)
+
+# The huge page pool + hugetlbfs mount fixture; tests/ may or may not be a package.
+try:
+    from tests.test_linux_memory import hugetlbfs_2m
+except ImportError:
+    from test_linux_memory import hugetlbfs_2m  # type: ignore[no-redef]  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60, method="thread")
 
@@ -469,7 +474,7 @@ def test_poison_marks_missing_pages(scene: Scene) -> None:
 
 
 def test_hugetlbfs_fault_resolved_by_whole_huge_page_copy(
-    hugetlbfs_2m: str, scene: Scene  # noqa: F811  (the mount must outlive the scene)
+    hugetlbfs_2m: str, scene: Scene  # the mount must outlive the scene
 ) -> None:
     target = scene.map(Mapping.hugetlbfs(2 * HUGE_PAGE_2M, directory=hugetlbfs_2m))
     source = scene.source(HUGE_PAGE_2M, 0xC3)
