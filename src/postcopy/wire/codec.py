@@ -261,7 +261,7 @@ _SPECS: Final[dict[int, _FrameSpec]] = {
             FLAG_BLOCK_NAMED,
         ),
         _spec(FrameType.SHUT, Shut, _R, 1, 1 + MAX_SHUT_REASON_BYTES),
-        _spec(FrameType.PING, Ping, _R, 4, 4),
+        _spec(FrameType.PING, Ping, _M, 4, 4),  # QEMU's MIG_CMD_PING: main stream
         _spec(FrameType.PONG, Pong, _R, 4, 4),
         _spec(
             FrameType.RECV_BITMAP,

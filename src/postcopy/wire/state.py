@@ -19,6 +19,7 @@ from typing import Final
 
 from postcopy.wire.errors import ProtocolError
 from postcopy.wire.messages import (
+    Ping,
     Advise,
     DeviceState,
     Discard,
@@ -147,6 +148,9 @@ class IncomingStateMachine:
                 message=f"{name} is illegal for role {ROLE} in state {self._state.name}: "
                 "the stream must begin with a Handshake",
             )
+        if event is Ping and self._state is not IncomingState.END:
+            # a liveness probe is legal anywhere in a live stream and changes nothing
+            return self._state
         next_state = TRANSITIONS[self._state].get(event)
         if next_state is None:
             legal = ", ".join(state.name for state in allowed_in(event)) or "no state"

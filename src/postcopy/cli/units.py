@@ -1,0 +1,29 @@
+"""Sizes and rates as people write them: 256M, 1G, 4GiB, 100MB/s."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text`; suffixes K, M, G, T (powers of 1024), optional 'B' or 'iB'."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 256M, 1G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second in `text`, e.g. 100M, 1G, 500MB/s."""
+    return parse_size(text.removesuffix("/s"))
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"

@@ -1,0 +1,148 @@
+"""`postcopy vm run`: one micro-VM process with its QMP server, source or destination.
+
+    postcopy vm run --guest memtouch --ram 1G --vcpus 2 --qmp /tmp/src.sock
+    postcopy vm run --guest memtouch --ram 1G --vcpus 2 --qmp /tmp/dst.sock \\
+        --incoming tcp:127.0.0.1:4444
+
+The process lives until QMP `quit`, SIGTERM or Ctrl-C. A destination whose incoming
+migration fails exits with status 1 and the reason on stderr, freeing its RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from postcopy.cli.units import parse_size
+
+
+def add_parser(subparsers: Any) -> None:
+    vm = subparsers.add_parser("vm", help="run a micro-VM (source or migration destination)")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
+    run = vm_sub.add_parser("run", help="start a micro-VM with a QMP server")
+    guest = run.add_mutually_exclusive_group(required=True)
+    guest.add_argument("--guest", help="built-in guest: memtouch, randwrite, scan")
+    guest.add_argument("--guest-image", type=Path, help="a flat binary in the guest ABI")
+    run.add_argument("--guest-param", action="append", default=[], metavar="NAME=VALUE",
+                     help="a built-in guest's parameter (see `postcopy vm guests`)")
+    run.add_argument("--ram", default="256M", help="RAM size, e.g. 256M, 1G (default 256M)")
+    run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--qmp", required=True, help="path of the QMP Unix socket to create")
+    run.add_argument("--incoming", metavar="URI",
+                     help="wait for a migration on tcp:HOST:PORT or unix:PATH, or 'defer' "
+                          "to wait for QMP migrate-incoming")
+    run.add_argument("--key", type=Path, help="authentication key file (both sides)")
+    run.add_argument("--allow-insecure-network", action="store_true",
+                     help="listen on a network address without a key")
+    run.add_argument("--migrate-capability", action="append", default=[], metavar="NAME",
+                     help="enable a migration capability at start (as migrate-set-capabilities)")
+    run.add_argument("-S", "--paused", action="store_true",
+                     help="do not start the guest (a destination stays paused after migration)")
+    run.add_argument("--console", type=Path, help="append the guest's console output to FILE")
+    run.add_argument("--trace", help="append the migration timeline as JSON lines to FILE")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=run_vm)
+    guests = vm_sub.add_parser("guests", help="list the built-in guests and their parameters")
+    guests.set_defaults(func=list_guests)
+    vm.set_defaults(func=lambda args: vm.print_help() or 2)
+
+
+def list_guests(args: argparse.Namespace) -> int:
+    from postcopy.vm.guests import GUESTS
+
+    for info in GUESTS.values():
+        print(f"{info.name}: {info.description}")
+        print("  " + info.params_help().replace("\n", "\n  "))
+        print(f"  console: {info.pass_help}")
+    return 0
+
+
+def _guest_params(args: argparse.Namespace) -> tuple[bytes, list[int], str | None]:
+    from postcopy.vm.guests import GUESTS
+
+    if args.guest_image is not None:
+        if args.guest_param:
+            raise ValueError("--guest-param applies to built-in guests only")
+        return args.guest_image.read_bytes(), [], None
+    if args.guest not in GUESTS:
+        raise ValueError(f"unknown guest {args.guest!r}; built-in guests: {', '.join(GUESTS)}")
+    info = GUESTS[args.guest]
+    values: dict[str, int] = {}
+    for item in args.guest_param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--guest-param {item!r}: expected NAME=VALUE")
+        values[name] = int(value, 0)
+    return info.image, info.pack_params(values), info.name
+
+
+def run_vm(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    from postcopy.qmp.monitor import VmMonitor
+    from postcopy.qmp.server import QmpServer
+    from postcopy.transport import AuthConfig
+    from postcopy.vm.machine import MicroVM
+
+    try:
+        image, params, guest_name = _guest_params(args)
+        ram_size = parse_size(args.ram)
+        auth = AuthConfig.from_file(args.key) if args.key else None
+    except (ValueError, OSError) as error:
+        print(f"postcopy vm run: {error}", file=sys.stderr)
+        return 2
+    console_file = args.console.open("ab") if args.console else None
+
+    def console(data: bytes) -> None:
+        if console_file is not None:
+            console_file.write(data)
+            console_file.flush()
+
+    quit_event = threading.Event()
+    server = QmpServer(args.qmp)
+    try:
+        vm = MicroVM(ram_size=ram_size, vcpus=args.vcpus, image=image, params=params,
+                     incoming=args.incoming is not None, console=console,
+                     on_event=lambda name, data: server.emit_event(name, data or None))
+    except Exception as error:
+        print(f"postcopy vm run: cannot create the VM: {error}", file=sys.stderr)
+        return 1
+    exit_code = 0
+    try:
+        monitor = VmMonitor(vm, server, guest=guest_name, guest_params=params, auth=auth,
+                            allow_insecure_network=args.allow_insecure_network,
+                            autostart=not args.paused, trace_path=args.trace,
+                            on_quit=quit_event.set)
+        for name in args.migrate_capability:
+            monitor.capabilities.set(name, True)
+        server.start()
+        signal.signal(signal.SIGTERM, lambda *_: quit_event.set())
+        signal.signal(signal.SIGINT, lambda *_: quit_event.set())
+        if args.incoming and args.incoming != "defer":
+            try:
+                monitor.start_incoming(args.incoming)
+            except Exception as error:
+                print(f"postcopy vm run: {error}", file=sys.stderr)
+                return 1
+        elif not args.incoming and not args.paused:
+            vm.cont()
+        while not quit_event.wait(0.2):
+            incoming = monitor.incoming
+            if incoming is not None and incoming.finished and incoming.error:
+                print(f"postcopy vm run: incoming migration failed: {incoming.error}",
+                      file=sys.stderr)
+                exit_code = 1
+                break
+    finally:
+        server.close()
+        if monitor.incoming is not None:
+            monitor.incoming.close()
+        vm.close()
+        if console_file is not None:
+            console_file.close()
+    return exit_code

@@ -1,0 +1,598 @@
+"""The destination side of a migration: receive precopy RAM, then serve postcopy faults.
+
+Threads:
+- the receiver reads the main stream. Before LISTEN it reads page data straight into guest
+  RAM (nothing is registered on userfaultfd yet, so no thread can block on it). From
+  LISTEN on it reads into a staging buffer and places whole runs with UFFDIO_COPY /
+  UFFDIO_ZEROPAGE, which wake the vCPUs waiting on them.
+- the fault thread polls the userfaultfd and a quit eventfd, reads faults in batches and
+  sends REQ_PAGES on the return path for pages not yet asked for.
+- with postcopy-preempt, a second receiver places the urgent pages of the preempt channel.
+
+The GIL rule: once RAM is registered, no Python code here reads or writes guest RAM; only
+ioctls (which release the GIL) and socket reads into the staging buffer touch pages.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from postcopy.linux.memory import Advice, EventFd, Mapping
+from postcopy.linux.userfaultfd import (
+    Feature,
+    Ioctl,
+    PageExistsError,
+    PageFault,
+    RegisterMode,
+    RetryError,
+    UserfaultFd,
+)
+from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.hostcheck import check_host
+from postcopy.migration.machine import Machine
+from postcopy.migration.parameters import Capabilities, Parameters
+from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
+from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
+from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.transport import AuthConfig, Connection, Listener, listen
+from postcopy.wire import (
+    Advise,
+    BlockInfo,
+    DeviceState,
+    Direction,
+    Discard,
+    EndOfRound,
+    Handshake,
+    Listen,
+    Package,
+    Ping,
+    Pong,
+    PostcopyComplete,
+    PrecopyComplete,
+    RamRunHeader,
+    ReqPages,
+    Run,
+    Shut,
+    StreamContext,
+)
+
+log = logging.getLogger(__name__)
+
+S = MigrationStatus
+EventSink = Callable[[str, dict[str, Any]], None]
+STAGING_BYTES = 4 << 20
+FAULT_BATCH = 64
+
+
+class IncomingError(RuntimeError):
+    pass
+
+
+class PagePlacer:
+    """Places runs atomically on a userfaultfd, records what arrived, wakes waiters."""
+
+    def __init__(self, uffd: UserfaultFd, ram: list[RamBlock], received: list[Bitmap],
+                 latency: LatencyRecorder, blocktime: BlocktimeTracker) -> None:
+        self.uffd = uffd
+        self.ram = ram
+        self.received = received
+        self.latency = latency
+        self.blocktime = blocktime
+        self.duplicates = 0
+        self.placed_pages = 0
+        self._lock = threading.Lock()
+
+    def place(self, block_index: int, first_page: int, zero: Bitmap, staging_address: int) -> None:
+        block = self.ram[block_index]
+        page_size = block.page_size
+        normal_starts, normal_lengths = runs(~zero)
+        offset_in_staging = 0
+        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+            destination = block.host_address + (first_page + start) * page_size
+            self._copy(destination, staging_address + offset_in_staging, length * page_size,
+                       page_size)
+            offset_in_staging += length * page_size
+        zero_starts, zero_lengths = runs(zero)
+        for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+            destination = block.host_address + (first_page + start) * page_size
+            self._zeropage(destination, length * page_size, page_size)
+        count = int(zero.size)
+        self.received[block_index][first_page:first_page + count] = True
+        with self._lock:
+            self.placed_pages += count
+        self.latency.placed(block_index, first_page, count)
+        self.blocktime.placed(block_index, first_page, count)
+
+    def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                done += self.uffd.copy(destination + done, source + done, length - done)
+            except PageExistsError as error:
+                # a request raced the push: that page is already there; go on after it
+                done += error.done + page_size
+                with self._lock:
+                    self.duplicates += 1
+            except RetryError as error:
+                done += error.done
+
+    def _zeropage(self, destination: int, length: int, page_size: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                done += self.uffd.zeropage(destination + done, length - done)
+            except PageExistsError as error:
+                done += error.done + page_size
+            except RetryError as error:
+                done += error.done
+
+
+class IncomingMigration:
+    """Waits for a migration stream on `uri` and loads it into `machine`."""
+
+    def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
+                 capabilities: Capabilities, on_event: EventSink | None = None,
+                 auth: AuthConfig | None = None, allow_insecure_network: bool = False,
+                 autostart: bool = True, clock: Clock = time.monotonic) -> None:
+        self.machine = machine
+        self.uri = uri
+        self.parameters = parameters
+        self.capabilities = capabilities
+        self.auth = auth
+        self.allow_insecure_network = allow_insecure_network
+        self.autostart = autostart
+        self._tid_to_vcpu: dict[int, int] = {}
+        self.peer_capabilities: frozenset[str] = frozenset()
+        self._clock = clock
+        self._emit: EventSink = on_event or (lambda name, data: None)
+        self.status = StatusHolder(self._status_changed)
+        self.error: str | None = None
+        ram = list(machine.ram)
+        self._ram = ram
+        self.received = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+        self._requested = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+        self.latency = LatencyRecorder([block.pages for block in ram], clock)
+        self.blocktime = BlocktimeTracker(machine.vcpu_count, clock)
+        self.uffd: UserfaultFd | None = None
+        self._quit = EventFd()
+        self._listener: Listener | None = None
+        self._main: Connection | None = None
+        self._preempt: Connection | None = None
+        self._return: StreamWriter | None = None
+        self._placer: PagePlacer | None = None
+        self._staging = Mapping.anonymous(STAGING_BYTES)
+        self._threads: list[threading.Thread] = []
+        self._thp_off = False
+        self._device_state: dict[str, Any] | None = None
+        self.start_time = 0.0
+        self.end_time: float | None = None
+        self.postcopy_start: float | None = None
+        self.bytes_received = 0
+        self.requests_sent = 0
+        self.local_zero_faults = 0
+        self.rounds = 0
+        self.bound_uri: str | None = None
+        self.timeline: list[dict[str, Any]] = []
+        self._receiver_done = threading.Event()
+
+    # -- control -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen (errors surface here, synchronously), then accept on a thread."""
+        self._listener = listen(self.uri, auth=self.auth,
+                                allow_insecure_network=self.allow_insecure_network)
+        self.bound_uri = str(self._listener.uri)
+        thread = threading.Thread(target=self._run, name="incoming", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._receiver_done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.value in FINISHED
+
+    def cancel(self) -> None:
+        for connection in (self._main, self._preempt):
+            if connection is not None:
+                connection.shutdown()
+        if self._listener is not None:
+            self._listener.close()
+
+    def query(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"status": self.status.value.value}
+        if self.status.value == S.NONE:
+            return info
+        now = self.end_time if self.end_time is not None else self._clock()
+        info["total-time"] = int((now - self.start_time) * 1000)
+        if self.capabilities["postcopy-blocktime"] or self.postcopy_start is not None:
+            info.update(self.blocktime.as_qmp())
+        info["x-request-latency"] = self.latency.summary()
+        info["x-bytes-received"] = self.bytes_received
+        info["x-postcopy-requests-sent"] = self.requests_sent
+        info["x-local-zero-faults"] = self.local_zero_faults
+        if self._placer is not None:
+            info["x-duplicate-pages"] = self._placer.duplicates
+            info["x-pages-placed"] = self._placer.placed_pages
+        if self.error:
+            info["error-desc"] = self.error
+        return info
+
+    def close(self) -> None:
+        self.cancel()
+        self._stop_fault_thread()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(5)
+        self._release_uffd()
+        self._staging.close()
+        self._quit.close()
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        self._trace("status", status=status.value)
+        if self.capabilities["events"]:
+            self._emit("MIGRATION", {"status": status.value})
+
+    def _trace(self, kind: str, **fields: Any) -> None:
+        self.timeline.append({"t": round(self._clock() - self.start_time, 6), "event": kind, **fields})
+
+    def _run(self) -> None:
+        try:
+            assert self._listener is not None
+            self._main = self._listener.accept(None)
+            self.start_time = self._clock()
+            self.status.move(S.SETUP)
+            self._receive()
+        except Exception as error:
+            self._fail(error)
+        finally:
+            self.end_time = self._clock()
+            if self._listener is not None:
+                self._listener.close()
+            self._receiver_done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = str(error) or type(error).__name__
+        log.error("incoming migration failed: %s", self.error)
+        if self._return is not None:
+            try:
+                self._return.send(Shut(error=True, reason=self.error[:200]))
+            except OSError:
+                pass
+        if self.postcopy_start is not None:
+            # vCPUs may sleep on missing pages: ask them to stop, then release the faults
+            # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
+            stopper = threading.Thread(target=self.machine.stop, name="stop-on-failure",
+                                       daemon=True)
+            stopper.start()
+            self._stop_fault_thread()
+            self._release_uffd()
+            stopper.join(10)
+        for connection in (self._main, self._preempt):
+            if connection is not None:
+                connection.close()
+        if self.status.value not in FINISHED:
+            if self.status.value == S.NONE:
+                self.status.move(S.SETUP)
+            self.status.move(S.FAILED)
+
+    def _receive(self) -> None:
+        assert self._main is not None
+        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
+        reader = StreamReader(self._main, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks))
+        self._return = StreamWriter(self._main, Direction.RETURN)
+        self._return.send_stream_header()
+        reader.read_stream_header()
+        handshake = reader.read()
+        if not isinstance(handshake, Handshake):
+            raise IncomingError(f"expected a handshake, got {type(handshake).__name__}")
+        self._check_configuration(handshake)
+        self.peer_capabilities = handshake.capabilities
+        if "postcopy-preempt" in handshake.capabilities:
+            # the source opens the urgent-page channel as soon as we accept the configuration
+            preempt_thread = threading.Thread(target=self._preempt_receiver, name="preempt",
+                                              daemon=True)
+            self._threads.append(preempt_thread)
+            preempt_thread.start()
+        self.status.move(S.ACTIVE)
+        self._trace("handshake", capabilities=sorted(handshake.capabilities))
+        while True:
+            message = reader.read()
+            if isinstance(message, RamRunHeader):
+                self._receive_run(reader, message)
+            elif isinstance(message, EndOfRound):
+                self.rounds = message.round
+            elif isinstance(message, Ping):
+                self._return.send(Pong(message.value))
+            elif isinstance(message, Advise):
+                self._advise(message)
+            elif isinstance(message, Discard):
+                self._discard(message)
+            elif isinstance(message, Listen):
+                self._listen()
+            elif isinstance(message, DeviceState):
+                self._device_state = json.loads(message.data)
+            elif isinstance(message, PrecopyComplete):
+                self._complete_precopy()
+                return
+            elif isinstance(message, Package):
+                self._run_package(message)
+            elif isinstance(message, Run):
+                self._start_guest()
+            elif isinstance(message, PostcopyComplete):
+                self._complete_postcopy()
+                return
+            else:
+                raise IncomingError(f"unexpected {type(message).__name__} in the main stream")
+            self.bytes_received = reader.bytes_received
+
+    def _check_configuration(self, handshake: Handshake) -> None:
+        ours = [f"{b.name}:{b.length}@{b.page_size}" for b in self._ram]
+        theirs = [f"{b.name}:{b.length}@{b.page_size}" for b in handshake.blocks]
+        if ours != theirs or handshake.vcpus != self.machine.vcpu_count:
+            reason = (f"VM configuration mismatch: source has blocks {theirs} and "
+                      f"{handshake.vcpus} vCPUs, destination has blocks {ours} and "
+                      f"{self.machine.vcpu_count} vCPUs")
+            raise IncomingError(reason)
+        wanted = {"postcopy-ram", "postcopy-preempt"} & set(handshake.capabilities)
+        for name in sorted(wanted):
+            if not self.capabilities[name]:
+                raise IncomingError(f"the source uses capability {name} but it is not enabled "
+                                    "on the destination (migrate-set-capabilities)")
+
+    def _receive_run(self, reader: StreamReader, header: RamRunHeader) -> None:
+        block = self._ram[header.block]
+        if self.uffd is None:
+            # RAM is not registered yet: read normal pages straight into guest memory
+            normal_starts, normal_lengths = runs(~header.zero)
+            for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+                reader.read_data_into(block.page_view(header.first_page + start, length))
+            received = self.received[header.block][header.first_page:
+                                                    header.first_page + header.zero.size]
+            stale_zero = header.zero & received
+            if stale_zero.any():
+                # a page we hold became zero on the source: empty it
+                zero_starts, zero_lengths = runs(stale_zero)
+                for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+                    block.mapping.madvise(Advice.DONTNEED, (header.first_page + start) * block.page_size,
+                                          length * block.page_size)
+            received[:] = True
+            return
+        assert self._placer is not None
+        staging = self._staging.view[:header.data_length]
+        if header.data_length:
+            reader.read_data_into(staging)
+        self._placer.place(header.block, header.first_page, header.zero, self._staging.address)
+
+    # -- postcopy ------------------------------------------------------------------------------
+
+    def _advise(self, advise: Advise) -> None:
+        if not self.capabilities["postcopy-ram"]:
+            raise IncomingError("postcopy requested by the source but capability postcopy-ram "
+                                "is off on the destination")
+        report = check_host(ram_page_sizes=tuple(sorted({b.page_size for b in self._ram})),
+                            shared_ram=any(b.shared for b in self._ram))
+        if not report.postcopy_possible:
+            raise IncomingError("postcopy is not possible on the destination: "
+                                + report.summary())
+        # empty all RAM, so every page the source never sends stays missing
+        for block in self._ram:
+            block.mapping.madvise(Advice.DONTNEED)
+            block.mapping.madvise(Advice.HUGEPAGE)  # fast first touch while precopy fills it
+        self.received = [np.zeros(block.pages, dtype=np.bool_) for block in self._ram]
+        self._trace("advise")
+
+    def _huge_pages_off(self) -> None:
+        """Before any discard: a huge page must not be half emptied, nor khugepaged refill
+        a hole with zeros behind our back (postcopy_ram_prepare_discard in the seed)."""
+        if not self._thp_off:
+            for block in self._ram:
+                block.mapping.madvise(Advice.NOHUGEPAGE)
+            self._thp_off = True
+
+    def _discard(self, discard: Discard) -> None:
+        self._huge_pages_off()
+        block = self._ram[discard.block]
+        for first, count in discard.ranges:
+            block.mapping.madvise(Advice.DONTNEED, first * block.page_size, count * block.page_size)
+            self.received[discard.block][first:first + count] = False
+
+    def _listen(self) -> None:
+        self._huge_pages_off()
+        uffd = UserfaultFd.open(Feature.THREAD_ID)
+        for block in self._ram:
+            allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
+            needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE
+            if allowed & needed != needed:
+                uffd.close()
+                raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
+        self.uffd = uffd
+        self._placer = PagePlacer(uffd, self._ram, self.received, self.latency, self.blocktime)
+        fault_thread = threading.Thread(target=self._fault_thread, name="fault", daemon=True)
+        self._threads.append(fault_thread)
+        fault_thread.start()
+        self._trace("listen")
+
+    def _run_package(self, package: Package) -> None:
+        for message in package.messages:
+            if isinstance(message, DeviceState):
+                self._device_state = json.loads(message.data)
+            elif isinstance(message, Run):
+                self._start_guest()
+            else:
+                raise IncomingError(f"unexpected {type(message).__name__} in a package")
+
+    def _start_guest(self) -> None:
+        if self._device_state is None:
+            raise IncomingError("RUN before any device state")
+        self.machine.load_state(self._device_state)
+        self.postcopy_start = self._clock()
+        self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
+        self.status.move(S.POSTCOPY_ACTIVE)
+        self._trace("run")
+        if self.autostart:
+            self.machine.cont()
+            self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
+
+    def _preempt_receiver(self) -> None:
+        assert self._listener is not None and self._main is not None
+        try:
+            self._preempt = self._listener.accept_channel(self._main.session, "preempt", 30.0)
+        except Exception as error:
+            log.error("preempt channel never came: %s", error)
+            return
+        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
+        reader = StreamReader(self._preempt, Direction.MAIN,
+                              StreamContext(Direction.MAIN, blocks=blocks))
+        staging = Mapping.anonymous(STAGING_BYTES)
+        try:
+            reader.read_stream_header()
+            handshake = reader.read()
+            if not isinstance(handshake, Handshake):
+                raise IncomingError("the preempt channel must begin with a handshake")
+            while True:
+                header = reader.read()
+                if not isinstance(header, RamRunHeader):
+                    raise IncomingError(f"unexpected {type(header).__name__} on the preempt channel")
+                if header.data_length:
+                    reader.read_data_into(staging.view[:header.data_length])
+                if self._placer is None:
+                    raise IncomingError("urgent pages arrived before LISTEN")
+                self._placer.place(header.block, header.first_page, header.zero, staging.address)
+        except Exception as error:
+            if self.status.value == S.POSTCOPY_ACTIVE and not self._all_received():
+                log.error("preempt channel: %s", error)
+        finally:
+            staging.close()
+
+    def _fault_thread(self) -> None:
+        """postcopy_ram_fault_thread: faults in, page requests out, no duplicates in flight."""
+        uffd = self.uffd
+        assert uffd is not None and self._return is not None
+        poller = select.poll()
+        poller.register(uffd.fileno(), select.POLLIN)
+        poller.register(self._quit.fileno(), select.POLLIN)
+        while True:
+            ready = poller.poll()
+            if any(fd == self._quit.fileno() for fd, _ in ready):
+                return
+            try:
+                events = uffd.read_events(FAULT_BATCH)
+            except OSError as error:
+                if error.errno == errno.EBADF:
+                    return
+                raise
+            now = self._clock()
+            requests: list[ReqPages] = []
+            for event in events:
+                if not isinstance(event, PageFault):
+                    continue
+                block_index, page = self._locate(event.address)
+                vcpu = self._tid_to_vcpu.get(event.thread_id)
+                if vcpu is not None:
+                    self.blocktime.fault(vcpu, block_index, page, now)
+                if self.received[block_index][page]:
+                    self._resolve_locally(block_index, page)
+                elif not self._requested[block_index][page]:
+                    self._requested[block_index][page] = True
+                    self.latency.asked(block_index, page, 1, now)
+                    requests.append(ReqPages(block_index, page, 1))
+            for request in _coalesce(requests):
+                self._return.send(request)
+                self.requests_sent += 1
+
+    def _locate(self, address: int) -> tuple[int, int]:
+        for index, block in enumerate(self._ram):
+            if block.contains_host(address):
+                return index, (address - block.host_address) // block.page_size
+        raise IncomingError(f"fault at {address:#x} outside guest RAM")
+
+    def _resolve_locally(self, block_index: int, page: int) -> None:
+        """A fault on a page we already know: a zero page never populated, or one placed
+        after the fault was raised. ZEROPAGE fills the first; EEXIST means the second."""
+        assert self.uffd is not None
+        block = self._ram[block_index]
+        address = block.host_address + page * block.page_size
+        try:
+            self.uffd.zeropage(address, block.page_size)
+            self.local_zero_faults += 1
+        except PageExistsError:
+            self.uffd.wake(address, block.page_size)
+        self.blocktime.placed(block_index, page, 1)
+
+    def _all_received(self) -> bool:
+        return all(bool(r.all()) for r in self.received)
+
+    def _complete_precopy(self) -> None:
+        if self._device_state is None:
+            raise IncomingError("precopy completed without device state")
+        self.machine.load_state(self._device_state)
+        if self.autostart:
+            self.machine.cont()
+        assert self._return is not None
+        self._return.send(Shut(error=False))
+        self.status.move(S.COMPLETED)
+        self._trace("completed")
+
+    def _complete_postcopy(self) -> None:
+        # with a preempt channel the last requested pages may still be on their way
+        deadline = self._clock() + 30.0
+        while not self._all_received():
+            if self._clock() > deadline:
+                missing = sum(int((~r).sum()) for r in self.received)
+                raise IncomingError(f"postcopy completed with {missing} pages never received")
+            time.sleep(0.001)
+        self._stop_fault_thread()
+        self._release_uffd()
+        for block in self._ram:
+            block.mapping.madvise(Advice.HUGEPAGE)
+        self._thp_off = False
+        assert self._return is not None
+        self._return.send(Shut(error=False))
+        self.status.move(S.COMPLETED)
+        self._trace("completed")
+
+    def _stop_fault_thread(self) -> None:
+        try:
+            self._quit.write(1)
+        except OSError:
+            pass
+        for thread in self._threads:
+            if thread.name == "fault" and thread is not threading.current_thread():
+                thread.join(5)
+
+    def _release_uffd(self) -> None:
+        if self.uffd is None:
+            return
+        uffd, self.uffd = self.uffd, None
+        for block in self._ram:
+            try:
+                uffd.unregister(block.host_address, block.length)
+            except OSError:
+                log.exception("unregistering %s", block.name)
+        uffd.close()
+
+
+def _coalesce(requests: list[ReqPages]) -> list[ReqPages]:
+    """Merge requests for adjacent pages of one block (faults often come in order)."""
+    merged: list[ReqPages] = []
+    for request in sorted(requests, key=lambda r: (r.block, r.first_page)):
+        if merged and merged[-1].block == request.block and \
+                merged[-1].first_page + merged[-1].page_count == request.first_page:
+            last = merged[-1]
+            merged[-1] = ReqPages(last.block, last.first_page, last.page_count + request.page_count)
+        else:
+            merged.append(request)
+    return merged

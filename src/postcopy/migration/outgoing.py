@@ -1,0 +1,545 @@
+"""The source side of a migration: precopy rounds, switchover, and postcopy page service.
+
+One migration thread sends everything on the main channel: the bulk round, dirty rounds,
+then either the precopy completion (stop, last dirty pages, device state) or the postcopy
+switchover (stop, DISCARD, LISTEN, PACKAGE(device state, RUN)) followed by the background
+push of the pages the destination does not have. A return-path thread reads the
+destination's messages; its page requests overtake the push: with postcopy-preempt they
+are sent at once on their own channel, otherwise the push thread serves them first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.discard import discard_ranges
+from postcopy.migration.machine import Machine
+from postcopy.migration.parameters import Capabilities, Parameters
+from postcopy.migration.stats import Clock, RamCounters, RateMeter
+from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
+from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
+from postcopy.transport import AuthConfig, Connection, connect, new_session
+from postcopy.wire import (
+    Advise,
+    BlockInfo,
+    DeviceState,
+    Direction,
+    Discard,
+    EndOfRound,
+    Handshake,
+    Listen,
+    Package,
+    Ping,
+    Pong,
+    PostcopyComplete,
+    PrecopyComplete,
+    ReqPages,
+    Run,
+    Shut,
+    StreamContext,
+)
+
+log = logging.getLogger(__name__)
+
+S = MigrationStatus
+SETUP_PING = 1
+RUN_PING = 2
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class MigrationError(RuntimeError):
+    """A migration failed; the message says why, for query-migrate's error-desc."""
+
+
+class Cancelled(MigrationError):
+    pass
+
+
+@dataclass
+class PageRequest:
+    block: int
+    first_page: int
+    page_count: int
+    received_at: float
+
+
+class OutgoingMigration:
+    """One outgoing migration of `machine` to `uri`; start() runs it on its own thread."""
+
+    def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
+                 capabilities: Capabilities, on_event: EventSink | None = None,
+                 auth: AuthConfig | None = None, clock: Clock = time.monotonic) -> None:
+        self.machine = machine
+        self.uri = uri
+        self.parameters = parameters
+        self.capabilities = capabilities
+        self.auth = auth
+        self._clock = clock
+        self._emit: EventSink = on_event or (lambda name, data: None)
+        self.status = StatusHolder(self._status_changed)
+        self.counters = RamCounters(total=machine.ram.total_bytes,
+                                    page_size=min(b.page_size for b in machine.ram))
+        self.error: str | None = None
+        self.rounds = 0
+        self.start_time = 0.0
+        self.end_time: float | None = None
+        self.setup_time = 0.0
+        self.downtime: float | None = None
+        self.expected_downtime = 0.0
+        self.postcopy_start: float | None = None
+        self._rate = RateMeter(clock)
+        self._cancel = threading.Event()
+        self._postcopy_requested = threading.Event()
+        self._requests: queue.SimpleQueue[PageRequest] = queue.SimpleQueue()
+        self._pong = threading.Condition()
+        self._pongs: dict[int, float] = {}
+        self._shut: Shut | None = None
+        self._shut_event = threading.Event()
+        self._needed: list[Bitmap] = []
+        self._needed_lock = threading.Lock()
+        self._counters_lock = threading.Lock()
+        self._jump: tuple[int, int] | None = None
+        self._last_sync = 0.0
+        self.needed_at_switchover = 0
+        self.discarded_pages = 0
+        self.stop_time = 0.0
+        self._main: Connection | None = None
+        self._preempt: Connection | None = None
+        self._preempt_writer: StreamWriter | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped_vm = False
+        self._throttle_start = 0.0
+        self._throttle_bytes = 0
+        self.timeline: list[dict[str, Any]] = []
+
+    # -- control (any thread) --------------------------------------------------------------
+
+    def start(self) -> None:
+        self.status.move(S.SETUP)
+        self.start_time = self._clock()
+        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.status.move_if(frozenset({S.SETUP, S.ACTIVE, S.DEVICE}), S.CANCELLING):
+            for connection in (self._main, self._preempt):
+                if connection is not None:
+                    connection.shutdown()
+
+    def start_postcopy(self) -> None:
+        if not self.capabilities["postcopy-ram"]:
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
+        if self.status.value not in (S.SETUP, S.ACTIVE):
+            raise MigrationError(f"Postcopy must be started after migration has been started (status {self.status.value})")
+        self._postcopy_requested.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.value in FINISHED
+
+    def query(self) -> dict[str, Any]:
+        status = self.status.value
+        info: dict[str, Any] = {"status": status.value}
+        if status == S.NONE:
+            return info
+        now = self.end_time if self.end_time is not None else self._clock()
+        elapsed = now - self.start_time
+        info["total-time"] = int(elapsed * 1000)
+        info["setup-time"] = int(self.setup_time * 1000)
+        if self.downtime is not None:
+            info["downtime"] = int(self.downtime * 1000)
+            info["x-downtime-us"] = round(self.downtime * 1e6, 1)
+        elif not self.finished:
+            info["expected-downtime"] = int(self.expected_downtime * 1000)
+        info["ram"] = self.counters.as_qmp(max(elapsed - self.setup_time, 1e-9))
+        info["x-rounds"] = self.rounds
+        if self.error:
+            info["error-desc"] = self.error
+        return info
+
+    # -- the migration thread ------------------------------------------------------------------
+
+    def _status_changed(self, status: MigrationStatus) -> None:
+        self._trace("status", status=status.value)
+        if self.capabilities["events"]:
+            self._emit("MIGRATION", {"status": status.value})
+
+    def _trace(self, kind: str, **fields: Any) -> None:
+        self.timeline.append({"t": round(self._clock() - self.start_time, 6), "event": kind, **fields})
+
+    def _run(self) -> None:
+        try:
+            self._migrate()
+        except Exception as error:
+            self._fail(error)
+        finally:
+            self.end_time = self._clock()
+            for connection in (self._preempt, self._main):
+                if connection is not None:
+                    connection.close()
+
+    def _fail(self, error: BaseException) -> None:
+        cancelled = isinstance(error, Cancelled) or self._cancel.is_set()
+        self.error = None if cancelled else str(error) or type(error).__name__
+        if not cancelled:
+            log.error("migration failed: %s", self.error)
+        status = self.status.value
+        if status in (S.POSTCOPY_ACTIVE,):
+            # The destination runs the guest; our RAM is its only complete copy: keep the
+            # VM stopped and every page, so a recovery can still finish the job.
+            self.status.move(S.FAILED)
+            return
+        if self._stopped_vm:
+            self.machine.cont()
+            self._stopped_vm = False
+        if status == S.CANCELLING or (cancelled and status not in FINISHED):
+            if status != S.CANCELLING:
+                self.status.move(S.CANCELLING)
+            self.status.move(S.CANCELLED)
+        elif status not in FINISHED:
+            self.status.move(S.FAILED)
+        try:
+            self.machine.stop_dirty_log()
+        except Exception:
+            log.exception("stopping dirty logging")
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+        if self._shut_event.is_set() and self._shut is not None and self._shut.error:
+            raise MigrationError(f"destination gave up: {self._shut.reason}")
+
+    def _migrate(self) -> None:
+        ram = self.machine.ram
+        postcopy = self.capabilities["postcopy-ram"]
+        preempt = postcopy and self.capabilities["postcopy-preempt"]
+        session = new_session()
+        self._main = connect(self.uri, auth=self.auth, channel="main", session=session)
+        main = StreamWriter(self._main, Direction.MAIN)
+        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in ram)
+        main.send_stream_header()
+        main.send(Handshake(capabilities=self.capabilities.names(), blocks=blocks,
+                            vcpus=self.machine.vcpu_count))
+        if postcopy:
+            summary = 0
+            for block in ram:
+                summary |= block.page_size
+            main.send(Advise(page_size_summary=summary, target_page_size=4096))
+        reader = StreamReader(self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks))
+        threading.Thread(target=self._return_path, args=(reader, main), name="return-path",
+                         daemon=True).start()
+        main.send(Ping(SETUP_PING))
+        self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
+        if preempt:
+            self._preempt = connect(self.uri, auth=self.auth, channel="preempt", session=session)
+            self._preempt_writer = StreamWriter(self._preempt, Direction.MAIN)
+            self._preempt_writer.send_stream_header()
+            # the urgent channel is a stream of its own: it declares the same configuration
+            self._preempt_writer.send(Handshake(capabilities=self.capabilities.names(),
+                                                blocks=blocks, vcpus=self.machine.vcpu_count))
+        self.setup_time = self._clock() - self.start_time
+        self._writer = main
+        self.machine.start_dirty_log()
+        self.status.move(S.ACTIVE)
+        self._throttle_start = self._clock()
+
+        sent = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+        dirty = [np.ones(block.pages, dtype=np.bool_) for block in ram]
+        previous_remaining: int | None = None
+        while True:
+            self._check_cancel()
+            if self._should_switch_to_postcopy(previous_remaining, dirty):
+                self._postcopy(main, sent, dirty)
+                return
+            self.rounds += 1
+            self._trace("round-start", round=self.rounds)
+            self.counters.remaining = sum(int(np.count_nonzero(d)) * b.page_size
+                                          for d, b in zip(dirty, ram, strict=True))
+            switched = self._send_round(main, sent, dirty)
+            if switched:
+                self._postcopy(main, sent, dirty)
+                return
+            main.send(EndOfRound(self.rounds))
+            if self.capabilities["events"]:
+                self._emit("MIGRATION_PASS", {"pass": self.rounds})
+            sync_started = self._clock()
+            dirty = self._sync_dirty(sync_started)
+            remaining = sum(int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True))
+            self.counters.remaining = remaining
+            bandwidth = max(self._bandwidth(), 1.0)
+            self.expected_downtime = remaining / bandwidth
+            self._trace("round-end", round=self.rounds, remaining=remaining,
+                        bandwidth=round(bandwidth))
+            if self._should_switch_to_postcopy(previous_remaining, dirty, remaining):
+                self._postcopy(main, sent, dirty)
+                return
+            max_rounds = self.parameters.x_max_rounds
+            converged = self.expected_downtime * 1000 <= self.parameters.downtime_limit
+            if converged or (max_rounds and self.rounds >= max_rounds and not postcopy):
+                self._complete_precopy(main, sent)
+                return
+            previous_remaining = remaining
+
+    def _should_switch_to_postcopy(self, previous: int | None, dirty: list[Bitmap],
+                                   remaining: int | None = None) -> bool:
+        if not self.capabilities["postcopy-ram"]:
+            return False
+        if self._postcopy_requested.is_set():
+            return True
+        after = self.parameters.x_postcopy_after_rounds
+        if after >= 0 and self.rounds >= after:
+            return True
+        return bool(self.parameters.x_postcopy_when_stalled and remaining is not None
+                    and previous is not None and remaining >= previous * 0.95)
+
+    def _sync_dirty(self, now: float) -> list[Bitmap]:
+        by_name = self.machine.sync_dirty_log()
+        dirty = [by_name[block.name] for block in self.machine.ram]
+        self.counters.dirty_sync_count += 1
+        pages = sum(int(np.count_nonzero(d)) for d in dirty)
+        since = self._last_sync or self.start_time
+        self._last_sync = now
+        if now > since:
+            self.counters.dirty_pages_rate = int(pages / (now - since))
+        return dirty
+
+    def _bandwidth(self) -> float:
+        elapsed = self._clock() - self._throttle_start
+        measured = self._rate.rate or (self.counters.transferred / elapsed if elapsed > 0 else 0.0)
+        return measured
+
+    def _send_round(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> bool:
+        """Send every dirty page; returns True if postcopy was requested meanwhile."""
+        run_pages = self.parameters.x_precopy_run_pages
+        for index, block in enumerate(self.machine.ram):
+            starts, lengths = split_runs(*runs(dirty[index]), run_pages)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self._check_cancel()
+                if self._postcopy_requested.is_set():
+                    return True
+                self._send_pages(writer, index, block, start, length, phase="precopy")
+                sent[index][start:start + length] = True
+                dirty[index][start:start + length] = False
+        return False
+
+    def _send_pages(self, writer: StreamWriter, index: int, block: RamBlock, first: int,
+                    count: int, *, phase: str) -> int:
+        zero = zero_pages(block.page_view(first, count), block.page_size)
+        size = writer.send_ram_run(index, block, first, zero)
+        zeros = int(np.count_nonzero(zero))
+        with self._counters_lock:
+            self._count_sent(count, zeros, size, phase, block.page_size)
+        self._rate.add(size)
+        self._throttle(size, phase)
+        return size
+
+    def _count_sent(self, count: int, zeros: int, size: int, phase: str, page_size: int) -> None:
+        self.counters.duplicate += zeros
+        self.counters.normal += count - zeros
+        self.counters.transferred += size
+        if phase == "precopy":
+            self.counters.precopy_bytes += size
+        elif phase == "downtime":
+            self.counters.downtime_bytes += size
+        else:
+            self.counters.postcopy_bytes += size
+        self.counters.remaining = max(self.counters.remaining - count * page_size, 0)
+
+    def _throttle(self, size: int, phase: str) -> None:
+        limit = (self.parameters.max_postcopy_bandwidth if phase == "postcopy"
+                 else self.parameters.max_bandwidth)
+        if phase == "downtime" or limit <= 0:
+            return
+        self._throttle_bytes += size
+        due = self._throttle_start + self._throttle_bytes / limit
+        delay = due - self._clock()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -1.0:  # fell far behind (a slow link): don't burst to catch up
+            self._throttle_start = self._clock()
+            self._throttle_bytes = 0
+
+    def _stop_vm(self) -> float:
+        self.stop_time = self._clock()
+        self._stopped_vm = True
+        self.machine.stop()
+        return self.stop_time
+
+    def _complete_precopy(self, writer: StreamWriter, sent: list[Bitmap]) -> None:
+        self.status.move(S.DEVICE)
+        stop_time = self._stop_vm()
+        self._trace("stop", phase="precopy")
+        dirty = self._sync_dirty(self._clock())
+        for index, block in enumerate(self.machine.ram):
+            starts, lengths = split_runs(*runs(dirty[index]), self.parameters.x_precopy_run_pages)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self._send_pages(writer, index, block, start, length, phase="downtime")
+        self.counters.remaining = 0
+        state = json.dumps(self.machine.save_state()).encode()
+        writer.send(DeviceState(state))
+        writer.send(PrecopyComplete())
+        shut = self._wait_shut()
+        if shut.error:
+            raise MigrationError(f"destination failed to load the VM: {shut.reason}")
+        self.downtime = self._clock() - stop_time
+        self._trace("destination-running")
+        self.machine.stop_dirty_log()
+        self.status.move(S.COMPLETED)
+
+    # -- postcopy ------------------------------------------------------------------------------
+
+    def _postcopy(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> None:
+        ram = self.machine.ram
+        self.status.move(S.POSTCOPY_ACTIVE)
+        stop_time = self._stop_vm()
+        self.postcopy_start = stop_time
+        self._trace("stop", phase="postcopy")
+        final = self._sync_dirty(self._clock())
+        discarded = 0
+        for index in range(len(ram)):
+            dirty[index] |= final[index]
+            for group in discard_ranges(sent[index], dirty[index]):
+                writer.send(Discard(index, group))
+                discarded += sum(count for _, count in group)
+        with self._needed_lock:
+            self._needed = [~sent[i] | dirty[i] for i in range(len(ram))]
+        self.needed_at_switchover = sum(int(np.count_nonzero(n)) for n in self._needed)
+        self.discarded_pages = discarded
+        self.counters.remaining = sum(int(np.count_nonzero(n)) * b.page_size
+                                      for n, b in zip(self._needed, ram, strict=True))
+        self.machine.stop_dirty_log()
+        writer.send(Listen())
+        state = json.dumps(self.machine.save_state()).encode()
+        writer.send(Package((DeviceState(state), Run())))
+        writer.send(Ping(RUN_PING))
+        self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
+        self._push(writer)
+        writer.send(PostcopyComplete())
+        self._trace("push-done")
+        self._wait_pong(RUN_PING)
+        self.downtime = self._pongs[RUN_PING] - stop_time
+        shut = self._wait_shut()
+        if shut.error:
+            raise MigrationError(f"destination failed in postcopy: {shut.reason}")
+        self.status.move(S.COMPLETED)
+
+    def _push(self, writer: StreamWriter) -> None:
+        """Send every needed page; requested pages first, then onward from the last request."""
+        run_pages = self.parameters.x_postcopy_run_pages
+        for index, block in enumerate(self.machine.ram):
+            while True:  # passes until nothing is needed: a jump can leave pages behind
+                with self._needed_lock:
+                    snapshot = self._needed[index].copy()
+                starts, lengths = split_runs(*runs(snapshot), run_pages)
+                if starts.size == 0:
+                    break
+                position = 0
+                while position < starts.size:
+                    self._check_cancel()
+                    self._serve_queued_requests(writer)
+                    jump, self._jump = self._jump, None
+                    if jump is not None and jump[0] == index:
+                        # continue the push from just after the last requested page
+                        position = max(int(np.searchsorted(starts, jump[1], side="right")) - 1, 0)
+                    start, length = int(starts[position]), int(lengths[position])
+                    position += 1
+                    for sub_start, sub_length in self._claim(index, start, length):
+                        self._send_pages(writer, index, block, sub_start, sub_length,
+                                         phase="postcopy")
+                        self.counters.pages_pushed += sub_length
+        self.counters.remaining = 0
+
+    def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
+        """Take the still-needed pages of a range (test and clear), as runs."""
+        with self._needed_lock:
+            window = self._needed[index][first:first + count]
+            wanted = window.copy()
+            window[:] = False
+        starts, lengths = runs(wanted)
+        return [(first + s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+
+    def _serve_queued_requests(self, writer: StreamWriter) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self._serve_request(writer, request)
+
+    def _serve_request(self, writer: StreamWriter, request: PageRequest) -> None:
+        block = self.machine.ram[request.block]
+        for start, length in self._claim(request.block, request.first_page, request.page_count):
+            self._send_pages(writer, request.block, block, start, length, phase="postcopy")
+            self.counters.pages_requested += length
+        self._jump = (request.block, request.first_page + request.page_count)
+
+    # -- the return path -----------------------------------------------------------------------
+
+    def _return_path(self, reader: StreamReader, main: StreamWriter) -> None:
+        try:
+            reader.read_stream_header()
+            while True:
+                message = reader.read()
+                if isinstance(message, ReqPages):
+                    self.counters.postcopy_requests += 1
+                    if self.status.value != S.POSTCOPY_ACTIVE:
+                        raise MigrationError("destination requested pages before postcopy")
+                    block = self.machine.ram[message.block]
+                    if message.first_page + message.page_count > block.pages:
+                        raise MigrationError(f"page request outside block {block.name!r}")
+                    request = PageRequest(message.block, message.first_page,
+                                          message.page_count, self._clock())
+                    if self._preempt_writer is not None:
+                        self._serve_request(self._preempt_writer, request)
+                    else:
+                        self._requests.put(request)
+                elif isinstance(message, Pong):
+                    with self._pong:
+                        self._pongs[message.value] = self._clock()
+                        self._pong.notify_all()
+                elif isinstance(message, Ping):
+                    main.send(Pong(message.value))
+                elif isinstance(message, Shut):
+                    self._shut = message
+                    self._shut_event.set()
+                    if message.error:
+                        log.error("destination gave up: %s", message.reason)
+                    return
+                else:
+                    raise MigrationError(f"unexpected {type(message).__name__} on the return path")
+        except Exception as error:
+            if self._shut is None:
+                self._shut = Shut(error=True, reason=f"return path: {error}")
+                self._shut_event.set()
+                with self._pong:
+                    self._pong.notify_all()
+
+    def _wait_pong(self, value: int) -> None:
+        with self._pong:
+            while value not in self._pongs:
+                self._check_cancel()
+                if self._shut is not None:
+                    raise MigrationError(f"destination gave up: {self._shut.reason}")
+                self._pong.wait(0.1)
+
+    def _wait_shut(self) -> Shut:
+        while not self._shut_event.wait(0.1):
+            if self._cancel.is_set() and self.status.value != S.POSTCOPY_ACTIVE:
+                raise Cancelled("migration cancelled")
+        assert self._shut is not None
+        return self._shut

@@ -1,0 +1,269 @@
+"""The VM process's QMP commands: QEMU's run-state and migration commands, with QEMU's names.
+
+This is the glue of the top layer: it owns the micro-VM, the current migration (outgoing
+or incoming) and the QMP server, and maps each command onto them. QMP events: STOP,
+RESUME, SHUTDOWN from the VM; MIGRATION and MIGRATION_PASS from the migration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from postcopy.migration.incoming import IncomingMigration
+from postcopy.migration.outgoing import MigrationError, OutgoingMigration
+from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
+from postcopy.migration.status import FINISHED, MigrationStatus
+from postcopy.qmp.errors import QmpError
+from postcopy.qmp.server import QmpServer
+from postcopy.transport import AuthConfig
+from postcopy.vm.machine import MicroVM
+from postcopy.vm.verify import verify
+
+log = logging.getLogger(__name__)
+
+
+class VmMonitor:
+    """Registers the VM's commands on `server` and runs migrations for it."""
+
+    def __init__(self, vm: MicroVM, server: QmpServer, *, guest: str | None,
+                 guest_params: Sequence[int] = (), auth: AuthConfig | None = None,
+                 allow_insecure_network: bool = False, autostart: bool = True,
+                 trace_path: str | None = None, on_quit: Callable[[], None] | None = None) -> None:
+        self.vm = vm
+        self.server = server
+        self.guest = guest
+        self.guest_params = list(guest_params)
+        self.auth = auth
+        self.allow_insecure_network = allow_insecure_network
+        self.autostart = autostart
+        self.trace_path = trace_path
+        self.parameters = Parameters()
+        self.capabilities = Capabilities()
+        self.capabilities.set("events", True)
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self.incoming_done = threading.Event()
+        self._on_quit = on_quit
+        self._lock = threading.Lock()
+        self._register()
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        self.server.emit_event(name, data or None)
+
+    def _register(self) -> None:
+        register = self.server.register
+        register("query-status", self.query_status)
+        register("stop", self.stop)
+        register("cont", self.cont)
+        register("query-cpus-fast", self.query_cpus_fast)
+        register("migrate", self.migrate, args={"uri": str, "detach?": bool, "blk?": bool,
+                                                "inc?": bool, "resume?": bool})
+        register("migrate-incoming", self.migrate_incoming, args={"uri": str})
+        register("migrate_cancel", self.migrate_cancel)
+        register("migrate-start-postcopy", self.migrate_start_postcopy)
+        register("query-migrate", self.query_migrate)
+        register("migrate-set-capabilities", self.migrate_set_capabilities,
+                 args={"capabilities": [{"capability": str, "state": bool}]})
+        register("query-migrate-capabilities", self.query_migrate_capabilities)
+        register("migrate-set-parameters", self.migrate_set_parameters,
+                 args={f"{name}?": type(value) for name, value in Parameters().query().items()})
+        register("query-migrate-parameters", self.query_migrate_parameters)
+        register("x-verify", self.x_verify)
+        register("x-console", self.x_console)
+        register("x-migration-timeline", self.x_migration_timeline)
+        self.server.on_quit(self._quit)
+
+    # -- run state -------------------------------------------------------------------------------
+
+    def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.vm.status, "running": self.vm.running, "singlestep": False}
+
+    def stop(self, args: dict[str, Any]) -> None:
+        if self._postcopy_incoming_active():
+            raise QmpError("the VM cannot be stopped while postcopy is still bringing its RAM")
+        if self.vm.running:
+            self.vm.stop()
+
+    def cont(self, args: dict[str, Any]) -> None:
+        if self.outgoing is not None and self.outgoing.status.value in (
+                MigrationStatus.COMPLETED, MigrationStatus.POSTCOPY_ACTIVE,
+                MigrationStatus.FAILED) and self.outgoing.postcopy_start is not None:
+            raise QmpError("the VM has moved to the destination by postcopy; "
+                           "its state here is stale and cannot resume")
+        if self.incoming is not None and not self.incoming.finished and \
+                self.incoming.postcopy_start is None:
+            raise QmpError("the VM is waiting for an incoming migration")
+        if self.outgoing is not None and self.outgoing.status.value == MigrationStatus.COMPLETED:
+            raise QmpError("the VM has migrated away; its state here is stale")
+        if not self.vm.running:
+            self.vm.cont()
+
+    def query_cpus_fast(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"cpu-index": index, "thread-id": tid, "target": "x86_64", "qom-path":
+                 f"/machine/unattached/device[{index}]", "props": {"core-id": index}}
+                for index, tid in enumerate(self.vm.vcpu_thread_ids())]
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def _migration_busy(self) -> bool:
+        """A migration is moving data (an incoming one that still listens is not busy:
+        QEMU lets capabilities be set on the destination until the source connects)."""
+        if self.outgoing is not None and not self.outgoing.finished:
+            return True
+        return self.incoming is not None and self.incoming.status.value not in (
+            FINISHED | {MigrationStatus.NONE})
+
+    def _postcopy_incoming_active(self) -> bool:
+        return (self.incoming is not None and self.incoming.postcopy_start is not None
+                and not self.incoming.finished)
+
+    def migrate(self, args: dict[str, Any]) -> None:
+        if args.get("resume"):
+            raise QmpError("postcopy recovery (resume) is not implemented yet")
+        if args.get("blk") or args.get("inc"):
+            raise QmpError("block migration is not supported")
+        with self._lock:
+            if self._migration_busy():
+                raise QmpError("There's a migration process in progress")
+            if self.incoming is not None:
+                raise QmpError("Guest is waiting for an incoming migration")
+            if self.vm.status in ("shutdown", "internal-error"):
+                raise QmpError(f"the VM is in state {self.vm.status} and cannot migrate")
+            auth = self.auth
+            if self.parameters.x_key_file:
+                auth = AuthConfig.from_file(self.parameters.x_key_file)
+            migration = OutgoingMigration(self.vm, args["uri"], parameters=self.parameters,
+                                          capabilities=self.capabilities, on_event=self.emit,
+                                          auth=auth)
+            self.outgoing = migration
+            migration.start()
+        if self.trace_path:
+            threading.Thread(target=self._write_trace_when_done, args=(migration,),
+                             daemon=True).start()
+
+    def migrate_incoming(self, args: dict[str, Any]) -> None:
+        self.start_incoming(args["uri"])
+
+    def start_incoming(self, uri: str) -> IncomingMigration:
+        with self._lock:
+            if self.incoming is not None:
+                raise QmpError("The incoming migration has already been started")
+            if self.vm.status != "inmigrate":
+                raise QmpError("migrate-incoming is only allowed on a VM started with "
+                               "--incoming defer")
+            try:
+                migration = IncomingMigration(
+                    self.vm, uri, parameters=self.parameters, capabilities=self.capabilities,
+                    on_event=self.emit, auth=self.auth,
+                    allow_insecure_network=self.allow_insecure_network, autostart=self.autostart)
+                migration.start()
+            except Exception as error:
+                raise QmpError(str(error)) from error
+            self.incoming = migration
+        threading.Thread(target=self._watch_incoming, args=(migration,), daemon=True).start()
+        return migration
+
+    def _watch_incoming(self, migration: IncomingMigration) -> None:
+        migration.join()
+        if self.trace_path:
+            self._write_trace(migration.timeline, migration.query())
+        self.incoming_done.set()
+
+    def _write_trace_when_done(self, migration: OutgoingMigration) -> None:
+        migration.join()
+        self._write_trace(migration.timeline, migration.query())
+
+    def _write_trace(self, timeline: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        assert self.trace_path is not None
+        with Path(self.trace_path).open("a") as out:
+            for entry in timeline:
+                out.write(json.dumps(entry) + "\n")
+            out.write(json.dumps({"event": "summary", **summary}) + "\n")
+
+    def migrate_cancel(self, args: dict[str, Any]) -> None:
+        if self.outgoing is not None:
+            if self.outgoing.status.value == MigrationStatus.POSTCOPY_ACTIVE:
+                raise QmpError("Postcopy is already in progress; it cannot be cancelled")
+            self.outgoing.cancel()
+
+    def migrate_start_postcopy(self, args: dict[str, Any]) -> None:
+        if self.outgoing is None:
+            raise QmpError("Postcopy must be started after migration has been started")
+        try:
+            self.outgoing.start_postcopy()
+        except MigrationError as error:
+            raise QmpError(str(error)) from error
+
+    def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.incoming is not None:
+            return self.incoming.query()
+        if self.outgoing is not None:
+            return self.outgoing.query()
+        return {}
+
+    def migrate_set_capabilities(self, args: dict[str, Any]) -> None:
+        if self._migration_busy():
+            raise QmpError("There's a migration process in progress")
+        staged = Capabilities(dict(self.capabilities.enabled))
+        try:
+            for entry in args["capabilities"]:
+                staged.set(entry["capability"], entry["state"])
+        except ParameterError as error:
+            raise QmpError(str(error)) from error
+        if staged["postcopy-preempt"] and not staged["postcopy-ram"]:
+            raise QmpError("Postcopy preempt requires postcopy-ram")
+        self.capabilities.enabled = staged.enabled
+
+    def query_migrate_capabilities(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.capabilities.query()
+
+    def migrate_set_parameters(self, args: dict[str, Any]) -> None:
+        staged = Parameters(**vars(self.parameters))
+        try:
+            for name, value in args.items():
+                staged.set(name, value)
+        except ParameterError as error:
+            raise QmpError(str(error)) from error
+        for name, value in vars(staged).items():
+            setattr(self.parameters, name, value)
+
+    def query_migrate_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.parameters.query()
+
+    # -- our own ------------------------------------------------------------------------------
+
+    def x_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Check the guest's memory; only on a stopped VM whose RAM is all present."""
+        if self.guest is None:
+            raise QmpError("no built-in guest: nothing to verify against")
+        if self.vm.running:
+            raise QmpError("x-verify needs a stopped VM: run 'stop' first")
+        if self.incoming is not None and self.incoming.status.value != MigrationStatus.COMPLETED:
+            raise QmpError("x-verify needs the incoming migration to be completed "
+                           f"(status {self.incoming.status.value.value})")
+        block = self.vm.ram[0]
+        result = verify(self.guest, block.view, block.length, self.vm.vcpu_count,
+                        self.guest_params)
+        return {"ok": result.ok, "detail": result.detail, "digest": result.digest}
+
+    def x_console(self, args: dict[str, Any]) -> dict[str, Any]:
+        output = self.vm.console_output()
+        return {"bytes": len(output), "tail": output[-200:].decode("latin-1"),
+                "passes": self.vm.console_count(b"B")}
+
+    def x_migration_timeline(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        migration = self.incoming or self.outgoing
+        return list(migration.timeline) if migration is not None else []
+
+    def _quit(self) -> None:
+        if self._on_quit is not None:
+            self._on_quit()
+
+    def finished(self) -> bool:
+        migration = self.incoming or self.outgoing
+        return migration is None or migration.status.value in FINISHED

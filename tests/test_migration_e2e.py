@@ -1,0 +1,178 @@
+"""Whole migrations between two real `postcopy vm run` processes, over loopback TCP.
+
+Real KVM guests, real userfaultfd, real sockets; driven with qemu.qmp like a user would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vmprocess import QmpCommandError, VmProcess, free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[list[VmProcess]]:
+    started: list[VmProcess] = []
+    try:
+        yield started
+    finally:
+        for vm in started:
+            vm.close()
+
+
+def start_pair(tmp_path: Path, vms: list[VmProcess], *, guest: str = "memtouch",
+               ram: str = "256M", vcpus: int = 1, caps: tuple[str, ...] = (),
+               dest_args: tuple[str, ...] = (), src_args: tuple[str, ...] = ()) -> tuple[VmProcess, VmProcess, str]:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    common = ("--guest", guest, "--ram", ram, "--vcpus", str(vcpus))
+    cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))
+    destination = VmProcess(tmp_path, "dst", *common, "--incoming", uri, *cap_args, *dest_args)
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *common, *src_args)
+    vms.append(source)
+    if caps:
+        source.cmd("migrate-set-capabilities",
+                   capabilities=[{"capability": c, "state": True} for c in caps])
+    return source, destination, uri
+
+
+def wait_passes(vm: VmProcess, marker: bytes, count: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while vm.console().count(marker) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"console has {vm.console().count(marker)} of {count} {marker!r}")
+        time.sleep(0.05)
+    return vm.console().count(marker)
+
+
+def stop_and_verify(vm: VmProcess) -> dict:
+    vm.cmd("stop")
+    result = vm.cmd("x-verify")
+    assert result["ok"], result["detail"]
+    return dict(result)
+
+
+def test_precopy_memtouch_moves_and_keeps_running(tmp_path: Path, vms: list[VmProcess]) -> None:
+    source, destination, uri = start_pair(tmp_path, vms, vcpus=2)
+    wait_passes(source, b"B", 2)
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert source.cmd("query-status")["status"] == "postmigrate"
+    assert info["ram"]["transferred"] >= info["ram"]["normal-bytes"] > 0
+    assert info["ram"]["dirty-sync-count"] >= 1
+    assert destination.wait_migration({"completed"})["status"] == "completed"
+    assert destination.cmd("query-status")["running"]
+    before = destination.console().count(b"B")
+    wait_passes(destination, b"B", before + 2)
+    stop_and_verify(destination)
+
+
+def test_postcopy_after_one_round_with_preempt(tmp_path: Path, vms: list[VmProcess]) -> None:
+    caps = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
+    source, destination, uri = start_pair(tmp_path, vms, vcpus=2, caps=caps)
+    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
+    wait_passes(source, b"B", 2)
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration({"completed", "failed"})
+    assert info["status"] == "completed", info
+    ram = info["ram"]
+    assert ram["postcopy-bytes"] > 0
+    assert ram["x-pages-pushed"] + ram["x-pages-requested"] > 0
+    dest_info = destination.wait_migration({"completed"})
+    assert len(dest_info["postcopy-vcpu-blocktime"]) == 2
+    assert dest_info["x-duplicate-pages"] == 0
+    before = destination.console().count(b"B")
+    wait_passes(destination, b"B", before + 2)
+    stop_and_verify(destination)
+
+
+def test_postcopy_from_the_start_without_preempt(tmp_path: Path, vms: list[VmProcess]) -> None:
+    source, destination, uri = start_pair(tmp_path, vms, caps=("postcopy-ram",))
+    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0})
+    wait_passes(source, b"B", 1)
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert info["ram"]["precopy-bytes"] == 0
+    assert info["ram"]["postcopy-requests"] > 0
+    destination.wait_migration({"completed"})
+    stop_and_verify(destination)
+
+
+def test_randwrite_digest_matches_on_a_paused_destination(tmp_path: Path,
+                                                          vms: list[VmProcess]) -> None:
+    source, destination, uri = start_pair(tmp_path, vms, guest="randwrite",
+                                          caps=("postcopy-ram",), dest_args=("-S",))
+    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
+    wait_passes(source, b"W", 1)
+    source.cmd("migrate", uri=uri)
+    assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.wait_migration({"completed"})
+    assert not destination.cmd("query-status")["running"]
+    assert source.cmd("x-verify")["digest"] == destination.cmd("x-verify")["digest"]
+
+
+def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmProcess]) -> None:
+    source, destination, uri = start_pair(tmp_path, vms)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+    source.cmd("migrate", uri=uri)
+    source.wait_migration({"active"})
+    destination.process.kill()
+    destination.process.wait(10)
+    info = source.wait_migration({"failed"})
+    assert info["error-desc"]
+    assert source.cmd("query-status")["running"]
+    before = source.console().count(b"B")
+    wait_passes(source, b"B", before + 1)
+    stop_and_verify(source)
+
+
+def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProcess]) -> None:
+    source, _destination, uri = start_pair(tmp_path, vms, ram="64M")
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20, "downtime-limit": 1})
+    source.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + 60
+    while source.cmd("query-migrate")["ram"]["dirty-sync-count"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    info = source.cmd("query-migrate")
+    assert info["status"] == "active"
+    assert info["expected-downtime"] > 1
+    source.cmd("migrate_cancel")
+    assert source.wait_migration({"cancelled", "failed"})["status"] == "cancelled"
+    assert source.cmd("query-status")["running"]
+
+
+def test_configuration_mismatch_is_refused_with_both_configurations(
+        tmp_path: Path, vms: list[VmProcess]) -> None:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    destination = VmProcess(tmp_path, "dst", "--guest", "memtouch", "--ram", "128M",
+                            "--incoming", uri)
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", "--guest", "memtouch", "--ram", "64M")
+    vms.append(source)
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration({"failed"})
+    assert "mismatch" in info["error-desc"]
+    assert "67108864" in info["error-desc"] and "134217728" in info["error-desc"]
+    assert source.cmd("query-status")["running"]
+    destination.process.wait(10)
+    assert destination.process.returncode == 1
+    assert "mismatch" in destination.stderr()
+
+
+def test_migrate_while_migrating_is_refused(tmp_path: Path, vms: list[VmProcess]) -> None:
+    source, _destination, uri = start_pair(tmp_path, vms, ram="64M")
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    source.cmd("migrate", uri=uri)
+    with pytest.raises(QmpCommandError, match="in progress"):
+        source.cmd("migrate", uri=uri)
+    source.cmd("migrate_cancel")
+    source.wait_migration({"cancelled"})
