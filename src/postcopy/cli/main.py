@@ -12,6 +12,10 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES = (
     "postcopy.cli.check",
     "postcopy.cli.vmcmd",
+    "postcopy.cli.migrate",
+    "postcopy.cli.demo",
+    "postcopy.cli.report",
+    "postcopy.cli.bench",
 )
 
 
