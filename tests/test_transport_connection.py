@@ -310,6 +310,8 @@ def test_accept_times_out(closing: list[Connection | Listener]) -> None:
     closing.append(listener)
     with pytest.raises(TimeoutError, match="no source connected"):
         listener.accept(0.05)
+    with pytest.raises(TimeoutError, match="no source connected"):
+        listener.accept(0)
 
 
 def test_closing_listener_wakes_accept(pool: ThreadPoolExecutor) -> None:

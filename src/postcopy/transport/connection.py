@@ -300,6 +300,11 @@ class Listener:
             while True:
                 try:
                     connection = self._accept_one(deadline, timeout)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no {channel} connection for session {session.hex()} reached "
+                        f"{self._uri} within {timeout} s"
+                    ) from None
                 except (HandshakeError, ConnectionClosed) as error:
                     log.warning("skipping a refused connection to %s: %s", self._uri, error)
                     continue
@@ -319,7 +324,7 @@ class Listener:
         self._sock.settimeout(remaining)
         try:
             sock, address = self._sock.accept()
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: timeout 0 means "poll"
             raise TimeoutError(f"no source connected to {self._uri} within {timeout} s") from None
         except OSError as error:
             if self._closed:
