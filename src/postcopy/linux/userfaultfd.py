@@ -14,7 +14,13 @@ The result fields of copy/zeropage/continue/poison/move are signed: a negative v
 -errno. A partial operation fails with `RetryError` (EAGAIN) whose `.done` counts the bytes
 placed before it stopped; the caller continues from there. A page already present fails
 with `PageExistsError` (EEXIST), which a postcopy placer racing its own background push
-treats as success.
+treats as success. A multi-page copy that meets a present page after placing some stops
+there with RetryError(done = bytes before it); the next call from there raises
+PageExistsError (done = 0) for that page (verified in tests/test_linux_userfaultfd.py).
+
+Non-cooperative events (EVENT_REMOVE, UNMAP, REMAP, FORK) make the thread doing the
+madvise/munmap/mremap/fork wait until the event has been read: never do those in the
+thread that reads the events.
 
 Hot path: copy() and zeropage() issue `fcntl.ioctl` on a small bytearray (faster than
 ctypes; CPython copies buffers up to 1024 bytes and releases the GIL during the call).
@@ -172,7 +178,11 @@ class PageFaultFlags(enum.IntFlag):
 
 @dataclass(frozen=True, slots=True)
 class PageFault:
-    """A thread touched a registered page: `address` (page-aligned unless EXACT_ADDRESS)."""
+    """A thread touched a registered page.
+
+    `address` is aligned to the mapping's page: the base page for anonymous memory and
+    shmem, the huge page's start for hugetlbfs (exact with Feature.EXACT_ADDRESS).
+    """
 
     address: int
     flags: PageFaultFlags
