@@ -320,8 +320,12 @@ def test_partial_copy_raises_retry_with_the_bytes_done(scene: Scene) -> None:
         uffd.copy(target.address, source.address, 4 * PAGE)
     assert raised.value.errno == errno.EAGAIN
     assert raised.value.done == 2 * PAGE
-    # The two pages before the present one were placed.
-    assert bytes(target.view[:3 * PAGE]) == b"\x22" * 3 * PAGE
+    # Continuing from there meets the present page itself: EEXIST, nothing done.
+    with pytest.raises(PageExistsError) as exists:
+        uffd.copy(target.address + 2 * PAGE, source.address + 2 * PAGE, 2 * PAGE)
+    assert exists.value.done == 0
+    assert uffd.copy(target.address + 3 * PAGE, source.address + 3 * PAGE, PAGE) == PAGE
+    assert bytes(target.view) == b"\x22" * 4 * PAGE
 
 
 def test_misaligned_copy_is_a_plain_uffd_error(scene: Scene) -> None:
