@@ -51,7 +51,13 @@ from postcopy.transport.errors import (
     TlsError,
     TransportError,
 )
-from postcopy.transport.tls import TlsClientConfig, TlsServerConfig, wrap_client, wrap_server
+from postcopy.transport.tls import (
+    TlsClientConfig,
+    TlsServerConfig,
+    describe_error,
+    wrap_client,
+    wrap_server,
+)
 from postcopy.transport.uri import Uri, parse_uri
 
 __all__ = ["Connection", "Listener", "connect", "listen"]
@@ -366,7 +372,7 @@ class Listener:
                 f"{self.handshake_timeout} s"
             ) from None
         except ssl.SSLError as error:
-            raise TlsError(f"TLS with source {peer} failed: {error}") from error
+            raise TlsError(f"TLS with source {peer} failed: {describe_error(error)}") from error
         stream.settimeout(None)
         return Connection(
             stream,
@@ -488,7 +494,7 @@ def connect(
         except ssl.SSLError as error:
             # With TLS 1.3 the server checks our certificate after our side of the TLS
             # handshake returned: its verdict arrives here, as an alert.
-            raise TlsError(f"TLS with destination {peer} failed: {error.reason or error}"
+            raise TlsError(f"TLS with destination {peer} failed: {describe_error(error)}"
                            " (does the destination require a client certificate?)") from error
         stream.settimeout(None)
     except BaseException:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 from postcopy.transport.errors import TlsConfigError, TlsError
 
-__all__ = ["TlsClientConfig", "TlsServerConfig", "wrap_client", "wrap_server"]
+__all__ = [
+    "TlsClientConfig",
+    "TlsServerConfig",
+    "describe_error",
+    "wrap_client",
+    "wrap_server",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -79,14 +85,14 @@ def wrap_server(sock: socket.socket, context: ssl.SSLContext, peer: str) -> ssl.
     try:
         tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     except (ssl.SSLError, OSError) as error:
-        raise TlsError(f"cannot start TLS with {peer}: {_describe(error)}") from error
+        raise TlsError(f"cannot start TLS with {peer}: {describe_error(error)}") from error
     try:
         tls_sock.do_handshake()
     except TimeoutError as error:
         raise TlsError(f"TLS handshake with {peer} timed out") from error
     except (ssl.SSLError, OSError) as error:
         raise TlsError(
-            f"TLS handshake with source {peer} failed: {_describe(error)}"
+            f"TLS handshake with source {peer} failed: {describe_error(error)}"
             + _hint(error, server_side=True)
         ) from error
     return tls_sock
@@ -105,13 +111,14 @@ def wrap_client(
         raise TlsError(f"TLS handshake with {peer} timed out") from error
     except (ssl.SSLError, OSError, ValueError) as error:
         raise TlsError(
-            f"TLS handshake with destination {peer} failed: {_describe(error)}"
+            f"TLS handshake with destination {peer} failed: {describe_error(error)}"
             + _hint(error, server_side=False)
         ) from error
     return tls_sock
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """A short human reading of an ssl or socket error."""
     if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
         return f"certificate verify failed: {error.verify_message}"
     if isinstance(error, ssl.SSLError) and error.reason:
@@ -140,7 +147,7 @@ def _load_chain(context: ssl.SSLContext, certfile: PathLike, keyfile: PathLike |
         raise TlsConfigError(
             f"cannot load TLS certificate {os.fspath(certfile)} "
             f"with key {os.fspath(keyfile) if keyfile is not None else '(in the same file)'}: "
-            f"{_describe(error)}"
+            f"{describe_error(error)}"
         ) from error
 
 
@@ -149,5 +156,5 @@ def _load_ca(context: ssl.SSLContext, cafile: PathLike) -> None:
         context.load_verify_locations(cafile=cafile)
     except (ssl.SSLError, OSError) as error:
         raise TlsConfigError(
-            f"cannot load TLS CA file {os.fspath(cafile)}: {_describe(error)}"
+            f"cannot load TLS CA file {os.fspath(cafile)}: {describe_error(error)}"
         ) from error
