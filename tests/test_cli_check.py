@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,9 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from postcopy.cli import check
-from postcopy.cli.check import CheckItem, HostReport, check_host
+from postcopy.cli import check as check_command
 from postcopy.linux import userfaultfd
+from postcopy.migration import hostcheck as check
+from postcopy.migration.hostcheck import CheckItem, HostReport, check_host
 
 # The huge page pool + hugetlbfs mount fixture; tests/ may or may not be a package.
 try:
@@ -30,16 +30,12 @@ pytestmark = pytest.mark.timeout(120, method="thread")
 POSTCOPY = os.path.join(os.path.dirname(sys.executable), "postcopy")
 MiB = 1 << 20
 
-needs_full_cli = pytest.mark.skipif(
-    importlib.util.find_spec("postcopy.cli.vmcmd") is None,
-    reason="postcopy.cli.main also loads postcopy.cli.vmcmd, which does not exist yet",
-)
 
 
 def run_check(argv: list[str]) -> int:
     """`postcopy check ARGS` through check's own parser (independent of other commands)."""
     parser = argparse.ArgumentParser(prog="postcopy")
-    check.add_parser(parser.add_subparsers())
+    check_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["check", *argv])
     return int(args.func(args))
 
@@ -86,7 +82,7 @@ def test_this_host_can_be_a_postcopy_destination() -> None:
 
 
 def test_check_host_does_not_need_rich() -> None:
-    code = ("import sys; from postcopy.cli.check import check_host; "
+    code = ("import sys; from postcopy.migration.hostcheck import check_host; "
             "report = check_host(); assert report.postcopy_possible; "
             "assert 'rich' not in sys.modules, 'rich was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -111,7 +107,6 @@ def test_human_output_is_a_table_with_a_verdict(capsys: pytest.CaptureFixture[st
     assert "postcopy migration is possible on this host" in out
 
 
-@needs_full_cli
 def test_through_the_postcopy_main(capsys: pytest.CaptureFixture[str]) -> None:
     from postcopy.cli.main import main
 
@@ -119,7 +114,6 @@ def test_through_the_postcopy_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["postcopy_possible"] is True
 
 
-@needs_full_cli
 def test_as_the_installed_command() -> None:
     result = subprocess.run([POSTCOPY, "check", "--json"], capture_output=True, text=True,
                             check=False, timeout=60)
