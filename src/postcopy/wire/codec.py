@@ -108,7 +108,7 @@ _MAGIC: Final = {Direction.MAIN: MAIN_MAGIC, Direction.RETURN: RETURN_MAGIC}
 
 
 class FrameType(enum.IntEnum):
-    """The u8 type of a frame. Main stream 0x01-0x0E, return path 0x81-0x86."""
+    """The u8 type of a frame. Main stream 0x01-0x0F, return path 0x81-0x85."""
 
     HANDSHAKE = 0x01
     ADVISE = 0x02
@@ -124,12 +124,12 @@ class FrameType(enum.IntEnum):
     RESUME_REQUEST = 0x0C
     RECV_BITMAP_REQUEST = 0x0D
     POSTCOPY_RESUME = 0x0E
+    PING = 0x0F
     REQ_PAGES = 0x81
     SHUT = 0x82
-    PING = 0x83
-    PONG = 0x84
-    RECV_BITMAP = 0x85
-    RESUME_ACK = 0x86
+    PONG = 0x83
+    RECV_BITMAP = 0x84
+    RESUME_ACK = 0x85
 
 
 class FrameHeader(NamedTuple):
@@ -252,6 +252,9 @@ _SPECS: Final[dict[int, _FrameSpec]] = {
         _spec(FrameType.RESUME_REQUEST, ResumeRequest, _M, 0, 0),
         _spec(FrameType.RECV_BITMAP_REQUEST, RecvBitmapRequest, _M, 2, 2),
         _spec(FrameType.POSTCOPY_RESUME, PostcopyResume, _M, 0, 0),
+        # QEMU's MIG_CMD_PING: the source learns the destination got this far (the answer,
+        # Pong, comes back on the return path).
+        _spec(FrameType.PING, Ping, _M, 4, 4),
         _spec(
             FrameType.REQ_PAGES,
             ReqPages,
@@ -261,7 +264,6 @@ _SPECS: Final[dict[int, _FrameSpec]] = {
             FLAG_BLOCK_NAMED,
         ),
         _spec(FrameType.SHUT, Shut, _R, 1, 1 + MAX_SHUT_REASON_BYTES),
-        _spec(FrameType.PING, Ping, _M, 4, 4),  # QEMU's MIG_CMD_PING: main stream
         _spec(FrameType.PONG, Pong, _R, 4, 4),
         _spec(
             FrameType.RECV_BITMAP,

@@ -7,8 +7,8 @@ inside the block, data length against the block's page size) live in `codec`.
 
 Main stream (source -> destination): Handshake, Advise, RamRun, EndOfRound, DeviceState,
 PrecopyComplete, Discard, Listen, Run, Package, PostcopyComplete, ResumeRequest,
-RecvBitmapRequest, PostcopyResume.
-Return path (destination -> source): ReqPages, Shut, Ping, Pong, RecvBitmap, ResumeAck.
+RecvBitmapRequest, PostcopyResume, Ping.
+Return path (destination -> source): ReqPages, Shut, Pong, RecvBitmap, ResumeAck.
 The byte layout of each is in docs/PROTOCOL.md.
 """
 
@@ -483,6 +483,17 @@ class PostcopyResume:
     """Recovery: the source resumes sending pages."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Main-stream probe (QEMU's MIG_CMD_PING); the destination answers Pong(value) on the
+    return path once it has processed everything before it."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        _set(self, "value", _integer("Ping", "value", self.value, 0, U32_MAX))
+
+
 # -- return path ------------------------------------------------------------------------------
 
 
@@ -523,18 +534,8 @@ class Shut:
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    """Liveness and round-trip probe; answered by Pong with the same value."""
-
-    value: int
-
-    def __post_init__(self) -> None:
-        _set(self, "value", _integer("Ping", "value", self.value, 0, U32_MAX))
-
-
-@dataclass(frozen=True, slots=True)
 class Pong:
-    """Answer to a Ping (travels on the return path only)."""
+    """The destination's answer to a Ping (return path)."""
 
     value: int
 
@@ -586,8 +587,9 @@ MainMessage: TypeAlias = (
     | ResumeRequest
     | RecvBitmapRequest
     | PostcopyResume
+    | Ping
 )
-ReturnMessage: TypeAlias = ReqPages | Shut | Ping | Pong | RecvBitmap | ResumeAck
+ReturnMessage: TypeAlias = ReqPages | Shut | Pong | RecvBitmap | ResumeAck
 Message: TypeAlias = MainMessage | ReturnMessage
 
 MAIN_MESSAGES: Final[tuple[type, ...]] = (
@@ -605,5 +607,6 @@ MAIN_MESSAGES: Final[tuple[type, ...]] = (
     ResumeRequest,
     RecvBitmapRequest,
     PostcopyResume,
+    Ping,
 )
-RETURN_MESSAGES: Final[tuple[type, ...]] = (ReqPages, Shut, Ping, Pong, RecvBitmap, ResumeAck)
+RETURN_MESSAGES: Final[tuple[type, ...]] = (ReqPages, Shut, Pong, RecvBitmap, ResumeAck)

@@ -19,7 +19,6 @@ from typing import Final
 
 from postcopy.wire.errors import ProtocolError
 from postcopy.wire.messages import (
-    Ping,
     Advise,
     DeviceState,
     Discard,
@@ -28,6 +27,7 @@ from postcopy.wire.messages import (
     Listen,
     Message,
     Package,
+    Ping,
     PostcopyComplete,
     PostcopyResume,
     PrecopyComplete,
@@ -68,6 +68,7 @@ TRANSITIONS: Final[Mapping[IncomingState, Mapping[type, IncomingState]]] = Mappi
             DeviceState: _S.NONE,
             PrecopyComplete: _S.END,
             Advise: _S.ADVISE,
+            Ping: _S.NONE,
         },
         _S.ADVISE: {
             RamRun: _S.ADVISE,
@@ -76,15 +77,18 @@ TRANSITIONS: Final[Mapping[IncomingState, Mapping[type, IncomingState]]] = Mappi
             PrecopyComplete: _S.END,
             Discard: _S.DISCARD,
             Listen: _S.LISTENING,
+            Ping: _S.ADVISE,
         },
         _S.DISCARD: {
             Discard: _S.DISCARD,
             Listen: _S.LISTENING,
+            Ping: _S.DISCARD,
         },
         _S.LISTENING: {
             RamRun: _S.LISTENING,
             Package: _S.RUNNING,
             Run: _S.RUNNING,
+            Ping: _S.LISTENING,
         },
         _S.RUNNING: {
             RamRun: _S.RUNNING,
@@ -95,11 +99,16 @@ TRANSITIONS: Final[Mapping[IncomingState, Mapping[type, IncomingState]]] = Mappi
             ResumeRequest: _S.RUNNING,
             RecvBitmapRequest: _S.RUNNING,
             PostcopyResume: _S.RUNNING,
+            Ping: _S.RUNNING,
         },
         _S.END: {},
     }
 )
-"""(state, message type) -> next state. A pair not listed is a protocol error."""
+"""(state, message type) -> next state. A pair not listed is a protocol error.
+
+Ping (a probe answered by Pong on the return path) is legal in every live state and changes
+nothing; after END the stream is over.
+"""
 
 
 def allowed_in(event: type) -> list[IncomingState]:
@@ -148,9 +157,6 @@ class IncomingStateMachine:
                 message=f"{name} is illegal for role {ROLE} in state {self._state.name}: "
                 "the stream must begin with a Handshake",
             )
-        if event is Ping and self._state is not IncomingState.END:
-            # a liveness probe is legal anywhere in a live stream and changes nothing
-            return self._state
         next_state = TRANSITIONS[self._state].get(event)
         if next_state is None:
             legal = ", ".join(state.name for state in allowed_in(event)) or "no state"
