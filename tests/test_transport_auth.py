@@ -26,8 +26,10 @@ from postcopy.transport import (
     connect,
     listen,
     new_session,
+    parse_uri,
 )
 from postcopy.transport.auth import HELLO_SIZE
+from postcopy.transport.connection import check_listen_security
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -289,6 +291,30 @@ def test_insecure_listen_on_any_address_without_key_is_refused() -> None:
         assert "key file" in message
         assert "loopback" in message and "unix:" in message
         assert "allow_insecure_network=True" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "key", "allow", "refused"),
+    [
+        ("tcp:10.1.2.3:4444", None, False, True),
+        ("tcp:10.1.2.3:4444", KEY, False, False),
+        ("tcp:10.1.2.3:4444", None, True, False),
+        ("tcp:[2001:db8::1]:4444", None, False, True),
+        ("tcp:127.0.0.1:4444", None, False, False),
+        ("tcp:[::1]:4444", None, False, False),
+        ("unix:/run/x.sock", None, False, False),
+    ],
+)
+def test_listen_security_decision(
+    uri: str, key: AuthConfig | None, allow: bool, refused: bool
+) -> None:
+    # The pure decision, so the allowed network cases need not bind a network address.
+    try:
+        check_listen_security(parse_uri(uri), auth=key, tls=None, allow_insecure_network=allow)
+    except InsecureListenError:
+        assert refused
+    else:
+        assert not refused
 
 
 def test_loopback_and_unix_listen_without_key(tmp_path: Path, closing: Closing) -> None:

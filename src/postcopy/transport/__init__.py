@@ -16,7 +16,13 @@ from postcopy.transport.auth import (
     AuthConfig,
     new_session,
 )
-from postcopy.transport.connection import Connection, Listener, connect, listen
+from postcopy.transport.connection import (
+    Connection,
+    Listener,
+    check_listen_security,
+    connect,
+    listen,
+)
 from postcopy.transport.errors import (
     AuthenticationError,
     ConnectError,
@@ -53,6 +59,7 @@ __all__ = [
     "TransportError",
     "Uri",
     "UriError",
+    "check_listen_security",
     "connect",
     "listen",
     "new_session",

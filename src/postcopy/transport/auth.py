@@ -162,11 +162,19 @@ class Stream(Protocol):
     def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AuthConfig:
     """A shared secret key; both ends of a migration must hold the same one."""
 
     key: bytes = field(repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AuthConfig):
+            return NotImplemented
+        return hmac.compare_digest(self.key, other.key)
+
+    def __hash__(self) -> int:
+        return hash((AuthConfig, hashlib.sha256(self.key).digest()))
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, bytes):

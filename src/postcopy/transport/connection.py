@@ -60,7 +60,7 @@ from postcopy.transport.tls import (
 )
 from postcopy.transport.uri import Uri, parse_uri
 
-__all__ = ["Connection", "Listener", "connect", "listen"]
+__all__ = ["Connection", "Listener", "check_listen_security", "connect", "listen"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class Connection:
         if self.tls:
             return self._send_all_tls(buffers)
         pending = list(buffers)
-        sizes = [_nbytes(buffer) for buffer in pending]
+        # Inline rather than _nbytes(): this runs once per buffer, twice as fast so.
+        sizes = [b.nbytes if type(b) is memoryview else len(b) for b in pending]
         total = 0
         index = 0
         count = len(pending)
@@ -261,6 +262,8 @@ class Listener:
         self._unix_identity = unix_identity
         self._socket_buffer = socket_buffer
         self._pending: collections.deque[Connection] = collections.deque()
+        # Guards _pending alone: close() may run while another thread sits in accept().
+        self._pending_lock = threading.Lock()
         self._accept_lock = threading.Lock()
         self._closed = False
         self.handshake_timeout = HANDSHAKE_TIMEOUT
@@ -286,8 +289,9 @@ class Listener:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._accept_lock:
-            if self._pending:
-                return self._pending.popleft()
+            with self._pending_lock:
+                if self._pending:
+                    return self._pending.popleft()
             return self._accept_one(deadline, timeout)
 
     def accept_channel(self, session: bytes, channel: str, timeout: float | None) -> Connection:
@@ -299,10 +303,11 @@ class Listener:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._accept_lock:
-            for connection in self._pending:
-                if connection.session == session and connection.channel == channel:
-                    self._pending.remove(connection)
-                    return connection
+            with self._pending_lock:
+                for connection in self._pending:
+                    if connection.session == session and connection.channel == channel:
+                        self._pending.remove(connection)
+                        return connection
             while True:
                 try:
                     connection = self._accept_one(deadline, timeout)
@@ -316,12 +321,13 @@ class Listener:
                     continue
                 if connection.session == session and connection.channel == channel:
                     return connection
-                if len(self._pending) >= MAX_PENDING_CONNECTIONS:
-                    log.warning("too many unclaimed connections on %s: closing %r",
-                                self._uri, connection)
+                with self._pending_lock:
+                    keep = not self._closed and len(self._pending) < MAX_PENDING_CONNECTIONS
+                    if keep:
+                        self._pending.append(connection)
+                if not keep:
+                    log.warning("closing unclaimed connection %r on %s", connection, self._uri)
                     connection.close()
-                else:
-                    self._pending.append(connection)
 
     def _accept_one(self, deadline: float | None, timeout: float | None) -> Connection:
         if self._closed:
@@ -390,8 +396,11 @@ class Listener:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
         self._sock.close()
-        while self._pending:
-            self._pending.popleft().close()
+        with self._pending_lock:
+            unclaimed = list(self._pending)
+            self._pending.clear()
+        for connection in unclaimed:
+            connection.close()
         if self._unix_identity is not None and self._uri.path is not None:
             try:
                 info = os.lstat(self._uri.path)
@@ -431,15 +440,8 @@ def listen(
     destination sends it the memory and CPU state it will run.
     """
     endpoint = parse_uri(uri) if isinstance(uri, str) else uri
-    verifies_clients = tls is not None and tls.verify_client
-    if (endpoint.scheme == "tcp" and not endpoint.is_loopback and auth is None
-            and not verifies_clients and not allow_insecure_network):
-        raise InsecureListenError(
-            f"refusing to listen on {endpoint} without authentication: anyone who can reach "
-            "it could feed this destination a VM to run. Give a key file (--key FILE), or "
-            "listen on a loopback address or a unix: socket, or pass "
-            "allow_insecure_network=True (--allow-insecure-network) on a trusted network"
-        )
+    check_listen_security(endpoint, auth=auth, tls=tls,
+                          allow_insecure_network=allow_insecure_network)
     tls_context = tls.context() if tls is not None else None
     if endpoint.scheme == "unix":
         sock, identity = _bind_unix(endpoint, backlog, socket_buffer)
@@ -449,6 +451,25 @@ def listen(
     bound = endpoint.with_port(sock.getsockname()[1])
     return Listener(sock, bound, auth=auth, tls_context=tls_context, unix_identity=None,
                     socket_buffer=socket_buffer)
+
+
+def check_listen_security(
+    endpoint: Uri,
+    *,
+    auth: AuthConfig | None,
+    tls: TlsServerConfig | None,
+    allow_insecure_network: bool,
+) -> None:
+    """Raise `InsecureListenError` for an unauthenticated listener on a network address."""
+    verifies_clients = tls is not None and tls.verify_client
+    if (endpoint.scheme == "tcp" and not endpoint.is_loopback and auth is None
+            and not verifies_clients and not allow_insecure_network):
+        raise InsecureListenError(
+            f"refusing to listen on {endpoint} without authentication: anyone who can reach "
+            "it could feed this destination a VM to run. Give a key file (--key FILE), or "
+            "listen on a loopback address or a unix: socket, or pass "
+            "allow_insecure_network=True (--allow-insecure-network) on a trusted network"
+        )
 
 
 def connect(
