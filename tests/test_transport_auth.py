@@ -13,12 +13,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postcopy.transport import (
     PREEMPT_CHANNEL,
     AuthConfig,
     AuthenticationError,
     Connection,
+    ConnectionClosed,
     HandshakeError,
     InsecureListenError,
     KeyFileError,
@@ -28,7 +31,7 @@ from postcopy.transport import (
     new_session,
     parse_uri,
 )
-from postcopy.transport.auth import HELLO_SIZE
+from postcopy.transport.auth import HELLO_SIZE, client_handshake, server_handshake
 from postcopy.transport.connection import check_listen_security
 
 pytestmark = pytest.mark.timeout(60)
@@ -454,3 +457,53 @@ def test_queued_connections_are_closed_with_the_listener(pool: ThreadPoolExecuto
 
 def test_handshake_error_hierarchy() -> None:
     assert issubclass(AuthenticationError, HandshakeError)
+
+
+class ScriptedStream:
+    """A fake socket for the handshake: reads from fixed bytes, records what is sent."""
+
+    def __init__(self, incoming: bytes) -> None:
+        self.incoming = incoming
+        self.sent = bytearray()
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0) -> int:
+        count = min(len(buffer), len(self.incoming), 5)  # trickle: a few bytes per call
+        buffer[:count] = self.incoming[:count]
+        self.incoming = self.incoming[count:]
+        return count
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flags=st.sampled_from([0, 1, 2, 3, 4, 0x8000]) | st.integers(0, 0xFFFF),
+    channel=st.binary(min_size=16, max_size=16) | st.sampled_from([b"main".ljust(16, b"\0")]),
+    tail=st.binary(max_size=80),
+    with_key=st.booleans(),
+)
+def test_destination_handshake_survives_garbage(
+    flags: int, channel: bytes, tail: bytes, with_key: bool
+) -> None:
+    hello = b"POSTCOPY" + struct.pack(">HH", 1, flags) + channel + bytes(48)
+    stream = ScriptedStream(hello + tail)
+    try:
+        result = server_handshake(stream, KEY if with_key else None, tls=False, peer="fuzz")
+    except (HandshakeError, ConnectionClosed):
+        return
+    # Accepted: only possible without keys on either side and with a well-formed hello.
+    assert not with_key and not flags & 0x1 and result.channel == "main"
+    assert stream.sent[-3:] == b"\x02\x00\x00"  # ACCEPT
+
+
+def test_source_handshake_rejects_a_destination_that_accepts_without_proof() -> None:
+    session = new_session()
+    destination_hello = (
+        b"POSTCOPY" + struct.pack(">HH", 1, 0x4) + b"main".ljust(16, b"\0") + session + bytes(32)
+    )
+    accept = b"\x02\x00\x00"
+    stream = ScriptedStream(destination_hello + accept)
+    with pytest.raises(AuthenticationError, match="destination has none"):
+        client_handshake(stream, KEY, channel="main", session=session, tls=False, peer="fake")
+    assert stream.sent[HELLO_SIZE] == 3  # a REFUSE frame follows our hello
