@@ -1,9 +1,316 @@
-"""`postcopy demo` (being written)."""
+"""`postcopy demo`: one whole postcopy migration on this machine, shown and verified.
+
+It starts two `postcopy vm run` processes — a source running the memtouch guest and a
+destination waiting on a free loopback port with postcopy-ram, postcopy-preempt and
+postcopy-blocktime enabled — lets the guest make a few passes over its memory, migrates
+it with one precopy round and then postcopy (the same live display as `postcopy
+migrate`), checks that the guest kept running on the destination, stops it there and
+verifies every page of its memory (x-verify), prints both sides' figures and writes the
+run and its timeline PNG. Every process (ended by PID), socket and temporary file it
+created is removed at the end, also after a failure, Ctrl-C or SIGTERM.
+
+Exit status 0 only when the migration completed and the verification passed.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+from postcopy.cli.migrate import MigrateError, MigrateOptions, Migration, failure_line
+from postcopy.cli.qmpclient import QmpClient, QmpClientError
+from postcopy.cli.report import ReportError, RunWriter, load_run, summary_table, write_png
+from postcopy.cli.units import format_bytes, parse_size
+
+DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
+START_TIMEOUT = 30.0      # seconds for a VM process to offer its QMP socket
+PASSES_TIMEOUT = 60.0     # seconds for the guest to make the passes we wait for
+STOP_TIMEOUT = 10.0       # seconds for a VM process to exit after SIGTERM
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message is the user's one line."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class VmChild:
+    """One `postcopy vm run` process of the demo, in its own session so that Ctrl-C on
+    the terminal reaches the demo only and the demo ends it in order, by PID."""
+
+    def __init__(self, name: str, workdir: Path, args: list[str]) -> None:
+        self.name = name
+        self.qmp_path = workdir / f"{name}.qmp"
+        self.console_path = workdir / f"{name}.console"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.trace_path = workdir / f"{name}.trace.jsonl"
+        self.client: QmpClient | None = None
+        command = [sys.executable, "-m", "postcopy", "vm", "run", "--qmp", str(self.qmp_path),
+                   "--console", str(self.console_path), "--trace", str(self.trace_path), *args]
+        with self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=stderr,
+                                            start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def last_error(self) -> str:
+        try:
+            lines = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no error output"
+        return lines[-1] if lines else "no error output"
+
+    def connect(self) -> QmpClient:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise DemoError(f"the {self.name} VM exited with status "
+                                f"{self.process.returncode}: {self.last_error()}")
+            if self.qmp_path.exists():
+                try:
+                    self.client = QmpClient.connect_to(str(self.qmp_path),
+                                                       name=f"{self.name} QMP")
+                    return self.client
+                except QmpClientError:
+                    pass
+            if time.monotonic() > deadline:
+                raise DemoError(f"the {self.name} VM offered no QMP socket within "
+                                f"{START_TIMEOUT:g} s: {self.last_error()}")
+            time.sleep(0.05)
+
+    def passes(self, guest: str) -> int:
+        """Pass markers the guest wrote on this VM's console (its --console file)."""
+        from postcopy.vm.guests import pass_count
+
+        try:
+            return pass_count(guest, self.console_path.read_bytes())
+        except FileNotFoundError:
+            return 0
+
+    def end(self) -> None:
+        """Close QMP, SIGTERM the process by its PID, SIGKILL it if it does not go."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()  # a VM that was killed leaves its socket behind
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the demo like Ctrl-C does: through the cleanup."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def add_parser(subparsers: Any) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "demo", help="start two VMs, migrate one to the other with postcopy, verify it",
+        description="Start a source VM and a destination, migrate the running guest with one "
+                    "precopy round then postcopy, verify its memory on the destination, and "
+                    "clean everything up. Exit status 0 when the migration completed and the "
+                    "guest's memory verified.")
+    parser.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
+    parser.add_argument("--vcpus", type=int, default=2, help="vCPUs (default 2)")
+    parser.add_argument("--guest", default="memtouch",
+                        help="built-in guest (default memtouch; see `postcopy vm guests`)")
+    parser.add_argument("--out", type=Path, default=Path("postcopy-demo"), metavar="DIR",
+                        help="where to write run.jsonl and timeline.png (default ./postcopy-demo)")
+    parser.add_argument("--keep-dir", action="store_true",
+                        help="keep the working directory (consoles, logs, traces) at the end")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from postcopy.migration.hostcheck import check_host
+
+    try:
+        ram = parse_size(args.ram)
+    except ValueError as error:
+        print(f"postcopy demo: --ram: {error}", file=sys.stderr)
+        return 2
+    if args.vcpus < 1:
+        print("postcopy demo: --vcpus must be at least 1", file=sys.stderr)
+        return 2
+    from postcopy.vm.guests import GUESTS
+
+    if args.guest not in GUESTS:
+        print(f"postcopy demo: unknown guest {args.guest!r}; built-in guests: "
+              f"{', '.join(GUESTS)}", file=sys.stderr)
+        return 2
+    report = check_host()
+    if not report.postcopy_possible:
+        print(f"postcopy demo: {report.summary()}", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
+    children: list[VmChild] = []
+    try:
+        with _terminate_as_interrupt():
+            return _demo(args, ram, workdir, children)
+    except KeyboardInterrupt:
+        print("postcopy demo: interrupted; everything it started is removed", file=sys.stderr)
+        return 130
+    except (DemoError, MigrateError, QmpClientError) as error:
+        print(f"postcopy demo: {error}", file=sys.stderr)
+        return 1
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        try:
+            for child in reversed(children):
+                child.end()
+            if args.keep_dir:
+                print(f"working directory kept: {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _demo(args: argparse.Namespace, ram: int, workdir: Path, children: list[VmChild]) -> int:
+    from rich.console import Console
+
+    from postcopy.cli.display import LiveProgress, ProgressView
+    from postcopy.vm.guests import GUESTS
+
+    console = Console()
+    console.print(f"[bold]postcopy demo[/]: a {format_bytes(ram)} {args.guest} guest with "
+                  f"{args.vcpus} vCPUs moves to another VM process over loopback TCP: one "
+                  "precopy round, then postcopy.")
+    console.print(f"working directory: {workdir}")
+    uri = f"tcp:127.0.0.1:{free_loopback_port()}"
+    common = ["--guest", args.guest, "--ram", str(ram), "--vcpus", str(args.vcpus)]
+    capabilities = [arg for name in DEMO_CAPABILITIES for arg in ("--migrate-capability", name)]
+    destination = VmChild("destination", workdir, [*common, "--incoming", uri, *capabilities])
+    children.append(destination)
+    source = VmChild("source", workdir, common)
+    children.append(source)
+    console.print(f"started the source VM (PID {source.pid}) and the destination VM "
+                  f"(PID {destination.pid}, waiting on {uri})")
+    source_qmp = source.connect()
+    destination_qmp = destination.connect()
+
+    guest = args.guest
+    # scan reports a pass from vCPU 0 only; the other guests, one marker per vCPU per pass
+    per_pass = 1 if GUESTS[guest].pass_marker == b"\n" else args.vcpus
+    wanted = 2 * per_pass
+    deadline = time.monotonic() + PASSES_TIMEOUT
+    while source.passes(guest) < wanted:
+        if source.process.poll() is not None:
+            raise DemoError(f"the source VM exited: {source.last_error()}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the guest made fewer than {wanted} passes in {PASSES_TIMEOUT:g} s")
+        time.sleep(0.05)
+    console.print(f"the guest runs on the source: {source.passes(guest)} passes so far "
+                  f"({GUESTS[guest].pass_help})")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_path = args.out / "run.jsonl"
+    passes = {"source": source.passes(guest), "destination": 0}
+    at_switch: dict[str, int] = {}
+    at_end: dict[str, int] = {}
+
+    def guest_rows() -> list[tuple[str, str]]:
+        rows = [("guest passes on the source", str(passes["source"])),
+                ("guest passes on the destination", str(passes["destination"]))]
+        if "destination" in at_switch:
+            rows.append(("  of them during postcopy",
+                         str(passes["destination"] - at_switch["destination"])))
+        return rows
+
+    view = ProgressView(f"migrating to {uri}", extra_rows=guest_rows)
+    live = LiveProgress(view, console)
+
+    def on_sample(sample: dict[str, Any]) -> None:
+        passes["source"] = source.passes(guest)
+        passes["destination"] = destination.passes(guest)
+        if sample["status"] == "postcopy-active" and "destination" not in at_switch:
+            at_switch["destination"] = passes["destination"]
+        if sample["status"] == "completed":
+            at_switch.setdefault("destination", passes["destination"])
+            at_end["destination"] = passes["destination"]
+        live.update(sample)
+
+    def note(text: str) -> None:
+        view.note = text
+        live.refresh()
+
+    options = MigrateOptions(uri=uri, postcopy=True, preempt=True, switch_after_rounds=1)
+    with RunWriter(run_path) as recorder:
+        migration = Migration(source_qmp, destination_qmp, options, on_sample=on_sample,
+                              on_note=note, recorder=recorder, command="demo")
+        migration.prepare()
+        with live:
+            outcome = migration.run()
+        if not outcome.completed:
+            if outcome.source.get("ram", {}).get("transferred"):
+                console.print(summary_table(outcome.source, outcome.destination))
+            raise DemoError(failure_line(outcome))
+
+        # the guest must keep running on the destination: wait for a few more passes
+        completed_passes = destination.passes(guest)
+        deadline = time.monotonic() + PASSES_TIMEOUT
+        while destination.passes(guest) < completed_passes + per_pass:
+            if time.monotonic() > deadline:
+                raise DemoError("the guest made no progress on the destination after the "
+                                f"migration ({completed_passes} passes, still)")
+            time.sleep(0.05)
+        after = destination.passes(guest)
+        destination_qmp.execute("stop")
+        verdict = destination_qmp.execute("x-verify")
+        during_postcopy = at_end["destination"] - at_switch["destination"]
+        recorder.write({"event": "verify", "side": "destination", **verdict,
+                        "passes-during-postcopy": during_postcopy,
+                        "passes-at-completion": completed_passes, "passes-at-stop": after})
+
+    console.print(summary_table(outcome.source, outcome.destination))
+    console.print(f"the guest kept running on the destination: {during_postcopy} passes while "
+                  f"its memory was still arriving (postcopy), {after} passes in all there")
+    if verdict["ok"]:
+        console.print(f"[bold green]verified[/]: the destination's memory is what the guest "
+                      f"wrote ({verdict['detail']})")
+    else:
+        console.print(f"[bold red]verification FAILED[/]: {verdict['detail']}")
+    console.print(f"run written to {run_path} (`postcopy report {run_path}`)")
+    try:
+        png = write_png(load_run(run_path), args.out / "timeline.png")
+        console.print(f"timeline written to {png}")
+    except ReportError as error:
+        console.print(f"no timeline PNG: {error}")
+    if not verdict["ok"]:
+        print(f"postcopy demo: the guest's memory on the destination is wrong: "
+              f"{verdict['detail']}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,9 +1,503 @@
-"""`postcopy migrate` (being written)."""
+"""`postcopy migrate`: drive one migration through the source VM's QMP socket and watch it.
+
+    postcopy migrate --qmp /tmp/src.qmp --to tcp:127.0.0.1:4444 --postcopy \\
+        --dest-qmp /tmp/dst.qmp --timeline run.jsonl
+
+It does what a management tool does with QEMU: checks both ends (the destination, when its
+socket is given, must be waiting for a migration), sets the capabilities and parameters,
+issues `migrate`, polls `query-migrate` for the live display, switches to postcopy when
+asked, and prints both sides' figures at the end. Exit status 0 means completed; 1 means
+failed or cancelled (with the reason as one line on stderr). Ctrl-C cancels a migration
+still in precopy (`migrate_cancel`: the source keeps running); once in postcopy the guest
+already runs on the destination and the migration can only finish.
+
+`Migration` is the engine, shared with `postcopy demo`: prepare(), then run() with a
+callback per progress sample.
+"""
 
 from __future__ import annotations
 
+import argparse
+import collections
+import datetime
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+from postcopy.cli.qmpclient import QmpClient, QmpClientError, QmpCommandError
+from postcopy.cli.report import RUN_FORMAT, RunWriter, summary_table
+from postcopy.cli.units import parse_rate
+
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+CANCELLABLE_STATUSES = frozenset({"setup", "active", "device"})
+# How long the destination may take to report its end after the source has finished.
+DESTINATION_GRACE = 15.0
+
+SampleSink = Callable[[dict[str, Any]], None]
+NoteSink = Callable[[str], None]
+
+
+class MigrateError(Exception):
+    """The migration cannot be started or ended badly; the message is one line for the user."""
+
+
+@dataclass
+class MigrateOptions:
+    uri: str
+    postcopy: bool = False
+    preempt: bool = False
+    switch_after_rounds: int | None = None
+    switch_when_stalled: bool = False
+    max_bandwidth: int | None = None
+    downtime_limit: int | None = None
+    key_file: str | None = None
+    poll_interval: float = 0.1
+
+    @property
+    def uses_postcopy(self) -> bool:
+        return (self.postcopy or self.preempt or self.switch_after_rounds is not None
+                or self.switch_when_stalled)
+
+    @property
+    def manual_switch(self) -> bool:
+        """--postcopy alone: we call migrate-start-postcopy after the first round."""
+        return (self.uses_postcopy and self.switch_after_rounds is None
+                and not self.switch_when_stalled)
+
+
+@dataclass
+class MigrationOutcome:
+    status: str
+    source: dict[str, Any]
+    destination: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def error(self) -> str | None:
+        desc = self.source.get("error-desc")
+        if desc is None and self.destination:
+            desc = self.destination.get("error-desc")
+        return None if desc is None else " ".join(str(desc).split())
+
+
+class _Interrupts:
+    """Counts Ctrl-C (and SIGTERM) instead of raising, so a QMP exchange is never cut in
+    half; the watch loop decides what an interrupt means in the current phase."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def catching(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.count += 1
+            if self.count >= 3:  # the user insists: stop watching at once
+                raise KeyboardInterrupt
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+class Migration:
+    """One migration driven over QMP: the source's client, optionally the destination's."""
+
+    def __init__(self, source: QmpClient, destination: QmpClient | None,
+                 options: MigrateOptions, *, on_sample: SampleSink | None = None,
+                 on_note: NoteSink | None = None, recorder: RunWriter | None = None,
+                 command: str = "migrate") -> None:
+        self.source = source
+        self.destination = destination
+        self.options = options
+        self.on_sample = on_sample or (lambda sample: None)
+        self.on_note = on_note or (lambda text: None)
+        self.recorder = recorder
+        self.command = command
+        self.samples: list[dict[str, Any]] = []
+        self._history: collections.deque[tuple[float, int]] = collections.deque()
+        self._interrupts = _Interrupts()
+
+    # -- before the start ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Check both ends and configure them; MigrateError says what is wrong."""
+        options = self.options
+        status = self.source.execute("query-status")
+        if status.get("status") == "inmigrate":
+            raise MigrateError(f"the VM at {self.source.path} is itself waiting for an incoming "
+                               "migration: --qmp must name the source VM's socket")
+        current = self.source.execute("query-migrate").get("status", "none")
+        if current not in FINAL_STATUSES and current != "none":
+            raise MigrateError(f"a migration is already in progress on the source "
+                               f"(status {current})")
+        if status.get("status") in ("postmigrate", "shutdown", "internal-error") or (
+                current == "completed" and not status.get("running")):
+            raise MigrateError(f"the source VM is in state {status.get('status')}: "
+                               "it has already migrated away or stopped for good")
+        if self.destination is not None:
+            dest_status = self.destination.execute("query-status").get("status")
+            if dest_status != "inmigrate":
+                raise MigrateError(
+                    f"the destination at {self.destination.path} is not waiting for a "
+                    f"migration (its status is {dest_status!r}); start it with "
+                    "`postcopy vm run ... --incoming URI`")
+            dest_migration = self.destination.execute("query-migrate").get("status", "none")
+            if dest_migration != "none":
+                raise MigrateError(f"the destination at {self.destination.path} is already "
+                                   f"receiving a migration (status {dest_migration})")
+        if options.key_file is not None:
+            from postcopy.transport import AuthConfig
+            from postcopy.transport.errors import KeyFileError
+
+            try:
+                AuthConfig.from_file(options.key_file)
+            except KeyFileError as error:
+                raise MigrateError(str(error)) from None
+        capabilities = [{"capability": "postcopy-ram", "state": options.uses_postcopy},
+                        {"capability": "postcopy-preempt", "state": options.preempt}]
+        self._execute(self.source, "migrate-set-capabilities", {"capabilities": capabilities},
+                      "source")
+        if self.destination is not None and options.uses_postcopy:
+            wanted = ["postcopy-ram", "postcopy-blocktime"]
+            if options.preempt:
+                wanted.append("postcopy-preempt")
+            self._execute(self.destination, "migrate-set-capabilities",
+                          {"capabilities": [{"capability": name, "state": True}
+                                            for name in wanted]}, "destination")
+        parameters: dict[str, Any] = {
+            "x-postcopy-after-rounds": (options.switch_after_rounds
+                                        if options.switch_after_rounds is not None else -1),
+            "x-postcopy-when-stalled": options.switch_when_stalled,
+        }
+        if options.max_bandwidth is not None:
+            parameters["max-bandwidth"] = options.max_bandwidth
+        if options.downtime_limit is not None:
+            parameters["downtime-limit"] = options.downtime_limit
+        if options.key_file is not None:
+            parameters["x-key-file"] = str(Path(options.key_file).resolve())
+        self._execute(self.source, "migrate-set-parameters", parameters, "source")
+        if self.recorder is not None:
+            self.recorder.write(self._header())
+
+    def _execute(self, client: QmpClient, command: str, arguments: dict[str, Any],
+                 side: str) -> Any:
+        try:
+            return client.execute(command, arguments)
+        except QmpCommandError as error:
+            raise MigrateError(f"the {side} refused {command}: {error.desc}") from None
+
+    def _header(self) -> dict[str, Any]:
+        def describe(client: QmpClient | None) -> dict[str, Any] | None:
+            if client is None:
+                return None
+            caps = client.execute("query-migrate-capabilities")
+            return {"qmp": client.path,
+                    "capabilities": [c["capability"] for c in caps if c["state"]],
+                    "parameters": client.execute("query-migrate-parameters")}
+
+        source = describe(self.source)
+        assert source is not None
+        source["parameters"].pop("x-key-file", None)  # a path, but still nobody's business
+        options = {k: v for k, v in asdict(self.options).items() if k != "uri"}
+        return {"event": "header", "format": RUN_FORMAT, "command": self.command,
+                "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "uri": self.options.uri, "options": options, "source": source,
+                "destination": describe(self.destination)}
+
+    # -- while it runs -------------------------------------------------------------------------
+
+    def run(self) -> MigrationOutcome:
+        """Start the migration and watch it to its end (the caller called prepare())."""
+        with self._interrupts.catching():
+            self.start_time = time.monotonic()
+            self._execute(self.source, "migrate", {"uri": self.options.uri}, "source")
+            status, info, interrupted = self._watch()
+        destination = self._destination_result() if self.destination is not None else None
+        self._record_end(status, info, destination)
+        return MigrationOutcome(status, info, destination, self.samples, interrupted)
+
+    def _watch(self) -> tuple[str, dict[str, Any], bool]:
+        options = self.options
+        switch_requested = not options.manual_switch
+        cancel_sent = False
+        postcopy_warned = False
+        while True:
+            info = self.source.execute("query-migrate")
+            status = str(info.get("status", "none"))
+            sample = self._sample(info)
+            self.samples.append(sample)
+            if self.recorder is not None:
+                self.recorder.write(sample)
+            self.on_sample(sample)
+            if status in FINAL_STATUSES:
+                return status, info, cancel_sent
+            ram = info.get("ram", {})
+            if (not switch_requested and status == "active"
+                    and ram.get("dirty-sync-count", 0) >= 1):
+                switch_requested = True
+                try:
+                    self.source.execute("migrate-start-postcopy")
+                    self.on_note("first precopy round done: switching to postcopy")
+                except QmpCommandError as error:
+                    self.on_note(f"could not switch to postcopy: {error.desc}")
+            if self._interrupts.count and not cancel_sent and status in CANCELLABLE_STATUSES:
+                cancel_sent = True
+                self.on_note("interrupted: cancelling the migration (the source keeps running)")
+                try:
+                    self.source.execute("migrate_cancel")
+                except QmpCommandError as error:
+                    self.on_note(f"could not cancel: {error.desc}")
+            elif self._interrupts.count and status.startswith("postcopy") and not postcopy_warned:
+                postcopy_warned = True
+                self.on_note("interrupted, but postcopy cannot be cancelled: the guest already "
+                             "runs on the destination; waiting for the last pages "
+                             "(Ctrl-C twice more to stop watching)")
+            time.sleep(options.poll_interval)
+
+    def _sample(self, info: dict[str, Any]) -> dict[str, Any]:
+        now = time.monotonic() - self.start_time
+        ram = info.get("ram", {})
+        status = str(info.get("status", "none"))
+        transferred = int(ram.get("transferred", 0))
+        remaining = int(ram.get("remaining", 0))
+        history = self._history
+        history.append((now, transferred))
+        while len(history) > 2 and now - history[1][0] >= 1.0:
+            history.popleft()  # the rate is over the last second or so
+        rate: float | None = None
+        if len(history) >= 2 and now > history[0][0]:
+            rate = (transferred - history[0][1]) / (now - history[0][0])
+        eta: float | None = None
+        if status in ("active", "postcopy-active", "device") and rate and rate > 0:
+            eta = remaining / rate
+        elif status == "completed":
+            eta = 0.0
+        return {
+            "event": "sample",
+            "t": round(now, 3),
+            "status": status,
+            "transferred": transferred,
+            "remaining": remaining,
+            "total": int(ram.get("total", 0)),
+            "rate": None if rate is None else round(rate),
+            "mbps": ram.get("mbps"),
+            "dirty-pages-rate": int(ram.get("dirty-pages-rate", 0)),
+            "page-size": int(ram.get("page-size", 4096)),
+            "rounds": int(info.get("x-rounds", 0)),
+            "dirty-sync-count": int(ram.get("dirty-sync-count", 0)),
+            "postcopy-requests": int(ram.get("postcopy-requests", 0)),
+            "expected-downtime": info.get("expected-downtime"),
+            "eta": None if eta is None else round(eta, 2),
+        }
+
+    # -- after ---------------------------------------------------------------------------------
+
+    def _destination_result(self) -> dict[str, Any] | None:
+        assert self.destination is not None
+        deadline = time.monotonic() + DESTINATION_GRACE
+        info: dict[str, Any] = {}
+        while True:
+            try:
+                info = self.destination.execute("query-migrate")
+            except QmpClientError:
+                # a destination whose incoming migration failed exits: its last word is gone
+                return info or None
+            if info.get("status") in FINAL_STATUSES or time.monotonic() > deadline:
+                return info
+            time.sleep(0.05)
+
+    def _record_end(self, status: str, source: dict[str, Any],
+                    destination: dict[str, Any] | None) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        for side, client in (("source", self.source), ("destination", self.destination)):
+            if client is None:
+                continue
+            try:
+                timeline = client.execute("x-migration-timeline")
+            except QmpClientError:
+                continue
+            for entry in timeline:
+                recorder.write({**entry, "side": side})
+        recorder.write({"event": "summary", "side": "source", **source})
+        if destination:
+            recorder.write({"event": "summary", "side": "destination", **destination})
+            latency = latency_samples(self.destination)
+            if latency:
+                recorder.write({"event": "latency-samples", "side": "destination",
+                                "us": latency})
+        recorder.write({"event": "end", "status": status,
+                        "t": round(time.monotonic() - self.start_time, 3)})
+
+
+def latency_samples(client: QmpClient | None) -> list[float]:
+    """The destination's raw request latencies in µs, if its QMP offers them."""
+    if client is None:
+        return []
+    try:
+        result = client.execute("x-request-latency-samples")
+    except QmpClientError:
+        return []
+    return [float(value) for value in result.get("us", [])]
+
+
+def connect(path: str, name: str) -> QmpClient:
+    try:
+        return QmpClient.connect_to(path, name=name)
+    except QmpClientError as error:
+        raise MigrateError(str(error)) from None
+
+
+# -- the command ----------------------------------------------------------------------------
 
 
 def add_parser(subparsers: Any) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "migrate", help="migrate a running VM through its QMP socket, with live progress",
+        description="Migrate the VM behind --qmp to a destination started with "
+                    "`postcopy vm run --incoming URI`. Exit status 0 when the migration "
+                    "completed, 1 when it failed or was cancelled.")
+    parser.add_argument("--qmp", required=True, metavar="SRC.sock",
+                        help="the source VM's QMP socket")
+    parser.add_argument("--to", required=True, metavar="URI",
+                        help="the destination's migration URI: tcp:HOST:PORT or unix:PATH")
+    parser.add_argument("--dest-qmp", metavar="DST.sock",
+                        help="the destination's QMP socket: checked before the start, given "
+                             "the postcopy capabilities, and asked for its figures at the end")
+    parser.add_argument("--postcopy", action="store_true",
+                        help="switch to postcopy after the first precopy round "
+                             "(migrate-start-postcopy)")
+    parser.add_argument("--preempt", action="store_true",
+                        help="send requested pages on a channel of their own "
+                             "(postcopy-preempt; implies --postcopy)")
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument("--switch-after-rounds", type=int, metavar="N",
+                        help="switch to postcopy automatically after N precopy rounds "
+                             "(0: postcopy from the start; implies --postcopy)")
+    switch.add_argument("--switch-when-stalled", action="store_true",
+                        help="switch to postcopy when precopy rounds stop shrinking the dirty "
+                             "set (implies --postcopy)")
+    parser.add_argument("--max-bandwidth", metavar="RATE",
+                        help="cap the precopy rate, e.g. 100M (bytes per second)")
+    parser.add_argument("--downtime-limit", type=int, metavar="MS",
+                        help="the longest the guest may be stopped at a precopy switchover")
+    parser.add_argument("--key", metavar="FILE",
+                        help="authentication key file (the destination must use the same)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per progress sample and a final summary "
+                             "instead of the display")
+    parser.add_argument("--timeline", metavar="FILE.jsonl",
+                        help="write the whole run (samples, both sides' events and figures) "
+                             "for `postcopy report`")
+    parser.add_argument("--interval", type=float, default=0.1, metavar="SECONDS",
+                        help="how often to poll query-migrate (default 0.1)")
+    parser.set_defaults(func=run_migrate)
+
+
+def options_from_args(args: argparse.Namespace) -> MigrateOptions:
+    if args.switch_after_rounds is not None and args.switch_after_rounds < 0:
+        raise MigrateError("--switch-after-rounds must be 0 or more")
+    if args.downtime_limit is not None and args.downtime_limit < 0:
+        raise MigrateError("--downtime-limit must be 0 or more")
+    try:
+        bandwidth = parse_rate(args.max_bandwidth) if args.max_bandwidth else None
+    except ValueError as error:
+        raise MigrateError(f"--max-bandwidth: {error}") from None
+    return MigrateOptions(uri=args.to, postcopy=args.postcopy, preempt=args.preempt,
+                          switch_after_rounds=args.switch_after_rounds,
+                          switch_when_stalled=args.switch_when_stalled,
+                          max_bandwidth=bandwidth, downtime_limit=args.downtime_limit,
+                          key_file=args.key, poll_interval=max(args.interval, 0.01))
+
+
+def failure_line(outcome: MigrationOutcome) -> str:
+    if outcome.status == "cancelled":
+        why = "interrupted" if outcome.interrupted else "cancelled through QMP"
+        return f"migration cancelled ({why}); the source VM keeps running"
+    return f"migration failed: {outcome.error or 'no reason given'}"
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from postcopy.cli.display import LiveProgress, ProgressView
+
+    clients: list[QmpClient] = []
+    recorder: RunWriter | None = None
+    try:
+        options = options_from_args(args)
+        source = connect(args.qmp, "source QMP")
+        clients.append(source)
+        destination = None
+        if args.dest_qmp:
+            destination = connect(args.dest_qmp, "destination QMP")
+            clients.append(destination)
+        if args.timeline:
+            recorder = RunWriter(args.timeline)
+        console = Console(stderr=False)
+        if args.json:
+            def emit(sample: dict[str, Any]) -> None:
+                print(json.dumps(sample), flush=True)
+
+            migration = Migration(source, destination, options, on_sample=emit,
+                                  on_note=lambda text: print(text, file=sys.stderr),
+                                  recorder=recorder)
+            migration.prepare()
+            outcome = migration.run()
+            print(json.dumps({"event": "summary", "status": outcome.status,
+                              "source": outcome.source, "destination": outcome.destination}),
+                  flush=True)
+        else:
+            view = ProgressView(f"migrating to {options.uri}")
+            live = LiveProgress(view, console)
+
+            def note(text: str) -> None:
+                view.note = text
+                live.refresh()
+
+            migration = Migration(source, destination, options, on_sample=live.update,
+                                  on_note=note, recorder=recorder)
+            migration.prepare()
+            with live:
+                outcome = migration.run()
+            if outcome.completed or outcome.source.get("ram", {}).get("transferred"):
+                console.print(summary_table(outcome.source, outcome.destination))
+            if args.timeline:
+                console.print(f"run written to {args.timeline} "
+                              f"(`postcopy report {args.timeline} --png run.png`)")
+    except (MigrateError, QmpClientError) as error:
+        print(f"postcopy migrate: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"postcopy migrate: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if recorder is not None:
+            recorder.close()
+        for client in clients:
+            client.close()
+    if outcome.completed:
+        return 0
+    print(f"postcopy migrate: {failure_line(outcome)}", file=sys.stderr)
+    return 1

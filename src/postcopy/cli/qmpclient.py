@@ -1,0 +1,151 @@
+"""A small synchronous QMP client for the user's commands (migrate, demo).
+
+The commands must run from a plain install (`make demo` installs no dev extras), so they
+cannot lean on qemu.qmp; this is the few lines of QMP they need: the greeting, the
+capabilities negotiation, `execute` with answers matched in order, and events kept aside
+for whoever asks. Any QMP server works, ours or QEMU's. Errors are one sentence each, fit
+to print as the command's single line of failure.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+
+class QmpClientError(Exception):
+    """Talking to a QMP socket failed (not there, nobody listening, closed, not QMP)."""
+
+
+class QmpCommandError(QmpClientError):
+    """The server answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpClient:
+    """One negotiated connection to a QMP Unix socket.
+
+    `execute()` returns the command's "return" value or raises QmpCommandError; events
+    that arrive meanwhile are kept in `events` (oldest first) until `take_events()`.
+    """
+
+    def __init__(self, path: str, *, timeout: float = 10.0, name: str = "QMP") -> None:
+        self.path = path
+        self.name = name
+        self.timeout = timeout
+        self.events: list[dict[str, Any]] = []
+        self.greeting: dict[str, Any] = {}
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    @classmethod
+    def connect_to(cls, path: str, *, timeout: float = 10.0, name: str = "QMP",
+                   wait: float = 0.0) -> QmpClient:
+        """Connect and negotiate; `wait` seconds are allowed for the socket to appear."""
+        client = cls(path, timeout=timeout, name=name)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                client.connect()
+                return client
+            except QmpClientError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            sock.close()
+            raise QmpClientError(f"no {self.name} socket at {self.path} (is the VM running? "
+                                 "`postcopy vm run --qmp PATH` creates it)") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise QmpClientError(f"nothing listens on the {self.name} socket {self.path} "
+                                 "(the VM has exited?)") from None
+        except OSError as error:
+            sock.close()
+            raise QmpClientError(f"cannot connect to the {self.name} socket {self.path}: "
+                                 f"{error.strerror or error}") from None
+        self._sock = sock
+        self._buffer = b""
+        greeting = self._read_message()
+        if "QMP" not in greeting:
+            self.close()
+            raise QmpClientError(f"{self.path} does not speak QMP (greeting {greeting!r})")
+        self.greeting = greeting["QMP"]
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> QmpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if self._sock is None:
+            raise QmpClientError(f"the {self.name} connection is closed")
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as error:
+            raise QmpClientError(f"{self.name} connection lost ({error.strerror or error})"
+                                 ) from None
+        while True:
+            message = self._read_message()
+            if "event" in message:
+                self.events.append(message)
+            elif "return" in message:
+                return message["return"]
+            elif "error" in message:
+                answer = message["error"]
+                raise QmpCommandError(command, str(answer.get("class", "GenericError")),
+                                      str(answer.get("desc", "")))
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+    def _read_message(self) -> dict[str, Any]:
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise QmpClientError(f"the {self.name} server did not answer within "
+                                     f"{self.timeout:g} s") from None
+            except OSError as error:
+                raise QmpClientError(f"{self.name} connection lost "
+                                     f"({error.strerror or error})") from None
+            if not data:
+                raise QmpClientError(f"the {self.name} server closed the connection "
+                                     "(the VM has exited?)")
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise QmpClientError(f"{self.name} sent something that is not JSON: "
+                                 f"{line[:80]!r}") from None
+        if not isinstance(message, dict):
+            raise QmpClientError(f"{self.name} sent a JSON value that is not an object")
+        return message
