@@ -1,0 +1,1 @@
+"""The benchmark suite behind `postcopy bench`: scenarios, links, limits, runs, plots."""

@@ -1,0 +1,147 @@
+"""Figures of a run, each set against its limit, and the issue's targets judged.
+
+From a run record's raw material (both sides' final query-migrate, the destination's
+memory, the limits measured on the same link, the timelines) come:
+
+- `figures`: flat, named, in base units (bytes, bytes per second, microseconds, ms);
+- `ratios`: throughput / min(line rate, fill rate), and against each of the two; request
+  latency p50 / raw fault round trip p50 (and / the handler's part of it); downtime / the
+  5 ms target; destination memory beyond guest RAM / guest RAM;
+- `targets`: each ratio's bound from the issue and whether this run met it (None when
+  the figure does not exist in this run, e.g. request latency in precopy).
+
+Throughput is bytes on the wire over the source's total time (setup included), the
+figure QEMU's reference numbers for this machine kind describe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DOWNTIME_TARGET_US = 5000.0
+TARGETS: dict[str, tuple[str, float]] = {
+    "throughput_vs_limit": (">=", 0.70),
+    "latency_p50_vs_fault_rtt": ("<=", 2.0),
+    "downtime_vs_target": ("<=", 1.0),
+    "rss_overhead_vs_guest_ram": ("<=", 0.05),
+}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def _event_time(timeline: list[dict[str, Any]], event: str, **match: Any) -> float | None:
+    for entry in timeline:
+        if entry.get("event") == event and all(entry.get(k) == v for k, v in match.items()):
+            return float(entry["t"])
+    return None
+
+
+def figures(record: dict[str, Any]) -> dict[str, Any]:
+    src = record.get("source") or {}
+    dst = record.get("destination") or {}
+    ram = src.get("ram") or {}
+    latency = dst.get("x-request-latency") or {}
+    total_ms = src.get("total-time")
+    transferred = ram.get("transferred")
+    throughput = (transferred / (total_ms / 1000)
+                  if transferred is not None and total_ms else None)
+    downtime_us = src.get("x-downtime-us")
+    if downtime_us is None and src.get("downtime") is not None:
+        downtime_us = float(src["downtime"]) * 1000
+    memory = record.get("destination_memory") or {}
+    source_memory = record.get("source_memory") or {}
+    timeline = (record.get("timelines") or {}).get("source") or []
+    switchover = _event_time(timeline, "stop")
+    verify = record.get("verify") or {}
+    migration_overhead = None
+    if memory.get("overhead") is not None and source_memory.get("overhead") is not None:
+        migration_overhead = memory["overhead"] - source_memory["overhead"]
+    return {
+        "guest_ram_bytes": (record.get("scenario") or {}).get("ram"),
+        "total_time_ms": total_ms,
+        "setup_time_ms": src.get("setup-time"),
+        "downtime_ms": src.get("downtime"),
+        "downtime_us": downtime_us,
+        "switchover_at_ms": round(switchover * 1000, 1) if switchover is not None else None,
+        "postcopy_phase_ms": (round(total_ms - switchover * 1000, 1)
+                              if switchover is not None and total_ms is not None
+                              and src.get("ram", {}).get("postcopy-bytes") else None),
+        "rounds": src.get("x-rounds"),
+        "transferred_bytes": transferred,
+        "throughput_bytes_per_s": round(throughput) if throughput is not None else None,
+        "mbps": ram.get("mbps"),
+        "precopy_bytes": ram.get("precopy-bytes"),
+        "downtime_bytes": ram.get("downtime-bytes"),
+        "postcopy_bytes": ram.get("postcopy-bytes"),
+        "normal_pages": ram.get("normal"),
+        "zero_pages": ram.get("duplicate"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "postcopy_requests": ram.get("postcopy-requests"),
+        "pages_pushed": ram.get("x-pages-pushed"),
+        "pages_requested": ram.get("x-pages-requested"),
+        "destination_requests_sent": dst.get("x-postcopy-requests-sent"),
+        "destination_duplicate_pages": dst.get("x-duplicate-pages"),
+        "destination_local_zero_faults": dst.get("x-local-zero-faults"),
+        "destination_total_time_ms": dst.get("total-time"),
+        "blocktime_ms": dst.get("postcopy-blocktime"),
+        "blocktime_us": dst.get("x-postcopy-blocktime-us"),
+        "vcpu_blocktime_ms": dst.get("postcopy-vcpu-blocktime"),
+        "vcpu_blocktime_us": dst.get("x-postcopy-vcpu-blocktime-us"),
+        "vcpu_faults": dst.get("x-postcopy-vcpu-faults"),
+        "request_latency_count": latency.get("count"),
+        "request_latency_p50_us": latency.get("p50-us") if latency.get("count") else None,
+        "request_latency_p99_us": latency.get("p99-us") if latency.get("count") else None,
+        "request_latency_max_us": latency.get("max-us") if latency.get("count") else None,
+        "destination_rss_bytes": memory.get("rss"),
+        "destination_peak_rss_bytes": memory.get("peak_rss"),
+        "destination_guest_rss_bytes": memory.get("guest_rss"),
+        "destination_overhead_bytes": memory.get("overhead"),
+        "destination_peak_overhead_bytes": memory.get("peak_overhead"),
+        "destination_anon_overhead_bytes": memory.get("anon_overhead"),
+        "destination_rss_minus_guest_ram_bytes": memory.get("rss_minus_guest_ram"),
+        "source_overhead_bytes": source_memory.get("overhead"),
+        "migration_memory_overhead_bytes": migration_overhead,
+        "destination_console_passes": record.get("destination_console_passes"),
+        "verify_ok": verify.get("ok"),
+    }
+
+
+def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    throughput = figures["throughput_bytes_per_s"]
+    latency = figures["request_latency_p50_us"]
+    guest_ram = figures["guest_ram_bytes"]
+    return {
+        "throughput_vs_limit": _ratio(throughput, limits.get("throughput_limit")),
+        "throughput_vs_line_rate": _ratio(throughput, limits.get("line_rate")),
+        "throughput_vs_fill_rate": _ratio(throughput, limits.get("fill_rate")),
+        "latency_p50_vs_fault_rtt": _ratio(latency, limits.get("fault_rtt_p50_us")),
+        "latency_p50_vs_handler_rtt": _ratio(latency, limits.get("handler_rtt_p50_us")),
+        "latency_p99_vs_fault_rtt_p99": _ratio(figures["request_latency_p99_us"],
+                                               limits.get("fault_rtt_p99_us")),
+        "downtime_vs_target": _ratio(figures["downtime_us"], DOWNTIME_TARGET_US),
+        "rss_overhead_vs_guest_ram": _ratio(figures["destination_overhead_bytes"], guest_ram),
+        "peak_rss_overhead_vs_guest_ram": _ratio(figures["destination_peak_overhead_bytes"],
+                                                 guest_ram),
+        "migration_overhead_vs_guest_ram": _ratio(figures["migration_memory_overhead_bytes"],
+                                                  guest_ram),
+    }
+
+
+def judge(ratios: dict[str, Any]) -> dict[str, Any]:
+    verdicts: dict[str, Any] = {}
+    for name, (op, bound) in TARGETS.items():
+        value = ratios.get(name)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        verdicts[name] = {"bound": f"{op} {bound}", "value": value, "met": met}
+    return verdicts
+
+
+def analyse(record: dict[str, Any]) -> dict[str, Any]:
+    """{"figures", "ratios", "targets"} for a run record."""
+    found = figures(record)
+    found_ratios = ratios(found, record.get("limits") or {})
+    return {"figures": found, "ratios": found_ratios, "targets": judge(found_ratios)}

@@ -1,0 +1,326 @@
+"""One benchmark run: limits, two VM processes, the migration watched, every figure kept.
+
+A run of a scenario, in order:
+1. the limits on this link for this guest size (postcopy.bench.limits), before any VM
+   exists so nothing competes with them;
+2. a destination `postcopy vm run --incoming` on the destination side of the link and a
+   source `postcopy vm run` on the source side, both with a fresh shared key;
+3. the source's guest runs until it has written its memory once (console markers);
+4. `migrate`; query-migrate on both sides every `poll_interval` until both are final,
+   which gives the time series for the plot;
+5. the final query-migrate of both sides, the timelines (x-migration-timeline), the
+   destination's memory (/proc), its console passes, and x-verify on the stopped guest;
+6. `quit` both, and everything the run started is ended (postcopy.bench.cleanup).
+
+The record is one JSON object (a line of the bench's output file); postcopy.bench.analysis
+derives the figures, ratios and target verdicts from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from postcopy.bench.analysis import analyse
+from postcopy.bench.cleanup import Cleanup, end_process
+from postcopy.bench.limits import measure_limits
+from postcopy.bench.link import Link, Side
+from postcopy.bench.procinfo import memory_figures
+from postcopy.bench.qmpclient import QmpClient, QmpError
+from postcopy.bench.scenarios import Scenario
+from postcopy.transport import AuthConfig
+
+SCHEMA = 1
+FINAL = frozenset({"completed", "failed", "cancelled"})
+WARMUP_TIMEOUT = 300.0
+VM_COMMAND = (sys.executable, "-m", "postcopy", "vm", "run")
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOptions:
+    link: Link
+    workdir: Path
+    poll_interval: float = 0.025
+    verify: bool = True
+    fault_probes: int = 2000
+    keep_workdir: bool = False
+
+
+def host_info() -> dict[str, Any]:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "thp": thp.read_text().strip() if thp.exists() else None,
+    }
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent, check=False, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        info["commit"] = None
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class VmHandle:
+    """A `postcopy vm run` process on one side of the link, with its files and QMP."""
+
+    def __init__(self, cleanup: Cleanup, side: Side, directory: Path, name: str,
+                 args: list[str]) -> None:
+        self.name = name
+        self.qmp_path = directory / f"{name}.qmp"
+        self.console_path = directory / f"{name}.console"
+        self.stderr_path = directory / f"{name}.stderr"
+        stderr = self.stderr_path.open("wb")
+        cleanup.push(f"{name} stderr file", stderr.close)
+        argv = [*VM_COMMAND, "--qmp", str(self.qmp_path), "--console", str(self.console_path),
+                *args]
+        self.process = cleanup.spawn(side.command(argv), stderr=stderr, name=name)
+        try:
+            self.qmp = QmpClient.connect(str(self.qmp_path), process=self.process)
+        except (ConnectionError, TimeoutError) as error:
+            raise RunError(f"{name}: {error}: {self.stderr_tail()}") from error
+        cleanup.push(f"{name} QMP connection", self.qmp.close)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def console(self) -> bytes:
+        try:
+            return self.console_path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def stderr_tail(self, limit: int = 3000) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-limit:]
+        except FileNotFoundError:
+            return ""
+
+    def query(self) -> dict[str, Any] | None:
+        """query-migrate, or None once the process or its QMP connection is gone."""
+        try:
+            return dict(self.qmp.cmd("query-migrate"))
+        except (OSError, ConnectionError, QmpError):
+            return None
+
+    def quit(self) -> None:
+        with contextlib.suppress(OSError, ConnectionError, QmpError):
+            self.qmp.cmd("quit")
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            end_process(self.process)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str,
+              alive: list[VmHandle]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for vm in alive:
+            if vm.process.poll() is not None:
+                raise RunError(f"{vm.name} exited with {vm.process.returncode} while waiting "
+                               f"for {what}: {vm.stderr_tail()}")
+        if time.monotonic() > deadline:
+            raise RunError(f"no {what} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+SERIES_SOURCE = {
+    "src_transferred": ("ram", "transferred"),
+    "src_remaining": ("ram", "remaining"),
+    "src_precopy_bytes": ("ram", "precopy-bytes"),
+    "src_postcopy_bytes": ("ram", "postcopy-bytes"),
+    "src_postcopy_requests": ("ram", "postcopy-requests"),
+    "src_pages_pushed": ("ram", "x-pages-pushed"),
+    "src_pages_requested": ("ram", "x-pages-requested"),
+}
+SERIES_DESTINATION = {
+    "dst_bytes_received": "x-bytes-received",
+    "dst_requests_sent": "x-postcopy-requests-sent",
+    "dst_vcpu_faults": "x-postcopy-vcpu-faults",
+    "dst_pages_placed": "x-pages-placed",
+    "dst_local_zero_faults": "x-local-zero-faults",
+}
+
+
+class Series:
+    """query-migrate of both sides sampled over time, kept as columns."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {"t": [], "src_status": [], "dst_status": [],
+                                              **{k: [] for k in SERIES_SOURCE},
+                                              **{k: [] for k in SERIES_DESTINATION}}
+        self._src_starts: list[float] = []
+        self._dst_starts: list[float] = []
+
+    def add(self, t: float, src: dict[str, Any] | None, dst: dict[str, Any] | None) -> None:
+        src, dst = src or {}, dst or {}
+        self.columns["t"].append(round(t, 4))
+        self.columns["src_status"].append(src.get("status"))
+        self.columns["dst_status"].append(dst.get("status"))
+        for key, (group, field) in SERIES_SOURCE.items():
+            self.columns[key].append(src.get(group, {}).get(field))
+        for key, field in SERIES_DESTINATION.items():
+            self.columns[key].append(dst.get(field))
+        # each side's own clock starts at its migration start; total-time places it on ours
+        if src.get("status") not in FINAL | {None, "none"} and "total-time" in src:
+            self._src_starts.append(t - src["total-time"] / 1000)
+        if dst.get("status") not in FINAL | {None, "none"} and "total-time" in dst:
+            self._dst_starts.append(t - dst["total-time"] / 1000)
+
+    def offsets(self) -> dict[str, float]:
+        """When each side's migration clock started, in seconds after `migrate` was sent."""
+        return {"source": statistics.median(self._src_starts) if self._src_starts else 0.0,
+                "destination": statistics.median(self._dst_starts) if self._dst_starts
+                else 0.0}
+
+
+def _migration_timeout(scenario: Scenario, link: Link) -> float:
+    rate = link.rate or 2e8  # a floor for a loaded loopback
+    rounds = int(scenario.migration_parameters.get("x-max-rounds", 5)) + 2
+    return 120.0 + rounds * scenario.ram / rate
+
+
+def _vm_args(scenario: Scenario, key: Path, trace: Path) -> list[str]:
+    args = ["--guest", scenario.guest, "--ram", str(scenario.ram), "--vcpus",
+            str(scenario.vcpus), "--key", str(key), "--trace", str(trace)]
+    for name, value in scenario.guest_params.items():
+        args += ["--guest-param", f"{name}={value}"]
+    for capability in scenario.capabilities:
+        args += ["--migrate-capability", capability]
+    return args
+
+
+def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: Cleanup,
+             record: dict[str, Any]) -> None:
+    link = options.link
+    key = directory / "key"
+    AuthConfig.generate().write(key)
+    uri = f"tcp:{link.destination.address}:{free_port()}"
+    destination = VmHandle(cleanup, link.destination, directory, "destination",
+                           [*_vm_args(scenario, key, directory / "destination.trace"),
+                            "--incoming", uri])
+    source = VmHandle(cleanup, link.source, directory, "source",
+                      _vm_args(scenario, key, directory / "source.trace"))
+    record["pids"] = {"source": source.pid, "destination": destination.pid}
+    vms = [source, destination]
+    try:
+        source.qmp.cmd("migrate-set-parameters", **scenario.migration_parameters)
+        _wait_for(lambda: "status" in (destination.query() or {}), 30,
+                  "listening destination", vms)
+        marker, count = scenario.warmup
+        _wait_for(lambda: source.console().count(marker) >= count, WARMUP_TIMEOUT,
+                  f"{count}x {marker!r} on the source console (guest warm-up)", vms)
+        record["source_memory"] = memory_figures(source.pid, scenario.ram)
+
+        series = Series()
+        timeout = _migration_timeout(scenario, link)
+        started = time.monotonic()
+        source.qmp.cmd("migrate", uri=uri)
+        next_poll = started
+        while True:
+            now = time.monotonic()
+            src, dst = source.query(), destination.query()
+            series.add(now - started, src, dst)
+            src_done = src is None or src.get("status") in FINAL
+            dst_done = dst is None or dst.get("status") in FINAL
+            if src_done and dst_done:
+                break
+            if now - started > timeout:
+                raise RunError(f"migration not finished after {timeout:.0f} s: "
+                               f"source {src and src.get('status')}, "
+                               f"destination {dst and dst.get('status')}")
+            next_poll += options.poll_interval
+            time.sleep(max(next_poll - time.monotonic(), 0.0))
+        record["wall_seconds"] = round(time.monotonic() - started, 4)
+        record["source"] = source.query() or src
+        record["destination"] = destination.query() or dst
+        record["series"] = series.columns
+        record["clock_offsets"] = series.offsets()
+        record["destination_console_passes"] = destination.console().count(marker)
+        if destination.process.poll() is None:
+            record["destination_memory"] = memory_figures(destination.pid, scenario.ram)
+        for vm in vms:
+            try:
+                record.setdefault("timelines", {})[vm.name] = vm.qmp.cmd("x-migration-timeline")
+            except (OSError, ConnectionError, QmpError) as error:
+                record.setdefault("timelines", {})[vm.name] = []
+                record.setdefault("warnings", []).append(f"{vm.name} timeline: {error}")
+        if options.verify and (record["destination"] or {}).get("status") == "completed":
+            try:
+                destination.qmp.cmd("stop")
+                record["verify"] = destination.qmp.cmd("x-verify")
+            except (OSError, ConnectionError, QmpError) as error:
+                record["verify"] = {"ok": False, "detail": f"x-verify: {error}"}
+    finally:
+        record["stderr"] = {vm.name: vm.stderr_tail(1500) for vm in vms if vm.stderr_tail()}
+        for vm in vms:
+            vm.quit()
+        record["exit_codes"] = {vm.name: vm.process.returncode for vm in vms}
+
+
+def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> dict[str, Any]:
+    """Run `scenario` once; the record says what happened even when the run failed."""
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run_id": f"{scenario.name}#{repetition}",
+        "scenario": scenario.as_json(),
+        "repetition": repetition,
+        "link": options.link.name,
+        "link_rate": options.link.rate,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": host_info(),
+        "status": "error",
+    }
+    directory = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{repetition}-",
+                                      dir=options.workdir))
+    cleanup = Cleanup()
+    if not options.keep_workdir:
+        cleanup.push(f"directory {directory}", lambda: shutil.rmtree(directory, True))
+    try:
+        limits = measure_limits(options.link, scenario.ram, cleanup, faults=options.fault_probes)
+        record["limits"] = limits.as_json()
+        _migrate(scenario, options, directory, cleanup, record)
+        statuses = ((record.get("source") or {}).get("status"),
+                    (record.get("destination") or {}).get("status"))
+        record["status"] = "completed" if statuses == ("completed", "completed") else "failed"
+        if record["status"] == "failed":
+            record["error"] = (f"source {statuses[0]}, destination {statuses[1]}: "
+                               f"{(record.get('source') or {}).get('error-desc', '')}")
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        raise
+    except Exception as error:
+        record["status"] = "error"
+        record["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        cleanup.close()
+        record["workdir"] = str(directory) if options.keep_workdir else None
+        record.update(analyse(record))
+    return record

@@ -1,0 +1,219 @@
+"""Benchmark scenarios: what one run migrates and how, named so the name says it all.
+
+A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt]`, for example
+`memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy after one
+precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the start),
+`postcopyN` (postcopy after N precopy rounds); `-preempt` adds the postcopy-preempt
+channel. Any name of that form is a scenario; the grid of the issue (three guests, 1 GiB
+and 4 GiB, 1 and 2 vCPUs, three modes) is the set `all`, and `default` is a subset that
+runs in a few minutes. Files benchmarks/*.toml add named sets and scenarios with their
+own guest parameters or migration parameters (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postcopy.cli.units import parse_size
+from postcopy.vm.guests import GUESTS
+
+GRID_GUESTS = ("memtouch", "randwrite", "scan")
+GRID_RAM = ("1g", "4g")
+GRID_VCPUS = (1, 2)
+GRID_MODES = ("precopy", "postcopy1", "postcopy0")
+
+# randwrite's working set: 10% of the pages above 1 MiB (the guest's own default, made explicit)
+DEFAULT_GUEST_PARAMS: dict[str, dict[str, int]] = {"randwrite": {"working_set_ppm": 100_000}}
+# precopy of a guest that dirties everything never converges; bound the rounds so a
+# precopy-only run ends (with the forced stop's downtime, which is what it measures)
+DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
+
+NAME = re.compile(r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
+                  r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?$")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    guest: str
+    ram: int
+    vcpus: int
+    postcopy_after_rounds: int | None  # None: precopy only
+    preempt: bool = False
+    guest_params: Mapping[str, int] = field(default_factory=dict)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def mode(self) -> str:
+        if self.postcopy_after_rounds is None:
+            return "precopy"
+        return f"postcopy{self.postcopy_after_rounds}"
+
+    @property
+    def capabilities(self) -> list[str]:
+        if self.postcopy_after_rounds is None:
+            return []
+        caps = ["postcopy-ram", "postcopy-blocktime"]
+        if self.preempt:
+            caps.append("postcopy-preempt")
+        return caps
+
+    @property
+    def migration_parameters(self) -> dict[str, Any]:
+        merged = {**DEFAULT_PARAMETERS, **self.parameters}
+        if self.postcopy_after_rounds is not None:
+            merged["x-postcopy-after-rounds"] = self.postcopy_after_rounds
+        return merged
+
+    @property
+    def warmup(self) -> tuple[bytes, int]:
+        """The console marker and count that say the guest has written its memory once:
+        memtouch and randwrite a pass (2**20 writes) per vCPU, scan one checksum line."""
+        marker = GUESTS[self.guest].pass_marker
+        return marker, (1 if self.guest == "scan" else self.vcpus)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "guest": self.guest, "ram": self.ram, "vcpus": self.vcpus,
+                "mode": self.mode, "postcopy_after_rounds": self.postcopy_after_rounds,
+                "preempt": self.preempt, "capabilities": self.capabilities,
+                "guest_params": dict(self.guest_params),
+                "parameters": self.migration_parameters, "description": self.description}
+
+
+def parse_name(name: str) -> Scenario:
+    match = NAME.match(name)
+    if not match:
+        raise ScenarioError(f"{name!r} is not a scenario name: expected "
+                            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt], "
+                            "e.g. memtouch-1g-1cpu-postcopy1")
+    guest = match.group("guest")
+    if guest not in GUESTS:
+        raise ScenarioError(f"{name!r}: no guest {guest!r} (guests: {', '.join(GUESTS)})")
+    vcpus = int(match.group("vcpus"))
+    if not 1 <= vcpus <= 64:
+        raise ScenarioError(f"{name!r}: {vcpus} vCPUs")
+    mode = match.group("mode")
+    after = None if mode == "precopy" else int(mode.removeprefix("postcopy"))
+    preempt = match.group("preempt") is not None
+    if preempt and after is None:
+        raise ScenarioError(f"{name!r}: -preempt needs a postcopy mode")
+    return Scenario(name=name, guest=guest, ram=parse_size(match.group("ram")), vcpus=vcpus,
+                    postcopy_after_rounds=after, preempt=preempt,
+                    guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})))
+
+
+def grid() -> list[str]:
+    return [f"{guest}-{ram}-{vcpus}cpu-{mode}" for guest in GRID_GUESTS for ram in GRID_RAM
+            for vcpus in GRID_VCPUS for mode in GRID_MODES]
+
+
+BUILTIN_SETS: dict[str, list[str]] = {
+    "default": [
+        "memtouch-1g-1cpu-precopy",
+        "memtouch-1g-1cpu-postcopy1",
+        "memtouch-1g-1cpu-postcopy0",
+        "memtouch-1g-2cpu-postcopy1",
+        "randwrite-1g-1cpu-postcopy1",
+        "scan-1g-1cpu-postcopy0",
+    ],
+    "smoke": ["memtouch-256m-1cpu-postcopy1"],
+    "all": grid(),
+}
+
+
+@dataclass
+class Catalogue:
+    """Named sets and extra scenarios: the built-in ones plus benchmarks/*.toml."""
+
+    sets: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in
+                                                                BUILTIN_SETS.items()})
+    extra: dict[str, Scenario] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
+
+    def scenario(self, name: str) -> Scenario:
+        if name in self.extra:
+            return self.extra[name]
+        return parse_name(name)
+
+    def known_names(self) -> list[str]:
+        names = dict.fromkeys(grid())
+        for members in self.sets.values():
+            names.update(dict.fromkeys(members))
+        names.update(dict.fromkeys(self.extra))
+        return list(names)
+
+    def resolve(self, selectors: Iterable[str]) -> list[Scenario]:
+        """Scenarios for set names, scenario names and glob patterns, in order, once each."""
+        chosen: dict[str, Scenario] = {}
+        for selector in selectors:
+            if selector in self.sets:
+                names = self.sets[selector]
+            elif any(ch in selector for ch in "*?["):
+                names = fnmatch.filter(self.known_names(), selector)
+                if not names:
+                    raise ScenarioError(f"pattern {selector!r} matches no known scenario")
+            else:
+                names = [selector]
+            for name in names:
+                chosen.setdefault(name, self.scenario(name))
+        return list(chosen.values())
+
+    def load(self, path: Path) -> None:
+        """Add the sets and scenarios of a TOML file (format in benchmarks/README.md)."""
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ScenarioError(f"{path}: {error}") from error
+        for entry in data.get("scenario", []):
+            scenario = _from_table(entry, path)
+            self.extra[scenario.name] = scenario
+        for name, members in data.get("sets", {}).items():
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise ScenarioError(f"{path}: set {name!r} must be a list of names")
+            if name in ("all",):
+                raise ScenarioError(f"{path}: set name {name!r} is reserved")
+            self.sets[name] = list(members)
+        self.sources.append(path)
+
+
+def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
+    try:
+        name = entry["name"]
+        base = parse_name(entry.get("base", name))
+    except (KeyError, ScenarioError) as error:
+        raise ScenarioError(f"{path}: scenario {entry.get('name')!r}: {error}") from error
+    guest_params = {**base.guest_params, **entry.get("guest_params", {})}
+    parameters = {**base.parameters, **entry.get("parameters", {})}
+    return Scenario(name=name, guest=base.guest, ram=base.ram, vcpus=base.vcpus,
+                    postcopy_after_rounds=base.postcopy_after_rounds, preempt=base.preempt,
+                    guest_params=guest_params, parameters=parameters,
+                    description=str(entry.get("description", "")))
+
+
+def default_scenario_dirs() -> list[Path]:
+    """benchmarks/ of the source tree this package runs from, and of the working directory."""
+    candidates = [Path(__file__).resolve().parents[3] / "benchmarks", Path.cwd() / "benchmarks"]
+    seen: list[Path] = []
+    for directory in candidates:
+        if directory.is_dir() and directory.resolve() not in seen:
+            seen.append(directory.resolve())
+    return seen
+
+
+def load_catalogue(directories: Iterable[Path] | None = None) -> Catalogue:
+    catalogue = Catalogue()
+    for directory in directories if directories is not None else default_scenario_dirs():
+        for path in sorted(directory.glob("*.toml")):
+            catalogue.load(path)
+    return catalogue

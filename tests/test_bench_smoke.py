@@ -1,0 +1,161 @@
+"""Smoke test of `postcopy bench`: the smallest scenario through the real code path.
+
+No timing is asserted (benchmarks measure, they don't test): the checks are that a run
+produces every figure, limit and ratio, and that everything a run starts (processes,
+network namespaces, veth pairs) is gone afterwards, also when the bench is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postcopy.bench.cleanup import pid_alive
+from postcopy.bench.link import our_namespaces
+from postcopy.bench.scenarios import ScenarioError, load_catalogue, parse_name
+from postcopy.cli.main import main
+
+SMOKE = "memtouch-256m-1cpu-postcopy1"
+
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="network namespaces need root and iproute2")
+
+FIGURES_OF_A_POSTCOPY_RUN = (
+    "total_time_ms", "setup_time_ms", "downtime_ms", "downtime_us", "transferred_bytes",
+    "throughput_bytes_per_s", "precopy_bytes", "postcopy_bytes", "postcopy_requests",
+    "blocktime_ms", "vcpu_blocktime_ms", "request_latency_p50_us", "request_latency_p99_us",
+    "request_latency_max_us", "destination_rss_bytes", "destination_overhead_bytes",
+    "verify_ok",
+)
+LIMITS = ("line_rate", "fill_rate_4k", "fill_rate_thp", "fault_rtt_p50_us",
+          "fault_rtt_p99_us", "throughput_limit")
+RATIOS = ("throughput_vs_limit", "throughput_vs_line_rate", "throughput_vs_fill_rate",
+          "latency_p50_vs_fault_rtt", "downtime_vs_target", "rss_overhead_vs_guest_ram")
+
+
+def test_scenario_names_parse_and_sets_resolve() -> None:
+    scenario = parse_name("randwrite-4g-2cpu-postcopy1-preempt")
+    assert (scenario.guest, scenario.ram, scenario.vcpus) == ("randwrite", 4 << 30, 2)
+    assert scenario.capabilities == ["postcopy-ram", "postcopy-blocktime", "postcopy-preempt"]
+    assert scenario.migration_parameters["x-postcopy-after-rounds"] == 1
+    assert scenario.guest_params == {"working_set_ppm": 100_000}
+    assert parse_name("scan-1g-1cpu-precopy").capabilities == []
+    for bad in ("memtouch-1g-1cpu", "nosuch-1g-1cpu-precopy", "memtouch-1g-1cpu-precopy-preempt"):
+        with pytest.raises(ScenarioError):
+            parse_name(bad)
+    catalogue = load_catalogue()
+    assert len(catalogue.resolve(["all"])) == 36
+    assert [s.name for s in catalogue.resolve(["smoke", SMOKE])] == [SMOKE]
+    assert {s.guest for s in catalogue.resolve(["*-1g-1cpu-postcopy0"])} == {
+        "memtouch", "randwrite", "scan"}
+
+
+def _run_bench(out: Path, *args: str) -> dict[str, Any]:
+    main(["bench", SMOKE, "--repeat", "1", "--fault-probes", "300", "--out", str(out), *args])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    record: dict[str, Any] = json.loads(lines[0])
+    assert record["status"] == "completed", record.get("error")
+    for pid in record["pids"].values():
+        assert not pid_alive(pid), f"VM process {pid} outlived the bench"
+    return record
+
+
+@pytest.mark.timeout(240)
+def test_smoke_run_on_loopback_reports_every_figure_and_ratio(tmp_path: Path) -> None:
+    record = _run_bench(tmp_path / "smoke.jsonl", "--plot")
+    figures, limits, ratios = record["figures"], record["limits"], record["ratios"]
+    missing = [name for name in FIGURES_OF_A_POSTCOPY_RUN if figures.get(name) is None]
+    assert not missing, f"figures missing: {missing}"
+    assert figures["verify_ok"] is True
+    assert figures["postcopy_bytes"] > 0 and figures["precopy_bytes"] > 0
+    assert len(figures["vcpu_blocktime_ms"]) == 1
+    assert [name for name in LIMITS if not limits.get(name)] == []
+    assert [name for name in RATIOS if ratios.get(name) is None] == []
+    assert set(record["targets"]) == {"throughput_vs_limit", "latency_p50_vs_fault_rtt",
+                                      "downtime_vs_target", "rss_overhead_vs_guest_ram"}
+    # both sides' full query-migrate are kept, and the series the plot is drawn from
+    assert record["source"]["ram"]["postcopy-requests"] == figures["postcopy_requests"]
+    assert "x-request-latency" in record["destination"]
+    assert len(record["series"]["t"]) >= 2
+    assert any(e["event"] == "stop" for e in record["timelines"]["source"])
+    assert list(tmp_path.glob("smoke-loopback-*.png"))
+
+
+@needs_namespaces
+@pytest.mark.timeout(240)
+def test_namespace_run_removes_its_namespaces_and_veth(tmp_path: Path) -> None:
+    record = _run_bench(tmp_path / "ns.jsonl", "--link", "10gbit", "--no-verify")
+    assert record["link"] == "10gbit" and record["limits"]["line_rate"] > 0
+    assert our_namespaces(os.getpid()) == []
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"pcb{os.getpid()}" not in links
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@needs_namespaces
+@pytest.mark.timeout(180)
+def test_sigterm_during_a_run_ends_processes_and_namespaces(tmp_path: Path) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "postcopy", "bench", SMOKE, "--repeat", "1", "--link", "10gbit",
+         "--fault-probes", "300", "--out", str(tmp_path / "interrupted.jsonl")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        # interrupt once both VM processes run inside the namespaces
+        while time.monotonic() < deadline and bench.poll() is None:
+            started |= _descendants(bench.pid)
+            vms = [p for p in started if " vm run " in _cmdline(p)]
+            if len(vms) == 2:
+                break
+            time.sleep(0.1)
+        assert bench.poll() is None, bench.stderr.read().decode() if bench.stderr else ""
+        assert our_namespaces(bench.pid), "the bench made no namespaces"
+        started |= _descendants(bench.pid)
+        bench.send_signal(signal.SIGTERM)
+        _, stderr = bench.communicate(timeout=60)
+        assert bench.returncode == 130, stderr.decode()
+        assert our_namespaces(bench.pid) == []
+        assert [pid for pid in started if pid_alive(pid) and _cmdline(pid)] == []
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
