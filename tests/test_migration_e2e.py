@@ -160,12 +160,12 @@ def test_configuration_mismatch_is_refused_with_both_configurations(
     vms.append(source)
     source.cmd("migrate", uri=uri)
     info = source.wait_migration({"failed"})
-    assert "mismatch" in info["error-desc"]
-    assert "67108864" in info["error-desc"] and "134217728" in info["error-desc"]
+    assert "pc.ram:67108864@4096" in info["error-desc"]
+    assert "pc.ram:134217728@4096" in info["error-desc"]
     assert source.cmd("query-status")["running"]
     destination.process.wait(10)
     assert destination.process.returncode == 1
-    assert "mismatch" in destination.stderr()
+    assert "pc.ram:67108864@4096" in destination.stderr()
 
 
 def test_migrate_while_migrating_is_refused(tmp_path: Path, vms: list[VmProcess]) -> None:

@@ -241,6 +241,8 @@ class IncomingMigration:
     # -- receiving -----------------------------------------------------------------------------
 
     def _status_changed(self, status: MigrationStatus) -> None:
+        if status in FINISHED:
+            self.end_time = self._clock()
         self._trace("status", status=status.value)
         if self.capabilities["events"]:
             self._emit("MIGRATION", {"status": status.value})
@@ -258,7 +260,8 @@ class IncomingMigration:
         except Exception as error:
             self._fail(error)
         finally:
-            self.end_time = self._clock()
+            if self.end_time is None:
+                self.end_time = self._clock()
             if self._listener is not None:
                 self._listener.close()
             self._receiver_done.set()

@@ -125,8 +125,8 @@ class OutgoingMigration:
     # -- control (any thread) --------------------------------------------------------------
 
     def start(self) -> None:
-        self.status.move(S.SETUP)
         self.start_time = self._clock()
+        self.status.move(S.SETUP)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
 
@@ -175,6 +175,8 @@ class OutgoingMigration:
     # -- the migration thread ------------------------------------------------------------------
 
     def _status_changed(self, status: MigrationStatus) -> None:
+        if status in FINISHED:
+            self.end_time = self._clock()
         self._trace("status", status=status.value)
         if self.capabilities["events"]:
             self._emit("MIGRATION", {"status": status.value})
@@ -188,7 +190,8 @@ class OutgoingMigration:
         except Exception as error:
             self._fail(error)
         finally:
-            self.end_time = self._clock()
+            if self.end_time is None:
+                self.end_time = self._clock()
             for connection in (self._preempt, self._main):
                 if connection is not None:
                     connection.close()
@@ -291,7 +294,7 @@ class OutgoingMigration:
             max_rounds = self.parameters.x_max_rounds
             converged = self.expected_downtime * 1000 <= self.parameters.downtime_limit
             if converged or (max_rounds and self.rounds >= max_rounds and not postcopy):
-                self._complete_precopy(main, sent)
+                self._complete_precopy(main, dirty)
                 return
             previous_remaining = remaining
 
@@ -380,11 +383,13 @@ class OutgoingMigration:
         self.machine.stop()
         return self.stop_time
 
-    def _complete_precopy(self, writer: StreamWriter, sent: list[Bitmap]) -> None:
+    def _complete_precopy(self, writer: StreamWriter, pending: list[Bitmap]) -> None:
+        """Stop, then send what the last round left dirty plus what was dirtied since."""
         self.status.move(S.DEVICE)
         stop_time = self._stop_vm()
         self._trace("stop", phase="precopy")
-        dirty = self._sync_dirty(self._clock())
+        final = self._sync_dirty(self._clock())
+        dirty = [p | f for p, f in zip(pending, final, strict=True)]
         for index, block in enumerate(self.machine.ram):
             starts, lengths = split_runs(*runs(dirty[index]), self.parameters.x_precopy_run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):

@@ -142,9 +142,7 @@ class VmMonitor:
                                           auth=auth)
             self.outgoing = migration
             migration.start()
-        if self.trace_path:
-            threading.Thread(target=self._write_trace_when_done, args=(migration,),
-                             daemon=True).start()
+        threading.Thread(target=self._watch_outgoing, args=(migration,), daemon=True).start()
 
     def migrate_incoming(self, args: dict[str, Any]) -> None:
         self.start_incoming(args["uri"])
@@ -174,9 +172,12 @@ class VmMonitor:
             self._write_trace(migration.timeline, migration.query())
         self.incoming_done.set()
 
-    def _write_trace_when_done(self, migration: OutgoingMigration) -> None:
+    def _watch_outgoing(self, migration: OutgoingMigration) -> None:
         migration.join()
-        self._write_trace(migration.timeline, migration.query())
+        if migration.status.value == MigrationStatus.COMPLETED:
+            self.vm.mark_postmigrate()
+        if self.trace_path:
+            self._write_trace(migration.timeline, migration.query())
 
     def _write_trace(self, timeline: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         assert self.trace_path is not None
@@ -252,9 +253,8 @@ class VmMonitor:
         return {"ok": result.ok, "detail": result.detail, "digest": result.digest}
 
     def x_console(self, args: dict[str, Any]) -> dict[str, Any]:
-        output = self.vm.console_output()
-        return {"bytes": len(output), "tail": output[-200:].decode("latin-1"),
-                "passes": self.vm.console_count(b"B")}
+        tail = self.vm.console_tail
+        return {"bytes": self.vm.console_bytes, "tail": tail[-200:].decode("latin-1")}
 
     def x_migration_timeline(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         migration = self.incoming or self.outgoing
