@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -344,3 +345,68 @@ def test_memtouch_guest_runs_and_verifies(make_vm: VmFactory) -> None:
     assert guests.pass_count("memtouch", recorder.output()) == passes * 2
     result = verify.verify_memtouch(vm.ram[0].view, vm.ram_size, 2)
     assert result.ok, result.detail
+
+
+@pytest.fixture
+def postcopy_destination(make_vm: VmFactory) -> Iterator[tuple[MicroVM, MicroVM, Any]]:
+    """A stopped source and an incoming VM with its state loaded and its RAM registered
+    MISSING on a userfaultfd: nothing of it is present yet. The test thread must not touch
+    the destination's RAM until it has placed the pages (the GIL rule)."""
+    userfaultfd = pytest.importorskip("postcopy.linux.userfaultfd")
+    source, _ = make_vm()
+    source.cont()
+    wait_until(lambda: read_u64(source, vcpu_page(0)) > 0)
+    source.stop()
+    destination, _ = make_vm(incoming=True)
+    uffd = userfaultfd.UserfaultFd.open()
+    try:
+        block = destination.ram[0]
+        uffd.register(block.host_address, block.length, userfaultfd.RegisterMode.MISSING)
+        destination.load_state(source.save_state())
+        yield source, destination, uffd
+    finally:
+        uffd.close()  # wakes any vCPU still waiting, so the VM can close
+
+
+def place(source: MicroVM, destination: MicroVM, uffd: Any, start: int, length: int) -> None:
+    uffd.copy(destination.ram[0].host_address + start, source.ram[0].host_address + start,
+              length)
+
+
+def next_fault_offset(destination: MicroVM, uffd: Any) -> int:
+    ready, _, _ = select.select([uffd.fileno()], [], [], 20)
+    assert ready, "no page fault reported"
+    fault = uffd.read_events()[0]
+    assert fault.thread_id in (0, *destination.vcpu_thread_ids())
+    return int(fault.address - destination.ram[0].host_address)
+
+
+def test_stop_kicks_a_vcpu_waiting_for_a_missing_data_page(
+        postcopy_destination: tuple[MicroVM, MicroVM, Any]) -> None:
+    source, destination, uffd = postcopy_destination
+    place(source, destination, uffd, 0, layout.USABLE_BASE)  # all but the guest's data
+    destination.cont()
+    assert next_fault_offset(destination, uffd) == vcpu_page(0)
+    destination.stop(timeout=20)
+    assert destination.vcpu_states() == ["parked"]
+    place(source, destination, uffd, layout.USABLE_BASE, RAM - layout.USABLE_BASE)
+    saved = source.save_state()["cpus"][0]["regs"]["r8"]
+    destination.cont()
+    wait_until(lambda: read_u64(destination, vcpu_page(0)) > saved + COUNTS_PER_PRINT)
+    destination.stop()
+
+
+def test_stop_waits_for_a_missing_page_table_page(
+        postcopy_destination: tuple[MicroVM, MicroVM, Any]) -> None:
+    source, destination, uffd = postcopy_destination
+    destination.cont()
+    assert next_fault_offset(destination, uffd) < layout.IMAGE_LOAD_ADDRESS  # page tables
+    with pytest.raises(TimeoutError, match=r"vCPUs \[0\]"):
+        destination.stop(timeout=0.2)
+    assert destination.status == "running"
+    destination.cont()  # withdraws the park request
+    place(source, destination, uffd, 0, RAM)
+    saved = source.save_state()["cpus"][0]["regs"]["r8"]
+    wait_until(lambda: read_u64(destination, vcpu_page(0)) > saved + COUNTS_PER_PRINT)
+    destination.stop()
+    assert destination.vcpu_states() == ["parked"]

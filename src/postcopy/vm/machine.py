@@ -171,11 +171,17 @@ class MicroVM:
     def incoming(self) -> bool:
         return self._incoming
 
-    def stop(self) -> float:
+    def stop(self, timeout: float | None = None) -> float:
         """Kick every vCPU out of KVM_RUN, wait until all are parked; seconds it took.
 
         Harmless when nothing runs. A stopped vCPU has finished its last instruction
         (pending I/O is completed), so save_state sees a consistent CPU.
+
+        A vCPU waiting in KVM_RUN for a userfaultfd-missing page is kicked out of the wait
+        when the page is guest data, but not when it is one of the guest's page-table pages
+        (KVM's walk of the guest page tables sleeps uninterruptibly here): it parks only once
+        that page is placed. With `timeout`, TimeoutError names such vCPUs; they stay asked
+        to park, the VM stays "running", and stop() or cont() may be called again.
         """
         started = time.perf_counter()
         events: Events = []
@@ -185,7 +191,11 @@ class MicroVM:
             for thread in self._threads:
                 if thread.state in (VcpuState.PARKED, VcpuState.RUNNING):
                     thread.request_park()
-            self._condition.wait_for(lambda: not any(t.active for t in self._threads))
+            if not self._condition.wait_for(
+                    lambda: not any(t.active for t in self._threads), timeout):
+                stuck = [t.index for t in self._threads if t.active]
+                raise TimeoutError(f"vCPUs {stuck} still in KVM_RUN after {timeout} s "
+                                   "(waiting for a missing page?)")
             if self._status == "running":
                 self._status = "paused"
                 events.append(("STOP", {}))
@@ -197,6 +207,9 @@ class MicroVM:
         with self._condition:
             self._check_open()
             if self._status == "running":
+                # Withdraw what a timed-out stop() asked of vCPUs that have not parked yet.
+                for thread in self._threads:
+                    thread.request_run()
                 return
             if self._status in ("shutdown", "internal-error"):
                 raise RuntimeError(f"cannot resume a VM in status {self._status!r}"

@@ -109,7 +109,9 @@ class VcpuThread:
         return threading.get_ident() == self._ident
 
     def request_run(self) -> None:
-        if self.state is VcpuState.PARKED:
+        # A thread still RUNNING was asked to park and has not managed yet (a vCPU waiting
+        # for a missing page-table page cannot be kicked): it keeps running instead.
+        if self.state in (VcpuState.PARKED, VcpuState.RUNNING):
             self._go = True
             self._condition.notify_all()
 
@@ -213,11 +215,20 @@ class VcpuThread:
                     vcpu.write_io_data(exit, self._in_data(exit.port, exit.size * exit.count))
             elif type(exit) is IntrExit:
                 self._eat_kicks()
+                if self._go:
+                    self._resume_after_kick()
             else:
                 self._flush_console()
                 return Outcome.FAILED, f"vCPU {self.index}: {exit}"
             if not self._go:
                 return Outcome.PARK, ""
+
+    def _resume_after_kick(self) -> None:
+        # A park request was withdrawn (cont() after a stop() that timed out): take back
+        # its immediate_exit, under the lock so that a new park request cannot be lost.
+        with self._condition:
+            if self._go:
+                self.vcpu.immediate_exit = False
 
     @staticmethod
     def _in_data(port: int, length: int) -> bytes:
