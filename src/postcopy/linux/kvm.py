@@ -21,6 +21,7 @@ import enum
 import errno
 import mmap
 import os
+import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -492,9 +493,11 @@ class KvmRun(ctypes.Structure):
 
 
 # --- exits ------------------------------------------------------------------------------
+# Read-only by convention, not frozen: a frozen dataclass costs twice as much to build,
+# and one is built per exit.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IoExit:
     """Port I/O. For OUT, `data` holds the bytes written (size * count); for IN it is
     empty and the answer goes in with `KvmVcpu.write_io_data` before the next KVM_RUN."""
@@ -508,7 +511,7 @@ class IoExit:
     reason: ExitReason = ExitReason.IO
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MmioExit:
     phys_addr: int
     data: bytes
@@ -516,53 +519,60 @@ class MmioExit:
     reason: ExitReason = ExitReason.MMIO
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HltExit:
     reason: ExitReason = ExitReason.HLT
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShutdownExit:
     """The guest triple-faulted (or otherwise asked for a shutdown the CPU way)."""
 
     reason: ExitReason = ExitReason.SHUTDOWN
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IntrExit:
     """KVM_RUN returned EINTR: a signal or immediate_exit took the vCPU out."""
 
     reason: ExitReason = ExitReason.INTR
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InternalErrorExit:
     suberror: int
     data: tuple[int, ...]
     reason: ExitReason = ExitReason.INTERNAL_ERROR
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FailEntryExit:
     hardware_entry_failure_reason: int
     cpu: int
     reason: ExitReason = ExitReason.FAIL_ENTRY
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SystemEventExit:
     type: int
     data: tuple[int, ...]
     reason: ExitReason = ExitReason.SYSTEM_EVENT
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UnknownExit:
     """An exit this module does not decode; `reason` is the raw exit_reason."""
 
     reason: int
     hardware_exit_reason: int = 0
 
+
+_INTR_EXIT = IntrExit()
+_DIRECTIONS = (IoDirection.IN, IoDirection.OUT)
+_U32 = struct.Struct("<I")
+_RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_EXIT_REASON_OFFSET = 8
+_EXIT_OFFSET = 32
 
 Exit: TypeAlias = (IoExit | MmioExit | HltExit | ShutdownExit | IntrExit | InternalErrorExit
                    | FailEntryExit | SystemEventExit | UnknownExit)
@@ -874,6 +884,9 @@ class KvmVcpu(_Fd):
         self._run_size = mmap_size
         self._run_address = self._map(mmap_size, 0)
         self._run = KvmRun.from_address(self._run_address)
+        # The hot path (one decode per exit) reads the page with struct, not ctypes fields.
+        self._run_view: memoryview | None = memoryview(
+            (ctypes.c_ubyte * mmap_size).from_address(self._run_address)).cast("B")
         self._ring_address = 0
         self._ring_size = 0
         self._close_lock = threading.Lock()
@@ -906,23 +919,24 @@ class KvmVcpu(_Fd):
 
     def run(self) -> Exit:
         """KVM_RUN (GIL released) and the decoded exit. EINTR gives an `IntrExit`."""
-        if _ioctl(self.fd, _Ioctl.KVM_RUN, 0) < 0:
+        # self._fd, not self.fd: once closed it is -1 and the ioctl fails with EBADF.
+        if _ioctl(self._fd, _Ioctl.KVM_RUN, 0) < 0:
             error = ctypes.get_errno()
             if error == errno.EINTR:
-                return IntrExit()
+                return _INTR_EXIT
             raise KvmError(error, "KVM_RUN", f"vCPU {self.index}")
         return self._decode_exit()
 
     def _decode_exit(self) -> Exit:
-        run = self._run
-        reason = run.exit_reason
+        view = self._run_view
+        if view is None:
+            raise KvmError(errno.EBADF, self._what, "vCPU is closed")
+        reason = _U32.unpack_from(view, _EXIT_REASON_OFFSET)[0]
         if reason == ExitReason.IO:
-            io = run.exit.io
-            direction = IoDirection(io.direction)
-            data = b""
-            if direction is IoDirection.OUT:
-                data = ctypes.string_at(self._run_address + io.data_offset, io.size * io.count)
-            return IoExit(direction, io.size, io.port, io.count, io.data_offset, data)
+            direction, size, port, count, offset = _RUN_IO.unpack_from(view, _EXIT_OFFSET)
+            data = bytes(view[offset:offset + size * count]) if direction else b""
+            return IoExit(_DIRECTIONS[direction], size, port, count, offset, data)
+        run = self._run
         if reason == ExitReason.MMIO:
             mmio = run.exit.mmio
             return MmioExit(mmio.phys_addr, bytes(mmio.data)[:mmio.len], bool(mmio.is_write))
@@ -1095,6 +1109,9 @@ class KvmVcpu(_Fd):
                 _munmap(self._ring_address, self._ring_size)
                 self._ring_address = 0
             if self._run_address:
+                if self._run_view is not None:
+                    self._run_view.release()
+                    self._run_view = None
                 _munmap(self._run_address, self._run_size)
                 self._run_address = 0
             super().close()
