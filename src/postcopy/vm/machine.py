@@ -79,7 +79,7 @@ class MicroVM:
         self._console_callback = console
         self._event_callback = on_event
         self._condition = threading.Condition()
-        self._console_lock = threading.Lock()
+        self._console_lock = threading.RLock()  # the console callback may read console_tail
         self._dirty_lock = threading.Lock()
         self._console_bytes = 0
         self._console_tail = bytearray()
@@ -356,6 +356,25 @@ class MicroVM:
         return [thread.native_id for thread in self._threads]
 
     # -- beyond the protocol -----------------------------------------------------------
+
+    def replace_ram(self, name: str, mapping: Mapping) -> None:
+        """Back "pc.ram" with `mapping` from now on (the incoming postcopy's RAM swap).
+
+        KVM cannot move a memory slot to another host address, so the slot is deleted and
+        created again; only while no vCPU runs. The old mapping stays open for the caller.
+        """
+        with self._condition:
+            self._check_open()
+            if self._status == "running":
+                raise RuntimeError("replace_ram needs stopped vCPUs")
+            with self._dirty_lock:
+                if self._dirty_logging:
+                    raise RuntimeError("replace_ram while dirty logging is on")
+                vm, _old = self._require_vm()
+                self._ram.remap(name, mapping)
+                vm.set_user_memory_region(RAM_SLOT, 0, 0, 0)
+                vm.set_user_memory_region(RAM_SLOT, 0, self._ram_size, mapping.address)
+                self._mapping = mapping
 
     def mark_postmigrate(self) -> None:
         """The source's status after a completed migration (QEMU's "postmigrate")."""
