@@ -32,6 +32,9 @@ MAP_NORESERVE = 0x4000
 MAP_HUGETLB = 0x40000
 MAP_HUGE_SHIFT = 26
 MAP_FAILED = ctypes.c_void_p(-1).value
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+MREMAP_DONTUNMAP = 4
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -52,6 +55,11 @@ _mmap = ctypes.CFUNCTYPE(
 _munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
     ("munmap", libc)
 )
+_mremap = ctypes.CFUNCTYPE(
+    ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+    use_errno=True,
+)(("mremap", libc))
 _madvise = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, use_errno=True
 )(("madvise", libc))
@@ -340,6 +348,21 @@ class Mapping:
             raise
         return Mapping(address, self.length, page_size=self.page_size, kind=self.kind,
                        shared=True, fd=fd)
+
+    def move_pages_out(self) -> Mapping:
+        """mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP): move every page of this private
+        anonymous mapping into a new mapping (returned), leaving this range mapped and
+        empty, so its next accesses are missing-page faults. Page tables move; no data is
+        copied. Linux 5.13+ for anonymous memory."""
+        if self.kind != "anonymous" or self.shared:
+            raise MappingError(errno.EINVAL, f"move_pages_out of a {self.kind} mapping",
+                               self.address, self.length)
+        start, length = self._range(0, None)
+        address = _mremap(start, length, length, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, None)
+        if address is None or address == MAP_FAILED:
+            raise MappingError(ctypes.get_errno(), "mremap DONTUNMAP", start, length)
+        return Mapping(int(address), length, page_size=self.page_size, kind=self.kind,
+                       shared=False, fd=None)
 
     # -- operations ------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
-from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 from postcopy.transport import AuthConfig, Connection, Listener, listen
 from postcopy.wire import (
     Advise,
@@ -71,6 +71,7 @@ S = MigrationStatus
 EventSink = Callable[[str, dict[str, Any]], None]
 STAGING_BYTES = 4 << 20
 FAULT_BATCH = 64
+MOVE_CHUNK_PAGES = 32  # small: a fault waits for at most one chunk's move
 
 
 class IncomingError(RuntimeError):
@@ -172,6 +173,14 @@ class IncomingMigration:
         self._staging = Mapping.anonymous(STAGING_BYTES)
         self._threads: list[threading.Thread] = []
         self._thp_off = False
+        # RAM swap at LISTEN (see _listen): the precopy mapping of each block, and which of
+        # its pages still hold valid content that has not been moved into the new mapping
+        self._swap_ram = False
+        self._old_mappings: list[Mapping | None] = [None] * len(ram)
+        self._unmoved = [np.zeros(0, dtype=np.bool_) for _ in ram]
+        self._moving_done = threading.Event()
+        self._moving_done.set()
+        self.pages_moved = 0
         self._device_state: dict[str, Any] | None = None
         self.start_time = 0.0
         self.end_time: float | None = None
@@ -235,6 +244,10 @@ class IncomingMigration:
             if thread is not threading.current_thread():
                 thread.join(5)
         self._release_uffd()
+        for index, old in enumerate(self._old_mappings):
+            if old is not None:
+                old.close()
+                self._old_mappings[index] = None
         self._staging.close()
         self._quit.close()
 
@@ -248,7 +261,10 @@ class IncomingMigration:
             self._emit("MIGRATION", {"status": status.value})
 
     def _trace(self, kind: str, **fields: Any) -> None:
-        self.timeline.append({"t": round(self._clock() - self.start_time, 6), "event": kind, **fields})
+        now = self._clock()
+        # "mono" is the host's monotonic clock: entries of both ends on one host line up
+        self.timeline.append({"t": round(now - self.start_time, 6), "mono": round(now, 6),
+                              "event": kind, **fields})
 
     def _run(self) -> None:
         try:
@@ -395,7 +411,8 @@ class IncomingMigration:
             block.mapping.madvise(Advice.DONTNEED)
             block.mapping.madvise(Advice.HUGEPAGE)  # fast first touch while precopy fills it
         self.received = [np.zeros(block.pages, dtype=np.bool_) for block in self._ram]
-        self._trace("advise")
+        self._swap_ram = _can_swap_ram(self._ram)
+        self._trace("advise", swap_ram=self._swap_ram)
 
     def _huge_pages_off(self) -> None:
         """Before any discard: a huge page must not be half emptied, nor khugepaged refill
@@ -406,18 +423,41 @@ class IncomingMigration:
             self._thp_off = True
 
     def _discard(self, discard: Discard) -> None:
-        self._huge_pages_off()
         block = self._ram[discard.block]
         for first, count in discard.ranges:
-            block.mapping.madvise(Advice.DONTNEED, first * block.page_size, count * block.page_size)
             self.received[discard.block][first:first + count] = False
+            if not self._swap_ram:
+                # in place: the page must really be emptied, so that it faults (the seed's way)
+                self._huge_pages_off()
+                block.mapping.madvise(Advice.DONTNEED, first * block.page_size,
+                                      count * block.page_size)
 
     def _listen(self) -> None:
+        """Register RAM on a userfaultfd and start the fault thread.
+
+        With RAM swap (the default where UFFDIO_MOVE exists), stale pages are not discarded
+        in place: freeing a gigabyte of them takes ~0.5 s, which would sit in the downtime.
+        Instead every page of a block moves out at once to a side mapping (mremap with
+        MREMAP_DONTUNMAP moves page tables, ~0.5 ms per GiB), which leaves guest RAM empty
+        at the same address, so KVM's memory slot is untouched. Pages that are still valid
+        move back (UFFDIO_MOVE, no copy) on demand when a vCPU faults on them and in the
+        background otherwise; the side mapping, with the stale pages, goes at the end.
+        """
+        self._trace("discards-done")
+        features = Feature.THREAD_ID | (Feature.MOVE if self._swap_ram else Feature(0))
+        uffd = UserfaultFd.open(features)
+        if self._swap_ram:
+            for index, block in enumerate(self._ram):
+                self._old_mappings[index] = block.mapping.move_pages_out()
+                self._unmoved[index] = self.received[index].copy()
+            self._moving_done.clear()
+        # khugepaged must not collapse a range with missing pages into a huge page
         self._huge_pages_off()
-        uffd = UserfaultFd.open(Feature.THREAD_ID)
         for block in self._ram:
             allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
             needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE
+            if self._swap_ram:
+                needed |= Ioctl.MOVE
             if allowed & needed != needed:
                 uffd.close()
                 raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
@@ -444,10 +484,10 @@ class IncomingMigration:
         self.postcopy_start = self._clock()
         self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
         self.status.move(S.POSTCOPY_ACTIVE)
-        self._trace("run")
         if self.autostart:
             self.machine.cont()
             self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
+        self._trace("run")
 
     def _preempt_receiver(self) -> None:
         assert self._listener is not None and self._main is not None
@@ -487,10 +527,21 @@ class IncomingMigration:
         poller = select.poll()
         poller.register(uffd.fileno(), select.POLLIN)
         poller.register(self._quit.fileno(), select.POLLIN)
+        # moves run on this thread between faults, so a page is never moved and zero-filled
+        # by two threads at once
+        move_work = self._move_chunks() if self._swap_ram else None
         while True:
-            ready = poller.poll()
+            ready = poller.poll(0 if move_work is not None else None)
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
+            if not ready and move_work is not None:
+                chunk = next(move_work, None)
+                if chunk is None:
+                    move_work = None
+                    self._finish_moving()
+                else:
+                    self._move_pages(*chunk, on_demand=False)
+                continue
             try:
                 events = uffd.read_events(FAULT_BATCH)
             except OSError as error:
@@ -506,7 +557,10 @@ class IncomingMigration:
                 vcpu = self._tid_to_vcpu.get(event.thread_id)
                 if vcpu is not None:
                     self.blocktime.fault(vcpu, block_index, page, now)
-                if self.received[block_index][page]:
+                if self._swap_ram and self._unmoved[block_index][page]:
+                    self._move_pages(block_index, page, 1, on_demand=True)
+                    self._resolve_locally(block_index, page)
+                elif self.received[block_index][page]:
                     self._resolve_locally(block_index, page)
                 elif not self._requested[block_index][page]:
                     self._requested[block_index][page] = True
@@ -515,6 +569,52 @@ class IncomingMigration:
             for request in _coalesce(requests):
                 self._return.send(request)
                 self.requests_sent += 1
+
+    def _move_chunks(self) -> Iterator[tuple[int, int, int]]:
+        for index, unmoved in enumerate(self._unmoved):
+            starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                yield index, start, length
+
+    def _move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> None:
+        """Move the still-unmoved pages of a range from the precopy mapping into guest RAM.
+
+        Holes (zero pages never written) are skipped; they stay missing and a fault on one
+        is filled with a zero page by _resolve_locally.
+        """
+        assert self.uffd is not None
+        old = self._old_mappings[block_index]
+        assert old is not None
+        block = self._ram[block_index]
+        page_size = block.page_size
+        window = self._unmoved[block_index][first:first + count]
+        starts, lengths = runs(window.copy())
+        window[:] = False
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            offset = (first + start) * page_size
+            done, size = 0, length * page_size
+            while done < size:
+                try:
+                    done += self.uffd.move(block.host_address + offset + done,
+                                           old.address + offset + done, size - done,
+                                           dontwake=on_demand, allow_src_holes=True)
+                except PageExistsError as error:
+                    done += error.done + page_size
+                except RetryError as error:
+                    done += error.done
+            self.pages_moved += length
+
+    def _finish_moving(self) -> None:
+        """Every valid page has moved: the side mappings hold only stale pages now. Freeing
+        them takes a while (~0.4 s per GiB), so not on the fault thread."""
+        stale = [old for old in self._old_mappings if old is not None]
+        self._old_mappings = [None] * len(self._old_mappings)
+        self._trace("moved", pages=self.pages_moved)
+        self._moving_done.set()
+        freer = threading.Thread(target=lambda: [m.close() for m in stale], name="free-stale",
+                                 daemon=True)
+        self._threads.append(freer)
+        freer.start()
 
     def _locate(self, address: int) -> tuple[int, int]:
         for index, block in enumerate(self._ram):
@@ -557,6 +657,8 @@ class IncomingMigration:
                 missing = sum(int((~r).sum()) for r in self.received)
                 raise IncomingError(f"postcopy completed with {missing} pages never received")
             time.sleep(0.001)
+        if not self._moving_done.wait(30.0):
+            raise IncomingError("valid precopy pages were still being moved after 30 s")
         self._stop_fault_thread()
         self._release_uffd()
         for block in self._ram:
@@ -586,6 +688,20 @@ class IncomingMigration:
             except OSError:
                 log.exception("unregistering %s", block.name)
         uffd.close()
+
+
+def _can_swap_ram(ram: list[RamBlock]) -> bool:
+    """RAM swap needs private anonymous RAM, MREMAP_DONTUNMAP and UFFDIO_MOVE (Linux 6.8)."""
+    if any(block.mapping.kind != "anonymous" or block.shared for block in ram):
+        return False
+    try:
+        with UserfaultFd.open(Feature.MOVE) as uffd, Mapping.anonymous(1 << 21) as probe:
+            allowed = uffd.register(probe.address, probe.length, RegisterMode.MISSING)
+            uffd.unregister(probe.address, probe.length)
+            probe.move_pages_out().close()
+            return bool(allowed & Ioctl.MOVE)
+    except OSError:
+        return False
 
 
 def _coalesce(requests: list[ReqPages]) -> list[ReqPages]:

@@ -182,7 +182,10 @@ class OutgoingMigration:
             self._emit("MIGRATION", {"status": status.value})
 
     def _trace(self, kind: str, **fields: Any) -> None:
-        self.timeline.append({"t": round(self._clock() - self.start_time, 6), "event": kind, **fields})
+        now = self._clock()
+        # "mono" is the host's monotonic clock: entries of both ends on one host line up
+        self.timeline.append({"t": round(now - self.start_time, 6), "mono": round(now, 6),
+                              "event": kind, **fields})
 
     def _run(self) -> None:
         try:
@@ -415,6 +418,7 @@ class OutgoingMigration:
         self.postcopy_start = stop_time
         self._trace("stop", phase="postcopy")
         final = self._sync_dirty(self._clock())
+        self._trace("final-sync")
         discarded = 0
         for index in range(len(ram)):
             dirty[index] |= final[index]
@@ -427,11 +431,13 @@ class OutgoingMigration:
         self.discarded_pages = discarded
         self.counters.remaining = sum(int(np.count_nonzero(n)) * b.page_size
                                       for n, b in zip(self._needed, ram, strict=True))
-        self.machine.stop_dirty_log()
+        self._trace("discards-sent")
         writer.send(Listen())
         state = json.dumps(self.machine.save_state()).encode()
         writer.send(Package((DeviceState(state), Run())))
         writer.send(Ping(RUN_PING))
+        # not needed any more, and re-registering the memory slot takes a while: after RUN
+        self.machine.stop_dirty_log()
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         self._push(writer)
         writer.send(PostcopyComplete())
