@@ -357,25 +357,6 @@ class MicroVM:
 
     # -- beyond the protocol -----------------------------------------------------------
 
-    def replace_ram(self, name: str, mapping: Mapping) -> None:
-        """Back "pc.ram" with `mapping` from now on (the incoming postcopy's RAM swap).
-
-        KVM cannot move a memory slot to another host address, so the slot is deleted and
-        created again; only while no vCPU runs. The old mapping stays open for the caller.
-        """
-        with self._condition:
-            self._check_open()
-            if self._status == "running":
-                raise RuntimeError("replace_ram needs stopped vCPUs")
-            with self._dirty_lock:
-                if self._dirty_logging:
-                    raise RuntimeError("replace_ram while dirty logging is on")
-                vm, _old = self._require_vm()
-                self._ram.remap(name, mapping)
-                vm.set_user_memory_region(RAM_SLOT, 0, 0, 0)
-                vm.set_user_memory_region(RAM_SLOT, 0, self._ram_size, mapping.address)
-                self._mapping = mapping
-
     def mark_postmigrate(self) -> None:
         """The source's status after a completed migration (QEMU's "postmigrate")."""
         with self._condition:
