@@ -233,6 +233,8 @@ class IncomingMigration:
         if self._placer is not None:
             info["x-duplicate-pages"] = self._placer.duplicates
             info["x-pages-placed"] = self._placer.placed_pages
+            info["x-pages-moved"] = self.pages_moved
+            info["x-ram-swapped"] = self._swap_ram
         if self.error:
             info["error-desc"] = self.error
         return info

@@ -95,6 +95,7 @@ class OutgoingMigration:
         self.end_time: float | None = None
         self.setup_time = 0.0
         self.downtime: float | None = None
+        self.downtime_to_run: float | None = None
         self.expected_downtime = 0.0
         self.postcopy_start: float | None = None
         self._rate = RateMeter(clock)
@@ -164,6 +165,15 @@ class OutgoingMigration:
         if self.downtime is not None:
             info["downtime"] = int(self.downtime * 1000)
             info["x-downtime-us"] = round(self.downtime * 1e6, 1)
+        if self.downtime_to_run is not None:
+            info["x-downtime-to-run-us"] = round(self.downtime_to_run * 1e6, 1)
+        if self.postcopy_start is not None:
+            info["x-postcopy"] = {
+                "discarded-pages": self.discarded_pages,
+                "needed-pages": self.needed_at_switchover,
+                "pushed-pages": self.counters.pages_pushed,
+                "requested-pages": self.counters.pages_requested,
+            }
         elif not self.finished:
             info["expected-downtime"] = int(self.expected_downtime * 1000)
         info["ram"] = self.counters.as_qmp(max(elapsed - self.setup_time, 1e-9))
@@ -404,7 +414,7 @@ class OutgoingMigration:
         shut = self._wait_shut()
         if shut.error:
             raise MigrationError(f"destination failed to load the VM: {shut.reason}")
-        self.downtime = self._clock() - stop_time
+        self.downtime = self.downtime_to_run = self._clock() - stop_time
         self._trace("destination-running")
         self.machine.stop_dirty_log()
         self.status.move(S.COMPLETED)
@@ -436,6 +446,9 @@ class OutgoingMigration:
         state = json.dumps(self.machine.save_state()).encode()
         writer.send(Package((DeviceState(state), Run())))
         writer.send(Ping(RUN_PING))
+        # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
+        # until the destination confirms the guest runs, comes with the Pong
+        self.downtime = self._clock() - stop_time
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
@@ -443,7 +456,7 @@ class OutgoingMigration:
         writer.send(PostcopyComplete())
         self._trace("push-done")
         self._wait_pong(RUN_PING)
-        self.downtime = self._pongs[RUN_PING] - stop_time
+        self.downtime_to_run = self._pongs[RUN_PING] - stop_time
         shut = self._wait_shut()
         if shut.error:
             raise MigrationError(f"destination failed in postcopy: {shut.reason}")
