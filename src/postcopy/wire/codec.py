@@ -17,6 +17,7 @@ The byte layout is specified in docs/PROTOCOL.md; all multi-byte integers are bi
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from collections.abc import Callable, Sequence
@@ -420,17 +421,19 @@ def _pack_bits(bits: npt.NDArray[np.bool_]) -> bytes:
     return np.packbits(bits, bitorder="little").tobytes()
 
 
-def _unpack_bits(field: str, raw: bytes | memoryview, count: int) -> npt.NDArray[np.bool_]:
-    packed = np.frombuffer(raw, dtype=np.uint8)
-    if packed.shape[0] != (count + 7) // 8:
-        raise ProtocolError(field, packed.shape[0], f"bytes of bitmap for {count} entries")
-    tail = count % 8
-    if tail and int(packed[-1]) >> tail:
+def _unpack_bits(
+    field: str, raw: bytes | memoryview, count: int
+) -> tuple[npt.NDArray[np.bool_], int]:
+    """The bitmap of count entries packed in raw, and how many entries are set."""
+    if len(raw) != (count + 7) // 8:
+        raise ProtocolError(field, len(raw), f"bytes of bitmap for {count} entries")
+    # Little-endian bytes, least significant bit first: bit i of this int is entry i.
+    bits = int.from_bytes(raw, "little")
+    if bits >> count:
         # Padding must be zero so that every value has exactly one encoding.
-        raise ProtocolError(
-            field, int(packed[-1]), f"last byte has padding bits set past {count} entries"
-        )
-    return np.unpackbits(packed, count=count, bitorder="little").view(np.bool_)
+        raise ProtocolError(field, raw[-1], f"last byte has padding bits set past {count} entries")
+    packed = np.frombuffer(raw, dtype=np.uint8)
+    return np.unpackbits(packed, count=count, bitorder="little").view(np.bool_), bits.bit_count()
 
 
 def _utf8(field: str, raw: bytes) -> str:
@@ -616,9 +619,8 @@ def _decode_ram_run(ctx: StreamContext, flags: int, payload: bytes | memoryview)
         )
     block = _check_ram_run(ctx.blocks, block_index, first_page, count)
     assert block is not None  # parse_payload made sure blocks are declared
-    zero = _unpack_bits("RamRun.zero", payload[_RAM_RUN.size :], count)
-    normal = count - int(np.count_nonzero(zero))
-    return RamRunHeader(block_index, first_page, zero, normal * block.page_size)
+    zero, zero_pages = _unpack_bits("RamRun.zero", payload[_RAM_RUN.size :], count)
+    return RamRunHeader(block_index, first_page, zero, (count - zero_pages) * block.page_size)
 
 
 def _decode_end_of_round(ctx: StreamContext, flags: int, payload: bytes | memoryview) -> EndOfRound:
@@ -734,7 +736,7 @@ def _decode_recv_bitmap(ctx: StreamContext, flags: int, payload: bytes | memoryv
         raise ProtocolError(
             "RecvBitmap.page_count", count, f"out of range [1, {MAX_RECV_BITMAP_PAGES}]"
         )
-    bitmap = _unpack_bits("RecvBitmap.bitmap", payload[_RECV_BITMAP.size :], count)
+    bitmap, _ = _unpack_bits("RecvBitmap.bitmap", payload[_RECV_BITMAP.size :], count)
     return RecvBitmap(block, bitmap)
 
 
@@ -841,7 +843,8 @@ class StreamContext:
                 "(no Handshake yet and none configured)",
             )
         message = _DECODERS[spec.frame_type](self, header.flags, payload)
-        _check_context(message, self._blocks, self._target_page_size)
+        if type(message) is not RamRunHeader:  # checked while decoding: the hot path
+            _check_context(message, self._blocks, self._target_page_size)
         if self._state is not None:
             self._state.process(message)  # type: ignore[arg-type]
         if isinstance(message, Handshake):
@@ -855,6 +858,80 @@ class StreamContext:
 _BLOCK_MESSAGES: Final = frozenset({RamRun, Discard, ReqPages, RecvBitmapRequest, RecvBitmap})
 
 
+class _ByteQueue:
+    """Received bytes as a queue of immutable chunks.
+
+    Each chunk is copied once on arrival (the caller may reuse its buffer); taking bytes
+    that lie inside one chunk is a memoryview of it (no copy), taking across chunks is one
+    join. A bytearray with ``del buf[:n]`` would move the remainder on every downsize.
+    """
+
+    __slots__ = ("_chunks", "_head", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
+        self._head = 0  # bytes of the first chunk already taken
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        chunk: bytes | memoryview
+        if isinstance(data, bytes) or (
+            isinstance(data, memoryview)
+            and data.readonly
+            and isinstance(data.obj, bytes)
+            and data.contiguous
+            and data.itemsize == 1
+        ):
+            chunk = data  # immutable: keeping a reference is as good as a copy
+        else:
+            chunk = bytes(data)
+        if len(chunk):
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._head = 0
+        self._size = 0
+
+    def peek(self, size: int) -> bytes | memoryview:
+        """The first size bytes (size <= len), without consuming them."""
+        if size == 0:
+            return b""
+        first = self._chunks[0]
+        if self._head + size <= len(first):
+            return memoryview(first)[self._head : self._head + size]
+        pieces: list[bytes | memoryview] = []
+        need = size
+        offset = self._head
+        for chunk in self._chunks:
+            piece = memoryview(chunk)[offset : offset + need]
+            pieces.append(piece)
+            need -= len(piece)
+            offset = 0
+            if not need:
+                break
+        return b"".join(pieces)
+
+    def take(self, size: int) -> bytes | memoryview:
+        """Consume and return the first size bytes (size <= len)."""
+        data = self.peek(size)
+        self._size -= size
+        remaining = size
+        while remaining:
+            available = len(self._chunks[0]) - self._head
+            if remaining < available:
+                self._head += remaining
+                break
+            remaining -= available
+            self._chunks.popleft()
+            self._head = 0
+        return data
+
+
 class Decoder:
     """Sans-IO decoder of one stream direction: feed bytes, take messages (h11's shape).
 
@@ -863,13 +940,17 @@ class Decoder:
     and so does every later call. The buffer is consumed frame by frame, and a frame that
     declares more than its bound is refused from its header, before its bytes are awaited.
     For the main stream the Decoder drives the incoming state machine (`state`).
+
+    A RamRun's data may be a memoryview of a chunk passed to receive_data (copied on
+    arrival, so the caller may reuse its buffer): no further copy unless the run spans
+    chunks.
     """
 
     def __init__(self, direction: Direction, *, blocks: Sequence[BlockInfo] | None = None) -> None:
         self.direction = direction
         self.context = StreamContext(direction, blocks=blocks)
         self.version: int | None = None
-        self._buffer = bytearray()
+        self._buffer = _ByteQueue()
         self._eof = False
         self._header: FrameHeader | None = None
         self._run: RamRunHeader | None = None
@@ -896,7 +977,7 @@ class Decoder:
         if len(data) == 0:
             self._eof = True
         else:
-            self._buffer += data
+            self._buffer.append(data)
 
     def new_connection(self) -> None:
         """Continue on a fresh connection (recovery): expect a new stream header.
@@ -942,8 +1023,8 @@ class Decoder:
                     message=f"truncated stream header: the stream ended after {len(buffer)} "
                     f"of {STREAM_HEADER_SIZE} bytes",
                 )
-            self.version = parse_stream_header(bytes(buffer[:STREAM_HEADER_SIZE]), self.direction)
-            del buffer[:STREAM_HEADER_SIZE]
+            self.version = parse_stream_header(buffer.peek(STREAM_HEADER_SIZE), self.direction)
+            buffer.take(STREAM_HEADER_SIZE)
         if self._run is not None:
             return self._finish_run(self._run)
         if self._header is None:
@@ -953,18 +1034,17 @@ class Decoder:
                 if not buffer:
                     return CLOSED
                 raise self._truncated("a frame header", len(buffer), FRAME_HEADER_SIZE)
-            self._header = parse_frame_header(bytes(buffer[:FRAME_HEADER_SIZE]), self.direction)
+            self._header = parse_frame_header(buffer.peek(FRAME_HEADER_SIZE), self.direction)
         header = self._header
         total = FRAME_HEADER_SIZE + header.length
         if len(buffer) < total:
             if self._eof:
                 raise self._truncated(f"a {header.type.name} frame", len(buffer), total)
             return NEED_DATA
-        with memoryview(buffer) as view:
-            payload = bytes(view[FRAME_HEADER_SIZE:total])
-        self._header = None
+        payload = buffer.peek(total)[FRAME_HEADER_SIZE:]
         result = self.context.parse_payload(header, payload)
-        del buffer[:total]
+        self._header = None
+        buffer.take(total)
         if isinstance(result, RamRunHeader):
             self._run = result
             return self._finish_run(result)
@@ -977,9 +1057,7 @@ class Decoder:
             if self._eof:
                 raise self._truncated("RAM_RUN page data", len(buffer), length)
             return NEED_DATA
-        with memoryview(buffer) as view:
-            data = bytes(view[:length])
-        del buffer[:length]
+        data = buffer.take(length)
         self._run = None
         return run.with_data(data)
 
