@@ -90,7 +90,7 @@ def test_parameters_and_capabilities_use_qemu_names_and_check_values() -> None:
     with pytest.raises(ParameterError, match="expected: integer"):
         parameters.set("max-bandwidth", "fast")
     with pytest.raises(ParameterError, match="between"):
-        parameters.set("x-postcopy-run-pages", 0)
+        parameters.set("x-postcopy-run-pages", -1)
     capabilities = Capabilities()
     capabilities.set("postcopy-ram", True)
     assert "postcopy-ram" in capabilities.names()

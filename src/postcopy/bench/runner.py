@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -39,6 +40,7 @@ from postcopy.bench.cleanup import Cleanup, end_process
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
 from postcopy.bench.procinfo import memory_figures
+from postcopy.bench.profile import Profiler
 from postcopy.bench.qmpclient import QmpClient, QmpError
 from postcopy.bench.scenarios import Scenario
 from postcopy.transport import AuthConfig
@@ -61,6 +63,8 @@ class RunOptions:
     verify: bool = True
     fault_probes: int = 2000
     keep_workdir: bool = False
+    # with a path prefix, py-spy profiles both VM processes; raw stacks go beside it
+    profile_prefix: Path | None = None
 
 
 def host_info() -> dict[str, Any]:
@@ -239,6 +243,12 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
                   f"{count}x {marker!r} on the source console (guest warm-up)", vms)
         record["source_memory"] = memory_figures(source.pid, scenario.ram)
 
+        profiler = None
+        if options.profile_prefix is not None:
+            run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", record["run_id"])
+            profiler = Profiler(cleanup, record["pids"], options.profile_prefix.with_name(
+                f"{options.profile_prefix.name}-{link.name}-{run_name}"))
+            profiler.start()
         series = Series()
         timeout = _migration_timeout(scenario, link)
         started = time.monotonic()
@@ -259,6 +269,8 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
             next_poll += options.poll_interval
             time.sleep(max(next_poll - time.monotonic(), 0.0))
         record["wall_seconds"] = round(time.monotonic() - started, 4)
+        if profiler is not None:
+            record["profile"] = profiler.stop()
         record["source"] = source.query() or src
         record["destination"] = destination.query() or dst
         record["series"] = series.columns

@@ -45,6 +45,7 @@ class SuiteOptions:
     verify: bool = True
     fault_probes: int = 2000
     keep_workdir: bool = False
+    profile: bool = False
 
 
 def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
@@ -63,7 +64,9 @@ def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
             run_options = RunOptions(link=link, workdir=workdir,
                                      poll_interval=options.poll_interval, verify=options.verify,
                                      fault_probes=options.fault_probes,
-                                     keep_workdir=options.keep_workdir)
+                                     keep_workdir=options.keep_workdir,
+                                     profile_prefix=out.with_suffix("") if options.profile
+                                     else None)
             with out.open("a") as stream:
                 for scenario in scenarios:
                     for repetition in range(1, options.repeat + 1):

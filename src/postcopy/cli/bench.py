@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> None:
                        help="faults timed by the raw fault round-trip probe (default 2000)")
     bench.add_argument("--no-verify", action="store_true",
                        help="skip x-verify of the destination's guest after each run")
+    bench.add_argument("--profile", action="store_true",
+                       help="sample both VM processes with py-spy during each migration; "
+                            "per-thread summary in the JSON line, raw stacks beside it")
     bench.add_argument("--keep", action="store_true",
                        help="keep each run's directory (sockets, consoles, traces, stderr)")
     bench.set_defaults(func=run_bench)
@@ -114,7 +117,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out = output_path(args.out)
     options = SuiteOptions(link=args.link, repeat=args.repeat, poll_interval=args.poll_ms / 1000,
                            verify=not args.no_verify, fault_probes=args.fault_probes,
-                           keep_workdir=args.keep)
+                           keep_workdir=args.keep, profile=args.profile)
     total = len(scenarios) * args.repeat
     print(f"postcopy bench: {total} run(s) of {len(scenarios)} scenario(s) on {args.link}, "
           f"results in {out}", file=sys.stderr)

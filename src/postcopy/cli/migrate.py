@@ -193,8 +193,10 @@ class Migration:
             parameters["max-bandwidth"] = options.max_bandwidth
         if options.downtime_limit is not None:
             parameters["downtime-limit"] = options.downtime_limit
-        if options.key_file is not None:
-            parameters["x-key-file"] = str(Path(options.key_file).resolve())
+        # without --key, the source uses the key it was started with (if any), not one a
+        # previous `postcopy migrate --key` left in its parameters
+        parameters["x-key-file"] = (str(Path(options.key_file).resolve())
+                                    if options.key_file is not None else "")
         self._execute(self.source, "migrate-set-parameters", parameters, "source")
         if self.recorder is not None:
             self.recorder.write(self._header())
@@ -435,7 +437,11 @@ def failure_line(outcome: MigrationOutcome) -> str:
     if outcome.status == "cancelled":
         why = "interrupted" if outcome.interrupted else "cancelled through QMP"
         return f"migration cancelled ({why}); the source VM keeps running"
-    return f"migration failed: {outcome.error or 'no reason given'}"
+    reason = outcome.error or "no reason given"
+    if "not possible on the destination" in reason:
+        # the destination's reason may arrive cut short; the check prints it whole
+        reason += " (run `postcopy check` on the destination host for the whole report)"
+    return f"migration failed: {reason}"
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ from typing import Any
 
 from postcopy.cli.units import parse_size
 
+SWITCH_INTERVAL = 0.0002  # seconds
+
 
 def add_parser(subparsers: Any) -> None:
     vm = subparsers.add_parser("vm", help="run a micro-VM (source or migration destination)")
@@ -103,6 +105,9 @@ def run_vm(args: argparse.Namespace) -> int:
             console_file.write(data)
             console_file.flush()
 
+    # A Python thread keeps the GIL for up to the switch interval (5 ms by default) when
+    # others wait for it: the fault thread must not wait that long behind the receiver.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     quit_event = threading.Event()
     server = QmpServer(args.qmp)
     try:

@@ -180,6 +180,7 @@ class IncomingMigration:
         self._unmoved = [np.zeros(0, dtype=np.bool_) for _ in ram]
         self._moving_done = threading.Event()
         self._moving_done.set()
+        self._guest_started = threading.Event()
         self.pages_moved = 0
         self._device_state: dict[str, Any] | None = None
         self.start_time = 0.0
@@ -489,6 +490,7 @@ class IncomingMigration:
         if self.autostart:
             self.machine.cont()
             self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
+        self._guest_started.set()
         self._trace("run")
 
     def _preempt_receiver(self) -> None:
@@ -536,6 +538,10 @@ class IncomingMigration:
             ready = poller.poll(0 if move_work is not None else None)
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
+            if not ready and move_work is not None and not self._guest_started.is_set():
+                # moving can wait until the guest runs; LISTEN..RUN is downtime
+                self._guest_started.wait(0.001)
+                continue
             if not ready and move_work is not None:
                 chunk = next(move_work, None)
                 if chunk is None:

@@ -110,6 +110,7 @@ class OutgoingMigration:
         self._needed_lock = threading.Lock()
         self._counters_lock = threading.Lock()
         self._jump: tuple[int, int] | None = None
+        self._ping_value = RUN_PING
         self._last_sync = 0.0
         self.needed_at_switchover = 0
         self.discarded_pages = 0
@@ -390,6 +391,16 @@ class OutgoingMigration:
             self._throttle_start = self._clock()
             self._throttle_bytes = 0
 
+    def _drain(self, writer: StreamWriter) -> None:
+        """Wait until the destination has consumed everything sent so far (a Ping's Pong).
+
+        Socket buffers hold megabytes that a busy destination needs a while to place; the
+        guest should keep running during that time, not wait stopped."""
+        self._ping_value += 1
+        writer.send(Ping(self._ping_value))
+        self._wait_pong(self._ping_value)
+        self._trace("drained")
+
     def _stop_vm(self) -> float:
         self.stop_time = self._clock()
         self._stopped_vm = True
@@ -398,6 +409,7 @@ class OutgoingMigration:
 
     def _complete_precopy(self, writer: StreamWriter, pending: list[Bitmap]) -> None:
         """Stop, then send what the last round left dirty plus what was dirtied since."""
+        self._drain(writer)
         self.status.move(S.DEVICE)
         stop_time = self._stop_vm()
         self._trace("stop", phase="precopy")
@@ -423,6 +435,7 @@ class OutgoingMigration:
 
     def _postcopy(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> None:
         ram = self.machine.ram
+        self._drain(writer)
         self.status.move(S.POSTCOPY_ACTIVE)
         stop_time = self._stop_vm()
         self.postcopy_start = stop_time
@@ -464,7 +477,8 @@ class OutgoingMigration:
 
     def _push(self, writer: StreamWriter) -> None:
         """Send every needed page; requested pages first, then onward from the last request."""
-        run_pages = self.parameters.x_postcopy_run_pages
+        run_pages = self.parameters.x_postcopy_run_pages or (
+            512 if self._preempt_writer is not None else 64)
         for index, block in enumerate(self.machine.ram):
             while True:  # passes until nothing is needed: a jump can leave pages behind
                 with self._needed_lock:

@@ -74,8 +74,9 @@ class Parameters:
     x_postcopy_after_rounds: int = -1
     # switch to postcopy automatically when precopy rounds stop shrinking the dirty set
     x_postcopy_when_stalled: bool = False
-    # pages per background run in postcopy (small runs keep requested pages from waiting)
-    x_postcopy_run_pages: int = 64
+    # pages per background run in postcopy; 0 = automatic: 512 when requested pages have
+    # their own channel (postcopy-preempt), else 64 so that they do not wait behind a run
+    x_postcopy_run_pages: int = 0
     # pages per run in precopy
     x_precopy_run_pages: int = 512
     # the transport's authentication key, given as a file path (never sent anywhere)
@@ -90,7 +91,7 @@ class Parameters:
         "downtime_limit": (0, 2000000),
         "x_max_rounds": (1, 10000),
         "x_postcopy_after_rounds": (-1, 10000),
-        "x_postcopy_run_pages": (1, 512),
+        "x_postcopy_run_pages": (0, 512),
         "x_precopy_run_pages": (1, 512),
         "announce_initial": (1, 100000),
     }
