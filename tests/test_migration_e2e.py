@@ -28,7 +28,8 @@ def vms(tmp_path: Path) -> Iterator[list[VmProcess]]:
 
 def start_pair(tmp_path: Path, vms: list[VmProcess], *, guest: str = "memtouch",
                ram: str = "256M", vcpus: int = 1, caps: tuple[str, ...] = (),
-               dest_args: tuple[str, ...] = (), src_args: tuple[str, ...] = ()) -> tuple[VmProcess, VmProcess, str]:
+               dest_args: tuple[str, ...] = (), src_args: tuple[str, ...] = (),
+               ) -> tuple[VmProcess, VmProcess, str]:
     uri = f"tcp:127.0.0.1:{free_port()}"
     common = ("--guest", guest, "--ram", ram, "--vcpus", str(vcpus))
     cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))

@@ -5,6 +5,7 @@ Every process started here is ended by its PID when the test ends, even on failu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -73,10 +74,8 @@ class VmProcess:
             time.sleep(0.05)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.qmp.close()
-        except Exception:
-            pass
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

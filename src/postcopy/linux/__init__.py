@@ -1,1 +1,3 @@
-"""Thin, complete bindings to the kernel interfaces postcopy uses: one module per interface, no policy."""
+"""Thin, complete bindings to the kernel interfaces postcopy uses.
+
+One module per interface, no policy."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Any
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -30,6 +31,6 @@ def ioctl_ptr(fd: int, request: int, arg: int | ctypes.c_void_p | None) -> int:
     return int(result)
 
 
-def ioctl_struct(fd: int, request: int, struct: ctypes.Structure | ctypes.Array) -> int:  # type: ignore[type-arg]
+def ioctl_struct(fd: int, request: int, struct: ctypes.Structure | ctypes.Array[Any]) -> int:
     """Issue ioctl(fd, request, &struct); the structure is read and written in place."""
     return ioctl_ptr(fd, request, ctypes.addressof(struct))

@@ -15,6 +15,7 @@ ioctls (which release the GIL) and socket reads into the staging buffer touch pa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -289,10 +290,8 @@ class IncomingMigration:
         self.error = str(error) or type(error).__name__
         log.error("incoming migration failed: %s", self.error)
         if self._return is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._return.send(Shut(error=True, reason=self.error[:200]))
-            except OSError:
-                pass
         if self.postcopy_start is not None:
             # vCPUs may sleep on missing pages: ask them to stop, then release the faults
             # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
@@ -313,7 +312,8 @@ class IncomingMigration:
     def _receive(self) -> None:
         assert self._main is not None
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
-        reader = StreamReader(self._main, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks))
+        reader = StreamReader(self._main, Direction.MAIN,
+                              StreamContext(Direction.MAIN, blocks=blocks))
         self._return = StreamWriter(self._main, Direction.RETURN)
         self._return.send_stream_header()
         reader.read_stream_header()
@@ -387,8 +387,10 @@ class IncomingMigration:
             if stale_zero.any():
                 # a page we hold became zero on the source: empty it
                 zero_starts, zero_lengths = runs(stale_zero)
-                for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
-                    block.mapping.madvise(Advice.DONTNEED, (header.first_page + start) * block.page_size,
+                for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(),
+                                         strict=True):
+                    block.mapping.madvise(Advice.DONTNEED,
+                                          (header.first_page + start) * block.page_size,
                                           length * block.page_size)
             received[:] = True
             return
@@ -463,7 +465,8 @@ class IncomingMigration:
                 needed |= Ioctl.MOVE
             if allowed & needed != needed:
                 uffd.close()
-                raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
+                raise IncomingError(
+                    f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
         self.uffd = uffd
         self._placer = PagePlacer(uffd, self._ram, self.received, self.latency, self.blocktime)
         fault_thread = threading.Thread(target=self._fault_thread, name="fault", daemon=True)
@@ -512,7 +515,8 @@ class IncomingMigration:
             while True:
                 header = reader.read()
                 if not isinstance(header, RamRunHeader):
-                    raise IncomingError(f"unexpected {type(header).__name__} on the preempt channel")
+                    raise IncomingError(
+                        f"unexpected {type(header).__name__} on the preempt channel")
                 if header.data_length:
                     reader.read_data_into(staging.view[:header.data_length])
                 if self._placer is None:
@@ -619,7 +623,7 @@ class IncomingMigration:
         self._old_mappings = [None] * len(self._old_mappings)
         self._trace("moved", pages=self.pages_moved)
         self._moving_done.set()
-        freer = threading.Thread(target=lambda: [m.close() for m in stale], name="free-stale",
+        freer = threading.Thread(target=_close_all, args=(stale,), name="free-stale",
                                  daemon=True)
         self._threads.append(freer)
         freer.start()
@@ -678,10 +682,8 @@ class IncomingMigration:
         self._trace("completed")
 
     def _stop_fault_thread(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._quit.write(1)
-        except OSError:
-            pass
         for thread in self._threads:
             if thread.name == "fault" and thread is not threading.current_thread():
                 thread.join(5)
@@ -696,6 +698,11 @@ class IncomingMigration:
             except OSError:
                 log.exception("unregistering %s", block.name)
         uffd.close()
+
+
+def _close_all(mappings: list[Mapping]) -> None:
+    for mapping in mappings:
+        mapping.close()
 
 
 def _can_swap_ram(ram: list[RamBlock]) -> bool:

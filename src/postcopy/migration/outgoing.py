@@ -141,9 +141,11 @@ class OutgoingMigration:
 
     def start_postcopy(self) -> None:
         if not self.capabilities["postcopy-ram"]:
-            raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
+            raise MigrationError(
+                "Enable postcopy with migrate_set_capability before the start of migration")
         if self.status.value not in (S.SETUP, S.ACTIVE):
-            raise MigrationError(f"Postcopy must be started after migration has been started (status {self.status.value})")
+            raise MigrationError("Postcopy must be started after migration has been started "
+                                 f"(status {self.status.value.value})")
         self._postcopy_requested.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -257,7 +259,8 @@ class OutgoingMigration:
             for block in ram:
                 summary |= block.page_size
             main.send(Advise(page_size_summary=summary, target_page_size=4096))
-        reader = StreamReader(self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks))
+        reader = StreamReader(self._main, Direction.RETURN,
+                              StreamContext(Direction.RETURN, blocks=blocks))
         threading.Thread(target=self._return_path, args=(reader, main), name="return-path",
                          daemon=True).start()
         main.send(Ping(SETUP_PING))
@@ -296,7 +299,8 @@ class OutgoingMigration:
                 self._emit("MIGRATION_PASS", {"pass": self.rounds})
             sync_started = self._clock()
             dirty = self._sync_dirty(sync_started)
-            remaining = sum(int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True))
+            remaining = sum(int(np.count_nonzero(d)) * b.page_size
+                            for d, b in zip(dirty, ram, strict=True))
             self.counters.remaining = remaining
             bandwidth = max(self._bandwidth(), 1.0)
             self.expected_downtime = remaining / bandwidth

@@ -66,7 +66,8 @@ class StatusHolder:
             if new == old:
                 return
             if new not in TRANSITIONS[old]:
-                raise IllegalTransition(f"migration status {old.value} -> {new.value} is not allowed")
+                raise IllegalTransition(
+                    f"migration status {old.value} -> {new.value} is not allowed")
             self._status = new
             self._changed.notify_all()
         if self._on_change is not None:

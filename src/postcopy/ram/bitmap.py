@@ -83,7 +83,7 @@ def zero_pages(data: npt.NDArray[np.uint8] | memoryview, page_size: int) -> Bitm
     pages = array.reshape(-1, words_per_page)
     # Most pages with data have some in their first cache line: looking there first reads
     # 64 bytes of such a page instead of all of it; only the rest are read whole.
-    result: Bitmap = ~pages[:, :8].any(axis=1)
+    result: Bitmap = np.logical_not(pages[:, :8].any(axis=1))
     candidates = np.flatnonzero(result)
     if candidates.size:
         result[candidates] = ~pages[candidates].any(axis=1)
