@@ -501,7 +501,7 @@ def check_case(case: Case, memory: GuestMemory, stats: Statistics) -> None:
         stats.errors[decoded.error.field] += 1
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(900 + ITERATIONS // 100)  # long campaigns get time in proportion
 def test_fuzz_decoder_only_raises_protocol_error_and_stays_in_bounds(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     corpora = {
