@@ -31,7 +31,7 @@ from typing import Any
 from postcopy.cli.migrate import MigrateError, MigrateOptions, Migration, failure_line
 from postcopy.cli.qmpclient import QmpClient, QmpClientError
 from postcopy.cli.report import ReportError, RunWriter, load_run, summary_table, write_png
-from postcopy.cli.units import format_bytes, parse_size
+from postcopy.cli.units import format_bytes, parse_rate, parse_size
 
 DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
 START_TIMEOUT = 30.0      # seconds for a VM process to offer its QMP socket
@@ -147,6 +147,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--vcpus", type=int, default=2, help="vCPUs (default 2)")
     parser.add_argument("--guest", default="memtouch",
                         help="built-in guest (default memtouch; see `postcopy vm guests`)")
+    parser.add_argument("--max-bandwidth", metavar="RATE",
+                        help="cap the link, e.g. 100M (bytes per second, precopy and postcopy "
+                             "alike), to watch a slow migration")
     parser.add_argument("--out", type=Path, default=Path("postcopy-demo"), metavar="DIR",
                         help="where to write run.jsonl and timeline.png (default ./postcopy-demo)")
     parser.add_argument("--keep-dir", action="store_true",
@@ -159,8 +162,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         ram = parse_size(args.ram)
+        bandwidth = parse_rate(args.max_bandwidth) if args.max_bandwidth else None
     except ValueError as error:
-        print(f"postcopy demo: --ram: {error}", file=sys.stderr)
+        print(f"postcopy demo: {error}", file=sys.stderr)
         return 2
     if args.vcpus < 1:
         print("postcopy demo: --vcpus must be at least 1", file=sys.stderr)
@@ -179,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> int:
     children: list[VmChild] = []
     try:
         with _terminate_as_interrupt():
-            return _demo(args, ram, workdir, children)
+            return _demo(args, ram, bandwidth, workdir, children)
     except KeyboardInterrupt:
         print("postcopy demo: interrupted; everything it started is removed", file=sys.stderr)
         return 130
@@ -199,7 +203,8 @@ def run_demo(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
-def _demo(args: argparse.Namespace, ram: int, workdir: Path, children: list[VmChild]) -> int:
+def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Path,
+          children: list[VmChild]) -> int:
     from rich.console import Console
 
     from postcopy.cli.display import LiveProgress, ProgressView
@@ -267,10 +272,12 @@ def _demo(args: argparse.Namespace, ram: int, workdir: Path, children: list[VmCh
         view.note = text
         live.refresh()
 
-    options = MigrateOptions(uri=uri, postcopy=True, preempt=True, switch_after_rounds=1)
+    options = MigrateOptions(uri=uri, postcopy=True, preempt=True, switch_after_rounds=1,
+                             max_bandwidth=bandwidth, max_postcopy_bandwidth=bandwidth)
     with RunWriter(run_path) as recorder:
         migration = Migration(source_qmp, destination_qmp, options, on_sample=on_sample,
-                              on_note=note, recorder=recorder, command="demo")
+                              on_note=note, recorder=recorder, command="demo",
+                              catch_interrupts=False)
         migration.prepare()
         with live:
             outcome = migration.run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import signal
@@ -57,6 +58,7 @@ class MigrateOptions:
     switch_after_rounds: int | None = None
     switch_when_stalled: bool = False
     max_bandwidth: int | None = None
+    max_postcopy_bandwidth: int | None = None
     downtime_limit: int | None = None
     key_file: str | None = None
     poll_interval: float = 0.1
@@ -125,7 +127,7 @@ class Migration:
     def __init__(self, source: QmpClient, destination: QmpClient | None,
                  options: MigrateOptions, *, on_sample: SampleSink | None = None,
                  on_note: NoteSink | None = None, recorder: RunWriter | None = None,
-                 command: str = "migrate") -> None:
+                 command: str = "migrate", catch_interrupts: bool = True) -> None:
         self.source = source
         self.destination = destination
         self.options = options
@@ -135,6 +137,9 @@ class Migration:
         self.command = command
         self.samples: list[dict[str, Any]] = []
         self._history: collections.deque[tuple[float, int]] = collections.deque()
+        # True: Ctrl-C cancels a precopy and is refused in postcopy (`postcopy migrate`);
+        # False: KeyboardInterrupt goes straight to the caller (the demo tears all down)
+        self.catch_interrupts = catch_interrupts
         self._interrupts = _Interrupts()
 
     # -- before the start ----------------------------------------------------------------------
@@ -191,6 +196,8 @@ class Migration:
         }
         if options.max_bandwidth is not None:
             parameters["max-bandwidth"] = options.max_bandwidth
+        if options.max_postcopy_bandwidth is not None:
+            parameters["max-postcopy-bandwidth"] = options.max_postcopy_bandwidth
         if options.downtime_limit is not None:
             parameters["downtime-limit"] = options.downtime_limit
         # without --key, the source uses the key it was started with (if any), not one a
@@ -230,7 +237,9 @@ class Migration:
 
     def run(self) -> MigrationOutcome:
         """Start the migration and watch it to its end (the caller called prepare())."""
-        with self._interrupts.catching():
+        catching = (self._interrupts.catching() if self.catch_interrupts
+                    else contextlib.nullcontext())
+        with catching:
             self.start_time = time.monotonic()
             self._execute(self.source, "migrate", {"uri": self.options.uri}, "source")
             status, info, interrupted = self._watch()
@@ -402,6 +411,8 @@ def add_parser(subparsers: Any) -> None:
                              "set (implies --postcopy)")
     parser.add_argument("--max-bandwidth", metavar="RATE",
                         help="cap the precopy rate, e.g. 100M (bytes per second)")
+    parser.add_argument("--max-postcopy-bandwidth", metavar="RATE",
+                        help="cap the background push after the switch to postcopy, e.g. 100M")
     parser.add_argument("--downtime-limit", type=int, metavar="MS",
                         help="the longest the guest may be stopped at a precopy switchover")
     parser.add_argument("--key", metavar="FILE",
@@ -422,15 +433,23 @@ def options_from_args(args: argparse.Namespace) -> MigrateOptions:
         raise MigrateError("--switch-after-rounds must be 0 or more")
     if args.downtime_limit is not None and args.downtime_limit < 0:
         raise MigrateError("--downtime-limit must be 0 or more")
-    try:
-        bandwidth = parse_rate(args.max_bandwidth) if args.max_bandwidth else None
-    except ValueError as error:
-        raise MigrateError(f"--max-bandwidth: {error}") from None
+    bandwidth = _rate_option("--max-bandwidth", args.max_bandwidth)
+    postcopy_bandwidth = _rate_option("--max-postcopy-bandwidth", args.max_postcopy_bandwidth)
     return MigrateOptions(uri=args.to, postcopy=args.postcopy, preempt=args.preempt,
                           switch_after_rounds=args.switch_after_rounds,
                           switch_when_stalled=args.switch_when_stalled,
-                          max_bandwidth=bandwidth, downtime_limit=args.downtime_limit,
+                          max_bandwidth=bandwidth, max_postcopy_bandwidth=postcopy_bandwidth,
+                          downtime_limit=args.downtime_limit,
                           key_file=args.key, poll_interval=max(args.interval, 0.01))
+
+
+def _rate_option(name: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_rate(text)
+    except ValueError as error:
+        raise MigrateError(f"{name}: {error}") from None
 
 
 def failure_line(outcome: MigrationOutcome) -> str:
