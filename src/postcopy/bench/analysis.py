@@ -6,7 +6,9 @@ memory, the limits measured on the same link, the timelines) come:
 - `figures`: flat, named, in base units (bytes, bytes per second, microseconds, ms);
 - `ratios`: throughput / min(line rate, fill rate), and against each of the two; request
   latency p50 / raw fault round trip p50 (and / the handler's part of it); downtime / the
-  5 ms target; destination memory beyond guest RAM / guest RAM;
+  5 ms target (QEMU's downtime: stop to device state sent; and the stricter stop to the
+  destination's confirmation that the guest runs); destination memory beyond guest RAM /
+  guest RAM;
 - `targets`: each ratio's bound from the issue and whether this run met it (None when
   the figure does not exist in this run, e.g. request latency in precopy).
 
@@ -33,11 +35,33 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 4)
 
 
-def _event_time(timeline: list[dict[str, Any]], event: str, **match: Any) -> float | None:
+def event_times(record: dict[str, Any], side: str) -> list[tuple[float, dict[str, Any]]]:
+    """A side's timeline entries with their time in seconds after `migrate` was sent.
+
+    Entries with "mono" (the host's CLOCK_MONOTONIC, the bench's clock too) are placed
+    exactly; others by their "t" from that side's start plus the start's estimate from
+    the polled total-time. An entry stamped before its side's clock was set has a
+    meaningless t and is left out."""
+    timeline = (record.get("timelines") or {}).get(side) or []
+    migrate_at = record.get("migrate_monotonic")
+    offset = (record.get("clock_offsets") or {}).get(side, 0.0)
+    horizon = float(record.get("wall_seconds") or 1e9) + 1.0
+    placed = []
     for entry in timeline:
-        if entry.get("event") == event and all(entry.get(k) == v for k, v in match.items()):
-            return float(entry["t"])
-    return None
+        if "mono" in entry and migrate_at is not None:
+            when = float(entry["mono"]) - migrate_at
+        elif "t" in entry:
+            when = offset + float(entry["t"])
+        else:
+            continue
+        if -1.0 <= when <= horizon:
+            placed.append((when, entry))
+    return placed
+
+
+def _event_time(record: dict[str, Any], side: str, event: str) -> float | None:
+    return next((when for when, entry in event_times(record, side)
+                 if entry.get("event") == event), None)
 
 
 def figures(record: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +78,9 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         downtime_us = float(src["downtime"]) * 1000
     memory = record.get("destination_memory") or {}
     source_memory = record.get("source_memory") or {}
-    timeline = (record.get("timelines") or {}).get("source") or []
-    switchover = _event_time(timeline, "stop")
+    switchover = _event_time(record, "source", "stop")
+    run_at = _event_time(record, "destination", "run")
+    postcopy = src.get("x-postcopy") or {}
     verify = record.get("verify") or {}
     migration_overhead = None
     if memory.get("overhead") is not None and source_memory.get("overhead") is not None:
@@ -66,10 +91,16 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "setup_time_ms": src.get("setup-time"),
         "downtime_ms": src.get("downtime"),
         "downtime_us": downtime_us,
+        "downtime_to_run_us": src.get("x-downtime-to-run-us"),
+        "stop_to_destination_run_us": (round((run_at - switchover) * 1e6, 1)
+                                       if run_at is not None and switchover is not None
+                                       else None),
         "switchover_at_ms": round(switchover * 1000, 1) if switchover is not None else None,
         "postcopy_phase_ms": (round(total_ms - switchover * 1000, 1)
                               if switchover is not None and total_ms is not None
                               and src.get("ram", {}).get("postcopy-bytes") else None),
+        "discarded_pages": postcopy.get("discarded-pages"),
+        "needed_pages_at_switchover": postcopy.get("needed-pages"),
         "rounds": src.get("x-rounds"),
         "transferred_bytes": transferred,
         "throughput_bytes_per_s": round(throughput) if throughput is not None else None,
@@ -123,6 +154,7 @@ def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         "latency_p99_vs_fault_rtt_p99": _ratio(figures["request_latency_p99_us"],
                                                limits.get("fault_rtt_p99_us")),
         "downtime_vs_target": _ratio(figures["downtime_us"], DOWNTIME_TARGET_US),
+        "downtime_to_run_vs_target": _ratio(figures["downtime_to_run_us"], DOWNTIME_TARGET_US),
         "rss_overhead_vs_guest_ram": _ratio(figures["destination_overhead_bytes"], guest_ram),
         "peak_rss_overhead_vs_guest_ram": _ratio(figures["destination_peak_overhead_bytes"],
                                                  guest_ram),

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from postcopy.bench.analysis import event_times
+
 GIB = 1 << 30
 MB = 1e6
 
@@ -26,13 +28,8 @@ DESTINATION_EVENTS = {"listen": ("LISTEN", "teal"), "run": ("destination runs", 
 
 
 def _events(record: dict[str, Any], side: str) -> list[tuple[float, dict[str, Any]]]:
-    """A side's timeline on the bench's clock. An entry stamped before that side's clock
-    was set (the source's first "setup" status) has a meaningless t: it is left out."""
-    offset = (record.get("clock_offsets") or {}).get(side, 0.0)
-    timeline = (record.get("timelines") or {}).get(side) or []
-    horizon = float(record.get("wall_seconds") or 1e9) + 1.0
-    return [(offset + float(entry["t"]), entry) for entry in timeline
-            if "t" in entry and 0.0 <= float(entry["t"]) <= horizon]
+    """A side's timeline on the bench's clock (seconds after `migrate`)."""
+    return event_times(record, side)
 
 
 def _rate(t: Any, sent: Any, window: float = 0.1) -> tuple[Any, Any]:

@@ -7,7 +7,9 @@ buffers, socket buffers mapped in, ...) is the process's overhead beyond guest R
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,57 @@ def memory_figures(pid: int, guest_ram: int) -> dict[str, Any]:
                        anon_overhead=figures["anonymous"] - int(guest.get("Anonymous", 0)),
                        guest_mapping=guest["name"] or "[anonymous]")
     return figures
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each thread of process `pid`."""
+    used: dict[int, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return used
+    for task in tasks:
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state (field 3 of stat); utime and stime are fields 14 and 15
+        used[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return used
+
+
+def host_cpu_times() -> list[int]:
+    """The aggregate "cpu" line of /proc/stat: user nice system idle iowait irq softirq
+    steal (in clock ticks)."""
+    first = Path("/proc/stat").read_text().splitlines()[0].split()
+    return [int(value) for value in first[1:9]]
+
+
+def host_cpu_usage(before: list[int], after: list[int], seconds: float) -> dict[str, float]:
+    """Busy cores, idle cores and stolen cores (time the hypervisor ran something else)
+    averaged over an interval of `seconds`."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    def cores(ticks: int) -> float:
+        return round(ticks / CLOCK_TICKS / seconds, 3) if seconds > 0 else 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = delta
+    return {"busy_cores": cores(user + nice + system + irq + softirq),
+            "idle_cores": cores(idle + iowait), "steal_cores": cores(steal),
+            "cpus": float(os.cpu_count() or 0)}
+
+
+def wait_for_quiet_host(max_wait: float, busy_limit: float = 0.3,
+                        window: float = 1.0) -> dict[str, Any]:
+    """Wait (at most `max_wait` s) until the host's cores are busy less than `busy_limit`
+    cores on average over a `window`: other work on two shared cores moves every figure."""
+    started = time.monotonic()
+    while True:
+        before = host_cpu_times()
+        time.sleep(window)
+        busy = host_cpu_usage(before, host_cpu_times(), window)["busy_cores"]
+        waited = time.monotonic() - started
+        if busy <= busy_limit or waited >= max_wait:
+            return {"busy_cores": busy, "waited_s": round(waited, 1),
+                    "quiet": busy <= busy_limit}

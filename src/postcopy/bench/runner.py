@@ -39,7 +39,13 @@ from postcopy.bench.analysis import analyse
 from postcopy.bench.cleanup import Cleanup, end_process
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
-from postcopy.bench.procinfo import memory_figures
+from postcopy.bench.procinfo import (
+    host_cpu_times,
+    host_cpu_usage,
+    memory_figures,
+    thread_cpu,
+    wait_for_quiet_host,
+)
 from postcopy.bench.profile import Profiler
 from postcopy.bench.qmpclient import QmpClient, QmpError
 from postcopy.bench.scenarios import Scenario
@@ -65,6 +71,8 @@ class RunOptions:
     keep_workdir: bool = False
     # with a path prefix, py-spy profiles both VM processes; raw stacks go beside it
     profile_prefix: Path | None = None
+    # wait up to this many seconds before each run for other processes to leave the cores
+    wait_idle: float = 0.0
 
 
 def host_info() -> dict[str, Any]:
@@ -221,6 +229,29 @@ def _vm_args(scenario: Scenario, key: Path, trace: Path) -> list[str]:
     return args
 
 
+def _cpu_usage(vms: list[VmHandle], before: dict[str, dict[int, float]],
+               seen: dict[str, dict[int, float]], host_before: list[int],
+               bench_before: float, seconds: float,
+               names: dict[str, dict[int, str]]) -> dict[str, Any]:
+    """CPU seconds each VM thread used during the migration, and how busy the host was:
+    on 2 shared cores, a figure far from its limit is often a thread waiting for a core."""
+    usage: dict[str, Any] = {"seconds": seconds}
+    ours = time.process_time() - bench_before
+    for vm in vms:
+        after = {**seen[vm.name], **thread_cpu(vm.pid)}
+        threads = {tid: round(used - before[vm.name].get(tid, 0.0), 3)
+                   for tid, used in after.items()}
+        usage[vm.name] = {"total": round(sum(threads.values()), 3),
+                          "threads": {str(tid): used for tid, used in threads.items() if used},
+                          "names": {str(tid): name for tid, name in names[vm.name].items()}}
+        ours += usage[vm.name]["total"]
+    host = host_cpu_usage(host_before, host_cpu_times(), seconds)
+    host["ours_cores"] = round(ours / seconds, 3) if seconds > 0 else 0.0
+    host["others_cores"] = round(max(host["busy_cores"] - host["ours_cores"], 0.0), 3)
+    usage["host"] = host
+    return usage
+
+
 def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: Cleanup,
              record: dict[str, Any]) -> None:
     link = options.link
@@ -249,15 +280,26 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
             profiler = Profiler(cleanup, record["pids"], options.profile_prefix.with_name(
                 f"{options.profile_prefix.name}-{link.name}-{run_name}"))
             profiler.start()
+        vcpu_threads = {vm.name: {cpu["thread-id"]: f"vcpu{cpu['cpu-index']}"
+                                  for cpu in vm.qmp.cmd("query-cpus-fast")} for vm in vms}
+        cpu_before = {vm.name: thread_cpu(vm.pid) for vm in vms}
+        # sampled at every poll: a thread that exits (migration, incoming, fault) leaves
+        # /proc with its CPU time, so its last sample is what it used
+        cpu_seen = {vm.name: dict(cpu_before[vm.name]) for vm in vms}
+        host_before = host_cpu_times()
+        bench_before = time.process_time()
         series = Series()
         timeout = _migration_timeout(scenario, link)
         started = time.monotonic()
+        record["migrate_monotonic"] = started  # timeline entries carry the same clock ("mono")
         source.qmp.cmd("migrate", uri=uri)
         next_poll = started
         while True:
             now = time.monotonic()
             src, dst = source.query(), destination.query()
             series.add(now - started, src, dst)
+            for vm in vms:
+                cpu_seen[vm.name].update(thread_cpu(vm.pid))
             src_done = src is None or src.get("status") in FINAL
             dst_done = dst is None or dst.get("status") in FINAL
             if src_done and dst_done:
@@ -269,6 +311,8 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
             next_poll += options.poll_interval
             time.sleep(max(next_poll - time.monotonic(), 0.0))
         record["wall_seconds"] = round(time.monotonic() - started, 4)
+        record["cpu"] = _cpu_usage(vms, cpu_before, cpu_seen, host_before, bench_before,
+                                   record["wall_seconds"], vcpu_threads)
         if profiler is not None:
             record["profile"] = profiler.stop()
         record["source"] = source.query() or src
@@ -316,6 +360,9 @@ def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> di
     if not options.keep_workdir:
         cleanup.push(f"directory {directory}", lambda: shutil.rmtree(directory, True))
     try:
+        record["host_load_before"] = Path("/proc/loadavg").read_text().split()[:3]
+        if options.wait_idle > 0:
+            record["host_quiet"] = wait_for_quiet_host(options.wait_idle)
         limits = measure_limits(options.link, scenario.ram, cleanup, faults=options.fault_probes)
         record["limits"] = limits.as_json()
         _migrate(scenario, options, directory, cleanup, record)

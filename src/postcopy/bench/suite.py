@@ -46,6 +46,7 @@ class SuiteOptions:
     fault_probes: int = 2000
     keep_workdir: bool = False
     profile: bool = False
+    wait_idle: float = 0.0
 
 
 def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
@@ -66,7 +67,7 @@ def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
                                      fault_probes=options.fault_probes,
                                      keep_workdir=options.keep_workdir,
                                      profile_prefix=out.with_suffix("") if options.profile
-                                     else None)
+                                     else None, wait_idle=options.wait_idle)
             with out.open("a") as stream:
                 for scenario in scenarios:
                     for repetition in range(1, options.repeat + 1):

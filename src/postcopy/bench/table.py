@@ -73,6 +73,7 @@ def runs_table(records: Sequence[dict[str, Any]]) -> Table:
     table.add_column("status")
     for name, _ in COLUMNS:
         table.add_column(name, justify="right")
+    table.add_column("cores busy (others)", justify="right")
     table.add_column("limits (same run, same link)", no_wrap=True)
     for record in records:
         status = record.get("status", "?")
@@ -86,6 +87,8 @@ def runs_table(records: Sequence[dict[str, Any]]) -> Table:
             row += [cell(figures, ratios, targets) for _, cell in COLUMNS]
         else:
             row += ["-"] * len(COLUMNS)
+        host = (record.get("cpu") or {}).get("host") or {}
+        row.append(f"{host['busy_cores']:.1f} ({host['others_cores']:.1f})" if host else "-")
         row.append(_limits_text(record.get("limits") or {}))
         table.add_row(*row)
     return table
@@ -124,6 +127,45 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
     return table
 
 
+def thread_names(record: dict[str, Any], side: str) -> dict[str, str]:
+    """Thread id -> name, from the vCPU list and, with --profile, py-spy's thread names."""
+    names = dict(((record.get("cpu") or {}).get(side) or {}).get("names") or {})
+    threads = (((record.get("profile") or {}).get(side) or {}).get("threads") or {})
+    for key in threads:
+        name, _, tid = key.rpartition(" (")
+        names.setdefault(tid.rstrip(")"), name)
+    return names
+
+
+def cpu_lines(record: dict[str, Any]) -> list[str]:
+    """Where the cores went during the migration: each VM thread's CPU seconds, the host."""
+    cpu = record.get("cpu") or {}
+    if not cpu:
+        return []
+    lines = [f"{record.get('run_id')}: {cpu['seconds']:.2f} s of migration"]
+    host = cpu.get("host") or {}
+    if host:
+        lines.append(f"  host: {host['busy_cores']:.2f} of {host['cpus']:.0f} cores busy "
+                     f"(ours {host['ours_cores']:.2f}, other processes "
+                     f"{host['others_cores']:.2f}), stolen by the hypervisor "
+                     f"{host['steal_cores']:.2f}")
+    for side in ("source", "destination"):
+        usage = cpu.get(side) or {}
+        if not usage:
+            continue
+        names = thread_names(record, side)
+        busiest = sorted(usage["threads"].items(), key=lambda item: -item[1])[:6]
+        shown = ", ".join(f"{names.get(tid, tid)} {seconds:.2f}" for tid, seconds in busiest)
+        lines.append(f"  {side}: {usage['total']:.2f} CPU s: {shown}")
+    profile = record.get("profile") or {}
+    for side in ("source", "destination"):
+        threads = (profile.get(side) or {}).get("threads") or {}
+        for key, thread in list(threads.items())[:4]:
+            top = "; ".join(f"{name} {count}" for name, count in thread["top_self"][:4])
+            lines.append(f"  py-spy {side} {key}: {thread['samples']} samples: {top}")
+    return lines
+
+
 def print_summary(records: Sequence[dict[str, Any]], console: Console | None = None) -> None:
     if console is None:
         console = Console()
@@ -136,3 +178,7 @@ def print_summary(records: Sequence[dict[str, Any]], console: Console | None = N
     for record in records:
         if record.get("error"):
             console.print(f"[red]{record.get('run_id')}: {record['error']}[/]")
+    if any(record.get("profile") for record in records):
+        for record in records:
+            for line in cpu_lines(record):
+                console.print(line, markup=False, highlight=False)

@@ -51,6 +51,9 @@ def add_parser(subparsers: Any) -> None:
     bench.add_argument("--profile", action="store_true",
                        help="sample both VM processes with py-spy during each migration; "
                             "per-thread summary in the JSON line, raw stacks beside it")
+    bench.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                       help="before each run, wait up to SECONDS for the host's cores to be "
+                            "idle (other processes move every figure on 2 shared cores)")
     bench.add_argument("--keep", action="store_true",
                        help="keep each run's directory (sockets, consoles, traces, stderr)")
     bench.set_defaults(func=run_bench)
@@ -117,7 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
     out = output_path(args.out)
     options = SuiteOptions(link=args.link, repeat=args.repeat, poll_interval=args.poll_ms / 1000,
                            verify=not args.no_verify, fault_probes=args.fault_probes,
-                           keep_workdir=args.keep, profile=args.profile)
+                           keep_workdir=args.keep, profile=args.profile,
+                           wait_idle=args.wait_idle)
     total = len(scenarios) * args.repeat
     print(f"postcopy bench: {total} run(s) of {len(scenarios)} scenario(s) on {args.link}, "
           f"results in {out}", file=sys.stderr)
