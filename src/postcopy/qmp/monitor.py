@@ -76,6 +76,7 @@ class VmMonitor:
         register("x-verify", self.x_verify)
         register("x-console", self.x_console)
         register("x-migration-timeline", self.x_migration_timeline)
+        register("x-request-latency-samples", self.x_request_latency_samples)
         self.server.on_quit(self._quit)
 
     # -- run state -------------------------------------------------------------------------------
@@ -259,6 +260,21 @@ class VmMonitor:
     def x_migration_timeline(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         migration = self.incoming or self.outgoing
         return list(migration.timeline) if migration is not None else []
+
+    # Added by the CLI helper for `postcopy report`'s latency histogram.
+    LATENCY_SAMPLES_MAX = 50_000
+
+    def x_request_latency_samples(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The destination's request latencies (fault read to page placed) in µs, one per
+        requested page; evenly thinned to at most LATENCY_SAMPLES_MAX so the answer stays
+        well inside a QMP client's read limit (qemu.qmp: 10 MB)."""
+        if self.incoming is None:
+            return {"us": [], "count": 0}
+        samples = self.incoming.latency.samples()
+        count = int(samples.size)
+        if count > self.LATENCY_SAMPLES_MAX:
+            samples = samples[:: -(-count // self.LATENCY_SAMPLES_MAX)]
+        return {"us": [round(value * 1e6, 1) for value in samples.tolist()], "count": count}
 
     def _quit(self) -> None:
         if self._on_quit is not None:
