@@ -80,7 +80,7 @@ def test_run_file_tables(files: Files, capsys: pytest.CaptureFixture[str]) -> No
     assert code == 0, err
     for text in ("run", "migrate", "postcopy-preempt", "timeline", "round-end",
                  "postcopy-active", "migration summary", "blocktime", "vCPU 1",
-                 "request latency", "result: completed"):
+                 "request latency", "request latency over", "result: completed"):
         assert text in out, text
     assert "phases:" in out and "postcopy" in out
 
@@ -104,6 +104,10 @@ def test_run_file_contents(files: Files) -> None:
     assert switch is not None and 0 < switch < float(run.samples[-1]["t"])
     assert run.source["status"] == run.destination["status"] == "completed"
     assert run.end is not None and run.end["status"] == "completed"
+    # the raw latencies for the histogram: one per requested page, as the summary counts
+    assert len(run.latency_us) == run.destination["x-request-latency"]["count"] > 0
+    assert max(run.latency_us) == pytest.approx(run.destination["x-request-latency"]["max-us"],
+                                                abs=0.2)
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
