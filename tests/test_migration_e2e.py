@@ -88,11 +88,12 @@ def test_postcopy_after_one_round_with_preempt(tmp_path: Path, vms: list[VmProce
     assert ram["x-pages-pushed"] + ram["x-pages-requested"] > 0
     dest_info = destination.wait_migration({"completed"})
     assert len(dest_info["postcopy-vcpu-blocktime"]) == 2
-    assert dest_info["x-duplicate-pages"] == 0
-    # every page the destination lacked at switchover crossed exactly once: none lost
+    # every page the destination lacked at switchover crossed once, plus the copies sent
+    # again because a request raced the push (counted on both ends): none lost
     counts = info["x-postcopy"]
     assert counts["pushed-pages"] + counts["requested-pages"] == counts["needed-pages"]
-    assert dest_info["x-pages-placed"] == counts["needed-pages"]
+    assert dest_info["x-duplicate-pages"] <= counts["resent-pages"]
+    assert dest_info["x-pages-placed"] == counts["needed-pages"] + counts["resent-pages"]
     assert counts["discarded-pages"] <= counts["needed-pages"]
     before = destination.console().count(b"B")
     wait_passes(destination, b"B", before + 2)

@@ -176,6 +176,7 @@ class OutgoingMigration:
                 "needed-pages": self.needed_at_switchover,
                 "pushed-pages": self.counters.pages_pushed,
                 "requested-pages": self.counters.pages_requested,
+                "resent-pages": self.counters.pages_resent,
             }
         elif not self.finished:
             info["expected-downtime"] = int(self.expected_downtime * 1000)
@@ -523,11 +524,24 @@ class OutgoingMigration:
                 return
             self._serve_request(writer, request)
 
-    def _serve_request(self, writer: StreamWriter, request: PageRequest) -> None:
+    def _serve_request(self, writer: StreamWriter, request: PageRequest, *,
+                       urgent: bool = False) -> None:
+        """Send the requested pages that are still needed, and continue the push after them.
+
+        On the urgent channel the pages the push has already taken are sent again too: the
+        destination asked, so the push's copy has not arrived, and it may sit behind
+        megabytes of the main channel. Whichever copy comes second meets EEXIST there."""
         block = self.machine.ram[request.block]
-        for start, length in self._claim(request.block, request.first_page, request.page_count):
+        claimed = self._claim(request.block, request.first_page, request.page_count)
+        for start, length in claimed:
             self._send_pages(writer, request.block, block, start, length, phase="postcopy")
             self.counters.pages_requested += length
+        if urgent:
+            taken = request.page_count - sum(length for _, length in claimed)
+            if taken:
+                self._send_pages(writer, request.block, block, request.first_page,
+                                 request.page_count, phase="postcopy")
+                self.counters.pages_resent += taken
         self._jump = (request.block, request.first_page + request.page_count)
 
     # -- the return path -----------------------------------------------------------------------
@@ -547,7 +561,7 @@ class OutgoingMigration:
                     request = PageRequest(message.block, message.first_page,
                                           message.page_count, self._clock())
                     if self._preempt_writer is not None:
-                        self._serve_request(self._preempt_writer, request)
+                        self._serve_request(self._preempt_writer, request, urgent=True)
                     else:
                         self._requests.put(request)
                 elif isinstance(message, Pong):

@@ -36,6 +36,7 @@ class RamCounters:
     page_size: int = 4096
     pages_pushed: int = 0          # after switchover: pages sent by the background push
     pages_requested: int = 0       # after switchover: pages sent because they were requested
+    pages_resent: int = 0          # requested while the push's copy was still on its way
 
     def as_qmp(self, elapsed: float) -> dict[str, Any]:
         mbps = self.transferred * 8 / 1e6 / elapsed if elapsed > 0 else 0.0
@@ -60,6 +61,7 @@ class RamCounters:
             "multifd-bytes": 0,
             "x-pages-pushed": self.pages_pushed,
             "x-pages-requested": self.pages_requested,
+            "x-pages-resent": self.pages_resent,
         }
 
 
@@ -93,16 +95,18 @@ class LatencyRecorder:
         self._lock = threading.Lock()
 
     def asked(self, block: int, first_page: int, count: int, when: float) -> None:
-        self._asked_at[block][first_page:first_page + count] = when
+        with self._lock:
+            self._asked_at[block][first_page:first_page + count] = when
 
     def placed(self, block: int, first_page: int, count: int) -> None:
-        asked = self._asked_at[block][first_page:first_page + count]
-        waiting = ~np.isnan(asked)
-        if waiting.any():
-            now = self._clock()
-            with self._lock:
-                self._samples.append(now - asked[waiting])
-            asked[waiting] = np.nan
+        # two receivers may place the same page (a request raced the push): the lock makes
+        # test-and-clear one step, so each request yields one sample
+        with self._lock:
+            asked = self._asked_at[block][first_page:first_page + count]
+            waiting = ~np.isnan(asked)
+            if waiting.any():
+                self._samples.append(self._clock() - asked[waiting])
+                asked[waiting] = np.nan
 
     def summary(self) -> dict[str, float | int]:
         with self._lock:
