@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import struct
 from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
@@ -772,7 +773,16 @@ def _own_blocks(blocks: Sequence[BlockInfo] | None) -> tuple[BlockInfo, ...] | N
     """Validate a configuration given by the local side (same rules as a Handshake's)."""
     if blocks is None:
         return None
-    return Handshake(frozenset(), tuple(blocks), 1).blocks
+    try:
+        return _validated_blocks(tuple(blocks))
+    except TypeError:  # unhashable, so not BlockInfos: let the Handshake say what is wrong
+        return Handshake(frozenset(), tuple(blocks), 1).blocks
+
+
+@functools.lru_cache(maxsize=16)
+def _validated_blocks(blocks: tuple[BlockInfo, ...]) -> tuple[BlockInfo, ...]:
+    # A process opens many streams with the same configuration (one per connection).
+    return Handshake(frozenset(), blocks, 1).blocks
 
 
 class StreamContext:
