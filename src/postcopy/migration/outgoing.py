@@ -262,7 +262,7 @@ class OutgoingMigration:
             main.send(Advise(page_size_summary=summary, target_page_size=4096))
         reader = StreamReader(self._main, Direction.RETURN,
                               StreamContext(Direction.RETURN, blocks=blocks))
-        threading.Thread(target=self._return_path, args=(reader, main), name="return-path",
+        threading.Thread(target=self._return_path, args=(reader,), name="return-path",
                          daemon=True).start()
         main.send(Ping(SETUP_PING))
         self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
@@ -546,7 +546,7 @@ class OutgoingMigration:
 
     # -- the return path -----------------------------------------------------------------------
 
-    def _return_path(self, reader: StreamReader, main: StreamWriter) -> None:
+    def _return_path(self, reader: StreamReader) -> None:
         try:
             reader.read_stream_header()
             while True:
@@ -568,8 +568,6 @@ class OutgoingMigration:
                     with self._pong:
                         self._pongs[message.value] = self._clock()
                         self._pong.notify_all()
-                elif isinstance(message, Ping):
-                    main.send(Pong(message.value))
                 elif isinstance(message, Shut):
                     self._shut = message
                     self._shut_event.set()
