@@ -183,3 +183,19 @@ def test_migrate_while_migrating_is_refused(tmp_path: Path, vms: list[VmProcess]
         source.cmd("migrate", uri=uri)
     source.cmd("migrate_cancel")
     source.wait_migration({"cancelled"})
+
+
+def test_postcopy_mismatch_reports_the_destination_reason(tmp_path: Path,
+                                                          vms: list[VmProcess]) -> None:
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    destination = VmProcess(tmp_path, "dst", "--guest", "memtouch", "--ram", "128M",
+                            "--incoming", uri, "--migrate-capability", "postcopy-ram")
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", "--guest", "memtouch", "--ram", "64M")
+    vms.append(source)
+    source.cmd("migrate-set-capabilities",
+               capabilities=[{"capability": "postcopy-ram", "state": True}])
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration({"failed"})
+    assert "pc.ram:134217728@4096" in info["error-desc"], info["error-desc"]
+    assert source.cmd("query-status")["running"]

@@ -46,6 +46,7 @@ from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 from postcopy.transport import AuthConfig, Connection, Listener, listen
 from postcopy.wire import (
+    MAX_SHUT_REASON_BYTES,
     Advise,
     BlockInfo,
     DeviceState,
@@ -291,7 +292,7 @@ class IncomingMigration:
         log.error("incoming migration failed: %s", self.error)
         if self._return is not None:
             with contextlib.suppress(OSError):
-                self._return.send(Shut(error=True, reason=self.error[:200]))
+                self._return.send(Shut(error=True, reason=_clip_utf8(self.error, MAX_SHUT_REASON_BYTES)))
         if self.postcopy_start is not None:
             # vCPUs may sleep on missing pages: ask them to stop, then release the faults
             # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
@@ -698,6 +699,10 @@ class IncomingMigration:
             except OSError:
                 log.exception("unregistering %s", block.name)
         uffd.close()
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 def _close_all(mappings: list[Mapping]) -> None:

@@ -215,6 +215,12 @@ class OutgoingMigration:
 
     def _fail(self, error: BaseException) -> None:
         cancelled = isinstance(error, Cancelled) or self._cancel.is_set()
+        if isinstance(error, OSError) and not cancelled:
+            # a destination that refuses closes the connection after saying why; that
+            # reason, not our broken pipe, is what the user needs
+            self._shut_event.wait(1.0)
+            if self._shut is not None and self._shut.error:
+                error = MigrationError(f"destination gave up: {self._shut.reason}")
         self.error = None if cancelled else str(error) or type(error).__name__
         if not cancelled:
             log.error("migration failed: %s", self.error)
