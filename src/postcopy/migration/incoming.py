@@ -292,7 +292,8 @@ class IncomingMigration:
         log.error("incoming migration failed: %s", self.error)
         if self._return is not None:
             with contextlib.suppress(OSError):
-                self._return.send(Shut(error=True, reason=_clip_utf8(self.error, MAX_SHUT_REASON_BYTES)))
+                reason = _clip_utf8(self.error, MAX_SHUT_REASON_BYTES)
+                self._return.send(Shut(error=True, reason=reason))
         if self.postcopy_start is not None:
             # vCPUs may sleep on missing pages: ask them to stop, then release the faults
             # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
