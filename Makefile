@@ -5,7 +5,7 @@
 
 VENV ?= .venv
 PYTHON ?= python3
-SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps
+SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps openssl util-linux
 
 .PHONY: system venv venv-dev demo test lint guests clean
 
