@@ -138,7 +138,32 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "migration_memory_overhead_bytes": migration_overhead,
         "destination_console_passes": record.get("destination_console_passes"),
         "verify_ok": verify.get("ok"),
+        **_cpu_figures(record, dst.get("x-bytes-received")),
     }
+
+
+def _cpu_figures(record: dict[str, Any], received: int | None) -> dict[str, Any]:
+    """CPU the migration itself cost each side (the process minus its vCPU threads) and
+    the host's load: on two shared cores the first figure explains most rates."""
+    cpu = record.get("cpu") or {}
+    found: dict[str, Any] = {}
+    for side, short in (("source", "source"), ("destination", "destination")):
+        usage = cpu.get(side) or {}
+        if not usage:
+            continue
+        vcpus = {tid for tid, name in (usage.get("names") or {}).items()
+                 if name.startswith("vcpu")}
+        migration = sum(s for tid, s in usage["threads"].items() if tid not in vcpus)
+        found[f"{short}_cpu_seconds"] = usage.get("total")
+        found[f"{short}_migration_cpu_seconds"] = round(migration, 3)
+        found[f"{short}_vcpu_cpu_seconds"] = round(usage["total"] - migration, 3)
+    if received and found.get("destination_migration_cpu_seconds"):
+        found["destination_bytes_per_cpu_second"] = round(
+            received / found["destination_migration_cpu_seconds"])
+    host = cpu.get("host") or {}
+    found["host_busy_cores"] = host.get("busy_cores")
+    found["host_other_processes_cores"] = host.get("others_cores")
+    return found
 
 
 def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,8 @@ class Limits:
     line_rate: float
     fill_rate_4k: float
     fill_rate_thp: float
+    first_fill_rate_4k: float
+    first_fill_rate_thp: float
     fault_rtt_p50_us: float
     fault_rtt_p99_us: float
     fault_rtt_max_us: float
@@ -42,8 +44,14 @@ class Limits:
 
     @property
     def fill_rate(self) -> float:
-        """The best first-touch rate the destination can choose (THP or base pages)."""
+        """The best first-touch rate the destination can choose (THP or base pages), on
+        memory the guest kernel recycled (see probe.fill: the machine's capability)."""
         return max(self.fill_rate_4k, self.fill_rate_thp)
+
+    @property
+    def first_fill_rate(self) -> float:
+        """The same on the first pass: what a fresh process meets now (often host-cold)."""
+        return max(self.first_fill_rate_4k, self.first_fill_rate_thp)
 
     @property
     def throughput_limit(self) -> float:
@@ -51,6 +59,7 @@ class Limits:
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "fill_rate": self.fill_rate,
+                "first_fill_rate": self.first_fill_rate,
                 "throughput_limit": self.throughput_limit}
 
 
@@ -125,6 +134,8 @@ def measure_limits(link: Link, size: int, cleanup: Cleanup, *, faults: int = 200
         line_rate=line_rate,
         fill_rate_4k=float(fill["rate_4k"]),
         fill_rate_thp=float(fill["rate_thp"]),
+        first_fill_rate_4k=float(fill["first_rate_4k"]),
+        first_fill_rate_thp=float(fill["first_rate_thp"]),
         fault_rtt_p50_us=float(rtt["fault"]["p50_us"]),
         fault_rtt_p99_us=float(rtt["fault"]["p99_us"]),
         fault_rtt_max_us=float(rtt["fault"]["max_us"]),

@@ -61,8 +61,11 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
 
     series = record.get("series") or {}
     t = np.asarray(series.get("t", []), dtype=float)
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(11, 7),
-                                         gridspec_kw={"height_ratios": [3, 2]})
+    cpu_series = record.get("cpu_series") or {}
+    panels = 3 if cpu_series else 2
+    figure, axes = plt.subplots(panels, 1, sharex=True, figsize=(11, 3 + 2.2 * panels),
+                                gridspec_kw={"height_ratios": [3, 2, 2][:panels]})
+    top, bottom = axes[0], axes[1]
     sent = np.asarray(_values(series, "src_transferred"))
     received = np.asarray(_values(series, "dst_bytes_received"))
     if t.size:
@@ -87,9 +90,11 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
             values = _values(series, key)
             if any(v == v and v > 0 for v in values):  # skip all-NaN or all-zero series
                 bottom.plot(t, values, label=label, color=colour)
+    if cpu_series and t.size > 1:
+        _plot_cpu(axes[2], record, t, cpu_series)
     top.set_ylabel("GiB")
     bottom.set_ylabel("count (cumulative)")
-    bottom.set_xlabel("seconds after migrate")
+    axes[-1].set_xlabel("seconds after migrate")
 
     source_events = _events(record, "source")
     destination_events = _events(record, "destination")
@@ -101,7 +106,7 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
             if style is None:
                 continue
             label, colour = style
-            for axis in (top, bottom):
+            for axis in axes:
                 axis.axvline(when, color=colour, linewidth=0.8, linestyle="-.")
             try:
                 text = label.format(**entry)
@@ -114,11 +119,11 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
     run = _first(destination_events, "run")
     done = _first(destination_events, "completed")
     if stop is not None and run is not None:
-        for axis in (top, bottom):
+        for axis in axes:
             axis.axvspan(stop, max(run, stop), color="red", alpha=0.25, label=None)
     if run is not None and done is not None and record["scenario"].get("postcopy_after_rounds") \
             is not None:
-        for axis in (top, bottom):
+        for axis in axes:
             axis.axvspan(run, done, color="green", alpha=0.06)
     top.legend(loc="upper left", fontsize="small")
     if bottom.get_legend_handles_labels()[0]:
@@ -141,6 +146,39 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _thread_label(record: dict[str, Any], side: str, tid: str) -> str:
+    names = dict(((record.get("cpu") or {}).get(side) or {}).get("names") or {})
+    threads = ((record.get("profile") or {}).get(side) or {}).get("threads") or {}
+    for key in threads:
+        name, _, number = key.rpartition(" (")
+        names.setdefault(number.rstrip(")"), name)
+    short = "src" if side == "source" else "dst"
+    return f"{short} {names.get(tid, 'thread ' + tid)}"
+
+
+def _plot_cpu(axis: Any, record: dict[str, Any], t: Any, cpu_series: dict[str, Any]) -> None:
+    """Cores used by the busiest threads of both VMs, and the host's other processes."""
+    import numpy as np
+
+    lines = []
+    for side, threads in cpu_series.items():
+        for tid, values in threads.items():
+            used = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+            if used.size != t.size or np.nanmax(used, initial=0.0) < 0.05:
+                continue
+            lines.append((float(np.nanmax(used)), side, tid, used))
+    for _, side, tid, used in sorted(lines, key=lambda line: -line[0])[:7]:
+        _, cores = _rate(t, used)
+        axis.plot(t, cores, linewidth=0.9, label=_thread_label(record, side, tid))
+    host = (record.get("cpu") or {}).get("host") or {}
+    if host:
+        axis.axhline(host.get("cpus", 2.0), color="black", linewidth=0.6, linestyle=":")
+        axis.set_title(f"host over the run: {host['busy_cores']:.2f} cores busy, other "
+                       f"processes {host['others_cores']:.2f}", fontsize="x-small", loc="right")
+    axis.set_ylabel("cores (100 ms window)")
+    axis.legend(loc="upper left", fontsize="x-small", ncol=2)
 
 
 def plot_runs(records: Sequence[dict[str, Any]], out: Path) -> list[Path]:

@@ -89,6 +89,25 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return used
 
 
+def thread_comms(pid: int) -> dict[int, str]:
+    """Each thread's kernel name (comm), where it differs from the main thread's: a
+    thread that names itself (prctl PR_SET_NAME) shows up in top -H, perf and here."""
+    names: dict[int, str] = {}
+    try:
+        main = Path(f"/proc/{pid}/comm").read_text().strip()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != main:
+            names[int(task.name)] = comm
+    return names
+
+
 def host_cpu_times() -> list[int]:
     """The aggregate "cpu" line of /proc/stat: user nice system idle iowait irq softirq
     steal (in clock ticks)."""

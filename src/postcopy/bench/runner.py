@@ -43,6 +43,7 @@ from postcopy.bench.procinfo import (
     host_cpu_times,
     host_cpu_usage,
     memory_figures,
+    thread_comms,
     thread_cpu,
     wait_for_quiet_host,
 )
@@ -188,6 +189,8 @@ class Series:
         self.columns: dict[str, list[Any]] = {"t": [], "src_status": [], "dst_status": [],
                                               **{k: [] for k in SERIES_SOURCE},
                                               **{k: [] for k in SERIES_DESTINATION}}
+        # CPU seconds each thread used since `migrate`, per poll: {side: {tid: [...]}}
+        self.cpu: dict[str, dict[str, list[float | None]]] = {}
         self._src_starts: list[float] = []
         self._dst_starts: list[float] = []
 
@@ -205,6 +208,16 @@ class Series:
             self._src_starts.append(t - src["total-time"] / 1000)
         if dst.get("status") not in FINAL | {None, "none"} and "total-time" in dst:
             self._dst_starts.append(t - dst["total-time"] / 1000)
+
+    def add_cpu(self, side: str, now: dict[int, float], before: dict[int, float]) -> None:
+        threads = self.cpu.setdefault(side, {})
+        index = len(self.columns["t"]) - 1
+        for tid, used in now.items():
+            column = threads.setdefault(str(tid), [])
+            column.extend([None] * (index - len(column)))  # a thread born mid-run
+            column.append(round(used - before.get(tid, 0.0), 3))
+        for column in threads.values():
+            column.extend([None] * (index + 1 - len(column)))  # a thread that ended
 
     def offsets(self) -> dict[str, float]:
         """When each side's migration clock started, in seconds after `migrate` was sent."""
@@ -299,7 +312,11 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
             src, dst = source.query(), destination.query()
             series.add(now - started, src, dst)
             for vm in vms:
-                cpu_seen[vm.name].update(thread_cpu(vm.pid))
+                for tid, comm in thread_comms(vm.pid).items():
+                    vcpu_threads[vm.name].setdefault(tid, comm)
+                now_cpu = thread_cpu(vm.pid)
+                cpu_seen[vm.name].update(now_cpu)
+                series.add_cpu(vm.name, now_cpu, cpu_before[vm.name])
             src_done = src is None or src.get("status") in FINAL
             dst_done = dst is None or dst.get("status") in FINAL
             if src_done and dst_done:
@@ -318,6 +335,7 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
         record["source"] = source.query() or src
         record["destination"] = destination.query() or dst
         record["series"] = series.columns
+        record["cpu_series"] = series.cpu
         record["clock_offsets"] = series.offsets()
         record["destination_console_passes"] = destination.console().count(marker)
         if destination.process.poll() is None:
