@@ -41,7 +41,12 @@ from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
-from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
+from postcopy.migration.stats import (
+    BlocktimeTracker,
+    Clock,
+    LatencyRecorder,
+    prefer_this_thread,
+)
 from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 from postcopy.transport import AuthConfig, Connection, Listener, listen
@@ -500,6 +505,7 @@ class IncomingMigration:
 
     def _preempt_receiver(self) -> None:
         assert self._listener is not None and self._main is not None
+        prefer_this_thread()
         try:
             self._preempt = self._listener.accept_channel(self._main.session, "preempt", 30.0)
         except Exception as error:
@@ -532,6 +538,7 @@ class IncomingMigration:
 
     def _fault_thread(self) -> None:
         """postcopy_ram_fault_thread: faults in, page requests out, no duplicates in flight."""
+        prefer_this_thread()
         uffd = self.uffd
         assert uffd is not None and self._return is not None
         poller = select.poll()

@@ -25,7 +25,7 @@ from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
-from postcopy.migration.stats import Clock, RamCounters, RateMeter
+from postcopy.migration.stats import Clock, RamCounters, RateMeter, prefer_this_thread
 from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
 from postcopy.transport import AuthConfig, Connection, connect, new_session
@@ -553,6 +553,7 @@ class OutgoingMigration:
     # -- the return path -----------------------------------------------------------------------
 
     def _return_path(self, reader: StreamReader) -> None:
+        prefer_this_thread()
         try:
             reader.read_stream_header()
             while True:

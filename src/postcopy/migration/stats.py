@@ -6,6 +6,8 @@ monotonic) so the accounting can be tested deterministically.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,18 @@ import numpy as np
 import numpy.typing as npt
 
 Clock = Callable[[], float]
+
+URGENT_NICE = -10
+
+
+def prefer_this_thread(nice: int = URGENT_NICE) -> None:
+    """Give the calling thread scheduling priority over the bulk-transfer threads.
+
+    The threads on a page request's path (fault thread, return path, urgent channel) wake
+    for a few microseconds of work; on a busy host they should not queue behind threads
+    that move megabytes. Needs CAP_SYS_NICE for a negative value; without it, nothing."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 @dataclass
