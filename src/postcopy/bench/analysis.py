@@ -176,6 +176,8 @@ def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         "throughput_vs_fill_rate": _ratio(throughput, limits.get("fill_rate")),
         "latency_p50_vs_fault_rtt": _ratio(latency, limits.get("fault_rtt_p50_us")),
         "latency_p50_vs_handler_rtt": _ratio(latency, limits.get("handler_rtt_p50_us")),
+        "latency_p50_vs_one_cpu_fault_rtt": _ratio(latency,
+                                                   limits.get("fault_rtt_one_cpu_p50_us")),
         "latency_p99_vs_fault_rtt_p99": _ratio(figures["request_latency_p99_us"],
                                                limits.get("fault_rtt_p99_us")),
         "downtime_vs_target": _ratio(figures["downtime_us"], DOWNTIME_TARGET_US),

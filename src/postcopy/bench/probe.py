@@ -236,6 +236,7 @@ def fault_rtt(address: str, port: int, faults: int, warmup: int) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m postcopy.bench.probe",
                                      description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", type=int, help="run on this CPU only (sched_setaffinity)")
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("sink")
     p.add_argument("--bind", required=True)
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     if args.mode == "sink":
         result = sink(args.bind, args.bytes, args.timeout)
     elif args.mode == "send":
