@@ -420,8 +420,9 @@ class IncomingMigration:
                                 + report.summary())
         # empty all RAM, so every page the source never sends stays missing
         for block in self._ram:
+            # no MADV_HUGEPAGE: with THP defrag "madvise", huge page faults stall on
+            # compaction here and made the precopy receive erratic (0.3-1.2 GB/s)
             block.mapping.madvise(Advice.DONTNEED)
-            block.mapping.madvise(Advice.HUGEPAGE)  # fast first touch while precopy fills it
         self.received = [np.zeros(block.pages, dtype=np.bool_) for block in self._ram]
         self._swap_ram = _can_swap_ram(self._ram)
         self._trace("advise", swap_ram=self._swap_ram)
