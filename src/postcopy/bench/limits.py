@@ -46,14 +46,15 @@ class Limits:
 
     @property
     def fill_rate(self) -> float:
-        """The best first-touch rate the destination can choose (THP or base pages), on
-        memory the guest kernel recycled (see probe.fill: the machine's capability)."""
-        return max(self.fill_rate_4k, self.fill_rate_thp)
+        """The best first-touch rate a fresh process meets now, THP or base pages: the
+        first pass of the probe, as the destination's RAM is fresh memory too."""
+        return max(self.first_fill_rate_4k, self.first_fill_rate_thp)
 
     @property
-    def first_fill_rate(self) -> float:
-        """The same on the first pass: what a fresh process meets now (often host-cold)."""
-        return max(self.first_fill_rate_4k, self.first_fill_rate_thp)
+    def warm_fill_rate(self) -> float:
+        """The best rate on memory the guest kernel had just recycled (later passes): what
+        the machine does when the hypervisor already backs the memory."""
+        return max(self.fill_rate_4k, self.fill_rate_thp)
 
     @property
     def throughput_limit(self) -> float:
@@ -61,7 +62,7 @@ class Limits:
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "fill_rate": self.fill_rate,
-                "first_fill_rate": self.first_fill_rate,
+                "warm_fill_rate": self.warm_fill_rate,
                 "throughput_limit": self.throughput_limit}
 
 

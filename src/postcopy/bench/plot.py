@@ -33,7 +33,7 @@ def _events(record: dict[str, Any], side: str) -> list[tuple[float, dict[str, An
 
 
 def _rate(t: Any, sent: Any, window: float = 0.1) -> tuple[Any, Any]:
-    """Sending rate over a sliding `window` seconds (a 25 ms poll alone is too jumpy)."""
+    """Sending rate over a sliding `window` seconds (one poll interval alone is too jumpy)."""
     import numpy as np
 
     earlier = np.searchsorted(t, t - window, side="left")

@@ -52,7 +52,7 @@ from postcopy.bench.qmpclient import QmpClient, QmpError
 from postcopy.bench.scenarios import Scenario
 from postcopy.transport import AuthConfig
 
-SCHEMA = 1
+SCHEMA = 2  # 2: limits.fill_rate is the first (fresh-memory) pass; warm_fill_rate added
 FINAL = frozenset({"completed", "failed", "cancelled"})
 WARMUP_TIMEOUT = 300.0
 VM_COMMAND = (sys.executable, "-m", "postcopy", "vm", "run")
@@ -66,7 +66,7 @@ class RunError(RuntimeError):
 class RunOptions:
     link: Link
     workdir: Path
-    poll_interval: float = 0.025
+    poll_interval: float = 0.05
     verify: bool = True
     fault_probes: int = 2000
     keep_workdir: bool = False

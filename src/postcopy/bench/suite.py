@@ -41,7 +41,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 class SuiteOptions:
     link: str = "loopback"
     repeat: int = 1
-    poll_interval: float = 0.025
+    poll_interval: float = 0.05
     verify: bool = True
     fault_probes: int = 2000
     keep_workdir: bool = False

@@ -42,8 +42,8 @@ def add_parser(subparsers: Any) -> None:
                        help="run nothing: summarise (and with --plot, draw) earlier results")
     bench.add_argument("--scenario-dir", type=Path, action="append", metavar="DIR",
                        help="read *.toml scenario files from DIR (default: benchmarks/)")
-    bench.add_argument("--poll-ms", type=float, default=25.0,
-                       help="query-migrate interval on both sides during a run (default 25)")
+    bench.add_argument("--poll-ms", type=float, default=50.0,
+                       help="query-migrate interval on both sides during a run (default 50)")
     bench.add_argument("--fault-probes", type=int, default=2000, metavar="N",
                        help="faults timed by the raw fault round-trip probe (default 2000)")
     bench.add_argument("--no-verify", action="store_true",
