@@ -152,7 +152,7 @@ def _cpu_figures(record: dict[str, Any], received: int | None) -> dict[str, Any]
         if not usage:
             continue
         vcpus = {tid for tid, name in (usage.get("names") or {}).items()
-                 if name.startswith("vcpu")}
+                 if name.startswith(("vcpu", "kvm"))}  # guest and KVM kernel threads
         migration = sum(s for tid, s in usage["threads"].items() if tid not in vcpus)
         found[f"{short}_cpu_seconds"] = usage.get("total")
         found[f"{short}_migration_cpu_seconds"] = round(migration, 3)
