@@ -199,3 +199,43 @@ def test_postcopy_mismatch_reports_the_destination_reason(tmp_path: Path,
     info = source.wait_migration({"failed"})
     assert "pc.ram:134217728@4096" in info["error-desc"], info["error-desc"]
     assert source.cmd("query-status")["running"]
+
+
+def test_destination_guest_makes_progress_during_postcopy(tmp_path: Path,
+                                                          vms: list[VmProcess]) -> None:
+    """randwrite touches a tenth of its RAM: those pages fault in at once, while the push of
+    the rest is held to a slow max-postcopy-bandwidth; the guest must keep writing."""
+    caps = ("postcopy-ram", "postcopy-preempt")
+    source, destination, uri = start_pair(tmp_path, vms, guest="randwrite", caps=caps)
+    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0,
+                                            "max-postcopy-bandwidth": 32 << 20})
+    wait_passes(source, b"W", 1)
+    source.cmd("migrate", uri=uri)
+    destination.wait_migration({"postcopy-active"})
+    before = destination.console().count(b"W")
+    wait_passes(destination, b"W", before + 3, timeout=60)
+    assert destination.cmd("query-migrate")["status"] == "postcopy-active"
+    assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.wait_migration({"completed"})
+    stop_and_verify(destination)
+
+
+def test_migration_over_tls_with_a_key(tmp_path: Path, vms: list[VmProcess]) -> None:
+    """TLS with certificate verification plus the HMAC key, on a network-style URI."""
+    from tests.test_transport_tls import make_ca, make_leaf
+
+    ca = make_ca(tmp_path, "ca")
+    make_leaf(tmp_path, "dst", ca, "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")
+    key = tmp_path / "key"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef")
+    key.chmod(0o600)
+    tls_dest = ("--tls-cert", str(tmp_path / "dst.pem"), "--tls-key", str(tmp_path / "dst.key"))
+    common = ("--key", str(key))
+    source, destination, uri = start_pair(
+        tmp_path, vms, ram="64M", caps=("postcopy-ram",), dest_args=(*tls_dest, *common),
+        src_args=("--tls-ca", str(ca[0]), *common))
+    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
+    source.cmd("migrate", uri=uri)
+    assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.wait_migration({"completed"})
+    stop_and_verify(destination)

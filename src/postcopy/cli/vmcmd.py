@@ -39,6 +39,15 @@ def add_parser(subparsers: Any) -> None:
                      help="wait for a migration on tcp:HOST:PORT or unix:PATH, or 'defer' "
                           "to wait for QMP migrate-incoming")
     run.add_argument("--key", type=Path, help="authentication key file (both sides)")
+    run.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="TLS certificate of this VM as a migration destination")
+    run.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key")
+    run.add_argument("--tls-ca", type=Path, metavar="FILE",
+                     help="CA that signs the peer's certificate: as a source, migrate over "
+                          "TLS to destinations it signed; as a destination with "
+                          "--tls-verify-client, accept only sources it signed")
+    run.add_argument("--tls-verify-client", action="store_true",
+                     help="as a destination, require a client certificate (with --tls-ca)")
     run.add_argument("--allow-insecure-network", action="store_true",
                      help="listen on a network address without a key")
     run.add_argument("--migrate-capability", action="append", default=[], metavar="NAME",
@@ -83,6 +92,23 @@ def _guest_params(args: argparse.Namespace) -> tuple[bytes, list[int], str | Non
     return info.image, info.pack_params(values), info.name
 
 
+def _tls_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from postcopy.transport import TlsClientConfig, TlsServerConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    server = None
+    if args.tls_cert is not None:
+        server = TlsServerConfig(args.tls_cert, args.tls_key, cafile=args.tls_ca,
+                                 verify_client=args.tls_verify_client)
+    elif args.tls_verify_client:
+        raise ValueError("--tls-verify-client needs --tls-cert, --tls-key and --tls-ca")
+    client = None
+    if args.tls_ca is not None:
+        client = TlsClientConfig(args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key)
+    return server, client
+
+
 def run_vm(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -95,6 +121,7 @@ def run_vm(args: argparse.Namespace) -> int:
         image, params, guest_name = _guest_params(args)
         ram_size = parse_size(args.ram)
         auth = AuthConfig.from_file(args.key) if args.key else None
+        tls_server, tls_client = _tls_configs(args)
     except (ValueError, OSError) as error:
         print(f"postcopy vm run: {error}", file=sys.stderr)
         return 2
@@ -122,6 +149,7 @@ def run_vm(args: argparse.Namespace) -> int:
         monitor = VmMonitor(vm, server, guest=guest_name, guest_params=params, auth=auth,
                             allow_insecure_network=args.allow_insecure_network,
                             autostart=not args.paused, trace_path=args.trace,
+                            tls_server=tls_server, tls_client=tls_client,
                             on_quit=quit_event.set)
         for name in args.migrate_capability:
             monitor.capabilities.set(name, True)

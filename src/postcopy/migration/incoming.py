@@ -49,7 +49,7 @@ from postcopy.migration.stats import (
 )
 from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
-from postcopy.transport import AuthConfig, Connection, Listener, listen
+from postcopy.transport import AuthConfig, Connection, Listener, TlsServerConfig, listen
 from postcopy.wire import (
     MAX_SHUT_REASON_BYTES,
     Advise,
@@ -149,13 +149,15 @@ class IncomingMigration:
 
     def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
                  capabilities: Capabilities, on_event: EventSink | None = None,
-                 auth: AuthConfig | None = None, allow_insecure_network: bool = False,
+                 auth: AuthConfig | None = None, tls: TlsServerConfig | None = None,
+                 allow_insecure_network: bool = False,
                  autostart: bool = True, clock: Clock = time.monotonic) -> None:
         self.machine = machine
         self.uri = uri
         self.parameters = parameters
         self.capabilities = capabilities
         self.auth = auth
+        self.tls = tls
         self.allow_insecure_network = allow_insecure_network
         self.autostart = autostart
         self._tid_to_vcpu: dict[int, int] = {}
@@ -205,7 +207,7 @@ class IncomingMigration:
 
     def start(self) -> None:
         """Listen (errors surface here, synchronously), then accept on a thread."""
-        self._listener = listen(self.uri, auth=self.auth,
+        self._listener = listen(self.uri, auth=self.auth, tls=self.tls,
                                 allow_insecure_network=self.allow_insecure_network)
         self.bound_uri = str(self._listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)

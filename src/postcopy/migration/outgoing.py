@@ -28,7 +28,13 @@ from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter, prefer_this_thread
 from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
-from postcopy.transport import AuthConfig, Connection, connect, new_session
+from postcopy.transport import (
+    AuthConfig,
+    Connection,
+    TlsClientConfig,
+    connect,
+    new_session,
+)
 from postcopy.wire import (
     Advise,
     BlockInfo,
@@ -78,12 +84,14 @@ class OutgoingMigration:
 
     def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
                  capabilities: Capabilities, on_event: EventSink | None = None,
-                 auth: AuthConfig | None = None, clock: Clock = time.monotonic) -> None:
+                 auth: AuthConfig | None = None, tls: TlsClientConfig | None = None,
+                 clock: Clock = time.monotonic) -> None:
         self.machine = machine
         self.uri = uri
         self.parameters = parameters
         self.capabilities = capabilities
         self.auth = auth
+        self.tls = tls
         self._clock = clock
         self._emit: EventSink = on_event or (lambda name, data: None)
         self.status = StatusHolder(self._status_changed)
@@ -255,7 +263,8 @@ class OutgoingMigration:
         postcopy = self.capabilities["postcopy-ram"]
         preempt = postcopy and self.capabilities["postcopy-preempt"]
         session = new_session()
-        self._main = connect(self.uri, auth=self.auth, channel="main", session=session)
+        self._main = connect(self.uri, auth=self.auth, tls=self.tls, channel="main",
+                             session=session)
         main = StreamWriter(self._main, Direction.MAIN)
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in ram)
         main.send_stream_header()
@@ -273,14 +282,14 @@ class OutgoingMigration:
         main.send(Ping(SETUP_PING))
         self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
         if preempt:
-            self._preempt = connect(self.uri, auth=self.auth, channel="preempt", session=session)
+            self._preempt = connect(self.uri, auth=self.auth, tls=self.tls, channel="preempt",
+                                    session=session)
             self._preempt_writer = StreamWriter(self._preempt, Direction.MAIN)
             self._preempt_writer.send_stream_header()
             # the urgent channel is a stream of its own: it declares the same configuration
             self._preempt_writer.send(Handshake(capabilities=self.capabilities.names(),
                                                 blocks=blocks, vcpus=self.machine.vcpu_count))
         self.setup_time = self._clock() - self.start_time
-        self._writer = main
         self.machine.start_dirty_log()
         self.status.move(S.ACTIVE)
         self._throttle_start = self._clock()
@@ -389,9 +398,11 @@ class OutgoingMigration:
         self.counters.remaining = max(self.counters.remaining - count * page_size, 0)
 
     def _throttle(self, size: int, phase: str) -> None:
+        """Keep to max-bandwidth (precopy) or max-postcopy-bandwidth (the background push).
+        Pages in the downtime and pages a vCPU is waiting for are never held back."""
         limit = (self.parameters.max_postcopy_bandwidth if phase == "postcopy"
                  else self.parameters.max_bandwidth)
-        if phase == "downtime" or limit <= 0:
+        if phase in ("downtime", "requested") or limit <= 0:
             return
         self._throttle_bytes += size
         due = self._throttle_start + self._throttle_bytes / limit
@@ -476,6 +487,7 @@ class OutgoingMigration:
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
+        self._throttle_start, self._throttle_bytes = self._clock(), 0
         self._push(writer)
         writer.send(PostcopyComplete())
         self._trace("push-done")
@@ -540,13 +552,13 @@ class OutgoingMigration:
         block = self.machine.ram[request.block]
         claimed = self._claim(request.block, request.first_page, request.page_count)
         for start, length in claimed:
-            self._send_pages(writer, request.block, block, start, length, phase="postcopy")
+            self._send_pages(writer, request.block, block, start, length, phase="requested")
             self.counters.pages_requested += length
         if urgent:
             taken = request.page_count - sum(length for _, length in claimed)
             if taken:
                 self._send_pages(writer, request.block, block, request.first_page,
-                                 request.page_count, phase="postcopy")
+                                 request.page_count, phase="requested")
                 self.counters.pages_resent += taken
         self._jump = (request.block, request.first_page + request.page_count)
 

@@ -68,8 +68,9 @@ class Parameters:
     max_postcopy_bandwidth: int = 0
     # milliseconds the guest may be stopped at a precopy switchover
     downtime_limit: int = 300
-    # precopy rounds before giving up on convergence and switching anyway (precopy-only)
-    x_max_rounds: int = 30
+    # precopy rounds after which a migration that does not converge stops the guest and
+    # finishes anyway (precopy only); 0 = iterate until it converges or is cancelled (QEMU)
+    x_max_rounds: int = 0
     # switch to postcopy automatically after this many completed precopy rounds; -1 = manual.
     # 0 means postcopy from the start (no precopy round at all).
     x_postcopy_after_rounds: int = -1
@@ -90,7 +91,7 @@ class Parameters:
         "max_bandwidth": (0, 2**62),
         "max_postcopy_bandwidth": (0, 2**62),
         "downtime_limit": (0, 2000000),
-        "x_max_rounds": (1, 10000),
+        "x_max_rounds": (0, 10000),
         "x_postcopy_after_rounds": (-1, 10000),
         "x_postcopy_run_pages": (0, 512),
         "x_precopy_run_pages": (1, 512),

@@ -7,6 +7,7 @@ RESUME, SHUTDOWN from the VM; MIGRATION and MIGRATION_PASS from the migration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -20,7 +21,7 @@ from postcopy.migration.parameters import Capabilities, ParameterError, Paramete
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
-from postcopy.transport import AuthConfig
+from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig
 from postcopy.vm.machine import MicroVM
 from postcopy.vm.verify import verify
 
@@ -33,6 +34,8 @@ class VmMonitor:
     def __init__(self, vm: MicroVM, server: QmpServer, *, guest: str | None,
                  guest_params: Sequence[int] = (), auth: AuthConfig | None = None,
                  allow_insecure_network: bool = False, autostart: bool = True,
+                 tls_server: TlsServerConfig | None = None,
+                 tls_client: TlsClientConfig | None = None,
                  trace_path: str | None = None, on_quit: Callable[[], None] | None = None) -> None:
         self.vm = vm
         self.server = server
@@ -40,6 +43,8 @@ class VmMonitor:
         self.guest_params = list(guest_params)
         self.auth = auth
         self.allow_insecure_network = allow_insecure_network
+        self.tls_server = tls_server
+        self.tls_client = tls_client
         self.autostart = autostart
         self.trace_path = trace_path
         self.parameters = Parameters()
@@ -138,9 +143,12 @@ class VmMonitor:
             auth = self.auth
             if self.parameters.x_key_file:
                 auth = AuthConfig.from_file(self.parameters.x_key_file)
+            tls = self.tls_client
+            if tls is not None and self.parameters.tls_hostname:
+                tls = dataclasses.replace(tls, server_hostname=self.parameters.tls_hostname)
             migration = OutgoingMigration(self.vm, args["uri"], parameters=self.parameters,
                                           capabilities=self.capabilities, on_event=self.emit,
-                                          auth=auth)
+                                          auth=auth, tls=tls)
             self.outgoing = migration
             migration.start()
         threading.Thread(target=self._watch_outgoing, args=(migration,), daemon=True).start()
@@ -158,7 +166,7 @@ class VmMonitor:
             try:
                 migration = IncomingMigration(
                     self.vm, uri, parameters=self.parameters, capabilities=self.capabilities,
-                    on_event=self.emit, auth=self.auth,
+                    on_event=self.emit, auth=self.auth, tls=self.tls_server,
                     allow_insecure_network=self.allow_insecure_network, autostart=self.autostart)
                 migration.start()
             except Exception as error:
