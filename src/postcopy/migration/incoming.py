@@ -19,10 +19,11 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,8 @@ S = MigrationStatus
 EventSink = Callable[[str, dict[str, Any]], None]
 STAGING_BYTES = 4 << 20
 FAULT_BATCH = 64
-MOVE_CHUNK_PAGES = 32  # small: a fault waits for at most one chunk's move
+MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
+MOVER_NICE = 5
 
 
 class IncomingError(RuntimeError):
@@ -190,6 +192,8 @@ class IncomingMigration:
         self._moving_done = threading.Event()
         self._moving_done.set()
         self._guest_started = threading.Event()
+        self._move_lock = threading.Lock()
+        self._quit_moving = threading.Event()
         self.pages_moved = 0
         self._device_state: dict[str, Any] | None = None
         self.start_time = 0.0
@@ -482,6 +486,10 @@ class IncomingMigration:
         fault_thread = threading.Thread(target=self._fault_thread, name="fault", daemon=True)
         self._threads.append(fault_thread)
         fault_thread.start()
+        if self._swap_ram:
+            mover = threading.Thread(target=self._mover, name="mover", daemon=True)
+            self._threads.append(mover)
+            mover.start()
         self._trace("listen")
 
     def _run_package(self, package: Package) -> None:
@@ -547,25 +555,10 @@ class IncomingMigration:
         poller = select.poll()
         poller.register(uffd.fileno(), select.POLLIN)
         poller.register(self._quit.fileno(), select.POLLIN)
-        # moves run on this thread between faults, so a page is never moved and zero-filled
-        # by two threads at once
-        move_work = self._move_chunks() if self._swap_ram else None
         while True:
-            ready = poller.poll(0 if move_work is not None else None)
+            ready = poller.poll()
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
-            if not ready and move_work is not None and not self._guest_started.is_set():
-                # moving can wait until the guest runs; LISTEN..RUN is downtime
-                self._guest_started.wait(0.001)
-                continue
-            if not ready and move_work is not None:
-                chunk = next(move_work, None)
-                if chunk is None:
-                    move_work = None
-                    self._finish_moving()
-                else:
-                    self._move_pages(*chunk, on_demand=False)
-                continue
             try:
                 events = uffd.read_events(FAULT_BATCH)
             except OSError as error:
@@ -581,10 +574,12 @@ class IncomingMigration:
                 vcpu = self._tid_to_vcpu.get(event.thread_id)
                 if vcpu is not None:
                     self.blocktime.fault(vcpu, block_index, page, now)
-                if self._swap_ram and self._unmoved[block_index][page]:
-                    self._move_pages(block_index, page, 1, on_demand=True)
-                    self._resolve_locally(block_index, page)
-                elif self.received[block_index][page]:
+                if self._swap_ram:
+                    # under the lock: a chunk the mover has claimed has also landed
+                    with self._move_lock:
+                        if self._unmoved[block_index][page]:
+                            self._move_pages(block_index, page, 1, on_demand=True)
+                if self.received[block_index][page]:
                     self._resolve_locally(block_index, page)
                 elif not self._requested[block_index][page]:
                     self._requested[block_index][page] = True
@@ -594,11 +589,26 @@ class IncomingMigration:
                 self._return.send(request)
                 self.requests_sent += 1
 
-    def _move_chunks(self) -> Iterator[tuple[int, int, int]]:
-        for index, unmoved in enumerate(self._unmoved):
-            starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                yield index, start, length
+    def _mover(self) -> None:
+        """Move every still-valid precopy page back into guest RAM, once the guest runs.
+
+        Its own thread at low priority, so that faults never wait behind it; the fault
+        thread moves the page a vCPU waits for itself. `_move_lock` makes claiming and
+        moving one step, so the fault thread never zero-fills a page on its way back."""
+        self._guest_started.wait()
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MOVER_NICE)
+        try:
+            for index, unmoved in enumerate(self._unmoved):
+                starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    if self._quit_moving.is_set():
+                        return
+                    with self._move_lock:
+                        self._move_pages(index, start, length, on_demand=False)
+            self._finish_moving()
+        except Exception as error:
+            log.error("moving precopy pages back: %s", error)
 
     def _move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> None:
         """Move the still-unmoved pages of a range from the precopy mapping into guest RAM.
@@ -694,6 +704,8 @@ class IncomingMigration:
         self._trace("completed")
 
     def _stop_fault_thread(self) -> None:
+        self._quit_moving.set()
+        self._guest_started.set()  # a mover still waiting for RUN must see the quit
         with contextlib.suppress(OSError, ValueError):
             self._quit.write(1)
         for thread in self._threads:
