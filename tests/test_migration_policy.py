@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges
+from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_ranges
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
@@ -35,6 +35,15 @@ def test_discard_ranges_cover_exactly_sent_and_dirty(sent_bits: list[bool],
             assert not covered[first:first + count].any()
             covered[first:first + count] = True
     assert (covered == (sent & dirty)).all()
+
+
+@given(st.lists(st.booleans(), max_size=400))
+def test_page_ranges_of_sparse_pages_match_the_bitmap_runs(bits: list[bool]) -> None:
+    bitmap = np.array(bits, dtype=np.bool_)
+    everything = np.ones(len(bits), dtype=np.bool_)
+    from_bitmap = list(discard_ranges(everything, bitmap))
+    from_pages = list(page_ranges(np.flatnonzero(bitmap).astype(np.int64)))
+    assert from_pages == from_bitmap
 
 
 def test_blocktime_counts_per_vcpu_and_all_blocked_overlap() -> None:

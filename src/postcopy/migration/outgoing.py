@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from postcopy.migration.channel import StreamReader, StreamWriter
-from postcopy.migration.discard import discard_ranges
+from postcopy.migration.discard import discard_ranges, page_ranges
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter, prefer_this_thread
@@ -456,7 +456,18 @@ class OutgoingMigration:
     # -- postcopy ------------------------------------------------------------------------------
 
     def _postcopy(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> None:
+        """Switch over: stale pages discarded, LISTEN, PACKAGE(state, RUN), then the push.
+
+        What the guest dirtied before the last sync is already stale, so it is discarded
+        while the guest still runs, and whole-RAM bitmap work happens then too; inside the
+        downtime only the final sync's pages are handled, so it does not grow with RAM."""
         ram = self.machine.ram
+        discarded = 0
+        for index in range(len(ram)):
+            for group in discard_ranges(sent[index], dirty[index]):
+                writer.send(Discard(index, group))
+                discarded += sum(count for _, count in group)
+        needed = [~sent[i] | dirty[i] for i in range(len(ram))]
         self._drain(writer)
         self.status.move(S.POSTCOPY_ACTIVE)
         stop_time = self._stop_vm()
@@ -464,18 +475,14 @@ class OutgoingMigration:
         self._trace("stop", phase="postcopy")
         final = self._sync_dirty(self._clock())
         self._trace("final-sync")
-        discarded = 0
         for index in range(len(ram)):
-            dirty[index] |= final[index]
-            for group in discard_ranges(sent[index], dirty[index]):
+            newly_stale = np.flatnonzero(final[index] & ~needed[index])
+            for group in page_ranges(newly_stale):
                 writer.send(Discard(index, group))
                 discarded += sum(count for _, count in group)
+            needed[index] |= final[index]
         with self._needed_lock:
-            self._needed = [~sent[i] | dirty[i] for i in range(len(ram))]
-        self.needed_at_switchover = sum(int(np.count_nonzero(n)) for n in self._needed)
-        self.discarded_pages = discarded
-        self.counters.remaining = sum(int(np.count_nonzero(n)) * b.page_size
-                                      for n, b in zip(self._needed, ram, strict=True))
+            self._needed = needed
         self._trace("discards-sent")
         writer.send(Listen())
         state = json.dumps(self.machine.save_state()).encode()
@@ -484,9 +491,13 @@ class OutgoingMigration:
         # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
         # until the destination confirms the guest runs, comes with the Pong
         self.downtime = self._clock() - stop_time
+        self.needed_at_switchover = sum(int(np.count_nonzero(n)) for n in needed)
+        self.discarded_pages = discarded
+        self.counters.remaining = sum(int(np.count_nonzero(n)) * b.page_size
+                                      for n, b in zip(needed, ram, strict=True))
+        self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
-        self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         self._throttle_start, self._throttle_bytes = self._clock(), 0
         self._push(writer)
         writer.send(PostcopyComplete())
