@@ -23,7 +23,6 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from postcopy.linux.userfaultfd import (
     RetryError,
     UserfaultFd,
 )
+from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.machine import Machine
@@ -48,7 +48,7 @@ from postcopy.migration.stats import (
     LatencyRecorder,
     prefer_this_thread,
 )
-from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
+from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 from postcopy.transport import AuthConfig, Connection, Listener, TlsServerConfig, listen
 from postcopy.wire import (
@@ -76,7 +76,6 @@ from postcopy.wire import (
 log = logging.getLogger(__name__)
 
 S = MigrationStatus
-EventSink = Callable[[str, dict[str, Any]], None]
 STAGING_BYTES = 4 << 20
 FAULT_BATCH = 64
 MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
@@ -146,7 +145,7 @@ class PagePlacer:
                 done += error.done
 
 
-class IncomingMigration:
+class IncomingMigration(MigrationBase):
     """Waits for a migration stream on `uri` and loads it into `machine`."""
 
     def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
@@ -154,20 +153,16 @@ class IncomingMigration:
                  auth: AuthConfig | None = None, tls: TlsServerConfig | None = None,
                  allow_insecure_network: bool = False,
                  autostart: bool = True, clock: Clock = time.monotonic) -> None:
+        super().__init__(capabilities, on_event, clock)
         self.machine = machine
         self.uri = uri
         self.parameters = parameters
-        self.capabilities = capabilities
         self.auth = auth
         self.tls = tls
         self.allow_insecure_network = allow_insecure_network
         self.autostart = autostart
         self._tid_to_vcpu: dict[int, int] = {}
         self.peer_capabilities: frozenset[str] = frozenset()
-        self._clock = clock
-        self._emit: EventSink = on_event or (lambda name, data: None)
-        self.status = StatusHolder(self._status_changed)
-        self.error: str | None = None
         ram = list(machine.ram)
         self._ram = ram
         self.received = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
@@ -196,15 +191,12 @@ class IncomingMigration:
         self._quit_moving = threading.Event()
         self.pages_moved = 0
         self._device_state: dict[str, Any] | None = None
-        self.start_time = 0.0
-        self.end_time: float | None = None
         self.postcopy_start: float | None = None
         self.bytes_received = 0
         self.requests_sent = 0
         self.local_zero_faults = 0
         self.rounds = 0
         self.bound_uri: str | None = None
-        self.timeline: list[dict[str, Any]] = []
         self._receiver_done = threading.Event()
 
     # -- control -------------------------------------------------------------------------------
@@ -220,10 +212,6 @@ class IncomingMigration:
 
     def join(self, timeout: float | None = None) -> None:
         self._receiver_done.wait(timeout)
-
-    @property
-    def finished(self) -> bool:
-        return self.status.value in FINISHED
 
     def cancel(self) -> None:
         for connection in (self._main, self._preempt):
@@ -268,19 +256,6 @@ class IncomingMigration:
         self._quit.close()
 
     # -- receiving -----------------------------------------------------------------------------
-
-    def _status_changed(self, status: MigrationStatus) -> None:
-        if status in FINISHED:
-            self.end_time = self._clock()
-        self._trace("status", status=status.value)
-        if self.capabilities["events"]:
-            self._emit("MIGRATION", {"status": status.value})
-
-    def _trace(self, kind: str, **fields: Any) -> None:
-        now = self._clock()
-        # "mono" is the host's monotonic clock: entries of both ends on one host line up
-        self.timeline.append({"t": round(now - self.start_time, 6), "mono": round(now, 6),
-                              "event": kind, **fields})
 
     def _run(self) -> None:
         try:

@@ -15,18 +15,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter, prefer_this_thread
-from postcopy.migration.status import FINISHED, MigrationStatus, StatusHolder
+from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
 from postcopy.transport import (
     AuthConfig,
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 S = MigrationStatus
 SETUP_PING = 1
 RUN_PING = 2
-EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class MigrationError(RuntimeError):
@@ -79,28 +78,22 @@ class PageRequest:
     received_at: float
 
 
-class OutgoingMigration:
+class OutgoingMigration(MigrationBase):
     """One outgoing migration of `machine` to `uri`; start() runs it on its own thread."""
 
     def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
                  capabilities: Capabilities, on_event: EventSink | None = None,
                  auth: AuthConfig | None = None, tls: TlsClientConfig | None = None,
                  clock: Clock = time.monotonic) -> None:
+        super().__init__(capabilities, on_event, clock)
         self.machine = machine
         self.uri = uri
         self.parameters = parameters
-        self.capabilities = capabilities
         self.auth = auth
         self.tls = tls
-        self._clock = clock
-        self._emit: EventSink = on_event or (lambda name, data: None)
-        self.status = StatusHolder(self._status_changed)
         self.counters = RamCounters(total=machine.ram.total_bytes,
                                     page_size=min(b.page_size for b in machine.ram))
-        self.error: str | None = None
         self.rounds = 0
-        self.start_time = 0.0
-        self.end_time: float | None = None
         self.setup_time = 0.0
         self.downtime: float | None = None
         self.downtime_to_run: float | None = None
@@ -130,7 +123,6 @@ class OutgoingMigration:
         self._stopped_vm = False
         self._throttle_start = 0.0
         self._throttle_bytes = 0
-        self.timeline: list[dict[str, Any]] = []
 
     # -- control (any thread) --------------------------------------------------------------
 
@@ -159,10 +151,6 @@ class OutgoingMigration:
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
-
-    @property
-    def finished(self) -> bool:
-        return self.status.value in FINISHED
 
     def query(self) -> dict[str, Any]:
         status = self.status.value
@@ -195,19 +183,6 @@ class OutgoingMigration:
         return info
 
     # -- the migration thread ------------------------------------------------------------------
-
-    def _status_changed(self, status: MigrationStatus) -> None:
-        if status in FINISHED:
-            self.end_time = self._clock()
-        self._trace("status", status=status.value)
-        if self.capabilities["events"]:
-            self._emit("MIGRATION", {"status": status.value})
-
-    def _trace(self, kind: str, **fields: Any) -> None:
-        now = self._clock()
-        # "mono" is the host's monotonic clock: entries of both ends on one host line up
-        self.timeline.append({"t": round(now - self.start_time, 6), "mono": round(now, 6),
-                              "event": kind, **fields})
 
     def _run(self) -> None:
         try:
