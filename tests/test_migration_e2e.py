@@ -93,7 +93,9 @@ def test_postcopy_after_one_round_with_preempt(tmp_path: Path, vms: list[VmProce
     counts = info["x-postcopy"]
     assert counts["pushed-pages"] + counts["requested-pages"] == counts["needed-pages"]
     assert dest_info["x-duplicate-pages"] <= counts["resent-pages"]
-    assert dest_info["x-pages-placed"] == counts["needed-pages"] + counts["resent-pages"]
+    # a resent copy may still be on the urgent channel when the destination completes
+    placed = dest_info["x-pages-placed"]
+    assert counts["needed-pages"] <= placed <= counts["needed-pages"] + counts["resent-pages"]
     assert counts["discarded-pages"] <= counts["needed-pages"]
     before = destination.console().count(b"B")
     wait_passes(destination, b"B", before + 2)

@@ -541,11 +541,14 @@ class OutgoingMigration(MigrationBase):
             self._send_pages(writer, request.block, block, start, length, phase="requested")
             self.counters.pages_requested += length
         if urgent:
-            taken = request.page_count - sum(length for _, length in claimed)
-            if taken:
-                self._send_pages(writer, request.block, block, request.first_page,
-                                 request.page_count, phase="requested")
-                self.counters.pages_resent += taken
+            taken = np.ones(request.page_count, dtype=np.bool_)
+            for start, length in claimed:
+                taken[start - request.first_page:start - request.first_page + length] = False
+            starts, lengths = runs(taken)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self._send_pages(writer, request.block, block, request.first_page + start,
+                                 length, phase="requested")
+                self.counters.pages_resent += length
         self._jump = (request.block, request.first_page + request.page_count)
 
     # -- the return path -----------------------------------------------------------------------
