@@ -485,7 +485,6 @@ class IncomingMigration(MigrationBase):
         self.status.move(S.POSTCOPY_ACTIVE)
         if self.autostart:
             self.machine.cont()
-            self._tid_to_vcpu = {tid: i for i, tid in enumerate(self.machine.vcpu_thread_ids())}
         self._guest_started.set()
         self._trace("run")
 

@@ -75,7 +75,6 @@ class PageRequest:
     block: int
     first_page: int
     page_count: int
-    received_at: float
 
 
 class OutgoingMigration(MigrationBase):
@@ -274,7 +273,7 @@ class OutgoingMigration(MigrationBase):
         previous_remaining: int | None = None
         while True:
             self._check_cancel()
-            if self._should_switch_to_postcopy(previous_remaining, dirty):
+            if self._should_switch_to_postcopy(previous_remaining):
                 self._postcopy(main, sent, dirty)
                 return
             self.rounds += 1
@@ -297,7 +296,7 @@ class OutgoingMigration(MigrationBase):
             self.expected_downtime = remaining / bandwidth
             self._trace("round-end", round=self.rounds, remaining=remaining,
                         bandwidth=round(bandwidth))
-            if self._should_switch_to_postcopy(previous_remaining, dirty, remaining):
+            if self._should_switch_to_postcopy(previous_remaining, remaining):
                 self._postcopy(main, sent, dirty)
                 return
             max_rounds = self.parameters.x_max_rounds
@@ -307,7 +306,7 @@ class OutgoingMigration(MigrationBase):
                 return
             previous_remaining = remaining
 
-    def _should_switch_to_postcopy(self, previous: int | None, dirty: list[Bitmap],
+    def _should_switch_to_postcopy(self, previous: int | None,
                                    remaining: int | None = None) -> bool:
         if not self.capabilities["postcopy-ram"]:
             return False
@@ -567,7 +566,7 @@ class OutgoingMigration(MigrationBase):
                     if message.first_page + message.page_count > block.pages:
                         raise MigrationError(f"page request outside block {block.name!r}")
                     request = PageRequest(message.block, message.first_page,
-                                          message.page_count, self._clock())
+                                          message.page_count)
                     if self._preempt_writer is not None:
                         self._serve_request(self._preempt_writer, request, urgent=True)
                     else:

@@ -96,9 +96,7 @@ class VmMonitor:
             self.vm.stop()
 
     def cont(self, args: dict[str, Any]) -> None:
-        if self.outgoing is not None and self.outgoing.status.value in (
-                MigrationStatus.COMPLETED, MigrationStatus.POSTCOPY_ACTIVE,
-                MigrationStatus.FAILED) and self.outgoing.postcopy_start is not None:
+        if self.outgoing is not None and self.outgoing.postcopy_start is not None:
             raise QmpError("the VM has moved to the destination by postcopy; "
                            "its state here is stale and cannot resume")
         if self.incoming is not None and not self.incoming.finished and \
