@@ -35,11 +35,12 @@ FIGURES_OF_A_POSTCOPY_RUN = (
     "throughput_bytes_per_s", "precopy_bytes", "postcopy_bytes", "postcopy_requests",
     "blocktime_ms", "vcpu_blocktime_ms", "request_latency_p50_us", "request_latency_p99_us",
     "request_latency_max_us", "destination_rss_bytes", "destination_overhead_bytes",
-    "verify_ok",
+    "verify_ok", "bulk_round_bytes", "bulk_round_bytes_per_s",
 )
 LIMITS = ("line_rate", "fill_rate_4k", "fill_rate_thp", "fault_rtt_p50_us",
           "fault_rtt_p99_us", "throughput_limit")
 RATIOS = ("throughput_vs_limit", "throughput_vs_line_rate", "throughput_vs_fill_rate",
+          "bulk_round_vs_line_rate",
           "latency_p50_vs_fault_rtt", "downtime_vs_target", "rss_overhead_vs_guest_ram")
 
 
@@ -83,7 +84,10 @@ def test_smoke_run_on_loopback_reports_every_figure_and_ratio(tmp_path: Path) ->
     assert [name for name in LIMITS if not limits.get(name)] == []
     assert [name for name in RATIOS if ratios.get(name) is None] == []
     assert set(record["targets"]) == {"throughput_vs_limit", "latency_p50_vs_fault_rtt",
-                                      "downtime_vs_target", "rss_overhead_vs_guest_ram"}
+                                      "downtime_vs_target", "rss_overhead_vs_guest_ram",
+                                      "bulk_round_vs_line_rate"}
+    # the bulk round is the first part of what crossed, and it carried page data
+    assert 0 < figures["bulk_round_bytes"] <= figures["precopy_bytes"]
     # both sides' full query-migrate are kept, and the series the plot is drawn from
     assert record["source"]["ram"]["postcopy-requests"] == figures["postcopy_requests"]
     assert "x-request-latency" in record["destination"]

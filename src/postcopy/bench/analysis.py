@@ -23,6 +23,7 @@ from typing import Any
 DOWNTIME_TARGET_US = 5000.0
 TARGETS: dict[str, tuple[str, float]] = {
     "throughput_vs_limit": (">=", 0.70),
+    "bulk_round_vs_line_rate": (">=", 0.50),  # issue 5
     "latency_p50_vs_fault_rtt": ("<=", 2.0),
     "downtime_vs_target": ("<=", 1.0),
     "rss_overhead_vs_guest_ram": ("<=", 0.05),
@@ -64,6 +65,20 @@ def _event_time(record: dict[str, Any], side: str, event: str) -> float | None:
                  if entry.get("event") == event), None)
 
 
+def bulk_round(record: dict[str, Any]) -> tuple[int, float] | None:
+    """Bytes sent in the first precopy round (all of RAM) and its seconds, from the
+    source's round-start/round-end timeline entries."""
+    start = end = None
+    for when, entry in event_times(record, "source"):
+        if entry.get("round") == 1 and entry.get("event") == "round-start":
+            start = (when, entry.get("transferred"))
+        elif entry.get("round") == 1 and entry.get("event") == "round-end":
+            end = (when, entry.get("transferred"))
+    if start is None or end is None or start[1] is None or end[1] is None or end[0] <= start[0]:
+        return None
+    return int(end[1]) - int(start[1]), end[0] - start[0]
+
+
 def figures(record: dict[str, Any]) -> dict[str, Any]:
     src = record.get("source") or {}
     dst = record.get("destination") or {}
@@ -82,6 +97,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
     run_at = _event_time(record, "destination", "run")
     postcopy = src.get("x-postcopy") or {}
     verify = record.get("verify") or {}
+    bulk = bulk_round(record)
     migration_overhead = None
     if memory.get("overhead") is not None and source_memory.get("overhead") is not None:
         migration_overhead = memory["overhead"] - source_memory["overhead"]
@@ -104,6 +120,13 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "rounds": src.get("x-rounds"),
         "transferred_bytes": transferred,
         "throughput_bytes_per_s": round(throughput) if throughput is not None else None,
+        "bulk_round_bytes": bulk[0] if bulk else None,
+        "bulk_round_ms": round(bulk[1] * 1000, 1) if bulk else None,
+        "bulk_round_bytes_per_s": round(bulk[0] / bulk[1]) if bulk else None,
+        # guest RAM covered per second: zero pages cross as markers, so for a sparse guest
+        # this is far above the bytes on the wire
+        "bulk_round_ram_bytes_per_s": (round(int((record.get("scenario") or {}).get("ram") or 0)
+                                             / bulk[1]) if bulk else None),
         "mbps": ram.get("mbps"),
         "precopy_bytes": ram.get("precopy-bytes"),
         "downtime_bytes": ram.get("downtime-bytes"),
@@ -174,6 +197,8 @@ def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         "throughput_vs_limit": _ratio(throughput, limits.get("throughput_limit")),
         "throughput_vs_line_rate": _ratio(throughput, limits.get("line_rate")),
         "throughput_vs_fill_rate": _ratio(throughput, limits.get("fill_rate")),
+        "bulk_round_vs_line_rate": _ratio(figures.get("bulk_round_bytes_per_s"),
+                                          limits.get("line_rate")),
         "latency_p50_vs_fault_rtt": _ratio(latency, limits.get("fault_rtt_p50_us")),
         "latency_p50_vs_handler_rtt": _ratio(latency, limits.get("handler_rtt_p50_us")),
         "latency_p50_vs_one_cpu_fault_rtt": _ratio(latency,

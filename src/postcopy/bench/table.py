@@ -42,6 +42,9 @@ COLUMNS: list[Column] = [
     ("throughput MB/s (÷limit)", lambda f, r, t: _styled(_pair(
         _num(f["throughput_bytes_per_s"], ".0f", MB), r["throughput_vs_limit"]),
         t, "throughput_vs_limit")),
+    ("bulk round MB/s (÷line)", lambda f, r, t: _styled(_pair(
+        _num(f.get("bulk_round_bytes_per_s"), ".0f", MB), r.get("bulk_round_vs_line_rate")),
+        t, "bulk_round_vs_line_rate")),
     ("downtime ms (÷5ms)", lambda f, r, t: _styled(_pair(
         _num(f["downtime_us"], ".2f", 1000), r["downtime_vs_target"]), t,
         "downtime_vs_target")),
@@ -103,7 +106,8 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
         return None
     table = Table(title="median over repetitions (ratio medians; targets: "
                   + ", ".join(f"{k} {op} {v}" for k, (op, v) in TARGETS.items()) + ")")
-    for name in ("scenario", "link", "runs", "total s", "MB/s", "÷limit", "downtime ms",
+    for name in ("scenario", "link", "runs", "total s", "MB/s", "÷limit", "bulk MB/s", "÷line",
+                 "downtime ms",
                  "÷5ms", "req p50 µs", "÷rtt", "blocktime ms", "RSS+ ÷RAM"):
         table.add_column(name, justify="left" if name in ("scenario", "link") else "right")
 
@@ -117,6 +121,8 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
             _num(median(group, "figures", "total_time_ms"), ".2f", 1000),
             _num(median(group, "figures", "throughput_bytes_per_s"), ".0f", MB),
             _num(median(group, "ratios", "throughput_vs_limit"), ".2f"),
+            _num(median(group, "figures", "bulk_round_bytes_per_s"), ".0f", MB),
+            _num(median(group, "ratios", "bulk_round_vs_line_rate"), ".2f"),
             _num(median(group, "figures", "downtime_us"), ".2f", 1000),
             _num(median(group, "ratios", "downtime_vs_target"), ".2f"),
             _num(median(group, "figures", "request_latency_p50_us"), ".0f"),

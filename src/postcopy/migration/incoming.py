@@ -42,6 +42,7 @@ from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
+from postcopy.migration.prefault import Prefaulter
 from postcopy.migration.stats import (
     BlocktimeTracker,
     Clock,
@@ -177,6 +178,7 @@ class IncomingMigration(MigrationBase):
         self._return: StreamWriter | None = None
         self._placer: PagePlacer | None = None
         self._staging = Mapping.anonymous(STAGING_BYTES)
+        self._prefaulter: Prefaulter | None = None  # precopy only: see _receive_run
         self._threads: list[threading.Thread] = []
         self._thp_off = False
         # RAM swap at LISTEN (see _listen): the precopy mapping of each block, and which of
@@ -190,6 +192,7 @@ class IncomingMigration(MigrationBase):
         self._move_lock = threading.Lock()
         self._quit_moving = threading.Event()
         self.pages_moved = 0
+        self.pages_prefaulted = 0
         self._device_state: dict[str, Any] | None = None
         self.postcopy_start: float | None = None
         self.bytes_received = 0
@@ -232,6 +235,9 @@ class IncomingMigration(MigrationBase):
         info["x-bytes-received"] = self.bytes_received
         info["x-postcopy-requests-sent"] = self.requests_sent
         info["x-local-zero-faults"] = self.local_zero_faults
+        prefaulter = self._prefaulter
+        info["x-pages-prefaulted"] = (prefaulter.pages_populated if prefaulter is not None
+                                      else self.pages_prefaulted)
         if self._placer is not None:
             info["x-duplicate-pages"] = self._placer.duplicates
             info["x-pages-placed"] = self._placer.placed_pages
@@ -247,6 +253,7 @@ class IncomingMigration(MigrationBase):
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(5)
+        self._stop_prefaulting()
         self._release_uffd()
         for index, old in enumerate(self._old_mappings):
             if old is not None:
@@ -318,6 +325,9 @@ class IncomingMigration(MigrationBase):
             preempt_thread.start()
         self.status.move(S.ACTIVE)
         self._trace("handshake", capabilities=sorted(handshake.capabilities))
+        prefer_this_thread(self.parameters.x_migration_thread_nice)
+        self._prefaulter = Prefaulter(self._ram, self.received,
+                                      nice=self.parameters.x_migration_thread_nice)
         while True:
             message = reader.read()
             if isinstance(message, RamRunHeader):
@@ -366,14 +376,21 @@ class IncomingMigration(MigrationBase):
         block = self._ram[header.block]
         if self.uffd is None:
             # RAM is not registered yet: read normal pages straight into guest memory
+            first, count = header.first_page, header.zero.size
+            received = self.received[header.block][first:first + count]
+            prefaulter = self._prefaulter
+            if prefaulter is not None and not received.all():
+                prefaulter.advance(header.block, first, count,
+                                   header.data_length // block.page_size)
             normal_starts, normal_lengths = runs(~header.zero)
             for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
-                reader.read_data_into(block.page_view(header.first_page + start, length))
-            received = self.received[header.block][header.first_page:
-                                                    header.first_page + header.zero.size]
-            stale_zero = header.zero & received
+                reader.read_data_into(block.page_view(first + start, length))
+            held = received
+            if prefaulter is not None:
+                held = received | prefaulter.prefaulted[header.block][first:first + count]
+            stale_zero = header.zero & held
             if stale_zero.any():
-                # a page we hold became zero on the source: empty it
+                # a page we hold (or prefaulted) became zero on the source: empty it
                 zero_starts, zero_lengths = runs(stale_zero)
                 for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(),
                                          strict=True):
@@ -387,6 +404,12 @@ class IncomingMigration(MigrationBase):
         if header.data_length:
             reader.read_data_into(staging)
         self._placer.place(header.block, header.first_page, header.zero, self._staging.address)
+
+    def _stop_prefaulting(self) -> None:
+        prefaulter, self._prefaulter = self._prefaulter, None
+        if prefaulter is not None:
+            prefaulter.close()
+            self.pages_prefaulted = prefaulter.pages_populated
 
     # -- postcopy ------------------------------------------------------------------------------
 
@@ -438,6 +461,7 @@ class IncomingMigration(MigrationBase):
         background otherwise; the side mapping, with the stale pages, goes at the end.
         """
         self._trace("discards-done")
+        self._stop_prefaulting()  # it touches guest RAM: never once RAM can be missing
         features = Feature.THREAD_ID | (Feature.MOVE if self._swap_ram else Feature(0))
         uffd = UserfaultFd.open(features)
         if self._swap_ram:
@@ -649,6 +673,7 @@ class IncomingMigration(MigrationBase):
     def _complete_precopy(self) -> None:
         if self._device_state is None:
             raise IncomingError("precopy completed without device state")
+        self._stop_prefaulting()
         self.machine.load_state(self._device_state)
         if self.autostart:
             self.machine.cont()

@@ -233,6 +233,7 @@ class OutgoingMigration(MigrationBase):
             raise MigrationError(f"destination gave up: {self._shut.reason}")
 
     def _migrate(self) -> None:
+        prefer_this_thread(self.parameters.x_migration_thread_nice)
         ram = self.machine.ram
         postcopy = self.capabilities["postcopy-ram"]
         preempt = postcopy and self.capabilities["postcopy-preempt"]
@@ -277,7 +278,7 @@ class OutgoingMigration(MigrationBase):
                 self._postcopy(main, sent, dirty)
                 return
             self.rounds += 1
-            self._trace("round-start", round=self.rounds)
+            self._trace("round-start", round=self.rounds, transferred=self.counters.transferred)
             self.counters.remaining = sum(int(np.count_nonzero(d)) * b.page_size
                                           for d, b in zip(dirty, ram, strict=True))
             switched = self._send_round(main, sent, dirty)
@@ -295,7 +296,7 @@ class OutgoingMigration(MigrationBase):
             bandwidth = max(self._bandwidth(), 1.0)
             self.expected_downtime = remaining / bandwidth
             self._trace("round-end", round=self.rounds, remaining=remaining,
-                        bandwidth=round(bandwidth))
+                        bandwidth=round(bandwidth), transferred=self.counters.transferred)
             if self._should_switch_to_postcopy(previous_remaining, remaining):
                 self._postcopy(main, sent, dirty)
                 return

