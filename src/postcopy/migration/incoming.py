@@ -35,6 +35,7 @@ from postcopy.linux.userfaultfd import (
     PageFault,
     RegisterMode,
     RetryError,
+    UffdError,
     UserfaultFd,
 )
 from postcopy.migration.base import EventSink, MigrationBase
@@ -115,12 +116,50 @@ class PagePlacer:
         for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
             destination = block.host_address + (first_page + start) * page_size
             self._zeropage(destination, length * page_size, page_size)
-        count = int(zero.size)
+        self._record(block_index, first_page, int(zero.size))
+
+    def place_from_side(self, block_index: int, first_page: int, zero: Bitmap,
+                        side_address: int) -> None:
+        """Like `place`, for a run whose normal pages were read into the block's side
+        mapping at their own offsets: they move into guest RAM (UFFDIO_MOVE, no copy and
+        no page to allocate), zero pages are filled as usual."""
+        block = self.ram[block_index]
+        page_size = block.page_size
+        normal_starts, normal_lengths = runs(~zero)
+        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+            offset = (first_page + start) * page_size
+            self._move(block.host_address + offset, side_address + offset,
+                       length * page_size, page_size)
+        zero_starts, zero_lengths = runs(zero)
+        for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+            destination = block.host_address + (first_page + start) * page_size
+            self._zeropage(destination, length * page_size, page_size)
+        self._record(block_index, first_page, int(zero.size))
+
+    def _record(self, block_index: int, first_page: int, count: int) -> None:
         self.received[block_index][first_page:first_page + count] = True
         with self._lock:
             self.placed_pages += count
         self.latency.placed(block_index, first_page, count)
         self.blocktime.placed(block_index, first_page, count)
+
+    def _move(self, destination: int, source: int, length: int, page_size: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                done += self.uffd.move(destination + done, source + done, length - done)
+            except PageExistsError as error:
+                # an urgent copy of this page was placed first: the one here stays behind
+                done += error.done + page_size
+                with self._lock:
+                    self.duplicates += 1
+            except RetryError as error:
+                done += error.done
+            except UffdError as error:
+                # e.g. EBUSY for a page the kernel cannot move now: copy the rest instead
+                done += error.done
+                self._copy(destination + done, source + done, length - done, page_size)
+                return
 
     def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
         done = 0
@@ -400,6 +439,19 @@ class IncomingMigration(MigrationBase):
             received[:] = True
             return
         assert self._placer is not None
+        side = self._old_mappings[header.block] if self._swap_ram else None
+        if side is not None:
+            # The side mapping holds this block's stale precopy pages: warm memory, already
+            # allocated, at the same offsets. Reading the run there and moving the pages in
+            # spares the kernel allocating and zeroing a page per UFFDIO_COPY, which is most
+            # of the cost of placing a page on this host.
+            normal_starts, normal_lengths = runs(~header.zero)
+            for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+                offset = (header.first_page + start) * block.page_size
+                reader.read_data_into(side.view[offset:offset + length * block.page_size])
+            self._placer.place_from_side(header.block, header.first_page, header.zero,
+                                         side.address)
+            return
         staging = self._staging.view[:header.data_length]
         if header.data_length:
             reader.read_data_into(staging)
@@ -637,16 +689,21 @@ class IncomingMigration(MigrationBase):
             self.pages_moved += length
 
     def _finish_moving(self) -> None:
-        """Every valid page has moved: the side mappings hold only stale pages now. Freeing
-        them takes a while (~0.4 s per GiB), so not on the fault thread."""
-        stale = [old for old in self._old_mappings if old is not None]
-        self._old_mappings = [None] * len(self._old_mappings)
+        """Every valid page has moved back. The side mappings stay: the pushed pages land
+        there first (see _receive_run); they go when postcopy completes."""
         self._trace("moved", pages=self.pages_moved)
         self._moving_done.set()
-        freer = threading.Thread(target=_close_all, args=(stale,), name="free-stale",
-                                 daemon=True)
-        self._threads.append(freer)
-        freer.start()
+
+    def _free_side_mappings(self) -> None:
+        """What is left in the side mappings (stale pages a request overtook, pages
+        never asked for again) is freed on a thread: ~0.4 s per GiB when it is full."""
+        stale = [old for old in self._old_mappings if old is not None]
+        self._old_mappings = [None] * len(self._old_mappings)
+        if stale:
+            freer = threading.Thread(target=_close_all, args=(stale,), name="free-stale",
+                                     daemon=True)
+            self._threads.append(freer)
+            freer.start()
 
     def _locate(self, address: int) -> tuple[int, int]:
         for index, block in enumerate(self._ram):
@@ -694,6 +751,7 @@ class IncomingMigration(MigrationBase):
             raise IncomingError("valid precopy pages were still being moved after 30 s")
         self._stop_fault_thread()
         self._release_uffd()
+        self._free_side_mappings()
         for block in self._ram:
             block.mapping.madvise(Advice.HUGEPAGE)
         self._thp_off = False
