@@ -51,6 +51,9 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     assert scenario.migration_parameters["x-postcopy-after-rounds"] == 1
     assert scenario.guest_params == {"working_set_ppm": 100_000}
     assert parse_name("scan-1g-1cpu-precopy").capabilities == []
+    assert parse_name("memtouch-1g-1cpu-postcopy1-cpl0").cpl == 0
+    assert parse_name("memtouch-1g-1cpu-postcopy1-preempt-cpl0").preempt
+    assert parse_name("memtouch-1g-1cpu-postcopy1").cpl == 3
     for bad in ("memtouch-1g-1cpu", "nosuch-1g-1cpu-precopy", "memtouch-1g-1cpu-precopy-preempt"):
         with pytest.raises(ScenarioError):
             parse_name(bad)

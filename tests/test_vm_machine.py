@@ -16,6 +16,7 @@ import pytest
 
 from postcopy.migration.machine import Machine
 from postcopy.vm import layout
+from postcopy.vm.guests import GUESTS
 from postcopy.vm.machine import MicroVM, copy_ram
 
 pytestmark = pytest.mark.timeout(120)
@@ -216,6 +217,32 @@ def test_state_and_ram_move_to_an_incoming_vm_which_continues(make_vm: VmFactory
         destination.load_state(state)  # it has run since
 
 
+def test_a_cpl0_guest_runs_at_cpl0_and_stays_there_after_a_move(make_vm: VmFactory) -> None:
+    memtouch = GUESTS["memtouch"]
+    source, source_recorder = make_vm(cpl=0, image=memtouch.image,
+                                      params=memtouch.default_params)
+    source.cont()
+    # emulated on this host (~1 s per GiB pass): slower, but it runs
+    wait_until(lambda: source_recorder.output().count(b"B") >= 2)
+    source.stop()
+    state = json.loads(json.dumps(source.save_state()))
+    cs = state["cpus"][0]["sregs"]["cs"]
+    assert (cs["dpl"], cs["selector"] & 3) == (0, 0)
+    destination, recorder = make_vm(incoming=True)
+    copy_ram(source, destination)
+    destination.load_state(state)
+    destination.cont()
+    wait_until(lambda: recorder.output().count(b"B") >= 2)
+    destination.stop()
+    assert destination.save_state()["cpus"][0]["sregs"]["cs"]["dpl"] == 0
+
+
+def test_a_cpl3_guest_starts_at_cpl3(make_vm: VmFactory) -> None:
+    vm, _ = make_vm()
+    cs = vm.save_state()["cpus"][0]["sregs"]["cs"]
+    assert (cs["dpl"], cs["selector"] & 3) == (3, 3)
+
+
 def test_load_state_refuses_a_different_configuration(make_vm: VmFactory) -> None:
     source, _ = make_vm()
     state = source.save_state()
@@ -308,7 +335,7 @@ def test_close_ends_every_thread_and_is_idempotent() -> None:
     {"ram_size": 3 << 20}, {"ram_size": 1 << 20}, {"ram_size": 13 << 30},
     {"vcpus": 0}, {"vcpus": 33}, {"image": None}, {"image": b""},
     {"image": b"\x90" * (layout.IMAGE_MAX_BYTES + 1)}, {"params": [-1]},
-    {"params": [0] * 513},
+    {"params": [0] * 513}, {"cpl": 1}, {"cpl": 2},
 ])
 def test_bad_configurations_are_refused(kwargs: dict[str, Any]) -> None:
     arguments: dict[str, Any] = {"ram_size": RAM, "image": COUNTER, **kwargs}

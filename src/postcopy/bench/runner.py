@@ -234,7 +234,8 @@ def _migration_timeout(scenario: Scenario, link: Link) -> float:
 
 def _vm_args(scenario: Scenario, key: Path, trace: Path) -> list[str]:
     args = ["--guest", scenario.guest, "--ram", str(scenario.ram), "--vcpus",
-            str(scenario.vcpus), "--key", str(key), "--trace", str(trace)]
+            str(scenario.vcpus), "--key", str(key), "--trace", str(trace),
+            "--guest-cpl", str(scenario.cpl)]
     for name, value in scenario.guest_params.items():
         args += ["--guest-param", f"{name}={value}"]
     for capability in scenario.capabilities:

@@ -1,13 +1,15 @@
 """Benchmark scenarios: what one run migrates and how, named so the name says it all.
 
-A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt]`, for example
+A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt][-cpl0]`, for example
 `memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy after one
 precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the start),
 `postcopyN` (postcopy after N precopy rounds); `-preempt` adds the postcopy-preempt
-channel. Any name of that form is a scenario; the grid of the issue (three guests, 1 GiB
-and 4 GiB, 1 and 2 vCPUs, three modes) is the set `all`, and `default` is a subset that
-runs in a few minutes. Files benchmarks/*.toml add named sets and scenarios with their
-own guest parameters or migration parameters (see benchmarks/README.md).
+channel; `-cpl0` runs the guest at CPL0, emulated on this host like QEMU's own test guest
+(a guest that touches memory ~200x slower). Any name of that form is a scenario; the grid
+of the issue (three guests, 1 GiB and 4 GiB, 1 and 2 vCPUs, three modes) is the set `all`,
+and `default` is a subset that runs in a few minutes. Files benchmarks/*.toml add named
+sets and scenarios with their own guest parameters or migration parameters (see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ DEFAULT_GUEST_PARAMS: dict[str, dict[str, int]] = {"randwrite": {"working_set_pp
 DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
 
 NAME = re.compile(r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
-                  r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?$")
+                  r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?$")
 
 
 class ScenarioError(ValueError):
@@ -50,6 +52,7 @@ class Scenario:
     vcpus: int
     postcopy_after_rounds: int | None  # None: precopy only
     preempt: bool = False
+    cpl: int = 3
     guest_params: Mapping[str, int] = field(default_factory=dict)
     parameters: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -86,7 +89,7 @@ class Scenario:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "guest": self.guest, "ram": self.ram, "vcpus": self.vcpus,
                 "mode": self.mode, "postcopy_after_rounds": self.postcopy_after_rounds,
-                "preempt": self.preempt, "capabilities": self.capabilities,
+                "preempt": self.preempt, "cpl": self.cpl, "capabilities": self.capabilities,
                 "guest_params": dict(self.guest_params),
                 "parameters": self.migration_parameters, "description": self.description}
 
@@ -95,7 +98,7 @@ def parse_name(name: str) -> Scenario:
     match = NAME.match(name)
     if not match:
         raise ScenarioError(f"{name!r} is not a scenario name: expected "
-                            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt], "
+                            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0], "
                             "e.g. memtouch-1g-1cpu-postcopy1")
     guest = match.group("guest")
     if guest not in GUESTS:
@@ -110,6 +113,7 @@ def parse_name(name: str) -> Scenario:
         raise ScenarioError(f"{name!r}: -preempt needs a postcopy mode")
     return Scenario(name=name, guest=guest, ram=parse_size(match.group("ram")), vcpus=vcpus,
                     postcopy_after_rounds=after, preempt=preempt,
+                    cpl=0 if match.group("cpl0") else 3,
                     guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})))
 
 
@@ -197,6 +201,7 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
     parameters = {**base.parameters, **entry.get("parameters", {})}
     return Scenario(name=name, guest=base.guest, ram=base.ram, vcpus=base.vcpus,
                     postcopy_after_rounds=base.postcopy_after_rounds, preempt=base.preempt,
+                    cpl=base.cpl,
                     guest_params=guest_params, parameters=parameters,
                     description=str(entry.get("description", "")))
 

@@ -34,6 +34,9 @@ def add_parser(subparsers: Any) -> None:
                      help="a built-in guest's parameter (see `postcopy vm guests`)")
     run.add_argument("--ram", default="256M", help="RAM size, e.g. 256M, 1G (default 256M)")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--guest-cpl", type=int, choices=(0, 3), default=3,
+                     help="privilege level the guest runs at (default 3, native here; 0 is "
+                          "emulated on this host's PVM, like QEMU's own test guest: slow)")
     run.add_argument("--qmp", required=True, help="path of the QMP Unix socket to create")
     run.add_argument("--incoming", metavar="URI",
                      help="wait for a migration on tcp:HOST:PORT or unix:PATH, or 'defer' "
@@ -139,7 +142,7 @@ def run_vm(args: argparse.Namespace) -> int:
     server = QmpServer(args.qmp)
     try:
         vm = MicroVM(ram_size=ram_size, vcpus=args.vcpus, image=image, params=params,
-                     incoming=args.incoming is not None, console=console,
+                     incoming=args.incoming is not None, cpl=args.guest_cpl, console=console,
                      on_event=lambda name, data: server.emit_event(name, data or None))
     except Exception as error:
         print(f"postcopy vm run: cannot create the VM: {error}", file=sys.stderr)

@@ -65,10 +65,13 @@ class MicroVM:
     """A KVM virtual machine running a flat CPL3 guest image; see the module docstring."""
 
     def __init__(self, *, ram_size: int, vcpus: int = 1, image: bytes | None = None,
-                 params: Sequence[int] = (), incoming: bool = False,
+                 params: Sequence[int] = (), incoming: bool = False, cpl: int = 3,
                  console: ConsoleCallback | None = None,
                  on_event: EventCallback | None = None) -> None:
         layout.check_config(ram_size, vcpus)
+        if cpl not in layout.GUEST_CPLS:
+            raise ValueError(f"guest CPL {cpl!r} must be one of {layout.GUEST_CPLS}")
+        self._cpl = cpl
         if not incoming:
             if image is None:
                 raise ValueError("a VM that is not incoming needs a guest image")
@@ -132,7 +135,7 @@ class MicroVM:
             self._vcpus.append(vcpu)
             vcpu.set_cpuid2(layout.vcpu_cpuid(supported, index))
             if not self._incoming:
-                vcpu.set_sregs(layout.boot_sregs(vcpu.get_sregs()))
+                vcpu.set_sregs(layout.boot_sregs(vcpu.get_sregs(), self._cpl))
                 vcpu.set_regs(layout.boot_regs(index, self._vcpu_count, self._ram_size))
         for vcpu in self._vcpus:
             thread = VcpuThread(vcpu, self._condition, console=self._on_console,
