@@ -1,6 +1,10 @@
-"""Unit tests of the migration's pure policies: discard ranges, blocktime, latency, status."""
+"""Unit tests of the migration's policies: discard ranges, blocktime, latency, status, and
+the scheduling of its threads (on the real kernel)."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +13,12 @@ from hypothesis import strategies as st
 
 from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_ranges
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
-from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
+from postcopy.migration.stats import (
+    BlocktimeTracker,
+    LatencyRecorder,
+    prefer_this_thread,
+    set_thread_nice,
+)
 from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
 
 
@@ -107,3 +116,31 @@ def test_parameters_and_capabilities_use_qemu_names_and_check_values() -> None:
         capabilities.set("xbzrle", True)
     with pytest.raises(ParameterError, match="not found"):
         capabilities.set("warp-drive", True)
+
+
+def test_urgent_threads_run_real_time_and_bulk_threads_at_their_nice() -> None:
+    """As root (these machines) the page-request path gets SCHED_FIFO: a woken thread runs
+    at once instead of after a busy thread's time slice."""
+    seen: dict[str, object] = {}
+
+    def urgent() -> None:
+        prefer_this_thread()
+        tid = threading.get_native_id()
+        seen["urgent"] = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
+
+    def urgent_without_realtime() -> None:
+        prefer_this_thread(realtime=False)
+        tid = threading.get_native_id()
+        seen["fallback"] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+
+    def bulk() -> None:
+        set_thread_nice(-5)
+        seen["bulk"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    for target in (urgent, urgent_without_realtime, bulk):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert seen["urgent"] == (os.SCHED_FIFO, 1)
+    assert seen["fallback"] == (os.SCHED_OTHER, -10)
+    assert seen["bulk"] == -5

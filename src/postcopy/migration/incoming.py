@@ -49,6 +49,7 @@ from postcopy.migration.stats import (
     Clock,
     LatencyRecorder,
     prefer_this_thread,
+    set_thread_nice,
 )
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
@@ -81,6 +82,7 @@ S = MigrationStatus
 STAGING_BYTES = 4 << 20
 FAULT_BATCH = 64
 MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
+FAULT_MOVE_PAGES = 64  # valid pages moved back on a fault: the faulting one and those after
 MOVER_NICE = 5
 
 
@@ -364,7 +366,7 @@ class IncomingMigration(MigrationBase):
             preempt_thread.start()
         self.status.move(S.ACTIVE)
         self._trace("handshake", capabilities=sorted(handshake.capabilities))
-        prefer_this_thread(self.parameters.x_migration_thread_nice)
+        set_thread_nice(self.parameters.x_migration_thread_nice)
         self._prefaulter = Prefaulter(self._ram, self.received,
                                       nice=self.parameters.x_migration_thread_nice)
         while True:
@@ -628,7 +630,11 @@ class IncomingMigration(MigrationBase):
                     # under the lock: a chunk the mover has claimed has also landed
                     with self._move_lock:
                         if self._unmoved[block_index][page]:
-                            self._move_pages(block_index, page, 1, on_demand=True)
+                            # and the valid pages after it: a guest that touched this one
+                            # is likely to touch those next, and each fault costs a trip
+                            # through this thread
+                            self._move_pages(block_index, page, FAULT_MOVE_PAGES,
+                                             on_demand=True)
                 if self.received[block_index][page]:
                     self._resolve_locally(block_index, page)
                 elif not self._requested[block_index][page]:

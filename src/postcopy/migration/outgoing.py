@@ -25,7 +25,13 @@ from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
-from postcopy.migration.stats import Clock, RamCounters, RateMeter, prefer_this_thread
+from postcopy.migration.stats import (
+    Clock,
+    RamCounters,
+    RateMeter,
+    prefer_this_thread,
+    set_thread_nice,
+)
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
 from postcopy.transport import (
@@ -233,7 +239,7 @@ class OutgoingMigration(MigrationBase):
             raise MigrationError(f"destination gave up: {self._shut.reason}")
 
     def _migrate(self) -> None:
-        prefer_this_thread(self.parameters.x_migration_thread_nice)
+        set_thread_nice(self.parameters.x_migration_thread_nice)
         ram = self.machine.ram
         postcopy = self.capabilities["postcopy-ram"]
         preempt = postcopy and self.capabilities["postcopy-preempt"]

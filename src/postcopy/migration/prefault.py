@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from postcopy.linux.memory import Advice, MappingError
-from postcopy.migration.stats import prefer_this_thread
+from postcopy.migration.stats import set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Prefaulter:
             self._thread.join()
 
     def _populate_loop(self) -> None:
-        prefer_this_thread(self._nice)
+        set_thread_nice(self._nice)
         while True:
             item = self._work.get()
             if item is None or not self._enabled:
