@@ -66,11 +66,12 @@ def _list(catalogue: Any) -> int:
     for name, members in catalogue.sets.items():
         shown = members if name != "all" else [f"{len(members)} scenarios: the grid below"]
         print(f"  {name}: {', '.join(shown)}")
-    print("\nScenario names: <guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt]")
+    print("\nScenario names: <guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0]")
     print(f"  grid ('all'): guests {', '.join(GRID_GUESTS)}; RAM {', '.join(GRID_RAM)}; "
           f"vCPUs {', '.join(map(str, GRID_VCPUS))}; modes {', '.join(GRID_MODES)}")
     print("  precopy = postcopy off; postcopy0 = postcopy from the start; "
-          "postcopyN = after N precopy rounds")
+          "postcopyN = after N precopy rounds; -cpl0 = the guest at CPL0 (emulated here, "
+          "slow, like QEMU's own test guest)")
     default = set(catalogue.sets.get("default", []))
     for name in catalogue.known_names():
         scenario = catalogue.scenario(name)
