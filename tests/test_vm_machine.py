@@ -277,6 +277,11 @@ def test_dirty_log_is_empty_while_stopped_and_not_while_running(make_vm: VmFacto
     assert {vcpu_page(0) // 4096, vcpu_page(1) // 4096} <= pages
     assert layout.IMAGE_LOAD_ADDRESS // 4096 not in pages
     assert not vm.sync_dirty_log()["pc.ram"].any()  # read and cleared
+    vm.cont()
+    wait_until(lambda: vm.console_bytes >= 8)
+    vm.stop()
+    last = vm.sync_dirty_log(rearm=False)["pc.ram"]  # the final sync of a stopped VM
+    assert {vcpu_page(0) // 4096, vcpu_page(1) // 4096} <= set(np.flatnonzero(last).tolist())
     vm.stop_dirty_log()
     with pytest.raises(RuntimeError):
         vm.sync_dirty_log()

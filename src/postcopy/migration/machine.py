@@ -31,11 +31,13 @@ class Machine(Protocol):
     def start_dirty_log(self) -> None:
         """Begin tracking guest writes; everything counts as clean from here on."""
 
-    def sync_dirty_log(self) -> dict[str, Bitmap]:
+    def sync_dirty_log(self, rearm: bool = True) -> dict[str, Bitmap]:
         """Pages written by the guest since the last sync (or start), per block name.
 
         One bool entry per page of the block's page size. The dirty state is cleared
-        (re-protected) as it is read.
+        (re-protected) as it is read, unless `rearm` is False: the last sync of a stopped
+        VM, whose protection work (proportional to the dirty pages) would only add to
+        the downtime.
         """
 
     def stop_dirty_log(self) -> None: ...

@@ -325,8 +325,9 @@ class OutgoingMigration(MigrationBase):
         return bool(self.parameters.x_postcopy_when_stalled and remaining is not None
                     and previous is not None and remaining >= previous * 0.95)
 
-    def _sync_dirty(self, now: float) -> list[Bitmap]:
-        by_name = self.machine.sync_dirty_log()
+    def _sync_dirty(self, now: float, *, final: bool = False) -> list[Bitmap]:
+        # the final sync happens with the guest stopped: nothing to protect again
+        by_name = self.machine.sync_dirty_log(rearm=not final)
         dirty = [by_name[block.name] for block in self.machine.ram]
         self.counters.dirty_sync_count += 1
         pages = sum(int(np.count_nonzero(d)) for d in dirty)
@@ -416,7 +417,7 @@ class OutgoingMigration(MigrationBase):
         self.status.move(S.DEVICE)
         stop_time = self._stop_vm()
         self._trace("stop", phase="precopy")
-        final = self._sync_dirty(self._clock())
+        final = self._sync_dirty(self._clock(), final=True)
         dirty = [p | f for p, f in zip(pending, final, strict=True)]
         for index, block in enumerate(self.machine.ram):
             starts, lengths = split_runs(*runs(dirty[index]), self.parameters.x_precopy_run_pages)
@@ -454,7 +455,7 @@ class OutgoingMigration(MigrationBase):
         stop_time = self._stop_vm()
         self.postcopy_start = stop_time
         self._trace("stop", phase="postcopy")
-        final = self._sync_dirty(self._clock())
+        final = self._sync_dirty(self._clock(), final=True)
         self._trace("final-sync")
         for index in range(len(ram)):
             newly_stale = np.flatnonzero(final[index] & ~needed[index])

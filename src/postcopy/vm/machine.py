@@ -235,12 +235,13 @@ class MicroVM:
             self._dirty_logging = True
             self._collect_dirty()
 
-    def sync_dirty_log(self) -> dict[str, Bitmap]:
-        """Pages of "pc.ram" the guest wrote since the last sync (or start); clears them."""
+    def sync_dirty_log(self, rearm: bool = True) -> dict[str, Bitmap]:
+        """Pages of "pc.ram" the guest wrote since the last sync (or start); clears them
+        and write-protects them again, unless `rearm` is False (see Machine)."""
         with self._dirty_lock:
             if not self._dirty_logging:
                 raise RuntimeError("sync_dirty_log() before start_dirty_log()")
-            self._collect_dirty()
+            self._collect_dirty(rearm)
             pages = self._ram_size // layout.PAGE_SIZE
             bits = np.unpackbits(self._dirty_words.view(np.uint8), bitorder="little",
                                  count=pages)
@@ -258,10 +259,10 @@ class MicroVM:
     def dirty_logging(self) -> bool:
         return self._dirty_logging
 
-    def _collect_dirty(self) -> None:
+    def _collect_dirty(self, rearm: bool = True) -> None:
         vm, _mapping = self._require_vm()
         vm.get_dirty_log(RAM_SLOT, self._dirty_words)
-        if self._manual_protect and self._dirty_words.any():
+        if rearm and self._manual_protect and self._dirty_words.any():
             # Cleared (and write-protected again) before anyone reads these pages, so a
             # write that lands after the clear is logged for the next round.
             vm.clear_dirty_log(RAM_SLOT, 0, self._ram_size // layout.PAGE_SIZE,
