@@ -230,7 +230,6 @@ class IncomingMigration(MigrationBase):
         self._moving_done = threading.Event()
         self._moving_done.set()
         self._guest_started = threading.Event()
-        self._move_lock = threading.Lock()
         self._quit_moving = threading.Event()
         self.pages_moved = 0
         self.pages_prefaulted = 0
@@ -626,15 +625,11 @@ class IncomingMigration(MigrationBase):
                 vcpu = self._tid_to_vcpu.get(event.thread_id)
                 if vcpu is not None:
                     self.blocktime.fault(vcpu, block_index, page, now)
-                if self._swap_ram:
-                    # under the lock: a chunk the mover has claimed has also landed
-                    with self._move_lock:
-                        if self._unmoved[block_index][page]:
-                            # and the valid pages after it: a guest that touched this one
-                            # is likely to touch those next, and each fault costs a trip
-                            # through this thread
-                            self._move_pages(block_index, page, FAULT_MOVE_PAGES,
-                                             on_demand=True)
+                if self._swap_ram and self._unmoved[block_index][page]:
+                    # and the valid pages after it: a guest that touched this one is likely
+                    # to touch those next, and each fault costs a trip through this thread
+                    # (no lock with the mover: see _mover)
+                    self._move_pages(block_index, page, FAULT_MOVE_PAGES, on_demand=True)
                 if self.received[block_index][page]:
                     self._resolve_locally(block_index, page)
                 elif not self._requested[block_index][page]:
@@ -649,8 +644,12 @@ class IncomingMigration(MigrationBase):
         """Move every still-valid precopy page back into guest RAM, once the guest runs.
 
         Its own thread at low priority, so that faults never wait behind it; the fault
-        thread moves the page a vCPU waits for itself. `_move_lock` makes claiming and
-        moving one step, so the fault thread never zero-fills a page on its way back."""
+        thread moves the page a vCPU waits for itself. They need no lock between them:
+        UFFDIO_MOVE moves each page atomically (both page table locks held), so when both
+        move the same page one of them finds a hole and skips it; and `_unmoved` bits are
+        cleared only after the move, so a page the fault thread sees as moved is in guest
+        RAM before it zero-fills what it believes to be a hole. (A lock here made faults
+        wait for this thread, which at nice +5 is easily preempted mid-chunk.)"""
         self._guest_started.wait()
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MOVER_NICE)
@@ -660,14 +659,14 @@ class IncomingMigration(MigrationBase):
                 for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                     if self._quit_moving.is_set():
                         return
-                    with self._move_lock:
-                        self._move_pages(index, start, length, on_demand=False)
+                    self._move_pages(index, start, length, on_demand=False)
             self._finish_moving()
         except Exception as error:
             log.error("moving precopy pages back: %s", error)
 
     def _move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> None:
         """Move the still-unmoved pages of a range from the precopy mapping into guest RAM.
+        Safe to run in two threads at once on the same pages (see _mover).
 
         Holes (zero pages never written) are skipped; they stay missing and a fault on one
         is filled with a zero page by _resolve_locally.
@@ -679,7 +678,6 @@ class IncomingMigration(MigrationBase):
         page_size = block.page_size
         window = self._unmoved[block_index][first:first + count]
         starts, lengths = runs(window.copy())
-        window[:] = False
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             offset = (first + start) * page_size
             done, size = 0, length * page_size
@@ -693,6 +691,9 @@ class IncomingMigration(MigrationBase):
                 except RetryError as error:
                     done += error.done
             self.pages_moved += length
+            # cleared only once landed: the fault thread reads these bits without the lock,
+            # and a page it sees as moved must really be in guest RAM
+            window[start:start + length] = False
 
     def _finish_moving(self) -> None:
         """Every valid page has moved back. The side mappings stay: the pushed pages land
