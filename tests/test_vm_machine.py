@@ -277,8 +277,9 @@ def test_dirty_log_is_empty_while_stopped_and_not_while_running(make_vm: VmFacto
     assert {vcpu_page(0) // 4096, vcpu_page(1) // 4096} <= pages
     assert layout.IMAGE_LOAD_ADDRESS // 4096 not in pages
     assert not vm.sync_dirty_log()["pc.ram"].any()  # read and cleared
+    counts = [read_u64(vm, vcpu_page(i)) for i in range(2)]
     vm.cont()
-    wait_until(lambda: vm.console_bytes >= 8)
+    wait_until(lambda: all(read_u64(vm, vcpu_page(i)) > counts[i] for i in range(2)))
     vm.stop()
     last = vm.sync_dirty_log(rearm=False)["pc.ram"]  # the final sync of a stopped VM
     assert {vcpu_page(0) // 4096, vcpu_page(1) // 4096} <= set(np.flatnonzero(last).tolist())
