@@ -93,8 +93,16 @@ def test_demo_migrates_verifies_and_cleans_up(tmp_path: Path) -> None:
 
 
 def start_demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    # Ctrl-C must reach the demo as in a terminal, even when the tests themselves run in
+    # the background (a shell starts background jobs with SIGINT ignored, and Python then
+    # keeps ignoring it)
     return subprocess.Popen([*DEMO, "--out", str(tmp_path / "out"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_until(process: subprocess.Popen[str], marker: str) -> str:

@@ -103,7 +103,7 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
     enabled = {c["capability"] for c in destination.cmd("query-migrate-capabilities")
                if c["state"]}
     assert {"postcopy-ram", "postcopy-blocktime"} <= enabled
-    # migrate-start-postcopy came after the first round: precopy bytes, then postcopy bytes
+    # the switch came after the first round: precopy bytes, then postcopy bytes
     info = source.cmd("query-migrate")
     assert info["ram"]["precopy-bytes"] > 0 and info["ram"]["postcopy-bytes"] > 0
     assert info["ram"]["dirty-sync-count"] >= 1

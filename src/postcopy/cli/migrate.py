@@ -70,7 +70,9 @@ class MigrateOptions:
 
     @property
     def manual_switch(self) -> bool:
-        """--postcopy alone: we call migrate-start-postcopy after the first round."""
+        """--postcopy alone: postcopy after the first round. The source switches by itself
+        (x-postcopy-after-rounds 1): a migrate-start-postcopy sent when a poll sees the
+        round end can come after a fast precopy has already converged and completed."""
         return (self.uses_postcopy and self.switch_after_rounds is None
                 and not self.switch_when_stalled)
 
@@ -191,7 +193,8 @@ class Migration:
                                             for name in wanted]}, "destination")
         parameters: dict[str, Any] = {
             "x-postcopy-after-rounds": (options.switch_after_rounds
-                                        if options.switch_after_rounds is not None else -1),
+                                        if options.switch_after_rounds is not None
+                                        else 1 if options.manual_switch else -1),
             "x-postcopy-when-stalled": options.switch_when_stalled,
         }
         if options.max_bandwidth is not None:
@@ -249,7 +252,7 @@ class Migration:
 
     def _watch(self) -> tuple[str, dict[str, Any], bool]:
         options = self.options
-        switch_requested = not options.manual_switch
+        switch_noted = not options.uses_postcopy
         cancel_sent = False
         postcopy_warned = False
         while True:
@@ -262,15 +265,9 @@ class Migration:
             self.on_sample(sample)
             if status in FINAL_STATUSES:
                 return status, info, cancel_sent
-            ram = info.get("ram", {})
-            if (not switch_requested and status == "active"
-                    and ram.get("dirty-sync-count", 0) >= 1):
-                switch_requested = True
-                try:
-                    self.source.execute("migrate-start-postcopy")
-                    self.on_note("first precopy round done: switching to postcopy")
-                except QmpCommandError as error:
-                    self.on_note(f"could not switch to postcopy: {error.desc}")
+            if not switch_noted and status == "postcopy-active":
+                switch_noted = True
+                self.on_note("switched to postcopy")
             if self._interrupts.count and not cancel_sent and status in CANCELLABLE_STATUSES:
                 cancel_sent = True
                 self.on_note("interrupted: cancelling the migration (the source keeps running)")
@@ -398,7 +395,7 @@ def add_parser(subparsers: Any) -> None:
                              "the postcopy capabilities, and asked for its figures at the end")
     parser.add_argument("--postcopy", action="store_true",
                         help="switch to postcopy after the first precopy round "
-                             "(migrate-start-postcopy)")
+                             "(the source does it: x-postcopy-after-rounds 1)")
     parser.add_argument("--preempt", action="store_true",
                         help="send requested pages on a channel of their own "
                              "(postcopy-preempt; implies --postcopy)")
