@@ -2,9 +2,11 @@
 
 Threads:
 - the receiver reads the main stream. Before LISTEN it reads page data straight into guest
-  RAM (nothing is registered on userfaultfd yet, so no thread can block on it). From
-  LISTEN on it reads into a staging buffer and places whole runs with UFFDIO_COPY /
-  UFFDIO_ZEROPAGE, which wake the vCPUs waiting on them.
+  RAM (nothing is registered on userfaultfd yet, so no thread can block on it), while the
+  prefault thread populates the RAM the next runs will land in (see prefault). From
+  LISTEN on it reads each run into the side mapping that holds the stale precopy pages,
+  or without RAM swap into a staging buffer, and places whole runs with UFFDIO_MOVE /
+  UFFDIO_COPY / UFFDIO_ZEROPAGE, which wake the vCPUs waiting on them.
 - the fault thread polls the userfaultfd and a quit eventfd, reads faults in batches and
   sends REQ_PAGES on the return path for pages not yet asked for.
 - with postcopy-preempt, a second receiver places the urgent pages of the preempt channel.
@@ -23,6 +25,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -114,10 +117,7 @@ class PagePlacer:
             self._copy(destination, staging_address + offset_in_staging, length * page_size,
                        page_size)
             offset_in_staging += length * page_size
-        zero_starts, zero_lengths = runs(zero)
-        for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
-            destination = block.host_address + (first_page + start) * page_size
-            self._zeropage(destination, length * page_size, page_size)
+        self._place_zero_pages(block, first_page, zero)
         self._record(block_index, first_page, int(zero.size))
 
     def place_from_side(self, block_index: int, first_page: int, zero: Bitmap,
@@ -130,13 +130,17 @@ class PagePlacer:
         normal_starts, normal_lengths = runs(~zero)
         for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
             offset = (first_page + start) * page_size
-            self._move(block.host_address + offset, side_address + offset,
-                       length * page_size, page_size)
+            self._fill(self.uffd.move, block.host_address + offset, side_address + offset,
+                       length * page_size, page_size, fallback=self._copy)
+        self._place_zero_pages(block, first_page, zero)
+        self._record(block_index, first_page, int(zero.size))
+
+    def _place_zero_pages(self, block: RamBlock, first_page: int, zero: Bitmap) -> None:
+        page_size = block.page_size
         zero_starts, zero_lengths = runs(zero)
         for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
             destination = block.host_address + (first_page + start) * page_size
             self._zeropage(destination, length * page_size, page_size)
-        self._record(block_index, first_page, int(zero.size))
 
     def _record(self, block_index: int, first_page: int, count: int) -> None:
         self.received[block_index][first_page:first_page + count] = True
@@ -145,36 +149,32 @@ class PagePlacer:
         self.latency.placed(block_index, first_page, count)
         self.blocktime.placed(block_index, first_page, count)
 
-    def _move(self, destination: int, source: int, length: int, page_size: int) -> None:
+    def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
+        self._fill(self.uffd.copy, destination, source, length, page_size)
+
+    def _fill(self, ioctl: Callable[[int, int, int], int], destination: int, source: int,
+              length: int, page_size: int,
+              fallback: Callable[[int, int, int, int], None] | None = None) -> None:
+        """Run UFFDIO_COPY or UFFDIO_MOVE over a range to its end. EEXIST: a request raced
+        the push and that page is already there (counted, skipped); EAGAIN: go on. Any
+        other error (e.g. EBUSY for a page the kernel cannot move now) hands the rest of
+        the range to `fallback`, if given."""
         done = 0
         while done < length:
             try:
-                done += self.uffd.move(destination + done, source + done, length - done)
+                done += ioctl(destination + done, source + done, length - done)
             except PageExistsError as error:
-                # an urgent copy of this page was placed first: the one here stays behind
                 done += error.done + page_size
                 with self._lock:
                     self.duplicates += 1
             except RetryError as error:
                 done += error.done
             except UffdError as error:
-                # e.g. EBUSY for a page the kernel cannot move now: copy the rest instead
+                if fallback is None:
+                    raise
                 done += error.done
-                self._copy(destination + done, source + done, length - done, page_size)
+                fallback(destination + done, source + done, length - done, page_size)
                 return
-
-    def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
-        done = 0
-        while done < length:
-            try:
-                done += self.uffd.copy(destination + done, source + done, length - done)
-            except PageExistsError as error:
-                # a request raced the push: that page is already there; go on after it
-                done += error.done + page_size
-                with self._lock:
-                    self.duplicates += 1
-            except RetryError as error:
-                done += error.done
 
     def _zeropage(self, destination: int, length: int, page_size: int) -> None:
         done = 0
