@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,16 +50,6 @@ def one_line(result: subprocess.CompletedProcess[str], command: str) -> str:
     assert lines[0].startswith(f"postcopy {command}: "), lines[0]
     assert result.stdout == "", result.stdout
     return lines[0]
-
-
-@pytest.fixture
-def vms() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    try:
-        yield started
-    finally:
-        for vm in started:
-            vm.close()
 
 
 def memtouch(ram: str = "64M") -> tuple[str, ...]:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ POSTCOPY = [sys.executable, "-m", "postcopy"]
 
 def postcopy_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*POSTCOPY, *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def vms() -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    try:
-        yield started
-    finally:
-        for vm in started:
-            vm.close()
 
 
 def start_pair(tmp_path: Path, vms: list[VmProcess], *, ram: str = "256M", vcpus: int = 2,

@@ -6,7 +6,6 @@ Real KVM guests, real userfaultfd, real sockets; driven with qemu.qmp like a use
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,6 @@ import pytest
 from tests.vmprocess import QmpCommandError, VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def vms(tmp_path: Path) -> Iterator[list[VmProcess]]:
-    started: list[VmProcess] = []
-    try:
-        yield started
-    finally:
-        for vm in started:
-            vm.close()
 
 
 def start_pair(tmp_path: Path, vms: list[VmProcess], *, guest: str = "memtouch",

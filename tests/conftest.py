@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules that start VM processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vmprocess import VmProcess, vm_processes
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[list[VmProcess]]:
+    """A list to put started VM processes in; every one is closed when the test ends."""
+    with vm_processes(tmp_path) as started:
+        yield started
