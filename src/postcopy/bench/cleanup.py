@@ -72,15 +72,23 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGTERM (and SIGINT) raise KeyboardInterrupt in the main thread while inside."""
-    previous = {signum: signal.signal(signum, _interrupt)
+def _handling(handler: signal.Handlers | Callable[[int, FrameType | None], None]
+              ) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` while inside; the previous handlers after."""
+    previous = {signum: signal.signal(signum, handler)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM (and SIGINT) raise KeyboardInterrupt in the main thread while inside."""
+    with _handling(_interrupt):
+        yield
 
 
 @contextmanager
@@ -91,13 +99,8 @@ def signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handling(signal.SIG_IGN):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def pid_alive(pid: int) -> bool:
