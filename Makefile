@@ -38,7 +38,8 @@ test: venv-dev
 	$(VENV)/bin/python -m pytest
 
 lint:
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 guests:

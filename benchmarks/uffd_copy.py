@@ -41,8 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     length = args.mib * MiB
 
-    with Mapping.anonymous(length) as target, Mapping.anonymous(2 * MiB) as source, \
-            UserfaultFd.open() as uffd:
+    with (
+        Mapping.anonymous(length) as target,
+        Mapping.anonymous(2 * MiB) as source,
+        UserfaultFd.open() as uffd,
+    ):
         source.view[:] = b"\xa5" * source.length  # present, non-zero source pages
         target.madvise(Advice.NOHUGEPAGE)
         uffd.register(target.address, length, RegisterMode.MISSING)
@@ -85,8 +88,10 @@ def main() -> None:
         ):
             seconds = timed_passes(args.passes, target, place)
             calls = length // per_call
-            print(f"{name:36s} {calls / seconds:12,.0f} ioctls/s "
-                  f"{pages / seconds:12,.0f} pages/s {length / seconds / 1e9:6.2f} GB/s")
+            print(
+                f"{name:36s} {calls / seconds:12,.0f} ioctls/s "
+                f"{pages / seconds:12,.0f} pages/s {length / seconds / 1e9:6.2f} GB/s"
+            )
 
 
 if __name__ == "__main__":

@@ -28,20 +28,47 @@ SMOKE = "memtouch-256m-1cpu-postcopy1"
 
 needs_namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
-    reason="network namespaces need root and iproute2")
+    reason="network namespaces need root and iproute2",
+)
 
 FIGURES_OF_A_POSTCOPY_RUN = (
-    "total_time_ms", "setup_time_ms", "downtime_ms", "downtime_us", "transferred_bytes",
-    "throughput_bytes_per_s", "precopy_bytes", "postcopy_bytes", "postcopy_requests",
-    "blocktime_ms", "vcpu_blocktime_ms", "request_latency_p50_us", "request_latency_p99_us",
-    "request_latency_max_us", "destination_rss_bytes", "destination_overhead_bytes",
-    "verify_ok", "bulk_round_bytes", "bulk_round_bytes_per_s",
+    "total_time_ms",
+    "setup_time_ms",
+    "downtime_ms",
+    "downtime_us",
+    "transferred_bytes",
+    "throughput_bytes_per_s",
+    "precopy_bytes",
+    "postcopy_bytes",
+    "postcopy_requests",
+    "blocktime_ms",
+    "vcpu_blocktime_ms",
+    "request_latency_p50_us",
+    "request_latency_p99_us",
+    "request_latency_max_us",
+    "destination_rss_bytes",
+    "destination_overhead_bytes",
+    "verify_ok",
+    "bulk_round_bytes",
+    "bulk_round_bytes_per_s",
 )
-LIMITS = ("line_rate", "fill_rate_4k", "fill_rate_thp", "fault_rtt_p50_us",
-          "fault_rtt_p99_us", "throughput_limit")
-RATIOS = ("throughput_vs_limit", "throughput_vs_line_rate", "throughput_vs_fill_rate",
-          "bulk_round_vs_line_rate",
-          "latency_p50_vs_fault_rtt", "downtime_vs_target", "rss_overhead_vs_guest_ram")
+LIMITS = (
+    "line_rate",
+    "fill_rate_4k",
+    "fill_rate_thp",
+    "fault_rtt_p50_us",
+    "fault_rtt_p99_us",
+    "throughput_limit",
+)
+RATIOS = (
+    "throughput_vs_limit",
+    "throughput_vs_line_rate",
+    "throughput_vs_fill_rate",
+    "bulk_round_vs_line_rate",
+    "latency_p50_vs_fault_rtt",
+    "downtime_vs_target",
+    "rss_overhead_vs_guest_ram",
+)
 
 
 def test_scenario_names_parse_and_sets_resolve() -> None:
@@ -61,7 +88,10 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     assert len(catalogue.resolve(["all"])) == 36
     assert [s.name for s in catalogue.resolve(["smoke", SMOKE])] == [SMOKE]
     assert {s.guest for s in catalogue.resolve(["*-1g-1cpu-postcopy0"])} == {
-        "memtouch", "randwrite", "scan"}
+        "memtouch",
+        "randwrite",
+        "scan",
+    }
 
 
 def _run_bench(out: Path, *args: str) -> dict[str, Any]:
@@ -86,9 +116,13 @@ def test_smoke_run_on_loopback_reports_every_figure_and_ratio(tmp_path: Path) ->
     assert len(figures["vcpu_blocktime_ms"]) == 1
     assert [name for name in LIMITS if not limits.get(name)] == []
     assert [name for name in RATIOS if ratios.get(name) is None] == []
-    assert set(record["targets"]) == {"throughput_vs_limit", "latency_p50_vs_fault_rtt",
-                                      "downtime_vs_target", "rss_overhead_vs_guest_ram",
-                                      "bulk_round_vs_line_rate"}
+    assert set(record["targets"]) == {
+        "throughput_vs_limit",
+        "latency_p50_vs_fault_rtt",
+        "downtime_vs_target",
+        "rss_overhead_vs_guest_ram",
+        "bulk_round_vs_line_rate",
+    }
     # the bulk round is the first part of what crossed, and it carried page data
     assert 0 < figures["bulk_round_bytes"] <= figures["precopy_bytes"]
     # both sides' full query-migrate are kept, and the series the plot is drawn from
@@ -105,8 +139,9 @@ def test_namespace_run_removes_its_namespaces_and_veth(tmp_path: Path) -> None:
     record = _run_bench(tmp_path / "ns.jsonl", "--link", "10gbit", "--no-verify")
     assert record["link"] == "10gbit" and record["limits"]["line_rate"] > 0
     assert our_namespaces(os.getpid()) == []
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
-                           check=True).stdout
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"pcb{os.getpid()}" not in links
 
 
@@ -141,9 +176,24 @@ def _cmdline(pid: int) -> str:
 @pytest.mark.timeout(180)
 def test_sigterm_during_a_run_ends_processes_and_namespaces(tmp_path: Path) -> None:
     bench = subprocess.Popen(
-        [sys.executable, "-m", "postcopy", "bench", SMOKE, "--repeat", "1", "--link", "10gbit",
-         "--fault-probes", "300", "--out", str(tmp_path / "interrupted.jsonl")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "postcopy",
+            "bench",
+            SMOKE,
+            "--repeat",
+            "1",
+            "--link",
+            "10gbit",
+            "--fault-probes",
+            "300",
+            "--out",
+            str(tmp_path / "interrupted.jsonl"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 120

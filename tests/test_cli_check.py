@@ -31,7 +31,6 @@ POSTCOPY = os.path.join(os.path.dirname(sys.executable), "postcopy")
 MiB = 1 << 20
 
 
-
 def run_check(argv: list[str]) -> int:
     """`postcopy check ARGS` through check's own parser (independent of other commands)."""
     parser = argparse.ArgumentParser(prog="postcopy")
@@ -63,16 +62,26 @@ def test_this_host_can_be_a_postcopy_destination() -> None:
     assert report.postcopy_possible, report.summary()
     assert report.failures == []
     names = [item.name for item in report.items]
-    for expected in ("userfaultfd", "userfaultfd API", "anonymous MISSING faults",
-                     "shmem faults", "huge pages", "page sizes", "target page size",
-                     "shared RAM", "KVM", "KVM_CAP_USER_MEMORY", "KVM_CAP_SYNC_MMU",
-                     "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
-                     "KVM_CAP_DIRTY_LOG_RING"):
+    for expected in (
+        "userfaultfd",
+        "userfaultfd API",
+        "anonymous MISSING faults",
+        "shmem faults",
+        "huge pages",
+        "page sizes",
+        "target page size",
+        "shared RAM",
+        "KVM",
+        "KVM_CAP_USER_MEMORY",
+        "KVM_CAP_SYNC_MMU",
+        "KVM_CAP_IMMEDIATE_EXIT",
+        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+        "KVM_CAP_DIRTY_LOG_RING",
+    ):
         assert expected in names
     facts = report.facts
     assert {"COPY", "ZEROPAGE", "WAKE"} <= set(facts["anonymous_register_ioctls"])
-    assert {"THREAD_ID", "MISSING_HUGETLBFS", "MISSING_SHMEM"} <= set(
-        facts["userfaultfd_features"])
+    assert {"THREAD_ID", "MISSING_HUGETLBFS", "MISSING_SHMEM"} <= set(facts["userfaultfd_features"])
     assert facts["userfaultfd_ways"] == {"syscall": "ok", "/dev/userfaultfd": "ok"}
     assert facts["kvm_api_version"] == 12
     assert facts["kvm_capabilities"]["USER_MEMORY"] > 0
@@ -82,11 +91,14 @@ def test_this_host_can_be_a_postcopy_destination() -> None:
 
 
 def test_check_host_does_not_need_rich() -> None:
-    code = ("import sys; from postcopy.migration.hostcheck import check_host; "
-            "report = check_host(); assert report.postcopy_possible; "
-            "assert 'rich' not in sys.modules, 'rich was imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False, timeout=60)
+    code = (
+        "import sys; from postcopy.migration.hostcheck import check_host; "
+        "report = check_host(); assert report.postcopy_possible; "
+        "assert 'rich' not in sys.modules, 'rich was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -115,13 +127,15 @@ def test_through_the_postcopy_main(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_as_the_installed_command() -> None:
-    result = subprocess.run([POSTCOPY, "check", "--json"], capture_output=True, text=True,
-                            check=False, timeout=60)
+    result = subprocess.run(
+        [POSTCOPY, "check", "--json"], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["postcopy_possible"] is True
-    result = subprocess.run([POSTCOPY, "check"], capture_output=True, text=True, check=False,
-                            timeout=60)
+    result = subprocess.run(
+        [POSTCOPY, "check"], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "postcopy migration is possible on this host" in result.stdout
 
@@ -217,8 +231,9 @@ def test_huge_page_ram_is_fine_with_a_pool_and_a_mount(hugetlbfs_2m: str) -> Non
     assert hugetlbfs_2m in pools[2 * MiB]["mounts"] and pools[2 * MiB]["total"] > 0
 
 
-def test_command_line_hugepages_option(capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_line_hugepages_option(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(check.memory, "hugetlbfs_mounts", lambda: [])
     assert run_check(["--hugepages", "2M"]) == 1
     out = " ".join(capsys.readouterr().out.split())
@@ -229,16 +244,19 @@ def test_command_line_hugepages_option(capsys: pytest.CaptureFixture[str],
 
 
 def test_only_required_items_decide() -> None:
-    report = HostReport([
-        CheckItem("needed", True, "fine"),
-        CheckItem("nice to have", False, "absent", "get it", required=False),
-    ])
+    report = HostReport(
+        [
+            CheckItem("needed", True, "fine"),
+            CheckItem("nice to have", False, "absent", "get it", required=False),
+        ]
+    )
     assert report.postcopy_possible
     assert report.failures == [] and [item.name for item in report.warnings] == ["nice to have"]
     report.items.append(CheckItem("also needed", False, "broken", "mend it"))
     assert not report.postcopy_possible
     assert report.summary() == (
-        "postcopy migration is NOT possible: also needed: broken (fix: mend it)")
+        "postcopy migration is NOT possible: also needed: broken (fix: mend it)"
+    )
     assert report.to_dict()["postcopy_possible"] is False
     with pytest.raises(KeyError):
         report.item("absent")

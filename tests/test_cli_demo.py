@@ -49,8 +49,10 @@ def assert_all_gone(workdir: str, pids: list[int]) -> None:
     assert not os.path.exists(workdir), os.listdir(workdir)
     assert processes_mentioning(workdir) == []
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or f"{workdir}".encode() not in \
-            Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or f"{workdir}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
 
 
 def kill_leftovers(workdir: str | None) -> None:
@@ -63,8 +65,12 @@ def kill_leftovers(workdir: str | None) -> None:
 
 def test_demo_migrates_verifies_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = subprocess.run([*DEMO, "--ram", "256M", "--vcpus", "2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=140)
+    result = subprocess.run(
+        [*DEMO, "--ram", "256M", "--vcpus", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
     workdir = None
     try:
         workdir = workdir_of(result.stdout)
@@ -73,9 +79,14 @@ def test_demo_migrates_verifies_and_cleans_up(tmp_path: Path) -> None:
         pids = [int(pid) for pid in re.findall(r"PID (\d+)", result.stdout)]
         assert len(pids) == 2
         text = " ".join(result.stdout.split())
-        for expected in ("migration summary", "postcopy requests", "blocktime",
-                         "the guest kept running on the destination", "verified:",
-                         "memtouch consistent"):
+        for expected in (
+            "migration summary",
+            "postcopy requests",
+            "blocktime",
+            "the guest kept running on the destination",
+            "verified:",
+            "memtouch consistent",
+        ):
             assert expected in text, expected
         assert (out / "timeline.png").read_bytes().startswith(PNG_MAGIC)
         run = load_run(out / "run.jsonl")
@@ -96,9 +107,13 @@ def start_demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     # Ctrl-C must reach the demo as in a terminal, even when the tests themselves run in
     # the background (a shell starts background jobs with SIGINT ignored, and Python then
     # keeps ignoring it)
-    return subprocess.Popen([*DEMO, "--out", str(tmp_path / "out"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [*DEMO, "--out", str(tmp_path / "out"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def _default_sigint() -> None:
@@ -128,13 +143,17 @@ def wait_for_status(run_file: Path, statuses: set[str], timeout: float = 60) -> 
     raise TimeoutError(f"no sample with status in {statuses}")
 
 
-@pytest.mark.parametrize(("phase", "sig"), [
-    ("starting", signal.SIGINT),                        # Ctrl-C while the VMs start
-    ("precopy", signal.SIGTERM),                        # kill(1) in the middle of precopy
-    ("postcopy", signal.SIGINT),                        # Ctrl-C once the guest has moved
-])
-def test_demo_interrupted_removes_everything(tmp_path: Path, phase: str,
-                                             sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("phase", "sig"),
+    [
+        ("starting", signal.SIGINT),  # Ctrl-C while the VMs start
+        ("precopy", signal.SIGTERM),  # kill(1) in the middle of precopy
+        ("postcopy", signal.SIGINT),  # Ctrl-C once the guest has moved
+    ],
+)
+def test_demo_interrupted_removes_everything(
+    tmp_path: Path, phase: str, sig: signal.Signals
+) -> None:
     # precopy at 64 MiB/s leaves time to catch each phase of a 256 MiB guest
     process = start_demo(tmp_path, "--ram", "256M", "--max-bandwidth", "64M")
     workdir = None
@@ -175,8 +194,11 @@ def test_demo_with_a_vm_that_cannot_start_is_one_line_and_clean(tmp_path: Path) 
     try:
         assert process.returncode == 1
         lines = err.strip().splitlines()
-        assert re.match(r"postcopy demo: the (source|destination) VM exited with status 1: "
-                        r".*vcpus 5000", lines[0]), err
+        assert re.match(
+            r"postcopy demo: the (source|destination) VM exited with status 1: "
+            r".*vcpus 5000",
+            lines[0],
+        ), err
         assert lines[1] == f"working directory kept: {workdir}"
         assert "Traceback" not in err
         assert processes_mentioning(workdir) == []
@@ -190,8 +212,12 @@ def test_demo_with_a_vm_that_cannot_start_is_one_line_and_clean(tmp_path: Path) 
 
 
 def test_bad_arguments_are_one_line() -> None:
-    for args, text in ((["--ram", "lots"], "lots"), (["--max-bandwidth", "x"], "'x'"),
-                       (["--guest", "nosuch"], "unknown guest"), (["--vcpus", "0"], "--vcpus")):
+    for args, text in (
+        (["--ram", "lots"], "lots"),
+        (["--max-bandwidth", "x"], "'x'"),
+        (["--guest", "nosuch"], "unknown guest"),
+        (["--vcpus", "0"], "--vcpus"),
+    ):
         result = subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert result.stdout == ""

@@ -32,13 +32,16 @@ AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 needs_setpriv = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="dropping privileges needs root and setpriv (util-linux)")
+    reason="dropping privileges needs root and setpriv (util-linux)",
+)
 
 
-def postcopy_cli(*args: str, prefix: tuple[str, ...] = (),
-                 cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, *POSTCOPY, *args], capture_output=True, text=True,
-                          timeout=90, cwd=cwd)
+def postcopy_cli(
+    *args: str, prefix: tuple[str, ...] = (), cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, *POSTCOPY, *args], capture_output=True, text=True, timeout=90, cwd=cwd
+    )
 
 
 def one_line(result: subprocess.CompletedProcess[str], command: str) -> str:
@@ -77,8 +80,7 @@ def test_destination_unreachable(tmp_path: Path, vms: list[VmProcess]) -> None:
 
 def test_source_socket_missing(tmp_path: Path) -> None:
     path = str(tmp_path / "nothing.qmp")
-    line = one_line(postcopy_cli("migrate", "--qmp", path, "--to", "tcp:127.0.0.1:1"),
-                    "migrate")
+    line = one_line(postcopy_cli("migrate", "--qmp", path, "--to", "tcp:127.0.0.1:1"), "migrate")
     assert f"no source QMP socket at {path}" in line
 
 
@@ -90,8 +92,7 @@ def keyed_pair(tmp_path: Path, vms: list[VmProcess]) -> tuple[VmProcess, VmProce
     """A destination that demands key A, and a source without one of its own."""
     key_a = key_file(tmp_path / "a.key", os.urandom(32))
     uri = f"tcp:127.0.0.1:{free_port()}"
-    destination = VmProcess(tmp_path, "dst", *memtouch(), "--incoming", uri,
-                            "--key", str(key_a))
+    destination = VmProcess(tmp_path, "dst", *memtouch(), "--incoming", uri, "--key", str(key_a))
     vms.append(destination)
     source = VmProcess(tmp_path, "src", *memtouch())
     vms.append(source)
@@ -111,8 +112,10 @@ def test_missing_key(keyed_pair: tuple[VmProcess, VmProcess, str, Path]) -> None
 def test_wrong_key(tmp_path: Path, keyed_pair: tuple[VmProcess, VmProcess, str, Path]) -> None:
     source, destination, uri, _ = keyed_pair
     key_b = key_file(tmp_path / "b.key", os.urandom(32))
-    line = one_line(postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri,
-                                 "--key", str(key_b)), "migrate")
+    line = one_line(
+        postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--key", str(key_b)),
+        "migrate",
+    )
     assert "migration failed" in line and "wrong key" in line
     assert source.cmd("query-status")["running"]
     destination.process.wait(10)
@@ -120,20 +123,26 @@ def test_wrong_key(tmp_path: Path, keyed_pair: tuple[VmProcess, VmProcess, str, 
 
 
 def test_unusable_key_files_are_refused_before_anything_starts(
-        tmp_path: Path, keyed_pair: tuple[VmProcess, VmProcess, str, Path]) -> None:
+    tmp_path: Path, keyed_pair: tuple[VmProcess, VmProcess, str, Path]
+) -> None:
     source, destination, uri, key_a = keyed_pair
     missing = tmp_path / "missing.key"
-    line = one_line(postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri,
-                                 "--key", str(missing)), "migrate")
+    line = one_line(
+        postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--key", str(missing)),
+        "migrate",
+    )
     assert line == f"postcopy migrate: cannot read key file {missing}: No such file or directory"
     readable = key_file(tmp_path / "shared.key", key_a.read_bytes(), mode=0o644)
-    line = one_line(postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri,
-                                 "--key", str(readable)), "migrate")
+    line = one_line(
+        postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--key", str(readable)),
+        "migrate",
+    )
     assert f"chmod 600 {readable}" in line
     # nothing was started: the destination still waits, and the right key then works
     assert source.cmd("query-migrate") == {}
-    result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--key", str(key_a),
-                          "--json")
+    result = postcopy_cli(
+        "migrate", "--qmp", source.qmp_path, "--to", uri, "--key", str(key_a), "--json"
+    )
     assert result.returncode == 0, result.stderr
     assert destination.wait_migration({"completed"})["status"] == "completed"
 
@@ -145,8 +154,7 @@ def test_unusable_key_files_are_refused_before_anything_starts(
 def test_demo_as_a_user_without_kvm_or_userfaultfd(tmp_path: Path) -> None:
     if stat.S_IMODE(os.stat("/dev/kvm").st_mode) & 0o006:
         pytest.skip("/dev/kvm is open to everybody here")
-    line = one_line(postcopy_cli("demo", "--ram", "64M", prefix=tuple(AS_NOBODY), cwd="/"),
-                    "demo")
+    line = one_line(postcopy_cli("demo", "--ram", "64M", prefix=tuple(AS_NOBODY), cwd="/"), "demo")
     assert "postcopy migration is NOT possible" in line
     assert "userfaultfd: not available" in line
     assert "fix: run as root, or `sysctl vm.unprivileged_userfaultfd=1`" in line
@@ -159,8 +167,18 @@ def test_vm_run_as_a_user_without_kvm(tmp_path: Path) -> None:
     workdir = tempfile.mkdtemp(prefix="postcopy-nobody-")
     try:
         os.chmod(workdir, 0o777)
-        line = one_line(postcopy_cli("vm", "run", *memtouch(), "--qmp", f"{workdir}/vm.qmp",
-                                     prefix=tuple(AS_NOBODY), cwd="/"), "vm run")
+        line = one_line(
+            postcopy_cli(
+                "vm",
+                "run",
+                *memtouch(),
+                "--qmp",
+                f"{workdir}/vm.qmp",
+                prefix=tuple(AS_NOBODY),
+                cwd="/",
+            ),
+            "vm run",
+        )
         assert "/dev/kvm" in line and "Permission denied" in line
         assert "usermod -aG kvm" in line
     finally:
@@ -178,8 +196,10 @@ exec "$@"
 
 
 @needs_setpriv
-@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("mknod") is None,
-                    reason="needs unshare and mknod (util-linux, coreutils)")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("mknod") is None,
+    reason="needs unshare and mknod (util-linux, coreutils)",
+)
 def test_postcopy_to_a_destination_without_userfaultfd(vms: list[VmProcess]) -> None:
     # the destination: user nobody, KVM reachable (a private copy of the device node), but
     # no userfaultfd: the kernel refuses it (vm.unprivileged_userfaultfd=0, /dev/userfaultfd
@@ -201,10 +221,32 @@ def test_postcopy_to_a_destination_without_userfaultfd(vms: list[VmProcess]) -> 
         stderr_path = workdir / "dst.stderr"
         with stderr_path.open("wb") as stderr:
             destination = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-                 str(workdir / "dev"), *AS_NOBODY, *POSTCOPY, "vm", "run", *memtouch(),
-                 "--qmp", str(qmp), "--incoming", uri, "--migrate-capability", "postcopy-ram"],
-                stdout=subprocess.DEVNULL, stderr=stderr, cwd="/")
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                    "sh",
+                    str(workdir / "dev"),
+                    *AS_NOBODY,
+                    *POSTCOPY,
+                    "vm",
+                    "run",
+                    *memtouch(),
+                    "--qmp",
+                    str(qmp),
+                    "--incoming",
+                    uri,
+                    "--migrate-capability",
+                    "postcopy-ram",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd="/",
+            )
         deadline = time.monotonic() + 30
         while not qmp.exists():
             assert destination.poll() is None, stderr_path.read_text()
@@ -255,12 +297,23 @@ def test_destination_not_in_incoming_mode(tmp_path: Path, vms: list[VmProcess]) 
     vms.append(running)
     source = VmProcess(tmp_path, "src", *memtouch())
     vms.append(source)
-    line = one_line(postcopy_cli("migrate", "--qmp", source.qmp_path,
-                                 "--to", f"tcp:127.0.0.1:{free_port()}",
-                                 "--dest-qmp", running.qmp_path), "migrate")
-    assert line == (f"postcopy migrate: the destination at {running.qmp_path} is not waiting "
-                    "for a migration (its status is 'running'); start it with "
-                    "`postcopy vm run ... --incoming URI`")
+    line = one_line(
+        postcopy_cli(
+            "migrate",
+            "--qmp",
+            source.qmp_path,
+            "--to",
+            f"tcp:127.0.0.1:{free_port()}",
+            "--dest-qmp",
+            running.qmp_path,
+        ),
+        "migrate",
+    )
+    assert line == (
+        f"postcopy migrate: the destination at {running.qmp_path} is not waiting "
+        "for a migration (its status is 'running'); start it with "
+        "`postcopy vm run ... --incoming URI`"
+    )
     assert source.cmd("query-migrate") == {}  # nothing was started
 
 
@@ -268,6 +321,5 @@ def test_source_socket_of_a_destination(tmp_path: Path, vms: list[VmProcess]) ->
     uri = f"tcp:127.0.0.1:{free_port()}"
     destination = VmProcess(tmp_path, "dst", *memtouch(), "--incoming", uri)
     vms.append(destination)
-    line = one_line(postcopy_cli("migrate", "--qmp", destination.qmp_path, "--to", uri),
-                    "migrate")
+    line = one_line(postcopy_cli("migrate", "--qmp", destination.qmp_path, "--to", uri), "migrate")
     assert "is itself waiting for an incoming migration" in line

@@ -29,8 +29,14 @@ def postcopy_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess
     return subprocess.run([*POSTCOPY, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def start_pair(tmp_path: Path, vms: list[VmProcess], *, ram: str = "256M", vcpus: int = 2,
-               dest_args: tuple[str, ...] = ()) -> tuple[VmProcess, VmProcess, str]:
+def start_pair(
+    tmp_path: Path,
+    vms: list[VmProcess],
+    *,
+    ram: str = "256M",
+    vcpus: int = 2,
+    dest_args: tuple[str, ...] = (),
+) -> tuple[VmProcess, VmProcess, str]:
     """A destination listening on a free loopback port (started first, so it listens by
     the time the source's QMP answers), then the source."""
     uri = f"tcp:127.0.0.1:{free_port()}"
@@ -53,8 +59,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_precopy_prints_json_progress_and_a_summary(tmp_path: Path,
-                                                    vms: list[VmProcess]) -> None:
+def test_precopy_prints_json_progress_and_a_summary(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms, vcpus=1)
     wait_passes(source, 2)
     result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--json")
@@ -77,20 +82,38 @@ def test_precopy_prints_json_progress_and_a_summary(tmp_path: Path,
 
 
 def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run(
-        tmp_path: Path, vms: list[VmProcess]) -> None:
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     source, destination, uri = start_pair(tmp_path, vms)
     wait_passes(source, 4)
     timeline = tmp_path / "run.jsonl"
-    result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--postcopy",
-                          "--dest-qmp", destination.qmp_path, "--timeline", str(timeline))
+    result = postcopy_cli(
+        "migrate",
+        "--qmp",
+        source.qmp_path,
+        "--to",
+        uri,
+        "--postcopy",
+        "--dest-qmp",
+        destination.qmp_path,
+        "--timeline",
+        str(timeline),
+    )
     assert result.returncode == 0, result.stderr
     # the summary table, both sides
-    for text in ("migration summary", "completed", "postcopy requests", "blocktime",
-                 "vCPU 0", "vCPU 1", "request latency", "run written to"):
+    for text in (
+        "migration summary",
+        "completed",
+        "postcopy requests",
+        "blocktime",
+        "vCPU 0",
+        "vCPU 1",
+        "request latency",
+        "run written to",
+    ):
         assert text in result.stdout, text
     # migrate set the postcopy capabilities on the destination itself
-    enabled = {c["capability"] for c in destination.cmd("query-migrate-capabilities")
-               if c["state"]}
+    enabled = {c["capability"] for c in destination.cmd("query-migrate-capabilities") if c["state"]}
     assert {"postcopy-ram", "postcopy-blocktime"} <= enabled
     # the switch came after the first round: precopy bytes, then postcopy bytes
     info = source.cmd("query-migrate")
@@ -112,13 +135,23 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
     assert verdict["ok"], verdict["detail"]
 
 
-def test_switch_after_zero_rounds_is_postcopy_from_the_start(tmp_path: Path,
-                                                            vms: list[VmProcess]) -> None:
+def test_switch_after_zero_rounds_is_postcopy_from_the_start(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     source, destination, uri = start_pair(tmp_path, vms, vcpus=1)
     wait_passes(source, 1)
-    result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri,
-                          "--switch-after-rounds", "0", "--dest-qmp", destination.qmp_path,
-                          "--json")
+    result = postcopy_cli(
+        "migrate",
+        "--qmp",
+        source.qmp_path,
+        "--to",
+        uri,
+        "--switch-after-rounds",
+        "0",
+        "--dest-qmp",
+        destination.qmp_path,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json_lines(result.stdout)[-1]
     assert summary["status"] == "completed"
@@ -128,12 +161,26 @@ def test_switch_after_zero_rounds_is_postcopy_from_the_start(tmp_path: Path,
     assert source.cmd("query-migrate-parameters")["x-postcopy-after-rounds"] == 0
 
 
-def test_ctrl_c_cancels_a_precopy_and_the_source_keeps_running(tmp_path: Path,
-                                                              vms: list[VmProcess]) -> None:
+def test_ctrl_c_cancels_a_precopy_and_the_source_keeps_running(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     source, _destination, uri = start_pair(tmp_path, vms, vcpus=1)
-    process = subprocess.Popen([*POSTCOPY, "migrate", "--qmp", source.qmp_path, "--to", uri,
-                                "--max-bandwidth", "16M", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            *POSTCOPY,
+            "migrate",
+            "--qmp",
+            source.qmp_path,
+            "--to",
+            uri,
+            "--max-bandwidth",
+            "16M",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         while True:

@@ -43,8 +43,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
     common = ("--guest", "memtouch", "--ram", "256M", "--vcpus", "2")
     started: list[VmProcess] = []
     try:
-        destination = VmProcess(workdir, "dst", *common, "--incoming", uri,
-                                "--trace", str(found.destination_trace))
+        destination = VmProcess(
+            workdir, "dst", *common, "--incoming", uri, "--trace", str(found.destination_trace)
+        )
         started.append(destination)
         source = VmProcess(workdir, "src", *common, "--trace", str(found.source_trace))
         started.append(source)
@@ -52,14 +53,28 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
         while source.console().count(b"B") < 4:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri,
-                              "--postcopy", "--preempt", "--dest-qmp", destination.qmp_path,
-                              "--timeline", str(found.run), "--json")
+        result = postcopy_cli(
+            "migrate",
+            "--qmp",
+            source.qmp_path,
+            "--to",
+            uri,
+            "--postcopy",
+            "--preempt",
+            "--dest-qmp",
+            destination.qmp_path,
+            "--timeline",
+            str(found.run),
+            "--json",
+        )
         assert result.returncode == 0, result.stderr
         deadline = time.monotonic() + 30  # each VM writes its trace when its side ends
-        while not (found.source_trace.exists() and found.destination_trace.exists()
-                   and "summary" in found.destination_trace.read_text()
-                   and "summary" in found.source_trace.read_text()):
+        while not (
+            found.source_trace.exists()
+            and found.destination_trace.exists()
+            and "summary" in found.destination_trace.read_text()
+            and "summary" in found.source_trace.read_text()
+        ):
             assert time.monotonic() < deadline, "no trace files"
             time.sleep(0.05)
         yield found
@@ -78,9 +93,20 @@ def report_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[i
 def test_run_file_tables(files: Files, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = report_in_process(capsys, str(files.run))
     assert code == 0, err
-    for text in ("run", "migrate", "postcopy-preempt", "timeline", "round-end",
-                 "postcopy-active", "migration summary", "blocktime", "vCPU 1",
-                 "request latency", "request latency over", "result: completed"):
+    for text in (
+        "run",
+        "migrate",
+        "postcopy-preempt",
+        "timeline",
+        "round-end",
+        "postcopy-active",
+        "migration summary",
+        "blocktime",
+        "vCPU 1",
+        "request latency",
+        "request latency over",
+        "result: completed",
+    ):
         assert text in out, text
     assert "phases:" in out and "postcopy" in out
 
@@ -106,13 +132,15 @@ def test_run_file_contents(files: Files) -> None:
     assert run.end is not None and run.end["status"] == "completed"
     # the raw latencies for the histogram: one per requested page, as the summary counts
     assert len(run.latency_us) == run.destination["x-request-latency"]["count"] > 0
-    assert max(run.latency_us) == pytest.approx(run.destination["x-request-latency"]["max-us"],
-                                                abs=0.2)
+    assert max(run.latency_us) == pytest.approx(
+        run.destination["x-request-latency"]["max-us"], abs=0.2
+    )
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
-def test_a_vm_trace_file_is_a_run_of_one_side(files: Files, side: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_vm_trace_file_is_a_run_of_one_side(
+    files: Files, side: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = files.source_trace if side == "source" else files.destination_trace
     run = load_run(path)
     assert list(run.summaries) == [side]
@@ -133,8 +161,9 @@ def test_the_two_traces_together_make_a_run(files: Files, tmp_path: Path) -> Non
     assert write_png(run, tmp_path / "both.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_missing_and_malformed_files_are_one_line(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_and_malformed_files_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     result = postcopy_cli("report", str(tmp_path / "nothing.jsonl"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"postcopy report: {tmp_path / 'nothing.jsonl'}: no such file"

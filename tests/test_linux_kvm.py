@@ -40,9 +40,21 @@ CODE = 0x10000
 #          jmp start
 #   spin:  inc %rax; jmp spin                             (at +0x38: never exits)
 GUEST = bytes.fromhex(
-    "48b80000200000000000" "48c70034120000" "48bb0030400000000000" "48c70378560000"
-    "66baf803" "b041" "ee" "66ba0205" "ed" "894308" "66ba0105" "ef" "ebc8"
-    "48ffc0" "ebfb"
+    "48b80000200000000000"
+    "48c70034120000"
+    "48bb0030400000000000"
+    "48c70378560000"
+    "66baf803"
+    "b041"
+    "ee"
+    "66ba0205"
+    "ed"
+    "894308"
+    "66ba0105"
+    "ef"
+    "ebc8"
+    "48ffc0"
+    "ebfb"
 )
 SPIN = CODE + 0x38
 WRITTEN_PAGES = {0x200000 // 4096, 0x403000 // 4096}
@@ -77,8 +89,9 @@ def write_page_tables(words: np.ndarray, size: int, preset_accessed_dirty: bool)
 
 def set_long_mode_cpl3(vcpu: KvmVcpu, rip: int) -> None:
     sregs = vcpu.get_sregs()
-    data = dict(base=0, limit=0xFFFFFFFF, selector=0x23, type=3, present=1, dpl=3, db=1,
-                s=1, l=0, g=1)
+    data = dict(
+        base=0, limit=0xFFFFFFFF, selector=0x23, type=3, present=1, dpl=3, db=1, s=1, l=0, g=1
+    )
     for name in ("ds", "es", "fs", "gs", "ss"):
         getattr(sregs, name).update(data)
     sregs.cs.update(dict(data, selector=0x1B, type=0xB, db=0, l=1))
@@ -94,13 +107,18 @@ def set_long_mode_cpl3(vcpu: KvmVcpu, rip: int) -> None:
     vcpu.set_regs(regs)
 
 
-def make_guest(*, dirty_log: bool = False, preset_accessed_dirty: bool = True,
-               manual_protect: bool = False, dirty_ring_bytes: int = 0) -> Guest:
+def make_guest(
+    *,
+    dirty_log: bool = False,
+    preset_accessed_dirty: bool = True,
+    manual_protect: bool = False,
+    dirty_ring_bytes: int = 0,
+) -> Guest:
     system = Kvm()
     memory = mmap.mmap(-1, MEMORY_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     words = np.frombuffer(memory, dtype=np.uint64)
     write_page_tables(words, MEMORY_SIZE, preset_accessed_dirty)
-    memory[CODE:CODE + len(GUEST)] = GUEST
+    memory[CODE : CODE + len(GUEST)] = GUEST
     vm = system.create_vm()
     if manual_protect:
         vm.enable_cap(Capability.MANUAL_DIRTY_LOG_PROTECT2, kvm.MANUAL_PROTECT_ENABLE)
@@ -108,8 +126,9 @@ def make_guest(*, dirty_log: bool = False, preset_accessed_dirty: bool = True,
         vm.enable_cap(Capability.DIRTY_LOG_RING, dirty_ring_bytes)
     vm.set_tss_addr(0xFFFBD000)
     guest = Guest(system, vm, None, memory, words)  # type: ignore[arg-type]
-    vm.set_user_memory_region(0, 0, MEMORY_SIZE, guest.address,
-                              kvm.MEM_LOG_DIRTY_PAGES if dirty_log else 0)
+    vm.set_user_memory_region(
+        0, 0, MEMORY_SIZE, guest.address, kvm.MEM_LOG_DIRTY_PAGES if dirty_log else 0
+    )
     guest.vcpu = vm.create_vcpu(0)
     guest.vcpu.set_cpuid2(system.supported_cpuid())
     set_long_mode_cpl3(guest.vcpu, CODE)
@@ -154,13 +173,20 @@ def run_to_first_three_exits(guest: Guest) -> tuple[IoExit, IoExit, IoExit]:
 
 
 STRUCT_OF_IOCTL = {
-    "KVM_GET_REGS": kvm.KvmRegs, "KVM_SET_REGS": kvm.KvmRegs,
-    "KVM_GET_SREGS": kvm.KvmSregs, "KVM_SET_SREGS": kvm.KvmSregs,
-    "KVM_GET_FPU": kvm.KvmFpu, "KVM_SET_FPU": kvm.KvmFpu,
-    "KVM_GET_XSAVE": kvm.KvmXsave, "KVM_SET_XSAVE": kvm.KvmXsave,
-    "KVM_GET_XCRS": kvm.KvmXcrs, "KVM_SET_XCRS": kvm.KvmXcrs,
-    "KVM_GET_VCPU_EVENTS": kvm.KvmVcpuEvents, "KVM_SET_VCPU_EVENTS": kvm.KvmVcpuEvents,
-    "KVM_GET_MP_STATE": kvm.KvmMpState, "KVM_SET_MP_STATE": kvm.KvmMpState,
+    "KVM_GET_REGS": kvm.KvmRegs,
+    "KVM_SET_REGS": kvm.KvmRegs,
+    "KVM_GET_SREGS": kvm.KvmSregs,
+    "KVM_SET_SREGS": kvm.KvmSregs,
+    "KVM_GET_FPU": kvm.KvmFpu,
+    "KVM_SET_FPU": kvm.KvmFpu,
+    "KVM_GET_XSAVE": kvm.KvmXsave,
+    "KVM_SET_XSAVE": kvm.KvmXsave,
+    "KVM_GET_XCRS": kvm.KvmXcrs,
+    "KVM_SET_XCRS": kvm.KvmXcrs,
+    "KVM_GET_VCPU_EVENTS": kvm.KvmVcpuEvents,
+    "KVM_SET_VCPU_EVENTS": kvm.KvmVcpuEvents,
+    "KVM_GET_MP_STATE": kvm.KvmMpState,
+    "KVM_SET_MP_STATE": kvm.KvmMpState,
     "KVM_SET_USER_MEMORY_REGION": kvm.KvmUserspaceMemoryRegion,
     "KVM_GET_DIRTY_LOG": kvm.KvmDirtyLog,
     "KVM_CLEAR_DIRTY_LOG": kvm.KvmClearDirtyLog,
@@ -223,9 +249,12 @@ def test_too_small_cpuid_table_is_e2big() -> None:
 def test_guest_exits_carry_port_and_data_and_memory_is_written(guest: Guest) -> None:
     console, query, done = run_to_first_three_exits(guest)
     assert (console.direction, console.port, console.size, console.data) == (
-        IoDirection.OUT, 0x3F8, 1, b"A")
-    assert (query.direction, query.port, query.size, query.data) == (
-        IoDirection.IN, 0x502, 4, b"")
+        IoDirection.OUT,
+        0x3F8,
+        1,
+        b"A",
+    )
+    assert (query.direction, query.port, query.size, query.data) == (IoDirection.IN, 0x502, 4, b"")
     assert (done.direction, done.port, done.size) == (IoDirection.OUT, 0x501, 4)
     assert done.data == (0xCAFEF00D).to_bytes(4, "little")
     assert guest.u64(0x200000) == 0x1234
@@ -277,8 +306,7 @@ def test_dirty_log_includes_page_tables_the_mmu_updates() -> None:
 def test_manual_protect_keeps_bits_until_cleared() -> None:
     guest = make_guest(dirty_log=False, manual_protect=True)
     try:
-        guest.vm.set_user_memory_region(0, 0, MEMORY_SIZE, guest.address,
-                                        kvm.MEM_LOG_DIRTY_PAGES)
+        guest.vm.set_user_memory_region(0, 0, MEMORY_SIZE, guest.address, kvm.MEM_LOG_DIRTY_PAGES)
         words = kvm.dirty_bitmap_words(MEMORY_SIZE)
         bitmap = np.zeros(words, dtype=np.uint64)
         run_to_first_three_exits(guest)  # maps the pages (see the test above)

@@ -45,7 +45,9 @@ def reserve_and_mount_hugetlbfs(pages: int) -> Iterator[str]:
             pytest.skip(f"the kernel gave only {reached - before} of {pages} 2 MiB huge pages")
         result = subprocess.run(
             ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", directory],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             pytest.skip(f"mount -t hugetlbfs refused: {result.stderr.strip()}")
@@ -101,8 +103,8 @@ def test_anonymous_mapping_is_page_aligned_writable_and_private() -> None:
         assert not mapping.shared and mapping.fd is None
         view = mapping.view
         assert (view.format, view.itemsize, len(view), view.readonly) == ("B", 1, 16 * PAGE, False)
-        view[PAGE:PAGE + 5] = b"hello"
-        assert bytes(view[PAGE:PAGE + 5]) == b"hello"
+        view[PAGE : PAGE + 5] = b"hello"
+        assert bytes(view[PAGE : PAGE + 5]) == b"hello"
         # The view really is the memory at .address.
         assert (memory.ctypes.c_char * 5).from_address(mapping.address + PAGE).raw == b"hello"
 
@@ -111,9 +113,9 @@ def test_dontneed_empties_private_anonymous_memory() -> None:
     with Mapping.anonymous(4 * PAGE) as mapping:
         mapping.view[:] = b"\xab" * mapping.length
         mapping.madvise(Advice.DONTNEED, PAGE, PAGE)
-        assert bytes(mapping.view[PAGE:2 * PAGE]) == bytes(PAGE)
+        assert bytes(mapping.view[PAGE : 2 * PAGE]) == bytes(PAGE)
         assert bytes(mapping.view[:PAGE]) == b"\xab" * PAGE
-        assert bytes(mapping.view[2 * PAGE:]) == b"\xab" * 2 * PAGE
+        assert bytes(mapping.view[2 * PAGE :]) == b"\xab" * 2 * PAGE
 
 
 def test_shared_anonymous_memory_survives_dontneed() -> None:
@@ -184,13 +186,13 @@ def test_memfd_is_shared_and_an_alias_sees_the_same_pages() -> None:
         assert mapping.fd is not None and alias.fd is not None and alias.fd != mapping.fd
         assert alias.address != mapping.address
         assert os.readlink(f"/proc/self/fd/{mapping.fd}").startswith("/memfd:test-ram")
-        mapping.view[3 * PAGE:3 * PAGE + 4] = b"seen"
-        assert bytes(alias.view[3 * PAGE:3 * PAGE + 4]) == b"seen"
+        mapping.view[3 * PAGE : 3 * PAGE + 4] = b"seen"
+        assert bytes(alias.view[3 * PAGE : 3 * PAGE + 4]) == b"seen"
         # DONTNEED drops only this mapping's page table entries; the file keeps the data.
         mapping.madvise(Advice.DONTNEED)
-        assert bytes(mapping.view[3 * PAGE:3 * PAGE + 4]) == b"seen"
+        assert bytes(mapping.view[3 * PAGE : 3 * PAGE + 4]) == b"seen"
         mapping.punch_hole(3 * PAGE, PAGE)
-        assert bytes(alias.view[3 * PAGE:3 * PAGE + 4]) == bytes(4)
+        assert bytes(alias.view[3 * PAGE : 3 * PAGE + 4]) == bytes(4)
 
 
 def test_alias_and_punch_hole_refuse_private_anonymous_memory() -> None:
@@ -219,21 +221,26 @@ def test_hugetlbfs_mapping_uses_the_mount_and_its_pool(hugetlbfs_2m: str) -> Non
     assert (hugetlbfs_2m, HUGE_PAGE_2M) in memory.hugetlbfs_mounts()
     assert memory.mount_hugetlbfs_path(HUGE_PAGE_2M) is not None
     with Mapping.hugetlbfs(2 * HUGE_PAGE_2M, directory=hugetlbfs_2m) as mapping:
-        assert (mapping.kind, mapping.page_size, mapping.shared) == ("hugetlbfs", HUGE_PAGE_2M,
-                                                                     False)
+        assert (mapping.kind, mapping.page_size, mapping.shared) == (
+            "hugetlbfs",
+            HUGE_PAGE_2M,
+            False,
+        )
         assert mapping.address % HUGE_PAGE_2M == 0
         assert os.listdir(hugetlbfs_2m) == []  # unlinked once mapped
-        mapping.view[HUGE_PAGE_2M + 7:HUGE_PAGE_2M + 10] = b"big"
-        assert bytes(mapping.view[HUGE_PAGE_2M + 7:HUGE_PAGE_2M + 10]) == b"big"
+        mapping.view[HUGE_PAGE_2M + 7 : HUGE_PAGE_2M + 10] = b"big"
+        assert bytes(mapping.view[HUGE_PAGE_2M + 7 : HUGE_PAGE_2M + 10]) == b"big"
         assert smaps_kib(mapping.address, "Private_Hugetlb") == 2048
         mapping.madvise(Advice.DONTNEED, HUGE_PAGE_2M, HUGE_PAGE_2M)
         assert smaps_kib(mapping.address, "Private_Hugetlb") == 0
-        assert bytes(mapping.view[HUGE_PAGE_2M + 7:HUGE_PAGE_2M + 10]) == bytes(3)
+        assert bytes(mapping.view[HUGE_PAGE_2M + 7 : HUGE_PAGE_2M + 10]) == bytes(3)
 
 
 def test_hugetlbfs_shared_mapping_and_memfd_hugetlb(hugetlbfs_2m: str) -> None:
-    with Mapping.hugetlbfs(HUGE_PAGE_2M, directory=hugetlbfs_2m, shared=True) as mapping, \
-            mapping.alias() as alias:
+    with (
+        Mapping.hugetlbfs(HUGE_PAGE_2M, directory=hugetlbfs_2m, shared=True) as mapping,
+        mapping.alias() as alias,
+    ):
         mapping.view[:5] = b"share"
         assert bytes(alias.view[:5]) == b"share"
         mapping.punch_hole()

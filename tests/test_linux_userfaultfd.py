@@ -100,8 +100,9 @@ class Toucher:
         self.native_id = 0
         self.done = threading.Event()
         self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(action,), name="toucher",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(action,), name="toucher", daemon=True
+        )
         self.thread.start()
         assert self.started.wait(WAIT)
 
@@ -129,10 +130,15 @@ class Scene:
         self.touchers: list[Toucher] = []
         self.mappings: list[Mapping] = []
 
-    def uffd(self, features: Feature = userfaultfd.NO_FEATURES, *, via: str = "auto",
-             user_mode_only: bool = False, nonblock: bool = True) -> UserfaultFd:
-        uffd = UserfaultFd.open(features, via=via, user_mode_only=user_mode_only,
-                                nonblock=nonblock)
+    def uffd(
+        self,
+        features: Feature = userfaultfd.NO_FEATURES,
+        *,
+        via: str = "auto",
+        user_mode_only: bool = False,
+        nonblock: bool = True,
+    ) -> UserfaultFd:
+        uffd = UserfaultFd.open(features, via=via, user_mode_only=user_mode_only, nonblock=nonblock)
         self.uffds.append(uffd)
         return uffd
 
@@ -205,15 +211,20 @@ def test_open_does_the_handshake_by_either_way(via: str, scene: Scene) -> None:
     assert uffd.opened_via == via
     assert uffd.features == Feature.THREAD_ID | Feature.EVENT_REMOVE
     assert uffd.ioctls & (Ioctl.API | Ioctl.REGISTER | Ioctl.UNREGISTER) == (
-        Ioctl.API | Ioctl.REGISTER | Ioctl.UNREGISTER)
+        Ioctl.API | Ioctl.REGISTER | Ioctl.UNREGISTER
+    )
     assert uffd.available_features == UserfaultFd.probe_features(via=via)
     assert uffd.fileno() == uffd.fd >= 0
 
 
 def test_probe_reports_what_postcopy_builds_on() -> None:
     available = UserfaultFd.probe_features()
-    for feature in (Feature.THREAD_ID, Feature.MISSING_SHMEM, Feature.MISSING_HUGETLBFS,
-                    Feature.EVENT_REMOVE):
+    for feature in (
+        Feature.THREAD_ID,
+        Feature.MISSING_SHMEM,
+        Feature.MISSING_HUGETLBFS,
+        Feature.EVENT_REMOVE,
+    ):
         assert feature in available
 
 
@@ -258,7 +269,8 @@ def test_missing_faults_resolved_by_copy_and_zeropage(scene: Scene) -> None:
     uffd = scene.uffd(Feature.THREAD_ID)
     allowed = uffd.register(target.address, target.length, RegisterMode.MISSING)
     assert allowed & (Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE) == (
-        Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE)
+        Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE
+    )
 
     def resolve(event: Event) -> None:
         assert isinstance(event, PageFault)
@@ -279,9 +291,9 @@ def test_missing_faults_resolved_by_copy_and_zeropage(scene: Scene) -> None:
     assert second == PageFault(target.address + 2 * PAGE, PageFaultFlags(0), reader.native_id)
     assert readback.raw == bytes(16)
     # Every page touched is now present, so reading through the view is safe.
-    page = bytes(target.view[PAGE:2 * PAGE])
+    page = bytes(target.view[PAGE : 2 * PAGE])
     assert page == b"\x5a" * 100 + b"\x01" * 10 + b"\x5a" * (PAGE - 110)
-    assert bytes(target.view[2 * PAGE:3 * PAGE]) == bytes(PAGE)
+    assert bytes(target.view[2 * PAGE : 3 * PAGE]) == bytes(PAGE)
 
 
 def test_thread_id_is_zero_unless_asked_for(scene: Scene) -> None:
@@ -304,7 +316,11 @@ def test_copy_onto_a_present_page_raises_page_exists(scene: Scene) -> None:
     error = raised.value
     assert isinstance(error, UffdError) and isinstance(error, OSError)
     assert (error.errno, error.done, error.start, error.length) == (
-        errno.EEXIST, 0, target.address, PAGE)
+        errno.EEXIST,
+        0,
+        target.address,
+        PAGE,
+    )
     assert "UFFDIO_COPY" in str(error) and f"{target.address:#x}" in str(error)
     with pytest.raises(PageExistsError):
         uffd.zeropage(target.address, PAGE)
@@ -409,18 +425,19 @@ def test_write_protect_fault_resolved_by_unprotecting(scene: Scene) -> None:
     assert second.done.wait(WAIT)
     assert handler.wait_events(2) == [
         PageFault(target.address, PageFaultFlags.WRITE | PageFaultFlags.WP, first.native_id),
-        PageFault(target.address + PAGE, PageFaultFlags.WRITE | PageFaultFlags.WP,
-                  second.native_id),
+        PageFault(
+            target.address + PAGE, PageFaultFlags.WRITE | PageFaultFlags.WP, second.native_id
+        ),
     ]
     assert bytes(target.view[:2]) == b"\x66\x77"
-    assert bytes(target.view[PAGE:PAGE + 2]) == b"\x66\x78"
+    assert bytes(target.view[PAGE : PAGE + 2]) == b"\x66\x78"
 
 
 def test_minor_fault_on_shmem_resolved_by_continue(scene: Scene) -> None:
     require(Feature.MINOR_SHMEM)
     target = scene.map(Mapping.memfd(4 * PAGE, "minor"))
     filler = scene.map(target.alias())  # unregistered second mapping of the same pages
-    filler.view[PAGE:2 * PAGE] = b"\x99" * PAGE  # page cache holds it; target has no PTE
+    filler.view[PAGE : 2 * PAGE] = b"\x99" * PAGE  # page cache holds it; target has no PTE
     uffd = scene.uffd(Feature.MINOR_SHMEM)
     assert Ioctl.CONTINUE in uffd.register(target.address, target.length, RegisterMode.MINOR)
     handler = scene.handle(uffd, lambda event: uffd.continue_(fault_address(event), PAGE))
@@ -437,10 +454,11 @@ def test_missing_fault_on_shmem_resolved_by_copy(scene: Scene) -> None:
     uffd = scene.uffd(Feature.MISSING_SHMEM)
     allowed = uffd.register(target.address, target.length, RegisterMode.MISSING)
     assert allowed & (Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE) == (
-        Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE)
+        Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE
+    )
     scene.handle(uffd, lambda event: uffd.copy(fault_address(event), source.address, PAGE))
     assert scene.touch(write_at(target.address + PAGE, 0x43, 1)).done.wait(WAIT)
-    assert bytes(target.view[PAGE:PAGE + 2]) == b"\x43\x42"
+    assert bytes(target.view[PAGE : PAGE + 2]) == b"\x43\x42"
 
 
 def test_move_hands_pages_over_without_copying(scene: Scene) -> None:
@@ -450,17 +468,18 @@ def test_move_hands_pages_over_without_copying(scene: Scene) -> None:
     uffd = scene.uffd(Feature.MOVE)
     assert Ioctl.MOVE in uffd.register(target.address, target.length, RegisterMode.MISSING)
     assert uffd.move(target.address, source.address, 2 * PAGE) == 2 * PAGE
-    assert bytes(target.view[:2 * PAGE]) == b"\xa1" * 2 * PAGE
-    assert bytes(source.view[:2 * PAGE]) == bytes(2 * PAGE)  # source pages are gone
+    assert bytes(target.view[: 2 * PAGE]) == b"\xa1" * 2 * PAGE
+    assert bytes(source.view[: 2 * PAGE]) == bytes(2 * PAGE)  # source pages are gone
     # Holes in the source: refused unless allowed.
     source.madvise(Advice.DONTNEED, 3 * PAGE, PAGE)
     with pytest.raises(UffdError) as raised:
         uffd.move(target.address + 3 * PAGE, source.address + 3 * PAGE, PAGE)
     assert raised.value.errno == errno.ENOENT
-    moved = uffd.move(target.address + 2 * PAGE, source.address + 2 * PAGE, 2 * PAGE,
-                      allow_src_holes=True)
+    moved = uffd.move(
+        target.address + 2 * PAGE, source.address + 2 * PAGE, 2 * PAGE, allow_src_holes=True
+    )
     assert moved == 2 * PAGE
-    assert bytes(target.view[2 * PAGE:3 * PAGE]) == b"\xa1" * PAGE
+    assert bytes(target.view[2 * PAGE : 3 * PAGE]) == b"\xa1" * PAGE
 
 
 def test_poison_marks_missing_pages(scene: Scene) -> None:
@@ -478,7 +497,8 @@ def test_poison_marks_missing_pages(scene: Scene) -> None:
 
 
 def test_hugetlbfs_fault_resolved_by_whole_huge_page_copy(
-    hugetlbfs_2m: str, scene: Scene  # the mount must outlive the scene
+    hugetlbfs_2m: str,
+    scene: Scene,  # the mount must outlive the scene
 ) -> None:
     target = scene.map(Mapping.hugetlbfs(2 * HUGE_PAGE_2M, directory=hugetlbfs_2m))
     source = scene.source(HUGE_PAGE_2M, 0xC3)
@@ -499,7 +519,9 @@ def test_hugetlbfs_fault_resolved_by_whole_huge_page_copy(
     assert scene.touch(write_at(huge + 12345, 0x3C, 3)).done.wait(WAIT)
     # The fault address is the huge page's start, not the touched base page.
     assert handler.wait_events(1) == [PageFault(huge, PageFaultFlags.WRITE, 0)]
-    assert bytes(target.view[HUGE_PAGE_2M + 12344:HUGE_PAGE_2M + 12349]) == b"\xc3\x3c\x3c\x3c\xc3"
+    assert (
+        bytes(target.view[HUGE_PAGE_2M + 12344 : HUGE_PAGE_2M + 12349]) == b"\xc3\x3c\x3c\x3c\xc3"
+    )
 
 
 # -- non-cooperative events ----------------------------------------------------------------
@@ -535,15 +557,21 @@ def test_parse_events_decodes_every_kind() -> None:
     def message(code: int, body: bytes) -> bytes:
         return bytes([code]) + bytes(7) + body.ljust(24, b"\0")
 
-    data = b"".join([
-        message(0x12, (5).to_bytes(8, "little") + (0x7000).to_bytes(8, "little")
-                + (42).to_bytes(4, "little")),
-        message(0x13, (9).to_bytes(4, "little")),
-        message(0x14, b"".join(n.to_bytes(8, "little") for n in (0x1000, 0x9000, 0x2000))),
-        message(0x15, b"".join(n.to_bytes(8, "little") for n in (0x1000, 0x3000))),
-        message(0x16, b"".join(n.to_bytes(8, "little") for n in (0x4000, 0x5000))),
-        message(0x77, b"x"),
-    ])
+    data = b"".join(
+        [
+            message(
+                0x12,
+                (5).to_bytes(8, "little")
+                + (0x7000).to_bytes(8, "little")
+                + (42).to_bytes(4, "little"),
+            ),
+            message(0x13, (9).to_bytes(4, "little")),
+            message(0x14, b"".join(n.to_bytes(8, "little") for n in (0x1000, 0x9000, 0x2000))),
+            message(0x15, b"".join(n.to_bytes(8, "little") for n in (0x1000, 0x3000))),
+            message(0x16, b"".join(n.to_bytes(8, "little") for n in (0x4000, 0x5000))),
+            message(0x77, b"x"),
+        ]
+    )
     events = userfaultfd.parse_events(data)
     assert events[:5] == [
         PageFault(0x7000, PageFaultFlags.WRITE | PageFaultFlags.MINOR, 42),

@@ -15,10 +15,17 @@ from tests.vmprocess import QmpCommandError, VmProcess, free_port
 pytestmark = pytest.mark.timeout(240)
 
 
-def start_pair(tmp_path: Path, vms: list[VmProcess], *, guest: str = "memtouch",
-               ram: str = "256M", vcpus: int = 1, caps: tuple[str, ...] = (),
-               dest_args: tuple[str, ...] = (), src_args: tuple[str, ...] = (),
-               ) -> tuple[VmProcess, VmProcess, str]:
+def start_pair(
+    tmp_path: Path,
+    vms: list[VmProcess],
+    *,
+    guest: str = "memtouch",
+    ram: str = "256M",
+    vcpus: int = 1,
+    caps: tuple[str, ...] = (),
+    dest_args: tuple[str, ...] = (),
+    src_args: tuple[str, ...] = (),
+) -> tuple[VmProcess, VmProcess, str]:
     uri = f"tcp:127.0.0.1:{free_port()}"
     common = ("--guest", guest, "--ram", ram, "--vcpus", str(vcpus))
     cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))
@@ -27,8 +34,10 @@ def start_pair(tmp_path: Path, vms: list[VmProcess], *, guest: str = "memtouch",
     source = VmProcess(tmp_path, "src", *common, *src_args)
     vms.append(source)
     if caps:
-        source.cmd("migrate-set-capabilities",
-                   capabilities=[{"capability": c, "state": True} for c in caps])
+        source.cmd(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": c, "state": True} for c in caps],
+        )
     return source, destination, uri
 
 
@@ -104,10 +113,12 @@ def test_postcopy_from_the_start_without_preempt(tmp_path: Path, vms: list[VmPro
     stop_and_verify(destination)
 
 
-def test_randwrite_digest_matches_on_a_paused_destination(tmp_path: Path,
-                                                          vms: list[VmProcess]) -> None:
-    source, destination, uri = start_pair(tmp_path, vms, guest="randwrite",
-                                          caps=("postcopy-ram",), dest_args=("-S",))
+def test_randwrite_digest_matches_on_a_paused_destination(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    source, destination, uri = start_pair(
+        tmp_path, vms, guest="randwrite", caps=("postcopy-ram",), dest_args=("-S",)
+    )
     source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
     wait_passes(source, b"W", 1)
     source.cmd("migrate", uri=uri)
@@ -149,10 +160,12 @@ def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProce
 
 
 def test_configuration_mismatch_is_refused_with_both_configurations(
-        tmp_path: Path, vms: list[VmProcess]) -> None:
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     uri = f"tcp:127.0.0.1:{free_port()}"
-    destination = VmProcess(tmp_path, "dst", "--guest", "memtouch", "--ram", "128M",
-                            "--incoming", uri)
+    destination = VmProcess(
+        tmp_path, "dst", "--guest", "memtouch", "--ram", "128M", "--incoming", uri
+    )
     vms.append(destination)
     source = VmProcess(tmp_path, "src", "--guest", "memtouch", "--ram", "64M")
     vms.append(source)
@@ -176,30 +189,45 @@ def test_migrate_while_migrating_is_refused(tmp_path: Path, vms: list[VmProcess]
     source.wait_migration({"cancelled"})
 
 
-def test_postcopy_mismatch_reports_the_destination_reason(tmp_path: Path,
-                                                          vms: list[VmProcess]) -> None:
+def test_postcopy_mismatch_reports_the_destination_reason(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     uri = f"tcp:127.0.0.1:{free_port()}"
-    destination = VmProcess(tmp_path, "dst", "--guest", "memtouch", "--ram", "128M",
-                            "--incoming", uri, "--migrate-capability", "postcopy-ram")
+    destination = VmProcess(
+        tmp_path,
+        "dst",
+        "--guest",
+        "memtouch",
+        "--ram",
+        "128M",
+        "--incoming",
+        uri,
+        "--migrate-capability",
+        "postcopy-ram",
+    )
     vms.append(destination)
     source = VmProcess(tmp_path, "src", "--guest", "memtouch", "--ram", "64M")
     vms.append(source)
-    source.cmd("migrate-set-capabilities",
-               capabilities=[{"capability": "postcopy-ram", "state": True}])
+    source.cmd(
+        "migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}]
+    )
     source.cmd("migrate", uri=uri)
     info = source.wait_migration({"failed"})
     assert "pc.ram:134217728@4096" in info["error-desc"], info["error-desc"]
     assert source.cmd("query-status")["running"]
 
 
-def test_destination_guest_makes_progress_during_postcopy(tmp_path: Path,
-                                                          vms: list[VmProcess]) -> None:
+def test_destination_guest_makes_progress_during_postcopy(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
     """randwrite touches a tenth of its RAM: those pages fault in at once, while the push of
     the rest is held to a slow max-postcopy-bandwidth; the guest must keep writing."""
     caps = ("postcopy-ram", "postcopy-preempt")
     source, destination, uri = start_pair(tmp_path, vms, guest="randwrite", caps=caps)
-    source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0,
-                                            "max-postcopy-bandwidth": 32 << 20})
+    source.cmd(
+        "migrate-set-parameters",
+        **{"x-postcopy-after-rounds": 0, "max-postcopy-bandwidth": 32 << 20},
+    )
     wait_passes(source, b"W", 1)
     source.cmd("migrate", uri=uri)
     destination.wait_migration({"postcopy-active"})
@@ -223,8 +251,13 @@ def test_migration_over_tls_with_a_key(tmp_path: Path, vms: list[VmProcess]) -> 
     tls_dest = ("--tls-cert", str(tmp_path / "dst.pem"), "--tls-key", str(tmp_path / "dst.key"))
     common = ("--key", str(key))
     source, destination, uri = start_pair(
-        tmp_path, vms, ram="64M", caps=("postcopy-ram",), dest_args=(*tls_dest, *common),
-        src_args=("--tls-ca", str(ca[0]), *common))
+        tmp_path,
+        vms,
+        ram="64M",
+        caps=("postcopy-ram",),
+        dest_args=(*tls_dest, *common),
+        src_args=("--tls-ca", str(ca[0]), *common),
+    )
     source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
     source.cmd("migrate", uri=uri)
     assert source.wait_migration({"completed", "failed"})["status"] == "completed"

@@ -31,8 +31,9 @@ class FakeClock:
 
 
 @given(st.lists(st.booleans(), max_size=400), st.lists(st.booleans(), max_size=400))
-def test_discard_ranges_cover_exactly_sent_and_dirty(sent_bits: list[bool],
-                                                     dirty_bits: list[bool]) -> None:
+def test_discard_ranges_cover_exactly_sent_and_dirty(
+    sent_bits: list[bool], dirty_bits: list[bool]
+) -> None:
     size = min(len(sent_bits), len(dirty_bits))
     sent = np.array(sent_bits[:size], dtype=np.bool_)
     dirty = np.array(dirty_bits[:size], dtype=np.bool_)
@@ -41,8 +42,8 @@ def test_discard_ranges_cover_exactly_sent_and_dirty(sent_bits: list[bool],
         assert 1 <= len(group) <= MAX_DISCARD_RANGES
         for first, count in group:
             assert count > 0
-            assert not covered[first:first + count].any()
-            covered[first:first + count] = True
+            assert not covered[first : first + count].any()
+            covered[first : first + count] = True
     assert (covered == (sent & dirty)).all()
 
 
@@ -59,11 +60,11 @@ def test_blocktime_counts_per_vcpu_and_all_blocked_overlap() -> None:
     clock = FakeClock()
     tracker = BlocktimeTracker(vcpus=2, clock=clock)
     tracker.fault(0, block=0, page=10, when=1.0)
-    tracker.fault(1, block=0, page=20, when=2.0)   # both blocked from t=2
+    tracker.fault(1, block=0, page=20, when=2.0)  # both blocked from t=2
     clock.now = 3.0
-    tracker.placed(0, 10, 1)                       # vCPU0 waited 2 s; overlap 1 s
+    tracker.placed(0, 10, 1)  # vCPU0 waited 2 s; overlap 1 s
     clock.now = 5.0
-    tracker.placed(0, 15, 10)                      # vCPU1 waited 3 s
+    tracker.placed(0, 15, 10)  # vCPU1 waited 3 s
     assert tracker.per_vcpu == [2.0, 3.0]
     assert tracker.total == 1.0
     view = tracker.as_qmp()
@@ -80,7 +81,7 @@ def test_latency_recorder_measures_only_requested_pages() -> None:
     recorder.placed(0, 0, 10)
     clock.now = 2.25
     recorder.placed(0, 40, 20)
-    recorder.placed(0, 40, 20)                     # placed again: not counted twice
+    recorder.placed(0, 40, 20)  # placed again: not counted twice
     summary = recorder.summary()
     assert summary["count"] == 3
     assert summary["max-us"] == 500000.0

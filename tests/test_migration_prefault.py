@@ -51,14 +51,13 @@ def test_a_dense_run_populates_the_window_after_it(block: RamBlock) -> None:
         prefaulter.close()
     held = present(block)
     assert not held[:RUN].any()  # the run being read is the receiver's own business
-    assert held[RUN:5 * RUN].all()
-    assert not held[5 * RUN:].any()
-    assert prefaulter.prefaulted[0][RUN:5 * RUN].all()
+    assert held[RUN : 5 * RUN].all()
+    assert not held[5 * RUN :].any()
+    assert prefaulter.prefaulted[0][RUN : 5 * RUN].all()
     assert prefaulter.pages_populated == 4 * RUN
 
 
-def test_the_window_slides_without_repeating_and_stops_at_the_block_end(
-        block: RamBlock) -> None:
+def test_the_window_slides_without_repeating_and_stops_at_the_block_end(block: RamBlock) -> None:
     received = [np.zeros(PAGES, dtype=np.bool_)]
     prefaulter = Prefaulter([block], received, window_runs=4)
     try:
@@ -73,7 +72,7 @@ def test_the_window_slides_without_repeating_and_stops_at_the_block_end(
 
 def test_sparse_runs_and_received_pages_are_left_alone(block: RamBlock) -> None:
     received = [np.zeros(PAGES, dtype=np.bool_)]
-    received[0][RUN:2 * RUN] = True  # already here: warm, nothing to do
+    received[0][RUN : 2 * RUN] = True  # already here: warm, nothing to do
     prefaulter = Prefaulter([block], received, window_runs=2)
     try:
         prefaulter.advance(0, 0, RUN, normal_pages=RUN // 4)  # mostly zero pages: no look-ahead
@@ -82,9 +81,9 @@ def test_sparse_runs_and_received_pages_are_left_alone(block: RamBlock) -> None:
     finally:
         prefaulter.close()
     held = present(block)
-    assert not held[:2 * RUN].any()
-    assert held[2 * RUN:4 * RUN].all()
-    assert not held[4 * RUN:].any()
+    assert not held[: 2 * RUN].any()
+    assert held[2 * RUN : 4 * RUN].all()
+    assert not held[4 * RUN :].any()
 
 
 def test_nothing_is_populated_after_close(block: RamBlock) -> None:

@@ -104,12 +104,23 @@ def add_test_commands(server: QmpServer, gate: Gate) -> None:
     server.register("nan", lambda args: float("nan"))
     server.register("wait", gate.wait)
     server.register("emit", lambda args: server.emit_event("FROM_HANDLER", {"n": 1}))
-    server.register("types", lambda args: {k: repr(v) for k, v in args.items()}, args={
-        "s?": str, "i?": int, "f?": float, "b?": bool, "o?": dict, "a?": list,
-        "any?": object, "speed?": Speed, "ints?": [int],
-        "caps?": [{"capability": Speed, "state": bool}],
-        "nested?": {"inner": {"leaf": str}, "*opt": int},
-    })
+    server.register(
+        "types",
+        lambda args: {k: repr(v) for k, v in args.items()},
+        args={
+            "s?": str,
+            "i?": int,
+            "f?": float,
+            "b?": bool,
+            "o?": dict,
+            "a?": list,
+            "any?": object,
+            "speed?": Speed,
+            "ints?": [int],
+            "caps?": [{"capability": Speed, "state": bool}],
+            "nested?": {"inner": {"leaf": str}, "*opt": int},
+        },
+    )
 
 
 @pytest.fixture
@@ -164,8 +175,9 @@ class RawClient:
             if "event" not in message:
                 return message
 
-    def execute(self, name: str, arguments: dict[str, Any] | None = None,
-                **extra: Any) -> dict[str, Any]:
+    def execute(
+        self, name: str, arguments: dict[str, Any] | None = None, **extra: Any
+    ) -> dict[str, Any]:
         request: dict[str, Any] = {"execute": name}
         if arguments is not None:
             request["arguments"] = arguments
@@ -214,15 +226,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 def _split_all(splitter: JsonStreamSplitter, data: bytes, chunk: int) -> list[Any]:
     out: list[Any] = []
     for start in range(0, len(data), chunk):
-        out += splitter.feed(data[start:start + chunk])
+        out += splitter.feed(data[start : start + chunk])
     return out
 
 
 def test_splitter_cuts_messages_without_newlines_at_any_chunking() -> None:
-    stream = (b'{"execute":"a"}{"execute": "b",\n "arguments": {"s": "}{\\"]["}}'
-              b'  \r\n[1, [2]] "top \\" string" 42 true nope ')
-    expected = [b'{"execute":"a"}', b'{"execute": "b",\n "arguments": {"s": "}{\\"]["}}',
-                b"[1, [2]]", b'"top \\" string"', b"42", b"true", b"nope"]
+    stream = (
+        b'{"execute":"a"}{"execute": "b",\n "arguments": {"s": "}{\\"]["}}'
+        b'  \r\n[1, [2]] "top \\" string" 42 true nope '
+    )
+    expected = [
+        b'{"execute":"a"}',
+        b'{"execute": "b",\n "arguments": {"s": "}{\\"]["}}',
+        b"[1, [2]]",
+        b'"top \\" string"',
+        b"42",
+        b"true",
+        b"nope",
+    ]
     for chunk in (1, 2, 3, 7, len(stream)):
         assert _split_all(JsonStreamSplitter(), stream, chunk) == expected
 
@@ -240,7 +261,7 @@ def test_splitter_skips_an_oversized_message_without_holding_it() -> None:
     big = b'{"x": "' + b"a" * 1000 + b'", "y": "}"}'
     out: list[Any] = []
     for start in range(0, len(big), 10):
-        out += splitter.feed(big[start:start + 10])
+        out += splitter.feed(big[start : start + 10])
         assert splitter.pending <= 100
     out += splitter.feed(b'{"ok": 1}')
     assert out == [FrameError("JSON message exceeds 100 bytes"), b'{"ok": 1}']
@@ -249,7 +270,9 @@ def test_splitter_skips_an_oversized_message_without_holding_it() -> None:
 def test_splitter_limits_nesting() -> None:
     splitter = JsonStreamSplitter(max_nesting=8)
     assert splitter.feed(b"[" * 9 + b"]" * 9 + b"[[1]]") == [
-        FrameError("JSON nesting depth limit exceeded"), b"[[1]]"]
+        FrameError("JSON nesting depth limit exceeded"),
+        b"[[1]]",
+    ]
     assert splitter.feed(b"[" * 8 + b"]" * 8) == [b"[" * 8 + b"]" * 8]
 
 
@@ -257,8 +280,10 @@ def test_splitter_limits_nesting() -> None:
 def test_splitter_resets_on_a_byte_that_json_cannot_contain(bad: bytes) -> None:
     splitter = JsonStreamSplitter()
     out = splitter.feed(b'{"execute": "a", "s": "abc' + bad + b'{"execute": "b"}')
-    assert out == [FrameError(f"JSON parse error, invalid byte 0x{bad[0]:02x}"),
-                   b'{"execute": "b"}']
+    assert out == [
+        FrameError(f"JSON parse error, invalid byte 0x{bad[0]:02x}"),
+        b'{"execute": "b"}',
+    ]
     out = splitter.feed(b'{"a": [' + bad + b'{"b": 1}')
     assert out == [FrameError(f"JSON parse error, invalid byte 0x{bad[0]:02x}"), b'{"b": 1}']
 
@@ -270,26 +295,39 @@ def test_splitter_keeps_an_escape_split_across_chunks() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=100, deadline=None)
-@given(messages=st.lists(st.dictionaries(st.text(), json_values, max_size=5), max_size=6),
-       separators=st.lists(st.sampled_from([b"", b" ", b"\n", b"\r\n", b"\t "]),
-                           min_size=6, max_size=6),
-       ascii_only=st.booleans(), indent=st.sampled_from([None, 2]),
-       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+@given(
+    messages=st.lists(st.dictionaries(st.text(), json_values, max_size=5), max_size=6),
+    separators=st.lists(
+        st.sampled_from([b"", b" ", b"\n", b"\r\n", b"\t "]), min_size=6, max_size=6
+    ),
+    ascii_only=st.booleans(),
+    indent=st.sampled_from([None, 2]),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+)
 def test_splitter_recovers_any_stream_of_objects(
-        messages: list[dict[str, Any]], separators: list[bytes], ascii_only: bool,
-        indent: int | None, cuts: list[int]) -> None:
+    messages: list[dict[str, Any]],
+    separators: list[bytes],
+    ascii_only: bool,
+    indent: int | None,
+    cuts: list[int],
+) -> None:
     stream = b"".join(
         json.dumps(m, ensure_ascii=ascii_only, indent=indent).encode() + sep
-        for m, sep in zip(messages, separators, strict=False))
+        for m, sep in zip(messages, separators, strict=False)
+    )
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     splitter = JsonStreamSplitter()
     texts: list[Any] = []
@@ -304,32 +342,39 @@ def test_splitter_recovers_any_stream_of_objects(
 
 def test_greeting_offers_no_capabilities(connect: Callable[..., RawClient]) -> None:
     client = connect(negotiate=False)
-    assert client.greeting == {"QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
-                    "package": "postcopy 0.1.0"},
-        "capabilities": []}}
+    assert client.greeting == {
+        "QMP": {
+            "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "postcopy 0.1.0"},
+            "capabilities": [],
+        }
+    }
 
 
 def test_only_qmp_capabilities_before_negotiation(connect: Callable[..., RawClient]) -> None:
     client = connect(negotiate=False)
-    want = error("Expecting capabilities negotiation with 'qmp_capabilities'",
-                 "CommandNotFound", id=1)
+    want = error(
+        "Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound", id=1
+    )
     assert client.execute("query-version", id=1) == want
     assert client.execute("no-such-command", id=1) == want
     # Structural errors keep their own message, as in QEMU.
     assert client.execute("x", extra=1) == error("QMP input member 'extra' is unexpected")
     assert client.execute("qmp_capabilities", {"enable": ["oob"]}) == error(
-        "Capability oob not available")
+        "Capability oob not available"
+    )
     assert client.execute("qmp_capabilities", {"enable": ["bogus"]}) == error(
-        "Parameter 'enable[0]' does not accept value 'bogus'")
+        "Parameter 'enable[0]' does not accept value 'bogus'"
+    )
     assert client.execute("qmp_capabilities", id="neg") == {"return": {}, "id": "neg"}
     assert client.execute("qmp_capabilities") == error(
-        "Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+        "Capabilities negotiation is already complete, command ignored", "CommandNotFound"
+    )
     assert client.execute("query-version")["return"]["qemu"]["major"] == 7
 
 
-def test_events_reach_only_negotiated_clients(server: QmpServer,
-                                              connect: Callable[..., RawClient]) -> None:
+def test_events_reach_only_negotiated_clients(
+    server: QmpServer, connect: Callable[..., RawClient]
+) -> None:
     client = connect(negotiate=False)
     server.emit_event("EARLY")
     client.send({"execute": "qmp_capabilities", "id": "neg"})
@@ -345,8 +390,9 @@ def test_events_reach_only_negotiated_clients(server: QmpServer,
     assert seen == ["LATE", "sync"]
 
 
-def test_query_commands_lists_every_command(server: QmpServer,
-                                            connect: Callable[..., RawClient]) -> None:
+def test_query_commands_lists_every_command(
+    server: QmpServer, connect: Callable[..., RawClient]
+) -> None:
     names = [c["name"] for c in connect().execute("query-commands")["return"]]
     assert names == sorted(names)
     assert {"qmp_capabilities", "query-version", "query-commands", "echo"} <= set(names)
@@ -355,36 +401,47 @@ def test_query_commands_lists_every_command(server: QmpServer,
     assert "quit" in [c["name"] for c in connect().execute("query-commands")["return"]]
 
 
-@pytest.mark.parametrize("request_bytes, desc", [
-    (b"[1, 2]", "QMP input must be a JSON object"),
-    (b"42", "QMP input must be a JSON object"),
-    (b'"execute"', "QMP input must be a JSON object"),
-    (b"{}", "QMP input lacks member 'execute'"),
-    (b'{"arguments": {}}', "QMP input lacks member 'execute'"),
-    (b'{"execute": 1}', "QMP input member 'execute' must be a string"),
-    (b'{"execute": "echo", "arguments": []}', "QMP input member 'arguments' must be an object"),
-    (b'{"execute": "echo", "exec-oob": "echo"}', "QMP input member 'exec-oob' is unexpected"),
-    (b'{"execute": "echo", "x": 1}', "QMP input member 'x' is unexpected"),
-])
-def test_malformed_requests_are_answered(connect: Callable[..., RawClient],
-                                         request_bytes: bytes, desc: str) -> None:
+@pytest.mark.parametrize(
+    "request_bytes, desc",
+    [
+        (b"[1, 2]", "QMP input must be a JSON object"),
+        (b"42", "QMP input must be a JSON object"),
+        (b'"execute"', "QMP input must be a JSON object"),
+        (b"{}", "QMP input lacks member 'execute'"),
+        (b'{"arguments": {}}', "QMP input lacks member 'execute'"),
+        (b'{"execute": 1}', "QMP input member 'execute' must be a string"),
+        (b'{"execute": "echo", "arguments": []}', "QMP input member 'arguments' must be an object"),
+        (b'{"execute": "echo", "exec-oob": "echo"}', "QMP input member 'exec-oob' is unexpected"),
+        (b'{"execute": "echo", "x": 1}', "QMP input member 'x' is unexpected"),
+    ],
+)
+def test_malformed_requests_are_answered(
+    connect: Callable[..., RawClient], request_bytes: bytes, desc: str
+) -> None:
     client = connect()
     client.send(request_bytes + b"\n")  # a bare number only ends at a delimiter
     assert client.recv() == error(desc)
     assert client.execute("echo", {"x": 1}) == {"return": {"x": 1}}
 
 
-@pytest.mark.parametrize("garbage, desc_start", [
-    (b'{"execute": }', "JSON parse error, "),
-    (b"nope", "JSON parse error, "),
-    (b"}", "JSON parse error, "),
-    (b'{"execute": "echo", "execute": "echo"}', "JSON parse error, duplicate key 'execute'"),
-    (b'{"execute": "echo", "arguments": {"x": NaN}}', "JSON parse error, invalid keyword 'NaN'"),
-    (b'{"execute": "\xe9"}', "JSON parse error, invalid UTF-8 sequence"),
-    (b'{"execute": "echo" \xff', "JSON parse error, invalid byte 0xff"),
-])
+@pytest.mark.parametrize(
+    "garbage, desc_start",
+    [
+        (b'{"execute": }', "JSON parse error, "),
+        (b"nope", "JSON parse error, "),
+        (b"}", "JSON parse error, "),
+        (b'{"execute": "echo", "execute": "echo"}', "JSON parse error, duplicate key 'execute'"),
+        (
+            b'{"execute": "echo", "arguments": {"x": NaN}}',
+            "JSON parse error, invalid keyword 'NaN'",
+        ),
+        (b'{"execute": "\xe9"}', "JSON parse error, invalid UTF-8 sequence"),
+        (b'{"execute": "echo" \xff', "JSON parse error, invalid byte 0xff"),
+    ],
+)
 def test_bad_json_gets_an_error_and_the_connection_survives(
-        connect: Callable[..., RawClient], garbage: bytes, desc_start: str) -> None:
+    connect: Callable[..., RawClient], garbage: bytes, desc_start: str
+) -> None:
     client = connect()
     client.send(garbage + b"\n")
     reply = client.recv()
@@ -403,8 +460,12 @@ def test_any_id_is_echoed(connect: Callable[..., RawClient], request_id: Any) ->
 
 def test_commands_of_one_client_are_answered_in_order(connect: Callable[..., RawClient]) -> None:
     client = connect()
-    client.send(b"".join(json.dumps({"execute": "echo", "arguments": {"x": i}, "id": i}
-                                    ).encode() for i in range(50)))
+    client.send(
+        b"".join(
+            json.dumps({"execute": "echo", "arguments": {"x": i}, "id": i}).encode()
+            for i in range(50)
+        )
+    )
     assert [client.recv()["id"] for _ in range(50)] == list(range(50))
 
 
@@ -416,7 +477,8 @@ def test_a_command_sent_one_byte_at_a_time(connect: Callable[..., RawClient]) ->
 
 
 def test_oversized_message_is_refused_and_the_next_one_served(
-        connect: Callable[..., RawClient]) -> None:
+    connect: Callable[..., RawClient],
+) -> None:
     client = connect()
     big = json.dumps({"execute": "echo", "arguments": {"x": 1, "y": "z" * (2 << 20)}})
     client.send(big.encode())
@@ -427,72 +489,112 @@ def test_oversized_message_is_refused_and_the_next_one_served(
 # ------------------------------------------------------------------------------ arguments
 
 
-@pytest.mark.parametrize("arguments, desc", [
-    ({}, "Parameter 'x' is missing"),
-    ({"x": 1, "z": 2}, "Parameter 'z' is unexpected"),
-    ({"x": "1"}, "Invalid parameter type for 'x', expected: integer"),
-    ({"x": True}, "Invalid parameter type for 'x', expected: integer"),
-    ({"x": 1.0}, "Invalid parameter type for 'x', expected: integer"),
-    ({"x": 1 << 64}, "Invalid parameter type for 'x', expected: integer"),
-    ({"x": None}, "Invalid parameter type for 'x', expected: integer"),
-    ({"x": 1, "y": 5}, "Invalid parameter type for 'y', expected: string"),
-    ({"x": 1, "y": None}, "Invalid parameter type for 'y', expected: string"),
-])
-def test_echo_argument_errors(connect: Callable[..., RawClient], arguments: dict[str, Any],
-                              desc: str) -> None:
+@pytest.mark.parametrize(
+    "arguments, desc",
+    [
+        ({}, "Parameter 'x' is missing"),
+        ({"x": 1, "z": 2}, "Parameter 'z' is unexpected"),
+        ({"x": "1"}, "Invalid parameter type for 'x', expected: integer"),
+        ({"x": True}, "Invalid parameter type for 'x', expected: integer"),
+        ({"x": 1.0}, "Invalid parameter type for 'x', expected: integer"),
+        ({"x": 1 << 64}, "Invalid parameter type for 'x', expected: integer"),
+        ({"x": None}, "Invalid parameter type for 'x', expected: integer"),
+        ({"x": 1, "y": 5}, "Invalid parameter type for 'y', expected: string"),
+        ({"x": 1, "y": None}, "Invalid parameter type for 'y', expected: string"),
+    ],
+)
+def test_echo_argument_errors(
+    connect: Callable[..., RawClient], arguments: dict[str, Any], desc: str
+) -> None:
     assert connect().execute("echo", arguments, id="e") == error(desc, id="e")
 
 
 def test_unexpected_argument_reported_after_member_errors(
-        connect: Callable[..., RawClient]) -> None:
+    connect: Callable[..., RawClient],
+) -> None:
     # QEMU visits the schema's members first, so a missing one wins over a stray one.
     assert connect().execute("echo", {"z": 1}) == error("Parameter 'x' is missing")
 
 
-@pytest.mark.parametrize("arguments, desc", [
-    ({"s": 1}, "Invalid parameter type for 's', expected: string"),
-    ({"f": "1"}, "Invalid parameter type for 'f', expected: number"),
-    ({"f": False}, "Invalid parameter type for 'f', expected: number"),
-    ({"b": 0}, "Invalid parameter type for 'b', expected: boolean"),
-    ({"o": []}, "Invalid parameter type for 'o', expected: object"),
-    ({"a": {}}, "Invalid parameter type for 'a', expected: array"),
-    ({"speed": 1}, "Invalid parameter type for 'speed', expected: string"),
-    ({"speed": "medium"}, "Parameter 'speed' does not accept value 'medium'"),
-    ({"ints": [1, "2"]}, "Invalid parameter type for 'ints[1]', expected: integer"),
-    ({"caps": [{"capability": "slow", "state": True}, {"capability": "slow"}]},
-     "Parameter 'caps[1].state' is missing"),
-    ({"caps": [{"capability": "slow", "state": True, "x": 1}]},
-     "Parameter 'caps[0].x' is unexpected"),
-    ({"caps": ["slow"]}, "Invalid parameter type for 'caps[0]', expected: object"),
-    ({"nested": {"inner": {"leaf": 1}}},
-     "Invalid parameter type for 'nested.inner.leaf', expected: string"),
-    ({"nested": {"inner": {}}}, "Parameter 'nested.inner.leaf' is missing"),
-    ({"nested": {"inner": {"leaf": ""}, "opt": "1"}},
-     "Invalid parameter type for 'nested.opt', expected: integer"),
-])
-def test_typed_argument_errors(connect: Callable[..., RawClient], arguments: dict[str, Any],
-                               desc: str) -> None:
+@pytest.mark.parametrize(
+    "arguments, desc",
+    [
+        ({"s": 1}, "Invalid parameter type for 's', expected: string"),
+        ({"f": "1"}, "Invalid parameter type for 'f', expected: number"),
+        ({"f": False}, "Invalid parameter type for 'f', expected: number"),
+        ({"b": 0}, "Invalid parameter type for 'b', expected: boolean"),
+        ({"o": []}, "Invalid parameter type for 'o', expected: object"),
+        ({"a": {}}, "Invalid parameter type for 'a', expected: array"),
+        ({"speed": 1}, "Invalid parameter type for 'speed', expected: string"),
+        ({"speed": "medium"}, "Parameter 'speed' does not accept value 'medium'"),
+        ({"ints": [1, "2"]}, "Invalid parameter type for 'ints[1]', expected: integer"),
+        (
+            {"caps": [{"capability": "slow", "state": True}, {"capability": "slow"}]},
+            "Parameter 'caps[1].state' is missing",
+        ),
+        (
+            {"caps": [{"capability": "slow", "state": True, "x": 1}]},
+            "Parameter 'caps[0].x' is unexpected",
+        ),
+        ({"caps": ["slow"]}, "Invalid parameter type for 'caps[0]', expected: object"),
+        (
+            {"nested": {"inner": {"leaf": 1}}},
+            "Invalid parameter type for 'nested.inner.leaf', expected: string",
+        ),
+        ({"nested": {"inner": {}}}, "Parameter 'nested.inner.leaf' is missing"),
+        (
+            {"nested": {"inner": {"leaf": ""}, "opt": "1"}},
+            "Invalid parameter type for 'nested.opt', expected: integer",
+        ),
+    ],
+)
+def test_typed_argument_errors(
+    connect: Callable[..., RawClient], arguments: dict[str, Any], desc: str
+) -> None:
     assert connect().execute("types", arguments) == error(desc)
 
 
 def test_handler_gets_checked_and_converted_arguments(sock_path: str) -> None:
     received: list[dict[str, Any]] = []
     with QmpServer(sock_path) as srv:
-        srv.register("take", lambda args: received.append(args), args={
-            "f": float, "speed": Speed, "caps": [{"capability": Speed, "state": bool}],
-            "big": int, "neg": int, "any?": object, "absent?": str})
+        srv.register(
+            "take",
+            lambda args: received.append(args),
+            args={
+                "f": float,
+                "speed": Speed,
+                "caps": [{"capability": Speed, "state": bool}],
+                "big": int,
+                "neg": int,
+                "any?": object,
+                "absent?": str,
+            },
+        )
         client = RawClient(sock_path)
         try:
-            reply = client.execute("take", {
-                "f": 3, "speed": "fast", "caps": [{"capability": "slow", "state": False}],
-                "big": (1 << 64) - 1, "neg": -(1 << 63), "any": [None, {"k": 1.5}]})
+            reply = client.execute(
+                "take",
+                {
+                    "f": 3,
+                    "speed": "fast",
+                    "caps": [{"capability": "slow", "state": False}],
+                    "big": (1 << 64) - 1,
+                    "neg": -(1 << 63),
+                    "any": [None, {"k": 1.5}],
+                },
+            )
         finally:
             client.close()
     assert reply == {"return": {}}
     (args,) = received
-    assert args == {"f": 3.0, "speed": Speed.FAST,
-                    "caps": [{"capability": Speed.SLOW, "state": False}],
-                    "big": (1 << 64) - 1, "neg": -(1 << 63), "any": [None, {"k": 1.5}]}
+    assert args == {
+        "f": 3.0,
+        "speed": Speed.FAST,
+        "caps": [{"capability": Speed.SLOW, "state": False}],
+        "big": (1 << 64) - 1,
+        "neg": -(1 << 63),
+        "any": [None, {"k": 1.5}],
+    }
     assert isinstance(args["f"], float)
     assert args["speed"] is Speed.FAST
 
@@ -505,17 +607,19 @@ def test_handler_errors_become_qmp_errors(connect: Callable[..., RawClient]) -> 
     assert client.execute("boom", id=1) == error("the handler broke", id=1)
     assert client.execute("device-missing") == error("Device 'x' not found", "DeviceNotFound")
     assert client.execute("not-json")["error"]["desc"].startswith(
-        "command not-json returned a value that is not JSON")
+        "command not-json returned a value that is not JSON"
+    )
     assert client.execute("nan")["error"]["desc"].startswith(
-        "command nan returned a value that is not JSON")
-    assert client.execute("no-such") == error("The command no-such has not been found",
-                                              "CommandNotFound")
+        "command nan returned a value that is not JSON"
+    )
+    assert client.execute("no-such") == error(
+        "The command no-such has not been found", "CommandNotFound"
+    )
     assert client.execute("nothing") == {"return": {}}
 
 
 def test_qmp_error_accepts_only_qemu_classes() -> None:
-    assert QmpError("x", "DeviceNotActive").to_json() == {"class": "DeviceNotActive",
-                                                         "desc": "x"}
+    assert QmpError("x", "DeviceNotActive").to_json() == {"class": "DeviceNotActive", "desc": "x"}
     with pytest.raises(ValueError, match="unknown QMP error class"):
         QmpError("x", "MadeUpError")
 
@@ -548,7 +652,8 @@ def test_registration_api_refuses_mistakes(server: QmpServer) -> None:
 
 
 def test_commands_registered_while_running_are_served(
-        server: QmpServer, connect: Callable[..., RawClient]) -> None:
+    server: QmpServer, connect: Callable[..., RawClient]
+) -> None:
     client = connect()
     assert client.execute("late")["error"]["class"] == "CommandNotFound"
     server.register("late", lambda args: "here")
@@ -558,8 +663,9 @@ def test_commands_registered_while_running_are_served(
 # ------------------------------------------------------------------------------ threads
 
 
-def test_event_from_other_threads_arrive_in_order(server: QmpServer,
-                                                 connect: Callable[..., RawClient]) -> None:
+def test_event_from_other_threads_arrive_in_order(
+    server: QmpServer, connect: Callable[..., RawClient]
+) -> None:
     client = connect()
     per_thread = 200
 
@@ -582,8 +688,9 @@ def test_event_from_other_threads_arrive_in_order(server: QmpServer,
     assert all(seqs == list(range(per_thread)) for seqs in seen.values())
 
 
-def test_event_without_data_has_no_data_member(server: QmpServer,
-                                               connect: Callable[..., RawClient]) -> None:
+def test_event_without_data_has_no_data_member(
+    server: QmpServer, connect: Callable[..., RawClient]
+) -> None:
     client = connect()
     server.emit_event("STOP")
     event = client.recv()
@@ -592,16 +699,16 @@ def test_event_without_data_has_no_data_member(server: QmpServer,
         server.emit_event("BAD", {"x": object()})
 
 
-def test_event_emitted_by_a_handler_precedes_its_reply(
-        connect: Callable[..., RawClient]) -> None:
+def test_event_emitted_by_a_handler_precedes_its_reply(connect: Callable[..., RawClient]) -> None:
     client = connect()
     client.send({"execute": "emit", "id": 1})
     assert client.recv()["event"] == "FROM_HANDLER"
     assert client.recv() == {"return": {}, "id": 1}
 
 
-def test_two_clients_one_blocked_in_a_handler(server: QmpServer, gate: Gate,
-                                              connect: Callable[..., RawClient]) -> None:
+def test_two_clients_one_blocked_in_a_handler(
+    server: QmpServer, gate: Gate, connect: Callable[..., RawClient]
+) -> None:
     first, second = connect(), connect()
     first.send({"execute": "wait", "id": "a"})
     assert gate.entered.wait(10)
@@ -613,8 +720,9 @@ def test_two_clients_one_blocked_in_a_handler(server: QmpServer, gate: Gate,
     assert first.recv() == {"return": "released", "id": "a"}
 
 
-def test_client_disconnecting_mid_command(server: QmpServer, gate: Gate,
-                                          connect: Callable[..., RawClient]) -> None:
+def test_client_disconnecting_mid_command(
+    server: QmpServer, gate: Gate, connect: Callable[..., RawClient]
+) -> None:
     leaver = connect()
     leaver.send({"execute": "wait"})
     assert gate.entered.wait(10)
@@ -693,8 +801,8 @@ def test_regular_file_at_the_path_is_not_removed(sock_path: str) -> None:
 
 @pytest.mark.timeout(30)
 def test_close_with_clients_connected_and_a_handler_running(
-        server: QmpServer, gate: Gate, connect: Callable[..., RawClient],
-        sock_path: str) -> None:
+    server: QmpServer, gate: Gate, connect: Callable[..., RawClient], sock_path: str
+) -> None:
     idle, busy = connect(), connect(negotiate=False)
     busy.execute("qmp_capabilities")
     busy.send({"execute": "wait"})
@@ -706,9 +814,9 @@ def test_close_with_clients_connected_and_a_handler_running(
     wait_until(lambda: server.client_count == 0)
 
 
-def test_quit_replies_then_calls_back_and_may_close(server: QmpServer,
-                                                    connect: Callable[..., RawClient],
-                                                    sock_path: str) -> None:
+def test_quit_replies_then_calls_back_and_may_close(
+    server: QmpServer, connect: Callable[..., RawClient], sock_path: str
+) -> None:
     called = threading.Event()
 
     def shut_down() -> None:
@@ -742,8 +850,9 @@ def test_asyncio_qmp_client(server: QmpServer, sock_path: str) -> None:
             assert info.value.error_class == "GenericError"
             assert str(info.value) == "Invalid parameter type for 'x', expected: integer"
             with qmp.listener("MIGRATION") as listener:
-                emitter = threading.Thread(target=server.emit_event,
-                                           args=("MIGRATION", {"status": "active"}))
+                emitter = threading.Thread(
+                    target=server.emit_event, args=("MIGRATION", {"status": "active"})
+                )
                 emitter.start()
                 event = await asyncio.wait_for(listener.get(), 10)
                 emitter.join()
@@ -766,7 +875,8 @@ def test_legacy_sync_client(server: QmpServer, sock_path: str) -> None:
         assert greeting["QMP"]["version"]["package"] == "postcopy 0.1.0"
         assert qmp.cmd("echo", x=9) == {"x": 9}
         assert qmp.cmd_raw("echo", {"x": "no"}) == error(
-            "Invalid parameter type for 'x', expected: integer")
+            "Invalid parameter type for 'x', expected: integer"
+        )
         with pytest.raises(ExecuteError):
             qmp.cmd("boom")
         threading.Thread(target=server.emit_event, args=("STOP",)).start()
@@ -779,12 +889,19 @@ def test_legacy_sync_client(server: QmpServer, sock_path: str) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists(QMP_SHELL), reason="qmp-shell not installed")
-def test_qmp_shell_runs_commands_from_stdin(server: QmpServer, sock_path: str,
-                                            sock_dir: str) -> None:
+def test_qmp_shell_runs_commands_from_stdin(
+    server: QmpServer, sock_path: str, sock_dir: str
+) -> None:
     # HOME points at a scratch dir: qmp-shell writes ~/.qmp-shell_history.
     env = dict(os.environ, HOME=sock_dir)
-    result = subprocess.run([QMP_SHELL, sock_path], input="echo x=5 y=hi\nbogus\n",
-                            capture_output=True, text=True, timeout=30, env=env)
+    result = subprocess.run(
+        [QMP_SHELL, sock_path],
+        input="echo x=5 y=hi\nbogus\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "Connected to QEMU 7.2.0" in result.stdout
     assert '{"return": {"x": 5, "y": "hi"}}' in result.stdout

@@ -34,8 +34,8 @@ def test_split_runs_cover_the_same_pages(bits: list[bool], max_length: int) -> N
     assert (lengths > 0).all()
     rebuilt = np.zeros(len(bits), dtype=np.bool_)
     for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-        assert not rebuilt[start:start + length].any()
-        rebuilt[start:start + length] = True
+        assert not rebuilt[start : start + length].any()
+        rebuilt[start : start + length] = True
     assert rebuilt.tolist() == bits
 
 

@@ -122,9 +122,7 @@ def test_key_on_source_only_is_refused_on_both_ends(
         assert "the destination has none" in str(outcome)
 
 
-def test_listener_keeps_serving_after_a_refusal(
-    pool: ThreadPoolExecutor, closing: Closing
-) -> None:
+def test_listener_keeps_serving_after_a_refusal(pool: ThreadPoolExecutor, closing: Closing) -> None:
     listener = listen("tcp:127.0.0.1:0", auth=KEY)
     closing.append(listener)
     refused = pool.submit(listener.accept, 10)

@@ -29,8 +29,10 @@ from postcopy.transport import (
 
 pytestmark = [
     pytest.mark.timeout(60),
-    pytest.mark.skipif(shutil.which("openssl") is None,
-                       reason="the openssl command is needed to make test certificates"),
+    pytest.mark.skipif(
+        shutil.which("openssl") is None,
+        reason="the openssl command is needed to make test certificates",
+    ),
 ]
 
 MiB = 1 << 20
@@ -51,24 +53,69 @@ def openssl(*args: str | Path, cwd: Path) -> None:
 
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}",
-            "-days", "2", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-subj",
+        f"/CN={name}",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
     return directory / f"{name}.pem", directory / f"{name}.key"
 
 
 def make_leaf(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> None:
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-            cwd=directory)
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=directory,
+    )
     (directory / f"{name}.ext").write_text(
         extensions + "\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
     )
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", ca[0], "-CAkey", ca[1],
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
-            "-extfile", f"{name}.ext", cwd=directory)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        ca[0],
+        "-CAkey",
+        ca[1],
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        cwd=directory,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +123,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     ca = make_ca(directory, "test-ca")
     other_ca = make_ca(directory, "other-ca")
-    make_leaf(directory, "server", ca,
-              "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nextendedKeyUsage=serverAuth")
+    make_leaf(
+        directory,
+        "server",
+        ca,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nextendedKeyUsage=serverAuth",
+    )
     make_leaf(directory, "client", ca, "extendedKeyUsage=clientAuth")
-    return Pki(ca[0], directory / "server.pem", directory / "server.key",
-               directory / "client.pem", directory / "client.key", other_ca[0])
+    return Pki(
+        ca[0],
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "client.pem",
+        directory / "client.key",
+        other_ca[0],
+    )
 
 
 @pytest.fixture
@@ -132,8 +189,9 @@ def server(pki: Pki, **options: object) -> TlsServerConfig:
 def test_tls_with_the_right_ca_carries_data(
     uri: str, pki: Pki, pool: ThreadPoolExecutor, closing: Closing
 ) -> None:
-    source, destination = attempt(uri, pool, closing, server_tls=server(pki),
-                                  client_tls=TlsClientConfig(pki.ca))
+    source, destination = attempt(
+        uri, pool, closing, server_tls=server(pki), client_tls=TlsClientConfig(pki.ca)
+    )
     assert isinstance(source, Connection) and isinstance(destination, Connection)
     assert source.tls and destination.tls
     assert not destination.authenticated  # TLS alone proves the server, not the source
@@ -153,8 +211,13 @@ def test_tls_with_the_right_ca_carries_data(
 def test_tls_with_the_wrong_ca_is_refused(
     pki: Pki, pool: ThreadPoolExecutor, closing: Closing
 ) -> None:
-    source, destination = attempt("tcp:127.0.0.1:0", pool, closing, server_tls=server(pki),
-                                  client_tls=TlsClientConfig(pki.other_ca))
+    source, destination = attempt(
+        "tcp:127.0.0.1:0",
+        pool,
+        closing,
+        server_tls=server(pki),
+        client_tls=TlsClientConfig(pki.other_ca),
+    )
     assert isinstance(source, TlsError), source
     assert "certificate verify failed" in str(source)
     assert isinstance(destination, TlsError), destination
@@ -162,7 +225,10 @@ def test_tls_with_the_wrong_ca_is_refused(
 
 def test_tls_checks_the_host_name(pki: Pki, pool: ThreadPoolExecutor, closing: Closing) -> None:
     source, destination = attempt(
-        "tcp:127.0.0.1:0", pool, closing, server_tls=server(pki),
+        "tcp:127.0.0.1:0",
+        pool,
+        closing,
+        server_tls=server(pki),
         client_tls=TlsClientConfig(pki.ca, server_hostname="migration.example.org"),
     )
     assert isinstance(source, TlsError) and "certificate verify failed" in str(source)
@@ -172,8 +238,9 @@ def test_tls_checks_the_host_name(pki: Pki, pool: ThreadPoolExecutor, closing: C
 def test_plain_source_is_told_that_tls_is_required(
     pki: Pki, pool: ThreadPoolExecutor, closing: Closing
 ) -> None:
-    source, destination = attempt("tcp:127.0.0.1:0", pool, closing, server_tls=server(pki),
-                                  client_tls=None)
+    source, destination = attempt(
+        "tcp:127.0.0.1:0", pool, closing, server_tls=server(pki), client_tls=None
+    )
     assert isinstance(source, TlsError) and "destination requires TLS" in str(source)
     assert isinstance(destination, TlsError) and "destination requires TLS" in str(destination)
 
@@ -181,8 +248,9 @@ def test_plain_source_is_told_that_tls_is_required(
 def test_tls_source_to_plain_destination_fails_on_both_ends(
     pki: Pki, pool: ThreadPoolExecutor, closing: Closing
 ) -> None:
-    source, destination = attempt("tcp:127.0.0.1:0", pool, closing, server_tls=None,
-                                  client_tls=TlsClientConfig(pki.ca))
+    source, destination = attempt(
+        "tcp:127.0.0.1:0", pool, closing, server_tls=None, client_tls=TlsClientConfig(pki.ca)
+    )
     assert isinstance(source, TlsError), source
     assert isinstance(destination, TlsError), destination
     assert "not configured for TLS" in str(destination)
@@ -193,14 +261,18 @@ def test_client_certificate_verification(
 ) -> None:
     verifying = server(pki, cafile=pki.ca, verify_client=True)
     source, destination = attempt(
-        "tcp:127.0.0.1:0", pool, closing, server_tls=verifying,
+        "tcp:127.0.0.1:0",
+        pool,
+        closing,
+        server_tls=verifying,
         client_tls=TlsClientConfig(pki.ca, certfile=pki.client_cert, keyfile=pki.client_key),
     )
     assert isinstance(source, Connection) and isinstance(destination, Connection)
     assert destination.authenticated
 
-    source, destination = attempt("tcp:127.0.0.1:0", pool, closing, server_tls=verifying,
-                                  client_tls=TlsClientConfig(pki.ca))
+    source, destination = attempt(
+        "tcp:127.0.0.1:0", pool, closing, server_tls=verifying, client_tls=TlsClientConfig(pki.ca)
+    )
     assert isinstance(source, TlsError), source
     assert isinstance(destination, TlsError), destination
 
@@ -217,8 +289,14 @@ def test_verified_clients_allow_listening_without_a_key(pki: Pki) -> None:
 
 def test_tls_and_key_together(pki: Pki, pool: ThreadPoolExecutor, closing: Closing) -> None:
     key = AuthConfig.generate()
-    source, destination = attempt("tcp:127.0.0.1:0", pool, closing, server_tls=server(pki),
-                                  client_tls=TlsClientConfig(pki.ca), auth=key)
+    source, destination = attempt(
+        "tcp:127.0.0.1:0",
+        pool,
+        closing,
+        server_tls=server(pki),
+        client_tls=TlsClientConfig(pki.ca),
+        auth=key,
+    )
     assert isinstance(source, Connection) and isinstance(destination, Connection)
     assert source.tls and source.authenticated and destination.authenticated
 
@@ -236,8 +314,13 @@ def test_tls_over_unix_socket_needs_a_server_name(
     uri = f"unix:{os.path.relpath(tmp_path / 't.sock')}"
     with pytest.raises(TlsConfigError, match="server_hostname"):
         connect(uri, tls=TlsClientConfig(pki.ca))
-    source, destination = attempt(uri, pool, closing, server_tls=server(pki),
-                                  client_tls=TlsClientConfig(pki.ca, server_hostname="localhost"))
+    source, destination = attempt(
+        uri,
+        pool,
+        closing,
+        server_tls=server(pki),
+        client_tls=TlsClientConfig(pki.ca, server_hostname="localhost"),
+    )
     assert isinstance(source, Connection) and isinstance(destination, Connection)
     source.send_all([b"over unix"])
     assert destination.recv_exact(9) == b"over unix"

@@ -57,7 +57,9 @@ def test_committed_images_are_a_reproducible_build(tmp_path: Path) -> None:
         pytest.skip(f"binutils tools not installed: {', '.join(missing)}")
     subprocess.run(
         ["sh", str(GUEST_SOURCES / "build.sh"), str(tmp_path)],
-        check=True, capture_output=True, timeout=60,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     for name in GUESTS:
         rebuilt = (tmp_path / f"{name}.bin").read_bytes()
@@ -113,7 +115,8 @@ def test_params_block_is_little_endian_u64() -> None:
 def test_parse_guest_spec() -> None:
     assert guests.parse_guest_spec("memtouch") == ("memtouch", [0])
     assert guests.parse_guest_spec("randwrite:working_set_ppm=50_000, seed=0x10") == (
-        "randwrite", [50_000, 16, 0]
+        "randwrite",
+        [50_000, 16, 0],
     )
     with pytest.raises(ValueError, match="key=value"):
         guests.parse_guest_spec("scan:passes")
@@ -149,7 +152,9 @@ def memtouch_ram(ram_size: int, vcpus: int, values: list[tuple[int, int, int]]) 
 def test_memtouch_shares_split_pages_and_give_the_rest_to_the_last() -> None:
     ram_size = USABLE_BASE + 10 * PAGE
     assert memtouch_shares(ram_size, 3) == [
-        (USABLE_BASE, 3), (USABLE_BASE + 3 * PAGE, 3), (USABLE_BASE + 6 * PAGE, 4)
+        (USABLE_BASE, 3),
+        (USABLE_BASE + 3 * PAGE, 3),
+        (USABLE_BASE + 6 * PAGE, 4),
     ]
     assert memtouch_shares(USABLE_BASE, 2) == [(USABLE_BASE, 0), (USABLE_BASE, 0)]
 
@@ -209,8 +214,9 @@ def randwrite_ram(ram_size: int, ppm: int, vcpus: int, writes: int, seed: int = 
     return ram
 
 
-@given(st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=50),
-       st.integers(1, (1 << 32) - 1))
+@given(
+    st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=50), st.integers(1, (1 << 32) - 1)
+)
 def test_multiply_high_is_exact(values: list[int], factor: int) -> None:
     array = np.array(values, dtype=np.uint64)
     expected = [(value * factor) >> 64 for value in values]
@@ -373,12 +379,22 @@ def run_guest() -> Iterator[Callable[..., GuestRun]]:
         pytest.skip("/dev/kvm is missing or not accessible")
     runs: list[GuestRun] = []
 
-    def start(name: str, vcpus: int, params: list[int], ram_size: int = VM_RAM,
-              prefill: Callable[[memoryview], None] | None = None,
-              before_start: Callable[[Any], None] | None = None) -> GuestRun:
+    def start(
+        name: str,
+        vcpus: int,
+        params: list[int],
+        ram_size: int = VM_RAM,
+        prefill: Callable[[memoryview], None] | None = None,
+        before_start: Callable[[Any], None] | None = None,
+    ) -> GuestRun:
         run = GuestRun(None, name, params)
-        run.vm = MicroVM(ram_size=ram_size, vcpus=vcpus, image=load_guest_image(name),
-                         params=params, console=run.on_console)
+        run.vm = MicroVM(
+            ram_size=ram_size,
+            vcpus=vcpus,
+            image=load_guest_image(name),
+            params=params,
+            console=run.on_console,
+        )
         runs.append(run)
         if prefill is not None:
             prefill(run.ram)  # before the first KVM_RUN: all of RAM is plain memory
@@ -396,8 +412,9 @@ def run_guest() -> Iterator[Callable[..., GuestRun]]:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_memtouch_runs_its_passes_and_verifies(run_guest: Callable[..., GuestRun],
-                                               vcpus: int) -> None:
+def test_memtouch_runs_its_passes_and_verifies(
+    run_guest: Callable[..., GuestRun], vcpus: int
+) -> None:
     run = run_guest("memtouch", vcpus, guests.pack_params("memtouch", passes=3))
     run.wait_done()
     assert run.console.count(b"A") == vcpus
@@ -410,8 +427,7 @@ def test_memtouch_runs_its_passes_and_verifies(run_guest: Callable[..., GuestRun
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_memtouch_stopped_mid_pass_verifies(run_guest: Callable[..., GuestRun],
-                                            vcpus: int) -> None:
+def test_memtouch_stopped_mid_pass_verifies(run_guest: Callable[..., GuestRun], vcpus: int) -> None:
     run = run_guest("memtouch", vcpus, guests.pack_params("memtouch", passes=0))
     digests = []
     for round_ in range(3):
@@ -432,8 +448,15 @@ def test_guest_and_vm_layout_agree() -> None:
         from postcopy.vm import layout
     except ImportError as error:
         pytest.skip(f"the micro-VM is not available: {error}")
-    for name in ("IMAGE_LOAD_ADDRESS", "IMAGE_MAX_BYTES", "PARAMS_ADDRESS", "PARAMS_MAX",
-                 "USABLE_BASE", "CONSOLE_PORT", "DONE_PORT"):
+    for name in (
+        "IMAGE_LOAD_ADDRESS",
+        "IMAGE_MAX_BYTES",
+        "PARAMS_ADDRESS",
+        "PARAMS_MAX",
+        "USABLE_BASE",
+        "CONSOLE_PORT",
+        "DONE_PORT",
+    ):
         assert getattr(guests, name) == getattr(layout, name), name
     assert guests.GUEST_PAGE_SIZE == layout.PAGE_SIZE
 
@@ -446,13 +469,13 @@ def randwrite_written_pages(ram: memoryview, ram_size: int) -> npt.NDArray[np.bo
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_randwrite_dirties_only_its_working_set(run_guest: Callable[..., GuestRun],
-                                                vcpus: int) -> None:
+def test_randwrite_dirties_only_its_working_set(
+    run_guest: Callable[..., GuestRun], vcpus: int
+) -> None:
     ppm = 50_000
     writes = 3 << 20
     params = guests.pack_params("randwrite", working_set_ppm=ppm, seed=99, writes=writes)
-    run = run_guest("randwrite", vcpus, params,
-                    before_start=lambda vm: vm.start_dirty_log())
+    run = run_guest("randwrite", vcpus, params, before_start=lambda vm: vm.start_dirty_log())
     run.wait_done()
     dirty = run.vm.sync_dirty_log()["pc.ram"]
     run.vm.stop_dirty_log()
@@ -473,7 +496,8 @@ def test_randwrite_dirties_only_its_working_set(run_guest: Callable[..., GuestRu
     assert np.array_equal(dirty[first:], written[first:])
     image_pages = -(-len(load_guest_image("randwrite")) // PAGE)
     readable = {guests.PARAMS_ADDRESS // PAGE} | {
-        guests.IMAGE_LOAD_ADDRESS // PAGE + page for page in range(image_pages)}
+        guests.IMAGE_LOAD_ADDRESS // PAGE + page for page in range(image_pages)
+    }
     assert set(np.flatnonzero(dirty[:first]).tolist()) <= readable
 
 
@@ -499,8 +523,7 @@ def test_randwrite_stores_exactly_its_sequence(run_guest: Callable[..., GuestRun
 def test_scan_reports_the_host_checksum_and_writes_nothing(
     run_guest: Callable[..., GuestRun], vcpus: int
 ) -> None:
-    pattern = np.random.default_rng(vcpus).integers(
-        0, 256, VM_RAM - USABLE_BASE, dtype=np.uint8)
+    pattern = np.random.default_rng(vcpus).integers(0, 256, VM_RAM - USABLE_BASE, dtype=np.uint8)
     checksum_before: list[int] = []
     digest_before: list[str] = []
 
@@ -522,8 +545,9 @@ def test_scan_reports_the_host_checksum_and_writes_nothing(
     ("name", "params", "marker_count"),
     [("memtouch", [1], 2), ("randwrite", [1_000_000, 0, 1 << 20], 2), ("scan", [1], 1)],
 )
-def test_guests_run_in_the_smallest_vm(run_guest: Callable[..., GuestRun], name: str,
-                                       params: list[int], marker_count: int) -> None:
+def test_guests_run_in_the_smallest_vm(
+    run_guest: Callable[..., GuestRun], name: str, params: list[int], marker_count: int
+) -> None:
     run = run_guest(name, 2, params, ram_size=2 * MiB)
     run.wait_done()
     assert guests.pass_count(name, run.console) == marker_count

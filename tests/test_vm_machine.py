@@ -34,9 +34,31 @@ RAM = 16 << 20
 #           inc %r13; test %r12,%r12; je loop; cmp %r12,%r13; jb loop
 #   done:   mov $0x501,%dx; out %al,(%dx); jmp done
 COUNTER = bytes.fromhex(
-    "4889f3" "48c1e30c" "4881c300001000" "48897308" "48895310" "4c8b21" "4d31ed" "4189f1"
-    "4183c130" "4d31c0" "49ffc0" "4c8903" "41f7c0ffffff00" "75f1" "66baf803" "4489c8" "ee"
-    "49ffc5" "4d85e4" "74e1" "4d39e5" "72dc" "66ba0105" "ee" "ebf9"
+    "4889f3"
+    "48c1e30c"
+    "4881c300001000"
+    "48897308"
+    "48895310"
+    "4c8b21"
+    "4d31ed"
+    "4189f1"
+    "4183c130"
+    "4d31c0"
+    "49ffc0"
+    "4c8903"
+    "41f7c0ffffff00"
+    "75f1"
+    "66baf803"
+    "4489c8"
+    "ee"
+    "49ffc5"
+    "4d85e4"
+    "74e1"
+    "4d39e5"
+    "72dc"
+    "66ba0105"
+    "ee"
+    "ebf9"
 )
 COUNTS_PER_PRINT = 1 << 24
 HLT = b"\xf4"  # #GP at CPL3; with no IDT a triple fault
@@ -205,12 +227,14 @@ def test_state_and_ram_move_to_an_incoming_vm_which_continues(make_vm: VmFactory
     assert destination.status == "paused"
     assert destination.console_bytes == source.console_bytes
     destination.cont()
-    wait_until(lambda: all(read_u64(destination, vcpu_page(i)) > counts[i] + COUNTS_PER_PRINT
-                           for i in range(2)))
+    wait_until(
+        lambda: all(
+            read_u64(destination, vcpu_page(i)) > counts[i] + COUNTS_PER_PRINT for i in range(2)
+        )
+    )
     destination.stop()
     after = destination.save_state()
-    assert all(cpu["regs"]["r8"] > count for cpu, count in zip(after["cpus"], counts,
-                                                               strict=True))
+    assert all(cpu["regs"]["r8"] > count for cpu, count in zip(after["cpus"], counts, strict=True))
     assert set(recorder.output()) == {ord("0"), ord("1")}
     assert [read_u64(source, vcpu_page(i)) for i in range(2)] == stored  # source stayed put
     with pytest.raises(RuntimeError):
@@ -219,8 +243,7 @@ def test_state_and_ram_move_to_an_incoming_vm_which_continues(make_vm: VmFactory
 
 def test_a_cpl0_guest_runs_at_cpl0_and_stays_there_after_a_move(make_vm: VmFactory) -> None:
     memtouch = GUESTS["memtouch"]
-    source, source_recorder = make_vm(cpl=0, image=memtouch.image,
-                                      params=memtouch.default_params)
+    source, source_recorder = make_vm(cpl=0, image=memtouch.image, params=memtouch.default_params)
     source.cont()
     # emulated on this host (~1 s per GiB pass): slower, but it runs
     wait_until(lambda: source_recorder.output().count(b"B") >= 2)
@@ -337,12 +360,23 @@ def test_close_ends_every_thread_and_is_idempotent() -> None:
         vm.cont()
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"ram_size": 3 << 20}, {"ram_size": 1 << 20}, {"ram_size": 13 << 30},
-    {"vcpus": 0}, {"vcpus": 33}, {"image": None}, {"image": b""},
-    {"image": b"\x90" * (layout.IMAGE_MAX_BYTES + 1)}, {"params": [-1]},
-    {"params": [0] * 513}, {"cpl": 1}, {"cpl": 2},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ram_size": 3 << 20},
+        {"ram_size": 1 << 20},
+        {"ram_size": 13 << 30},
+        {"vcpus": 0},
+        {"vcpus": 33},
+        {"image": None},
+        {"image": b""},
+        {"image": b"\x90" * (layout.IMAGE_MAX_BYTES + 1)},
+        {"params": [-1]},
+        {"params": [0] * 513},
+        {"cpl": 1},
+        {"cpl": 2},
+    ],
+)
 def test_bad_configurations_are_refused(kwargs: dict[str, Any]) -> None:
     arguments: dict[str, Any] = {"ram_size": RAM, "image": COUNTER, **kwargs}
     with pytest.raises(ValueError):
@@ -402,8 +436,7 @@ def postcopy_destination(make_vm: VmFactory) -> Iterator[tuple[MicroVM, MicroVM,
 
 
 def place(source: MicroVM, destination: MicroVM, uffd: Any, start: int, length: int) -> None:
-    uffd.copy(destination.ram[0].host_address + start, source.ram[0].host_address + start,
-              length)
+    uffd.copy(destination.ram[0].host_address + start, source.ram[0].host_address + start, length)
 
 
 def next_fault_offset(destination: MicroVM, uffd: Any) -> int:
@@ -415,7 +448,8 @@ def next_fault_offset(destination: MicroVM, uffd: Any) -> int:
 
 
 def test_stop_kicks_a_vcpu_waiting_for_a_missing_data_page(
-        postcopy_destination: tuple[MicroVM, MicroVM, Any]) -> None:
+    postcopy_destination: tuple[MicroVM, MicroVM, Any],
+) -> None:
     source, destination, uffd = postcopy_destination
     place(source, destination, uffd, 0, layout.USABLE_BASE)  # all but the guest's data
     destination.cont()
@@ -430,7 +464,8 @@ def test_stop_kicks_a_vcpu_waiting_for_a_missing_data_page(
 
 
 def test_stop_waits_for_a_missing_page_table_page(
-        postcopy_destination: tuple[MicroVM, MicroVM, Any]) -> None:
+    postcopy_destination: tuple[MicroVM, MicroVM, Any],
+) -> None:
     source, destination, uffd = postcopy_destination
     destination.cont()
     assert next_fault_offset(destination, uffd) < layout.IMAGE_LOAD_ADDRESS  # page tables

@@ -31,8 +31,18 @@ class VmProcess:
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.stderr_path = workdir / f"{name}.stderr"
         self.console_path = workdir / f"{name}.console"
-        command = [sys.executable, "-m", "postcopy", "vm", "run", "--qmp", self.qmp_path,
-                   "--console", str(self.console_path), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "postcopy",
+            "vm",
+            "run",
+            "--qmp",
+            self.qmp_path,
+            "--console",
+            str(self.console_path),
+            *args,
+        ]
         self._stderr = self.stderr_path.open("wb")
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._stderr)
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
@@ -69,8 +79,10 @@ class VmProcess:
             if info.get("status") in statuses:
                 return dict(info)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"migration still {info.get('status')} after {timeout} s: {info}"
-                                   f"\nstderr: {self.stderr()}")
+                raise TimeoutError(
+                    f"migration still {info.get('status')} after {timeout} s: {info}"
+                    f"\nstderr: {self.stderr()}"
+                )
             time.sleep(0.05)
 
     def close(self) -> None:

@@ -42,9 +42,21 @@ BANDWIDTH_UNLIMITED = 100 * 10**9  # bytes/s; QEMU 7.2's default of 128 MiB/s wo
 POLL_SECONDS = 0.005
 # The source's query-migrate ram fields worth keeping flat in the record.
 RAM_FIELDS = (
-    "transferred", "total", "remaining", "mbps", "duplicate", "normal", "normal-bytes",
-    "dirty-sync-count", "postcopy-requests", "precopy-bytes", "downtime-bytes",
-    "postcopy-bytes", "pages-per-second", "dirty-pages-rate", "multifd-bytes",
+    "transferred",
+    "total",
+    "remaining",
+    "mbps",
+    "duplicate",
+    "normal",
+    "normal-bytes",
+    "dirty-sync-count",
+    "postcopy-requests",
+    "precopy-bytes",
+    "downtime-bytes",
+    "postcopy-bytes",
+    "pages-per-second",
+    "dirty-pages-rate",
+    "multifd-bytes",
 )
 
 
@@ -207,15 +219,26 @@ class Options:
 def qemu_command(options: Options, vm: Vm, incoming: str | None) -> list[str]:
     command = [
         options.qemu,
-        "-name", vm.name,
-        "-machine", "pc,accel=kvm",
-        "-cpu", options.cpu,
-        "-m", str(options.ram_bytes // (1 << 20)),
-        "-smp", str(options.vcpus),
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-drive", f"file={options.image},format=raw,if=ide",
-        "-serial", f"file:{vm.serial}",
-        "-qmp", f"unix:{vm.qmp_path},server=on,wait=off",
+        "-name",
+        vm.name,
+        "-machine",
+        "pc,accel=kvm",
+        "-cpu",
+        options.cpu,
+        "-m",
+        str(options.ram_bytes // (1 << 20)),
+        "-smp",
+        str(options.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-drive",
+        f"file={options.image},format=raw,if=ide",
+        "-serial",
+        f"file:{vm.serial}",
+        "-qmp",
+        f"unix:{vm.qmp_path},server=on,wait=off",
         *options.extra,
     ]
     if incoming is not None:
@@ -265,9 +288,14 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
     destination = Vm("destination", directory)
     port = free_tcp_port()
     record: dict[str, Any] = {
-        "repetition": repetition, "ram_bytes": options.ram_bytes, "vcpus": options.vcpus,
-        "preempt": options.preempt, "qemu": options.qemu, "cpu": options.cpu,
-        "max_bandwidth": options.bandwidth, "load_before": os.getloadavg(),
+        "repetition": repetition,
+        "ram_bytes": options.ram_bytes,
+        "vcpus": options.vcpus,
+        "preempt": options.preempt,
+        "qemu": options.qemu,
+        "cpu": options.cpu,
+        "max_bandwidth": options.bandwidth,
+        "load_before": os.getloadavg(),
     }
     try:
         destination.start(qemu_command(options, destination, f"tcp:127.0.0.1:{port}"))
@@ -276,13 +304,22 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
         source.connect(30)
 
         boot_started = time.monotonic()
-        wait_for("the source guest's 'A'", lambda: source.serial.exists()
-                 and source.serial.stat().st_size > 0, options.timeout, source)
+        wait_for(
+            "the source guest's 'A'",
+            lambda: source.serial.exists() and source.serial.stat().st_size > 0,
+            options.timeout,
+            source,
+        )
         record["boot_seconds"] = round(time.monotonic() - boot_started, 3)
-        wait_for("the source guest's first pass", lambda: count_passes(source.serial) >= 1,
-                 options.timeout, source)
+        wait_for(
+            "the source guest's first pass",
+            lambda: count_passes(source.serial) >= 1,
+            options.timeout,
+            source,
+        )
         record["first_pass_seconds"] = round(
-            time.monotonic() - boot_started - record["boot_seconds"], 3)
+            time.monotonic() - boot_started - record["boot_seconds"], 3
+        )
         passes = sample_pass_times(source.serial, options.pass_sample_seconds)
         record["source_pass_ms"] = round(statistics.median(passes), 3) if passes else None
         record["source_pass_samples"] = len(passes)
@@ -291,8 +328,10 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
         if options.preempt:
             capabilities.append({"capability": "postcopy-preempt", "state": True})
         source.cmd("migrate-set-capabilities", capabilities=capabilities)
-        destination.cmd("migrate-set-capabilities", capabilities=[
-            *capabilities, {"capability": "postcopy-blocktime", "state": True}])
+        destination.cmd(
+            "migrate-set-capabilities",
+            capabilities=[*capabilities, {"capability": "postcopy-blocktime", "state": True}],
+        )
         source.cmd("migrate-set-parameters", **{"max-bandwidth": options.bandwidth})
 
         statuses: list[str] = []
@@ -335,9 +374,12 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
         if record["status"] != "completed":
             raise BenchError(f"source migration {record['status']}: {info.get('error-desc')}")
 
-        wait_for("the destination's completion",
-                 lambda: query_migrate(destination).get("status") in ("completed", "failed"),
-                 options.timeout, destination)
+        wait_for(
+            "the destination's completion",
+            lambda: query_migrate(destination).get("status") in ("completed", "failed"),
+            options.timeout,
+            destination,
+        )
         destination_info = query_migrate(destination)
         passes_after = count_passes(destination.serial)
         observe_until = time.monotonic() + options.observe_seconds
@@ -349,19 +391,22 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
         record["destination_running"] = destination.cmd("query-status").get("status")
 
         ram = info.get("ram", {})
-        record.update({
-            "total_time_ms": info.get("total-time"),
-            "downtime_ms": info.get("downtime"),
-            "setup_time_ms": info.get("setup-time"),
-            "postcopy": "postcopy-active" in statuses,
-            **{f"ram_{key.replace('-', '_')}": ram[key] for key in RAM_FIELDS if key in ram},
-            "destination_status": destination_info.get("status"),
-            "postcopy_blocktime_ms": destination_info.get("postcopy-blocktime"),
-            "postcopy_vcpu_blocktime_ms": destination_info.get("postcopy-vcpu-blocktime"),
-        })
+        record.update(
+            {
+                "total_time_ms": info.get("total-time"),
+                "downtime_ms": info.get("downtime"),
+                "setup_time_ms": info.get("setup-time"),
+                "postcopy": "postcopy-active" in statuses,
+                **{f"ram_{key.replace('-', '_')}": ram[key] for key in RAM_FIELDS if key in ram},
+                "destination_status": destination_info.get("status"),
+                "postcopy_blocktime_ms": destination_info.get("postcopy-blocktime"),
+                "postcopy_vcpu_blocktime_ms": destination_info.get("postcopy-vcpu-blocktime"),
+            }
+        )
         if record["total_time_ms"]:
             record["throughput_mb_s"] = round(
-                ram.get("transferred", 0) / (record["total_time_ms"] / 1000) / 1e6, 1)
+                ram.get("transferred", 0) / (record["total_time_ms"] / 1000) / 1e6, 1
+            )
         if "postcopy_active_at_ms" in record and record["total_time_ms"]:
             record["postcopy_phase_ms"] = record["wall_ms"] - record["postcopy_active_at_ms"]
         record["source_raw"] = info
@@ -381,11 +426,20 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
 
 def summarise(records: list[dict[str, Any]]) -> list[str]:
     good = [r for r in records if r.get("status") == "completed"]
-    lines = [f"# {len(good)}/{len(records)} repetitions completed"
-             f" ({sum(1 for r in good if r.get('postcopy'))} through postcopy)"]
-    keys = ("total_time_ms", "throughput_mb_s", "downtime_ms", "postcopy_blocktime_ms",
-            "postcopy_phase_ms", "ram_postcopy_requests", "source_pass_ms",
-            "destination_passes")
+    lines = [
+        f"# {len(good)}/{len(records)} repetitions completed"
+        f" ({sum(1 for r in good if r.get('postcopy'))} through postcopy)"
+    ]
+    keys = (
+        "total_time_ms",
+        "throughput_mb_s",
+        "downtime_ms",
+        "postcopy_blocktime_ms",
+        "postcopy_phase_ms",
+        "ram_postcopy_requests",
+        "source_pass_ms",
+        "destination_passes",
+    )
     for key in keys:
         values = []
         for record in good:
@@ -395,14 +449,17 @@ def summarise(records: list[dict[str, Any]]) -> list[str]:
             if isinstance(value, int | float):
                 values.append(value)
         if values:
-            lines.append(f"# {key:24} median {statistics.median(values):>10.1f}"
-                         f"  min {min(values):>10.1f}  max {max(values):>10.1f}")
+            lines.append(
+                f"# {key:24} median {statistics.median(values):>10.1f}"
+                f"  min {min(values):>10.1f}  max {max(values):>10.1f}"
+            )
     return lines
 
 
 @contextlib.contextmanager
 def cleanup_on_signals() -> Iterator[None]:
     """SIGINT/SIGTERM/SIGHUP: terminate our QEMUs by PID now, unwind at the next check."""
+
     def handler(signum: int, _frame: object) -> None:
         global interrupted_by
         interrupted_by = signum
@@ -422,25 +479,53 @@ def cleanup_on_signals() -> Iterator[None]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ram", default="1G", help="guest RAM: 1G, 4G, ... (default 1G)")
-    parser.add_argument("--vcpus", type=int, choices=(1, 2), default=1,
-                        help="vCPUs (the guest runs on the boot CPU only)")
+    parser.add_argument(
+        "--vcpus",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="vCPUs (the guest runs on the boot CPU only)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--preempt", action="store_true", help="postcopy-preempt on both sides")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
-    parser.add_argument("--guest", choices=("cpl3", "pm32"), default="cpl3",
-                        help="cpl3: 64-bit CPL3 guest (native under PVM, like ours); "
-                             "pm32: 32-bit CPL0 without paging (emulated under PVM)")
+    parser.add_argument(
+        "--guest",
+        choices=("cpl3", "pm32"),
+        default="cpl3",
+        help="cpl3: 64-bit CPL3 guest (native under PVM, like ours); "
+        "pm32: 32-bit CPL0 without paging (emulated under PVM)",
+    )
     parser.add_argument("--qemu", default="/usr/bin/qemu-system-x86_64")
-    parser.add_argument("--cpu", default="host,-arch-capabilities",
-                        help="-cpu (plain 'host' aborts here: KVM refuses MSR 0x10a)")
-    parser.add_argument("--max-bandwidth", type=int, default=BANDWIDTH_UNLIMITED,
-                        help="migrate-set-parameters max-bandwidth, bytes/s")
-    parser.add_argument("--pass-sample", type=float, default=3.0,
-                        help="seconds of timing the source guest's passes before migrating")
-    parser.add_argument("--observe", type=float, default=3.0,
-                        help="seconds of counting destination passes after completion")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds allowed for boot, first pass and the migration each")
+    parser.add_argument(
+        "--cpu",
+        default="host,-arch-capabilities",
+        help="-cpu (plain 'host' aborts here: KVM refuses MSR 0x10a)",
+    )
+    parser.add_argument(
+        "--max-bandwidth",
+        type=int,
+        default=BANDWIDTH_UNLIMITED,
+        help="migrate-set-parameters max-bandwidth, bytes/s",
+    )
+    parser.add_argument(
+        "--pass-sample",
+        type=float,
+        default=3.0,
+        help="seconds of timing the source guest's passes before migrating",
+    )
+    parser.add_argument(
+        "--observe",
+        type=float,
+        default=3.0,
+        help="seconds of counting destination passes after completion",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds allowed for boot, first pass and the migration each",
+    )
     args = parser.parse_args()
 
     ram_bytes = parse_size(args.ram)
@@ -449,10 +534,15 @@ def main() -> int:
     try:
         with cleanup_on_signals():
             options = Options(
-                ram_bytes=ram_bytes, vcpus=args.vcpus, preempt=args.preempt,
-                image=build_image(workdir, ram_bytes, args.guest), qemu=args.qemu,
-                cpu=args.cpu, bandwidth=args.max_bandwidth,
-                pass_sample_seconds=args.pass_sample, observe_seconds=args.observe,
+                ram_bytes=ram_bytes,
+                vcpus=args.vcpus,
+                preempt=args.preempt,
+                image=build_image(workdir, ram_bytes, args.guest),
+                qemu=args.qemu,
+                cpu=args.cpu,
+                bandwidth=args.max_bandwidth,
+                pass_sample_seconds=args.pass_sample,
+                observe_seconds=args.observe,
                 timeout=args.timeout,
             )
             for repetition in range(args.repeat):
@@ -465,8 +555,9 @@ def main() -> int:
                         out.write(line + "\n")
                 records.append(record)
     except Interrupted as interruption:
-        print(f"# interrupted ({interruption}); every QEMU started here is stopped",
-              file=sys.stderr)
+        print(
+            f"# interrupted ({interruption}); every QEMU started here is stopped", file=sys.stderr
+        )
         return 128 + (interrupted_by or 0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -61,8 +61,9 @@ def event_times(record: dict[str, Any], side: str) -> list[tuple[float, dict[str
 
 
 def _event_time(record: dict[str, Any], side: str, event: str) -> float | None:
-    return next((when for when, entry in event_times(record, side)
-                 if entry.get("event") == event), None)
+    return next(
+        (when for when, entry in event_times(record, side) if entry.get("event") == event), None
+    )
 
 
 def bulk_round(record: dict[str, Any]) -> tuple[int, float] | None:
@@ -86,8 +87,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
     latency = dst.get("x-request-latency") or {}
     total_ms = src.get("total-time")
     transferred = ram.get("transferred")
-    throughput = (transferred / (total_ms / 1000)
-                  if transferred is not None and total_ms else None)
+    throughput = transferred / (total_ms / 1000) if transferred is not None and total_ms else None
     downtime_us = src.get("x-downtime-us")
     if downtime_us is None and src.get("downtime") is not None:
         downtime_us = float(src["downtime"]) * 1000
@@ -108,13 +108,19 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "downtime_ms": src.get("downtime"),
         "downtime_us": downtime_us,
         "downtime_to_run_us": src.get("x-downtime-to-run-us"),
-        "stop_to_destination_run_us": (round((run_at - switchover) * 1e6, 1)
-                                       if run_at is not None and switchover is not None
-                                       else None),
+        "stop_to_destination_run_us": (
+            round((run_at - switchover) * 1e6, 1)
+            if run_at is not None and switchover is not None
+            else None
+        ),
         "switchover_at_ms": round(switchover * 1000, 1) if switchover is not None else None,
-        "postcopy_phase_ms": (round(total_ms - switchover * 1000, 1)
-                              if switchover is not None and total_ms is not None
-                              and src.get("ram", {}).get("postcopy-bytes") else None),
+        "postcopy_phase_ms": (
+            round(total_ms - switchover * 1000, 1)
+            if switchover is not None
+            and total_ms is not None
+            and src.get("ram", {}).get("postcopy-bytes")
+            else None
+        ),
         "discarded_pages": postcopy.get("discarded-pages"),
         "needed_pages_at_switchover": postcopy.get("needed-pages"),
         "rounds": src.get("x-rounds"),
@@ -125,8 +131,9 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "bulk_round_bytes_per_s": round(bulk[0] / bulk[1]) if bulk else None,
         # guest RAM covered per second: zero pages cross as markers, so for a sparse guest
         # this is far above the bytes on the wire
-        "bulk_round_ram_bytes_per_s": (round(int((record.get("scenario") or {}).get("ram") or 0)
-                                             / bulk[1]) if bulk else None),
+        "bulk_round_ram_bytes_per_s": (
+            round(int((record.get("scenario") or {}).get("ram") or 0) / bulk[1]) if bulk else None
+        ),
         "mbps": ram.get("mbps"),
         "precopy_bytes": ram.get("precopy-bytes"),
         "downtime_bytes": ram.get("downtime-bytes"),
@@ -174,15 +181,19 @@ def _cpu_figures(record: dict[str, Any], received: int | None) -> dict[str, Any]
         usage = cpu.get(side) or {}
         if not usage:
             continue
-        vcpus = {tid for tid, name in (usage.get("names") or {}).items()
-                 if name.startswith(("vcpu", "kvm"))}  # guest and KVM kernel threads
+        vcpus = {
+            tid
+            for tid, name in (usage.get("names") or {}).items()
+            if name.startswith(("vcpu", "kvm"))
+        }  # guest and KVM kernel threads
         migration = sum(s for tid, s in usage["threads"].items() if tid not in vcpus)
         found[f"{short}_cpu_seconds"] = usage.get("total")
         found[f"{short}_migration_cpu_seconds"] = round(migration, 3)
         found[f"{short}_vcpu_cpu_seconds"] = round(usage["total"] - migration, 3)
     if received and found.get("destination_migration_cpu_seconds"):
         found["destination_bytes_per_cpu_second"] = round(
-            received / found["destination_migration_cpu_seconds"])
+            received / found["destination_migration_cpu_seconds"]
+        )
     host = cpu.get("host") or {}
     found["host_busy_cores"] = host.get("busy_cores")
     found["host_other_processes_cores"] = host.get("others_cores")
@@ -197,21 +208,24 @@ def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         "throughput_vs_limit": _ratio(throughput, limits.get("throughput_limit")),
         "throughput_vs_line_rate": _ratio(throughput, limits.get("line_rate")),
         "throughput_vs_fill_rate": _ratio(throughput, limits.get("fill_rate")),
-        "bulk_round_vs_line_rate": _ratio(figures.get("bulk_round_bytes_per_s"),
-                                          limits.get("line_rate")),
+        "bulk_round_vs_line_rate": _ratio(
+            figures.get("bulk_round_bytes_per_s"), limits.get("line_rate")
+        ),
         "latency_p50_vs_fault_rtt": _ratio(latency, limits.get("fault_rtt_p50_us")),
         "latency_p50_vs_handler_rtt": _ratio(latency, limits.get("handler_rtt_p50_us")),
-        "latency_p50_vs_one_cpu_fault_rtt": _ratio(latency,
-                                                   limits.get("fault_rtt_one_cpu_p50_us")),
-        "latency_p99_vs_fault_rtt_p99": _ratio(figures["request_latency_p99_us"],
-                                               limits.get("fault_rtt_p99_us")),
+        "latency_p50_vs_one_cpu_fault_rtt": _ratio(latency, limits.get("fault_rtt_one_cpu_p50_us")),
+        "latency_p99_vs_fault_rtt_p99": _ratio(
+            figures["request_latency_p99_us"], limits.get("fault_rtt_p99_us")
+        ),
         "downtime_vs_target": _ratio(figures["downtime_us"], DOWNTIME_TARGET_US),
         "downtime_to_run_vs_target": _ratio(figures["downtime_to_run_us"], DOWNTIME_TARGET_US),
         "rss_overhead_vs_guest_ram": _ratio(figures["destination_overhead_bytes"], guest_ram),
-        "peak_rss_overhead_vs_guest_ram": _ratio(figures["destination_peak_overhead_bytes"],
-                                                 guest_ram),
-        "migration_overhead_vs_guest_ram": _ratio(figures["migration_memory_overhead_bytes"],
-                                                  guest_ram),
+        "peak_rss_overhead_vs_guest_ram": _ratio(
+            figures["destination_peak_overhead_bytes"], guest_ram
+        ),
+        "migration_overhead_vs_guest_ram": _ratio(
+            figures["migration_memory_overhead_bytes"], guest_ram
+        ),
     }
 
 

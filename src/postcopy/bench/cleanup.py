@@ -33,15 +33,25 @@ class Cleanup:
     def push(self, what: str, release: Callable[[], None]) -> None:
         self._undo.append((what, release))
 
-    def spawn(self, argv: Sequence[str], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
-              stderr: int | IO[Any] | None = None, name: str = "") -> subprocess.Popen[bytes]:
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: int | IO[Any] | None = subprocess.DEVNULL,
+        stderr: int | IO[Any] | None = None,
+        name: str = "",
+    ) -> subprocess.Popen[bytes]:
         """Start a process in its own session (a terminal's Ctrl-C reaches only us; we
         end it, by its PID, in order) and register its end."""
-        process = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            list(argv),
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.processes.append(process)
-        self.push(f"process {name or argv[0]} (pid {process.pid})",
-                  lambda: end_process(process))
+        self.push(f"process {name or argv[0]} (pid {process.pid})", lambda: end_process(process))
         return process
 
     def close(self) -> None:
@@ -72,11 +82,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def _handling(handler: signal.Handlers | Callable[[int, FrameType | None], None]
-              ) -> Iterator[None]:
+def _handling(handler: signal.Handlers | Callable[[int, FrameType | None], None]) -> Iterator[None]:
     """SIGINT and SIGTERM go to `handler` while inside; the previous handlers after."""
-    previous = {signum: signal.signal(signum, handler)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:

@@ -61,9 +61,12 @@ class Limits:
         return min(self.line_rate, self.fill_rate)
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "fill_rate": self.fill_rate,
-                "warm_fill_rate": self.warm_fill_rate,
-                "throughput_limit": self.throughput_limit}
+        return {
+            **asdict(self),
+            "fill_rate": self.fill_rate,
+            "warm_fill_rate": self.warm_fill_rate,
+            "throughput_limit": self.throughput_limit,
+        }
 
 
 def _result(process: subprocess.Popen[bytes], what: str, timeout: float) -> dict[str, Any]:
@@ -76,14 +79,18 @@ def _result(process: subprocess.Popen[bytes], what: str, timeout: float) -> dict
         message = json.loads(line)
         if "result" in message:
             return dict(message["result"])
-    raise ProbeError(f"{what} exited {process.returncode} without a result: "
-                     f"{stderr.decode(errors='replace').strip()[-2000:]}")
+    raise ProbeError(
+        f"{what} exited {process.returncode} without a result: "
+        f"{stderr.decode(errors='replace').strip()[-2000:]}"
+    )
 
 
-def _start_server(cleanup: Cleanup, side: Side, args: list[str], what: str
-                  ) -> tuple[subprocess.Popen[bytes], int]:
-    process = cleanup.spawn(side.command([*PROBE, *args]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, name=what)
+def _start_server(
+    cleanup: Cleanup, side: Side, args: list[str], what: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    process = cleanup.spawn(
+        side.command([*PROBE, *args]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, name=what
+    )
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
@@ -92,41 +99,77 @@ def _start_server(cleanup: Cleanup, side: Side, args: list[str], what: str
     return process, int(json.loads(line)["port"])
 
 
-def _run_client(cleanup: Cleanup, side: Side, args: list[str], what: str,
-                timeout: float) -> dict[str, Any]:
-    process = cleanup.spawn(side.command([*PROBE, *args]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, name=what)
+def _run_client(
+    cleanup: Cleanup, side: Side, args: list[str], what: str, timeout: float
+) -> dict[str, Any]:
+    process = cleanup.spawn(
+        side.command([*PROBE, *args]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, name=what
+    )
     return _result(process, what, timeout)
 
 
 def measure_line_rate(link: Link, size: int, cleanup: Cleanup) -> float:
     slowest = link.rate or 2e8  # bytes/s; generous for a loaded loopback
     timeout = 60 + 3 * size / slowest
-    sink, port = _start_server(cleanup, link.destination,
-                               ["sink", "--bind", link.destination.address, "--bytes", str(size),
-                                "--timeout", str(timeout)], "line-rate sink")
-    sent = _run_client(cleanup, link.source,
-                       ["send", "--connect", link.destination.address, "--port", str(port),
-                        "--bytes", str(size)], "line-rate sender", timeout)
+    sink, port = _start_server(
+        cleanup,
+        link.destination,
+        [
+            "sink",
+            "--bind",
+            link.destination.address,
+            "--bytes",
+            str(size),
+            "--timeout",
+            str(timeout),
+        ],
+        "line-rate sink",
+    )
+    sent = _run_client(
+        cleanup,
+        link.source,
+        ["send", "--connect", link.destination.address, "--port", str(port), "--bytes", str(size)],
+        "line-rate sender",
+        timeout,
+    )
     _result(sink, "line-rate sink", 30)
     return float(sent["rate"])
 
 
 def measure_fill_rate(link: Link, size: int, cleanup: Cleanup) -> dict[str, Any]:
-    return _run_client(cleanup, link.destination, ["fill", "--bytes", str(size)],
-                       "fill-rate probe", 60 + 4 * size / 5e7)
+    return _run_client(
+        cleanup,
+        link.destination,
+        ["fill", "--bytes", str(size)],
+        "fill-rate probe",
+        60 + 4 * size / 5e7,
+    )
 
 
-def measure_fault_rtt(link: Link, cleanup: Cleanup, faults: int = 2000,
-                      cpu: int | None = None) -> dict[str, Any]:
+def measure_fault_rtt(
+    link: Link, cleanup: Cleanup, faults: int = 2000, cpu: int | None = None
+) -> dict[str, Any]:
     """The raw fault round trip; with `cpu`, both probe processes run on that CPU only."""
     pin = [] if cpu is None else ["--cpu", str(cpu)]
-    server, port = _start_server(cleanup, link.source,
-                                 [*pin, "page-server", "--bind", link.source.address],
-                                 "page server")
-    result = _run_client(cleanup, link.destination,
-                         [*pin, "fault-rtt", "--connect", link.source.address, "--port",
-                          str(port), "--faults", str(faults)], "fault round-trip probe", 120)
+    server, port = _start_server(
+        cleanup, link.source, [*pin, "page-server", "--bind", link.source.address], "page server"
+    )
+    result = _run_client(
+        cleanup,
+        link.destination,
+        [
+            *pin,
+            "fault-rtt",
+            "--connect",
+            link.source.address,
+            "--port",
+            str(port),
+            "--faults",
+            str(faults),
+        ],
+        "fault round-trip probe",
+        120,
+    )
     _result(server, "page server", 30)
     return result
 

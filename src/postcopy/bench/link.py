@@ -108,30 +108,52 @@ def open_link(name: str, cleanup: Cleanup) -> Link:
     if rate is None:
         return Link(name, None, Side("source", "127.0.0.1"), Side("destination", "127.0.0.1"))
     if os.geteuid() != 0:
-        raise LinkError(f"link {name} needs network namespaces: run the bench as root "
-                        "(CAP_NET_ADMIN and CAP_SYS_ADMIN), or use --link loopback")
+        raise LinkError(
+            f"link {name} needs network namespaces: run the bench as root "
+            "(CAP_NET_ADMIN and CAP_SYS_ADMIN), or use --link loopback"
+        )
     remove_stale_namespaces()
     pid = os.getpid()
     source_ns, destination_ns = f"{NAMESPACE_PREFIX}{pid}-src", f"{NAMESPACE_PREFIX}{pid}-dst"
     source_dev, destination_dev = f"pcb{pid}s", f"pcb{pid}d"
     for namespace in (source_ns, destination_ns):
         _ip("ip", "netns", "add", namespace)
-        cleanup.push(f"namespace {namespace}",
-                     lambda ns=namespace: _ip("ip", "netns", "del", ns))  # type: ignore[misc]
+        cleanup.push(f"namespace {namespace}", lambda ns=namespace: _ip("ip", "netns", "del", ns))  # type: ignore[misc]
     _ip("ip", "link", "add", source_dev, "type", "veth", "peer", "name", destination_dev)
     # until both ends have moved into the namespaces, the pair lives in ours
     cleanup.push(f"veth {source_dev}", lambda: _delete_if_present(source_dev))
     burst = max(int(rate * BURST_SECONDS), 64 * 1024)
-    for namespace, device, address in ((source_ns, source_dev, SOURCE_ADDRESS),
-                                       (destination_ns, destination_dev, DESTINATION_ADDRESS)):
+    for namespace, device, address in (
+        (source_ns, source_dev, SOURCE_ADDRESS),
+        (destination_ns, destination_dev, DESTINATION_ADDRESS),
+    ):
         _ip("ip", "link", "set", device, "netns", namespace)
         _ip("ip", "-n", namespace, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", device)
         _ip("ip", "-n", namespace, "link", "set", "lo", "up")
         _ip("ip", "-n", namespace, "link", "set", device, "up")
-        _ip("tc", "-n", namespace, "qdisc", "add", "dev", device, "root", "tbf",
-            "rate", f"{int(rate * 8)}bit", "burst", str(burst), "latency", QUEUE_LATENCY)
-    return Link(name, rate, Side("source", SOURCE_ADDRESS, source_ns),
-                Side("destination", DESTINATION_ADDRESS, destination_ns))
+        _ip(
+            "tc",
+            "-n",
+            namespace,
+            "qdisc",
+            "add",
+            "dev",
+            device,
+            "root",
+            "tbf",
+            "rate",
+            f"{int(rate * 8)}bit",
+            "burst",
+            str(burst),
+            "latency",
+            QUEUE_LATENCY,
+        )
+    return Link(
+        name,
+        rate,
+        Side("source", SOURCE_ADDRESS, source_ns),
+        Side("destination", DESTINATION_ADDRESS, destination_ns),
+    )
 
 
 def _delete_if_present(device: str) -> None:

@@ -20,11 +20,17 @@ GIB = 1 << 30
 MB = 1e6
 
 # event -> (label, colour); events not named here are not drawn
-SOURCE_EVENTS = {"round-start": ("round {round}", "0.6"), "stop": ("source stops", "red"),
-                 "package-sent": ("package sent", "darkorange"),
-                 "push-done": ("push done", "purple")}
-DESTINATION_EVENTS = {"listen": ("LISTEN", "teal"), "run": ("destination runs", "green"),
-                      "completed": ("all RAM in", "black")}
+SOURCE_EVENTS = {
+    "round-start": ("round {round}", "0.6"),
+    "stop": ("source stops", "red"),
+    "package-sent": ("package sent", "darkorange"),
+    "push-done": ("push done", "purple"),
+}
+DESTINATION_EVENTS = {
+    "listen": ("LISTEN", "teal"),
+    "run": ("destination runs", "green"),
+    "completed": ("all RAM in", "black"),
+}
 
 
 def _events(record: dict[str, Any], side: str) -> list[tuple[float, dict[str, Any]]]:
@@ -63,30 +69,48 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
     t = np.asarray(series.get("t", []), dtype=float)
     cpu_series = record.get("cpu_series") or {}
     panels = 3 if cpu_series else 2
-    figure, axes = plt.subplots(panels, 1, sharex=True, figsize=(11, 3 + 2.2 * panels),
-                                gridspec_kw={"height_ratios": [3, 2, 2][:panels]})
+    figure, axes = plt.subplots(
+        panels,
+        1,
+        sharex=True,
+        figsize=(11, 3 + 2.2 * panels),
+        gridspec_kw={"height_ratios": [3, 2, 2][:panels]},
+    )
     top, bottom = axes[0], axes[1]
     sent = np.asarray(_values(series, "src_transferred"))
     received = np.asarray(_values(series, "dst_bytes_received"))
     if t.size:
         top.plot(t, sent / GIB, label="source: bytes sent", color="tab:blue")
-        top.plot(t, received / GIB, label="destination: bytes received", color="tab:cyan",
-                 linestyle="--")
+        top.plot(
+            t, received / GIB, label="destination: bytes received", color="tab:cyan", linestyle="--"
+        )
         rate_axis = top.twinx()
         if t.size > 1:
             rate_t, rate = _rate(t, sent)
-            rate_axis.plot(rate_t, rate / MB, color="tab:gray", alpha=0.6, linewidth=0.8,
-                           label="send rate (100 ms window)")
+            rate_axis.plot(
+                rate_t,
+                rate / MB,
+                color="tab:gray",
+                alpha=0.6,
+                linewidth=0.8,
+                label="send rate (100 ms window)",
+            )
         limits = record.get("limits") or {}
         if limits.get("throughput_limit"):
-            rate_axis.axhline(limits["throughput_limit"] / MB, color="tab:gray", linestyle=":",
-                              linewidth=0.8, label="limit: min(line, fill)")
+            rate_axis.axhline(
+                limits["throughput_limit"] / MB,
+                color="tab:gray",
+                linestyle=":",
+                linewidth=0.8,
+                label="limit: min(line, fill)",
+            )
         rate_axis.set_ylabel("MB/s")
         rate_axis.legend(loc="lower right", fontsize="small")
-        for key, label, colour in (("dst_requests_sent", "destination: page requests", "tab:red"),
-                                   ("dst_vcpu_faults", "destination: vCPU faults", "tab:orange"),
-                                   ("src_pages_requested", "source: pages sent on request",
-                                    "tab:purple")):
+        for key, label, colour in (
+            ("dst_requests_sent", "destination: page requests", "tab:red"),
+            ("dst_vcpu_faults", "destination: vCPU faults", "tab:orange"),
+            ("src_pages_requested", "source: pages sent on request", "tab:purple"),
+        ):
             values = _values(series, key)
             if any(v == v and v > 0 for v in values):  # skip all-NaN or all-zero series
                 bottom.plot(t, values, label=label, color=colour)
@@ -99,8 +123,10 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
     source_events = _events(record, "source")
     destination_events = _events(record, "destination")
     heights = iter([1.0, 0.75, 0.5] * 1000)  # stagger labels: switchover events crowd
-    for events, styles in ((source_events, SOURCE_EVENTS),
-                           (destination_events, DESTINATION_EVENTS)):
+    for events, styles in (
+        (source_events, SOURCE_EVENTS),
+        (destination_events, DESTINATION_EVENTS),
+    ):
         for when, entry in events:
             style = styles.get(entry.get("event", ""))
             if style is None:
@@ -112,17 +138,27 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
                 text = label.format(**entry)
             except (KeyError, IndexError):
                 text = label
-            top.annotate(text, (when, next(heights)), xycoords=("data", "axes fraction"),
-                         rotation=90,
-                         fontsize="x-small", va="top", ha="right", color=colour)
+            top.annotate(
+                text,
+                (when, next(heights)),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                fontsize="x-small",
+                va="top",
+                ha="right",
+                color=colour,
+            )
     stop = _first(source_events, "stop")
     run = _first(destination_events, "run")
     done = _first(destination_events, "completed")
     if stop is not None and run is not None:
         for axis in axes:
             axis.axvspan(stop, max(run, stop), color="red", alpha=0.25, label=None)
-    if run is not None and done is not None and record["scenario"].get("postcopy_after_rounds") \
-            is not None:
+    if (
+        run is not None
+        and done is not None
+        and record["scenario"].get("postcopy_after_rounds") is not None
+    ):
         for axis in axes:
             axis.axvspan(run, done, color="green", alpha=0.06)
     top.legend(loc="upper left", fontsize="small")
@@ -141,7 +177,9 @@ def plot_run(record: dict[str, Any], path: Path) -> Path:
         f"({fmt(ratios.get('throughput_vs_limit'), '.2f')}x limit), "
         f"downtime {fmt(figures.get('downtime_us'), '.2f', 1000)} ms, "
         f"req p50 {fmt(figures.get('request_latency_p50_us'), '.0f')} µs "
-        f"({fmt(ratios.get('latency_p50_vs_fault_rtt'), '.2f')}x rtt)", fontsize="small")
+        f"({fmt(ratios.get('latency_p50_vs_fault_rtt'), '.2f')}x rtt)",
+        fontsize="small",
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -175,8 +213,12 @@ def _plot_cpu(axis: Any, record: dict[str, Any], t: Any, cpu_series: dict[str, A
     host = (record.get("cpu") or {}).get("host") or {}
     if host:
         axis.axhline(host.get("cpus", 2.0), color="black", linewidth=0.6, linestyle=":")
-        axis.set_title(f"host over the run: {host['busy_cores']:.2f} cores busy, other "
-                       f"processes {host['others_cores']:.2f}", fontsize="x-small", loc="right")
+        axis.set_title(
+            f"host over the run: {host['busy_cores']:.2f} cores busy, other "
+            f"processes {host['others_cores']:.2f}",
+            fontsize="x-small",
+            loc="right",
+        )
     axis.set_ylabel("cores (100 ms window)")
     axis.legend(loc="upper left", fontsize="x-small", ncol=2)
 

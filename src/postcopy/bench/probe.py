@@ -97,7 +97,7 @@ def sink(address: str, size: int, timeout: float) -> dict[str, Any]:
     started = time.perf_counter()
     with connection:
         while received < size:
-            count = connection.recv_into(view[:min(CHUNK, size - received)])
+            count = connection.recv_into(view[: min(CHUNK, size - received)])
             if count == 0:
                 raise ConnectionError(f"sender closed after {received} of {size} bytes")
             received += count
@@ -172,8 +172,12 @@ def page_server(address: str, timeout: float) -> dict[str, Any]:
 def _percentiles(samples: list[float]) -> dict[str, float]:
     array = np.asarray(samples) * 1e6
     p50, p99 = np.percentile(array, [50, 99])
-    return {"p50_us": round(float(p50), 2), "p99_us": round(float(p99), 2),
-            "max_us": round(float(array.max()), 2), "count": int(array.size)}
+    return {
+        "p50_us": round(float(p50), 2),
+        "p99_us": round(float(p99), 2),
+        "max_us": round(float(array.max()), 2),
+        "count": int(array.size),
+    }
 
 
 def fault_rtt(address: str, port: int, faults: int, warmup: int) -> dict[str, Any]:
@@ -183,9 +187,13 @@ def fault_rtt(address: str, port: int, faults: int, warmup: int) -> dict[str, An
     pages = warmup + faults
     handler_times: list[float] = []
     failure: list[BaseException] = []
-    with Mapping.anonymous(pages * PAGE) as target, Mapping.anonymous(PAGE) as staging, \
-            UserfaultFd.open() as uffd, EventFd() as quit_event, \
-            _connect(address, port) as connection:
+    with (
+        Mapping.anonymous(pages * PAGE) as target,
+        Mapping.anonymous(PAGE) as staging,
+        UserfaultFd.open() as uffd,
+        EventFd() as quit_event,
+        _connect(address, port) as connection,
+    ):
         target.madvise(Advice.NOHUGEPAGE)
         uffd.register(target.address, target.length, RegisterMode.MISSING)
         staging_view = staging.view  # staging is ours and always present: safe under the GIL
@@ -229,13 +237,16 @@ def fault_rtt(address: str, port: int, faults: int, warmup: int) -> dict[str, An
             handler.join(10)
         if failure:
             raise failure[0]
-    return {"fault": _percentiles(fault_times[warmup:]),
-            "handler": _percentiles(handler_times[warmup:])}
+    return {
+        "fault": _percentiles(fault_times[warmup:]),
+        "handler": _percentiles(handler_times[warmup:]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m postcopy.bench.probe",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m postcopy.bench.probe", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--cpu", type=int, help="run on this CPU only (sched_setaffinity)")
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("sink")

@@ -62,10 +62,13 @@ def memory_figures(pid: int, guest_ram: int) -> dict[str, Any]:
     }
     if guest is not None:
         guest_rss = int(guest.get("Rss", 0))
-        figures.update(guest_rss=guest_rss, overhead=rss - guest_rss,
-                       peak_overhead=figures["peak_rss"] - guest_rss,
-                       anon_overhead=figures["anonymous"] - int(guest.get("Anonymous", 0)),
-                       guest_mapping=guest["name"] or "[anonymous]")
+        figures.update(
+            guest_rss=guest_rss,
+            overhead=rss - guest_rss,
+            peak_overhead=figures["peak_rss"] - guest_rss,
+            anon_overhead=figures["anonymous"] - int(guest.get("Anonymous", 0)),
+            guest_mapping=guest["name"] or "[anonymous]",
+        )
     return figures
 
 
@@ -119,16 +122,22 @@ def host_cpu_usage(before: list[int], after: list[int], seconds: float) -> dict[
     """Busy cores, idle cores and stolen cores (time the hypervisor ran something else)
     averaged over an interval of `seconds`."""
     delta = [b - a for a, b in zip(before, after, strict=True)]
+
     def cores(ticks: int) -> float:
         return round(ticks / CLOCK_TICKS / seconds, 3) if seconds > 0 else 0.0
+
     user, nice, system, idle, iowait, irq, softirq, steal = delta
-    return {"busy_cores": cores(user + nice + system + irq + softirq),
-            "idle_cores": cores(idle + iowait), "steal_cores": cores(steal),
-            "cpus": float(os.cpu_count() or 0)}
+    return {
+        "busy_cores": cores(user + nice + system + irq + softirq),
+        "idle_cores": cores(idle + iowait),
+        "steal_cores": cores(steal),
+        "cpus": float(os.cpu_count() or 0),
+    }
 
 
-def wait_for_quiet_host(max_wait: float, busy_limit: float = 0.3,
-                        window: float = 1.0) -> dict[str, Any]:
+def wait_for_quiet_host(
+    max_wait: float, busy_limit: float = 0.3, window: float = 1.0
+) -> dict[str, Any]:
     """Wait (at most `max_wait` s) until the host's cores are busy less than `busy_limit`
     cores on average over a `window`: other work on two shared cores moves every figure."""
     started = time.monotonic()
@@ -138,5 +147,4 @@ def wait_for_quiet_host(max_wait: float, busy_limit: float = 0.3,
         busy = host_cpu_usage(before, host_cpu_times(), window)["busy_cores"]
         waited = time.monotonic() - started
         if busy <= busy_limit or waited >= max_wait:
-            return {"busy_cores": busy, "waited_s": round(waited, 1),
-                    "quiet": busy <= busy_limit}
+            return {"busy_cores": busy, "waited_s": round(waited, 1), "quiet": busy <= busy_limit}

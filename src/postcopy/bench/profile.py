@@ -76,8 +76,9 @@ def summarise(path: Path, rate: int) -> dict[str, Any]:
 class Profiler:
     """py-spy on each of `pids` ({side: pid}) between start() and stop()."""
 
-    def __init__(self, cleanup: Cleanup, pids: dict[str, int], prefix: Path,
-                 rate: int = 200) -> None:
+    def __init__(
+        self, cleanup: Cleanup, pids: dict[str, int], prefix: Path, rate: int = 200
+    ) -> None:
         self.pids = pids
         self.prefix = prefix
         self.rate = rate
@@ -93,9 +94,24 @@ class Profiler:
         for side, pid in self.pids.items():
             output = self.prefix.with_name(f"{self.prefix.name}-{side}.pyspy.txt")
             process = self._cleanup.spawn(
-                [py_spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format",
-                 "raw", "--threads", "--nonblocking", "--output", str(output)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, name=f"py-spy {side}")
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(self.rate),
+                    "--format",
+                    "raw",
+                    "--threads",
+                    "--nonblocking",
+                    "--output",
+                    str(output),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                name=f"py-spy {side}",
+            )
             self._running[side] = (process, output)
         time.sleep(0.5)  # py-spy attaches before the migration starts
 

@@ -39,8 +39,14 @@ class QmpClient:
         self.cmd("qmp_capabilities")
 
     @classmethod
-    def connect(cls, path: str, *, process: subprocess.Popen[bytes] | None = None,
-                wait: float = 60.0, timeout: float = 30.0) -> QmpClient:
+    def connect(
+        cls,
+        path: str,
+        *,
+        process: subprocess.Popen[bytes] | None = None,
+        wait: float = 60.0,
+        timeout: float = 30.0,
+    ) -> QmpClient:
         """Connect to `path`, waiting up to `wait` seconds for the socket to appear while
         `process` (the server) is alive."""
         deadline = time.monotonic() + wait

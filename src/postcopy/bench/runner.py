@@ -85,9 +85,17 @@ def host_info() -> dict[str, Any]:
         "thp": thp.read_text().strip() if thp.exists() else None,
     }
     try:
-        info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).resolve().parent, check=False, timeout=5).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                check=False,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.TimeoutExpired):
         info["commit"] = None
     return info
@@ -102,16 +110,23 @@ def free_port() -> int:
 class VmHandle:
     """A `postcopy vm run` process on one side of the link, with its files and QMP."""
 
-    def __init__(self, cleanup: Cleanup, side: Side, directory: Path, name: str,
-                 args: list[str]) -> None:
+    def __init__(
+        self, cleanup: Cleanup, side: Side, directory: Path, name: str, args: list[str]
+    ) -> None:
         self.name = name
         self.qmp_path = directory / f"{name}.qmp"
         self.console_path = directory / f"{name}.console"
         self.stderr_path = directory / f"{name}.stderr"
         stderr = self.stderr_path.open("wb")
         cleanup.push(f"{name} stderr file", stderr.close)
-        argv = [*VM_COMMAND, "--qmp", str(self.qmp_path), "--console", str(self.console_path),
-                *args]
+        argv = [
+            *VM_COMMAND,
+            "--qmp",
+            str(self.qmp_path),
+            "--console",
+            str(self.console_path),
+            *args,
+        ]
         self.process = cleanup.spawn(side.command(argv), stderr=stderr, name=name)
         try:
             self.qmp = QmpClient.connect(str(self.qmp_path), process=self.process)
@@ -151,14 +166,17 @@ class VmHandle:
             end_process(self.process)
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str,
-              alive: list[VmHandle]) -> None:
+def _wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, alive: list[VmHandle]
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         for vm in alive:
             if vm.process.poll() is not None:
-                raise RunError(f"{vm.name} exited with {vm.process.returncode} while waiting "
-                               f"for {what}: {vm.stderr_tail()}")
+                raise RunError(
+                    f"{vm.name} exited with {vm.process.returncode} while waiting "
+                    f"for {what}: {vm.stderr_tail()}"
+                )
         if time.monotonic() > deadline:
             raise RunError(f"no {what} after {timeout:.0f} s")
         time.sleep(0.05)
@@ -186,9 +204,13 @@ class Series:
     """query-migrate of both sides sampled over time, kept as columns."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {"t": [], "src_status": [], "dst_status": [],
-                                              **{k: [] for k in SERIES_SOURCE},
-                                              **{k: [] for k in SERIES_DESTINATION}}
+        self.columns: dict[str, list[Any]] = {
+            "t": [],
+            "src_status": [],
+            "dst_status": [],
+            **{k: [] for k in SERIES_SOURCE},
+            **{k: [] for k in SERIES_DESTINATION},
+        }
         # CPU seconds each thread used since `migrate`, per poll: {side: {tid: [...]}}
         self.cpu: dict[str, dict[str, list[float | None]]] = {}
         self._src_starts: list[float] = []
@@ -221,9 +243,10 @@ class Series:
 
     def offsets(self) -> dict[str, float]:
         """When each side's migration clock started, in seconds after `migrate` was sent."""
-        return {"source": statistics.median(self._src_starts) if self._src_starts else 0.0,
-                "destination": statistics.median(self._dst_starts) if self._dst_starts
-                else 0.0}
+        return {
+            "source": statistics.median(self._src_starts) if self._src_starts else 0.0,
+            "destination": statistics.median(self._dst_starts) if self._dst_starts else 0.0,
+        }
 
 
 def _migration_timeout(scenario: Scenario, link: Link) -> float:
@@ -233,9 +256,20 @@ def _migration_timeout(scenario: Scenario, link: Link) -> float:
 
 
 def _vm_args(scenario: Scenario, key: Path, trace: Path) -> list[str]:
-    args = ["--guest", scenario.guest, "--ram", str(scenario.ram), "--vcpus",
-            str(scenario.vcpus), "--key", str(key), "--trace", str(trace),
-            "--guest-cpl", str(scenario.cpl)]
+    args = [
+        "--guest",
+        scenario.guest,
+        "--ram",
+        str(scenario.ram),
+        "--vcpus",
+        str(scenario.vcpus),
+        "--key",
+        str(key),
+        "--trace",
+        str(trace),
+        "--guest-cpl",
+        str(scenario.cpl),
+    ]
     for name, value in scenario.guest_params.items():
         args += ["--guest-param", f"{name}={value}"]
     for capability in scenario.capabilities:
@@ -243,21 +277,29 @@ def _vm_args(scenario: Scenario, key: Path, trace: Path) -> list[str]:
     return args
 
 
-def _cpu_usage(vms: list[VmHandle], before: dict[str, dict[int, float]],
-               seen: dict[str, dict[int, float]], host_before: list[int],
-               bench_before: float, seconds: float,
-               names: dict[str, dict[int, str]]) -> dict[str, Any]:
+def _cpu_usage(
+    vms: list[VmHandle],
+    before: dict[str, dict[int, float]],
+    seen: dict[str, dict[int, float]],
+    host_before: list[int],
+    bench_before: float,
+    seconds: float,
+    names: dict[str, dict[int, str]],
+) -> dict[str, Any]:
     """CPU seconds each VM thread used during the migration, and how busy the host was:
     on 2 shared cores, a figure far from its limit is often a thread waiting for a core."""
     usage: dict[str, Any] = {"seconds": seconds}
     ours = time.process_time() - bench_before
     for vm in vms:
         after = {**seen[vm.name], **thread_cpu(vm.pid)}
-        threads = {tid: round(used - before[vm.name].get(tid, 0.0), 3)
-                   for tid, used in after.items()}
-        usage[vm.name] = {"total": round(sum(threads.values()), 3),
-                          "threads": {str(tid): used for tid, used in threads.items() if used},
-                          "names": {str(tid): name for tid, name in names[vm.name].items()}}
+        threads = {
+            tid: round(used - before[vm.name].get(tid, 0.0), 3) for tid, used in after.items()
+        }
+        usage[vm.name] = {
+            "total": round(sum(threads.values()), 3),
+            "threads": {str(tid): used for tid, used in threads.items() if used},
+            "names": {str(tid): name for tid, name in names[vm.name].items()},
+        }
         ours += usage[vm.name]["total"]
     host = host_cpu_usage(host_before, host_cpu_times(), seconds)
     host["ours_cores"] = round(ours / seconds, 3) if seconds > 0 else 0.0
@@ -266,36 +308,62 @@ def _cpu_usage(vms: list[VmHandle], before: dict[str, dict[int, float]],
     return usage
 
 
-def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: Cleanup,
-             record: dict[str, Any]) -> None:
+def _migrate(
+    scenario: Scenario,
+    options: RunOptions,
+    directory: Path,
+    cleanup: Cleanup,
+    record: dict[str, Any],
+) -> None:
     link = options.link
     key = directory / "key"
     AuthConfig.generate().write(key)
     uri = f"tcp:{link.destination.address}:{free_port()}"
-    destination = VmHandle(cleanup, link.destination, directory, "destination",
-                           [*_vm_args(scenario, key, directory / "destination.trace"),
-                            "--incoming", uri])
-    source = VmHandle(cleanup, link.source, directory, "source",
-                      _vm_args(scenario, key, directory / "source.trace"))
+    destination = VmHandle(
+        cleanup,
+        link.destination,
+        directory,
+        "destination",
+        [*_vm_args(scenario, key, directory / "destination.trace"), "--incoming", uri],
+    )
+    source = VmHandle(
+        cleanup,
+        link.source,
+        directory,
+        "source",
+        _vm_args(scenario, key, directory / "source.trace"),
+    )
     record["pids"] = {"source": source.pid, "destination": destination.pid}
     vms = [source, destination]
     try:
         source.qmp.cmd("migrate-set-parameters", **scenario.migration_parameters)
-        _wait_for(lambda: "status" in (destination.query() or {}), 30,
-                  "listening destination", vms)
+        _wait_for(lambda: "status" in (destination.query() or {}), 30, "listening destination", vms)
         marker, count = scenario.warmup
-        _wait_for(lambda: source.console().count(marker) >= count, WARMUP_TIMEOUT,
-                  f"{count}x {marker!r} on the source console (guest warm-up)", vms)
+        _wait_for(
+            lambda: source.console().count(marker) >= count,
+            WARMUP_TIMEOUT,
+            f"{count}x {marker!r} on the source console (guest warm-up)",
+            vms,
+        )
         record["source_memory"] = memory_figures(source.pid, scenario.ram)
 
         profiler = None
         if options.profile_prefix is not None:
             run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", record["run_id"])
-            profiler = Profiler(cleanup, record["pids"], options.profile_prefix.with_name(
-                f"{options.profile_prefix.name}-{link.name}-{run_name}"))
+            profiler = Profiler(
+                cleanup,
+                record["pids"],
+                options.profile_prefix.with_name(
+                    f"{options.profile_prefix.name}-{link.name}-{run_name}"
+                ),
+            )
             profiler.start()
-        vcpu_threads = {vm.name: {cpu["thread-id"]: f"vcpu{cpu['cpu-index']}"
-                                  for cpu in vm.qmp.cmd("query-cpus-fast")} for vm in vms}
+        vcpu_threads = {
+            vm.name: {
+                cpu["thread-id"]: f"vcpu{cpu['cpu-index']}" for cpu in vm.qmp.cmd("query-cpus-fast")
+            }
+            for vm in vms
+        }
         cpu_before = {vm.name: thread_cpu(vm.pid) for vm in vms}
         # sampled at every poll: a thread that exits (migration, incoming, fault) leaves
         # /proc with its CPU time, so its last sample is what it used
@@ -323,14 +391,23 @@ def _migrate(scenario: Scenario, options: RunOptions, directory: Path, cleanup: 
             if src_done and dst_done:
                 break
             if now - started > timeout:
-                raise RunError(f"migration not finished after {timeout:.0f} s: "
-                               f"source {src and src.get('status')}, "
-                               f"destination {dst and dst.get('status')}")
+                raise RunError(
+                    f"migration not finished after {timeout:.0f} s: "
+                    f"source {src and src.get('status')}, "
+                    f"destination {dst and dst.get('status')}"
+                )
             next_poll += options.poll_interval
             time.sleep(max(next_poll - time.monotonic(), 0.0))
         record["wall_seconds"] = round(time.monotonic() - started, 4)
-        record["cpu"] = _cpu_usage(vms, cpu_before, cpu_seen, host_before, bench_before,
-                                   record["wall_seconds"], vcpu_threads)
+        record["cpu"] = _cpu_usage(
+            vms,
+            cpu_before,
+            cpu_seen,
+            host_before,
+            bench_before,
+            record["wall_seconds"],
+            vcpu_threads,
+        )
         if profiler is not None:
             record["profile"] = profiler.stop()
         record["source"] = source.query() or src
@@ -373,8 +450,7 @@ def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> di
         "host": host_info(),
         "status": "error",
     }
-    directory = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{repetition}-",
-                                      dir=options.workdir))
+    directory = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{repetition}-", dir=options.workdir))
     cleanup = Cleanup()
     if not options.keep_workdir:
         cleanup.push(f"directory {directory}", lambda: shutil.rmtree(directory, True))
@@ -385,12 +461,16 @@ def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> di
         limits = measure_limits(options.link, scenario.ram, cleanup, faults=options.fault_probes)
         record["limits"] = limits.as_json()
         _migrate(scenario, options, directory, cleanup, record)
-        statuses = ((record.get("source") or {}).get("status"),
-                    (record.get("destination") or {}).get("status"))
+        statuses = (
+            (record.get("source") or {}).get("status"),
+            (record.get("destination") or {}).get("status"),
+        )
         record["status"] = "completed" if statuses == ("completed", "completed") else "failed"
         if record["status"] == "failed":
-            record["error"] = (f"source {statuses[0]}, destination {statuses[1]}: "
-                               f"{(record.get('source') or {}).get('error-desc', '')}")
+            record["error"] = (
+                f"source {statuses[0]}, destination {statuses[1]}: "
+                f"{(record.get('source') or {}).get('error-desc', '')}"
+            )
     except KeyboardInterrupt:
         record["status"] = "interrupted"
         raise

@@ -36,8 +36,10 @@ DEFAULT_GUEST_PARAMS: dict[str, dict[str, int]] = {"randwrite": {"working_set_pp
 # precopy-only run ends (with the forced stop's downtime, which is what it measures)
 DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
 
-NAME = re.compile(r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
-                  r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?$")
+NAME = re.compile(
+    r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
+    r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?$"
+)
 
 
 class ScenarioError(ValueError):
@@ -87,19 +89,30 @@ class Scenario:
         return marker, (1 if self.guest == "scan" else self.vcpus)
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "guest": self.guest, "ram": self.ram, "vcpus": self.vcpus,
-                "mode": self.mode, "postcopy_after_rounds": self.postcopy_after_rounds,
-                "preempt": self.preempt, "cpl": self.cpl, "capabilities": self.capabilities,
-                "guest_params": dict(self.guest_params),
-                "parameters": self.migration_parameters, "description": self.description}
+        return {
+            "name": self.name,
+            "guest": self.guest,
+            "ram": self.ram,
+            "vcpus": self.vcpus,
+            "mode": self.mode,
+            "postcopy_after_rounds": self.postcopy_after_rounds,
+            "preempt": self.preempt,
+            "cpl": self.cpl,
+            "capabilities": self.capabilities,
+            "guest_params": dict(self.guest_params),
+            "parameters": self.migration_parameters,
+            "description": self.description,
+        }
 
 
 def parse_name(name: str) -> Scenario:
     match = NAME.match(name)
     if not match:
-        raise ScenarioError(f"{name!r} is not a scenario name: expected "
-                            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0], "
-                            "e.g. memtouch-1g-1cpu-postcopy1")
+        raise ScenarioError(
+            f"{name!r} is not a scenario name: expected "
+            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0], "
+            "e.g. memtouch-1g-1cpu-postcopy1"
+        )
     guest = match.group("guest")
     if guest not in GUESTS:
         raise ScenarioError(f"{name!r}: no guest {guest!r} (guests: {', '.join(GUESTS)})")
@@ -111,15 +124,26 @@ def parse_name(name: str) -> Scenario:
     preempt = match.group("preempt") is not None
     if preempt and after is None:
         raise ScenarioError(f"{name!r}: -preempt needs a postcopy mode")
-    return Scenario(name=name, guest=guest, ram=parse_size(match.group("ram")), vcpus=vcpus,
-                    postcopy_after_rounds=after, preempt=preempt,
-                    cpl=0 if match.group("cpl0") else 3,
-                    guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})))
+    return Scenario(
+        name=name,
+        guest=guest,
+        ram=parse_size(match.group("ram")),
+        vcpus=vcpus,
+        postcopy_after_rounds=after,
+        preempt=preempt,
+        cpl=0 if match.group("cpl0") else 3,
+        guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})),
+    )
 
 
 def grid() -> list[str]:
-    return [f"{guest}-{ram}-{vcpus}cpu-{mode}" for guest in GRID_GUESTS for ram in GRID_RAM
-            for vcpus in GRID_VCPUS for mode in GRID_MODES]
+    return [
+        f"{guest}-{ram}-{vcpus}cpu-{mode}"
+        for guest in GRID_GUESTS
+        for ram in GRID_RAM
+        for vcpus in GRID_VCPUS
+        for mode in GRID_MODES
+    ]
 
 
 BUILTIN_SETS: dict[str, list[str]] = {
@@ -140,8 +164,9 @@ BUILTIN_SETS: dict[str, list[str]] = {
 class Catalogue:
     """Named sets and extra scenarios: the built-in ones plus benchmarks/*.toml."""
 
-    sets: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in
-                                                                BUILTIN_SETS.items()})
+    sets: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in BUILTIN_SETS.items()}
+    )
     extra: dict[str, Scenario] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
 
@@ -199,11 +224,18 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         raise ScenarioError(f"{path}: scenario {entry.get('name')!r}: {error}") from error
     guest_params = {**base.guest_params, **entry.get("guest_params", {})}
     parameters = {**base.parameters, **entry.get("parameters", {})}
-    return Scenario(name=name, guest=base.guest, ram=base.ram, vcpus=base.vcpus,
-                    postcopy_after_rounds=base.postcopy_after_rounds, preempt=base.preempt,
-                    cpl=base.cpl,
-                    guest_params=guest_params, parameters=parameters,
-                    description=str(entry.get("description", "")))
+    return Scenario(
+        name=name,
+        guest=base.guest,
+        ram=base.ram,
+        vcpus=base.vcpus,
+        postcopy_after_rounds=base.postcopy_after_rounds,
+        preempt=base.preempt,
+        cpl=base.cpl,
+        guest_params=guest_params,
+        parameters=parameters,
+        description=str(entry.get("description", "")),
+    )
 
 
 def default_scenario_dirs() -> list[Path]:

@@ -49,9 +49,12 @@ class SuiteOptions:
     wait_idle: float = 0.0
 
 
-def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
-              on_record: Callable[[dict[str, Any]], None] | None = None
-              ) -> list[dict[str, Any]]:
+def run_suite(
+    scenarios: Sequence[Scenario],
+    out: Path,
+    options: SuiteOptions,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run each scenario `options.repeat` times on one link; append each record to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
@@ -62,12 +65,16 @@ def run_suite(scenarios: Sequence[Scenario], out: Path, options: SuiteOptions,
             if not options.keep_workdir:
                 cleanup.push(f"directory {workdir}", lambda: shutil.rmtree(workdir, True))
             link = open_link(options.link, cleanup)
-            run_options = RunOptions(link=link, workdir=workdir,
-                                     poll_interval=options.poll_interval, verify=options.verify,
-                                     fault_probes=options.fault_probes,
-                                     keep_workdir=options.keep_workdir,
-                                     profile_prefix=out.with_suffix("") if options.profile
-                                     else None, wait_idle=options.wait_idle)
+            run_options = RunOptions(
+                link=link,
+                workdir=workdir,
+                poll_interval=options.poll_interval,
+                verify=options.verify,
+                fault_probes=options.fault_probes,
+                keep_workdir=options.keep_workdir,
+                profile_prefix=out.with_suffix("") if options.profile else None,
+                wait_idle=options.wait_idle,
+            )
             with out.open("a") as stream:
                 for scenario in scenarios:
                     for repetition in range(1, options.repeat + 1):

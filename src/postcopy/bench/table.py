@@ -39,25 +39,60 @@ Column = tuple[str, Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], s
 
 COLUMNS: list[Column] = [
     ("total s", lambda f, r, t: _num(f["total_time_ms"], ".2f", 1000)),
-    ("throughput MB/s (÷limit)", lambda f, r, t: _styled(_pair(
-        _num(f["throughput_bytes_per_s"], ".0f", MB), r["throughput_vs_limit"]),
-        t, "throughput_vs_limit")),
-    ("bulk round MB/s (÷line)", lambda f, r, t: _styled(_pair(
-        _num(f.get("bulk_round_bytes_per_s"), ".0f", MB), r.get("bulk_round_vs_line_rate")),
-        t, "bulk_round_vs_line_rate")),
-    ("downtime ms (÷5ms)", lambda f, r, t: _styled(_pair(
-        _num(f["downtime_us"], ".2f", 1000), r["downtime_vs_target"]), t,
-        "downtime_vs_target")),
-    ("req p50 µs (÷fault rtt)", lambda f, r, t: _styled(_pair(
-        _num(f["request_latency_p50_us"], ".0f"), r["latency_p50_vs_fault_rtt"]), t,
-        "latency_p50_vs_fault_rtt")),
-    ("req p99/max µs", lambda f, r, t: "-" if f["request_latency_p99_us"] is None else
-     f"{f['request_latency_p99_us']:.0f}/{f['request_latency_max_us']:.0f}"),
+    (
+        "throughput MB/s (÷limit)",
+        lambda f, r, t: _styled(
+            _pair(_num(f["throughput_bytes_per_s"], ".0f", MB), r["throughput_vs_limit"]),
+            t,
+            "throughput_vs_limit",
+        ),
+    ),
+    (
+        "bulk round MB/s (÷line)",
+        lambda f, r, t: _styled(
+            _pair(
+                _num(f.get("bulk_round_bytes_per_s"), ".0f", MB), r.get("bulk_round_vs_line_rate")
+            ),
+            t,
+            "bulk_round_vs_line_rate",
+        ),
+    ),
+    (
+        "downtime ms (÷5ms)",
+        lambda f, r, t: _styled(
+            _pair(_num(f["downtime_us"], ".2f", 1000), r["downtime_vs_target"]),
+            t,
+            "downtime_vs_target",
+        ),
+    ),
+    (
+        "req p50 µs (÷fault rtt)",
+        lambda f, r, t: _styled(
+            _pair(_num(f["request_latency_p50_us"], ".0f"), r["latency_p50_vs_fault_rtt"]),
+            t,
+            "latency_p50_vs_fault_rtt",
+        ),
+    ),
+    (
+        "req p99/max µs",
+        lambda f, r, t: (
+            "-"
+            if f["request_latency_p99_us"] is None
+            else f"{f['request_latency_p99_us']:.0f}/{f['request_latency_max_us']:.0f}"
+        ),
+    ),
     ("blocktime ms", lambda f, r, t: _num(f["blocktime_us"], ".1f", 1000)),
     ("requests", lambda f, r, t: _num(f["postcopy_requests"], ".0f")),
-    ("dst RSS+ MiB (÷RAM)", lambda f, r, t: _styled(_pair(
-        _num(f["destination_overhead_bytes"], ".0f", MIB), r["rss_overhead_vs_guest_ram"]), t,
-        "rss_overhead_vs_guest_ram")),
+    (
+        "dst RSS+ MiB (÷RAM)",
+        lambda f, r, t: _styled(
+            _pair(
+                _num(f["destination_overhead_bytes"], ".0f", MIB), r["rss_overhead_vs_guest_ram"]
+            ),
+            t,
+            "rss_overhead_vs_guest_ram",
+        ),
+    ),
     ("verify", lambda f, r, t: {True: "ok", False: "[red]BAD[/]", None: "-"}[f["verify_ok"]]),
 ]
 
@@ -65,8 +100,10 @@ COLUMNS: list[Column] = [
 def _limits_text(limits: dict[str, Any]) -> str:
     if not limits:
         return "-"
-    return (f"line {limits['line_rate'] / MB:.0f}, fill {limits['fill_rate'] / MB:.0f} MB/s; "
-            f"rtt {limits['fault_rtt_p50_us']:.0f} µs")
+    return (
+        f"line {limits['line_rate'] / MB:.0f}, fill {limits['fill_rate'] / MB:.0f} MB/s; "
+        f"rtt {limits['fault_rtt_p50_us']:.0f} µs"
+    )
 
 
 def runs_table(records: Sequence[dict[str, Any]]) -> Table:
@@ -81,8 +118,11 @@ def runs_table(records: Sequence[dict[str, Any]]) -> Table:
     for record in records:
         status = record.get("status", "?")
         style = "" if status == "completed" else "[red]"
-        row = [record.get("run_id", "?"), record.get("link", "?"),
-               f"{style}{status}[/]" if style else status]
+        row = [
+            record.get("run_id", "?"),
+            record.get("link", "?"),
+            f"{style}{status}[/]" if style else status,
+        ]
         figures = record.get("figures") or {}
         ratios = record.get("ratios") or {}
         targets = record.get("targets") or {}
@@ -104,11 +144,27 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
             grouped[(record["scenario"]["name"], record["link"])].append(record)
     if not any(len(group) > 1 for group in grouped.values()):
         return None
-    table = Table(title="median over repetitions (ratio medians; targets: "
-                  + ", ".join(f"{k} {op} {v}" for k, (op, v) in TARGETS.items()) + ")")
-    for name in ("scenario", "link", "runs", "total s", "MB/s", "÷limit", "bulk MB/s", "÷line",
-                 "downtime ms",
-                 "÷5ms", "req p50 µs", "÷rtt", "blocktime ms", "RSS+ ÷RAM"):
+    table = Table(
+        title="median over repetitions (ratio medians; targets: "
+        + ", ".join(f"{k} {op} {v}" for k, (op, v) in TARGETS.items())
+        + ")"
+    )
+    for name in (
+        "scenario",
+        "link",
+        "runs",
+        "total s",
+        "MB/s",
+        "÷limit",
+        "bulk MB/s",
+        "÷line",
+        "downtime ms",
+        "÷5ms",
+        "req p50 µs",
+        "÷rtt",
+        "blocktime ms",
+        "RSS+ ÷RAM",
+    ):
         table.add_column(name, justify="left" if name in ("scenario", "link") else "right")
 
     def median(group: list[dict[str, Any]], kind: str, key: str) -> float | None:
@@ -117,7 +173,9 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
 
     for (scenario, link), group in grouped.items():
         table.add_row(
-            scenario, link, str(len(group)),
+            scenario,
+            link,
+            str(len(group)),
             _num(median(group, "figures", "total_time_ms"), ".2f", 1000),
             _num(median(group, "figures", "throughput_bytes_per_s"), ".0f", MB),
             _num(median(group, "ratios", "throughput_vs_limit"), ".2f"),
@@ -136,7 +194,7 @@ def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
 def thread_names(record: dict[str, Any], side: str) -> dict[str, str]:
     """Thread id -> name, from the vCPU list and, with --profile, py-spy's thread names."""
     names = dict(((record.get("cpu") or {}).get(side) or {}).get("names") or {})
-    threads = (((record.get("profile") or {}).get(side) or {}).get("threads") or {})
+    threads = ((record.get("profile") or {}).get(side) or {}).get("threads") or {}
     for key in threads:
         name, _, tid = key.rpartition(" (")
         names.setdefault(tid.rstrip(")"), name)
@@ -151,10 +209,12 @@ def cpu_lines(record: dict[str, Any]) -> list[str]:
     lines = [f"{record.get('run_id')}: {cpu['seconds']:.2f} s of migration"]
     host = cpu.get("host") or {}
     if host:
-        lines.append(f"  host: {host['busy_cores']:.2f} of {host['cpus']:.0f} cores busy "
-                     f"(ours {host['ours_cores']:.2f}, other processes "
-                     f"{host['others_cores']:.2f}), stolen by the hypervisor "
-                     f"{host['steal_cores']:.2f}")
+        lines.append(
+            f"  host: {host['busy_cores']:.2f} of {host['cpus']:.0f} cores busy "
+            f"(ours {host['ours_cores']:.2f}, other processes "
+            f"{host['others_cores']:.2f}), stolen by the hypervisor "
+            f"{host['steal_cores']:.2f}"
+        )
     for side in ("source", "destination"):
         usage = cpu.get(side) or {}
         if not usage:

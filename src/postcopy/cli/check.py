@@ -17,15 +17,26 @@ from postcopy.migration.hostcheck import HostReport, check_host
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "check", help="can this host be a postcopy destination?",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
+        "check",
+        help="can this host be a postcopy destination?",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--hugepages", metavar="SIZE", action="append", default=[],
-                        help="also check RAM on huge pages of SIZE (e.g. 2M, 1G)")
-    parser.add_argument("--shared-ram", action="store_true",
-                        help="check for RAM that is shared (memfd/MAP_SHARED)")
-    parser.add_argument("--explain", action="store_true",
-                        help="say what every check is for, not only the failing ones")
+    parser.add_argument(
+        "--hugepages",
+        metavar="SIZE",
+        action="append",
+        default=[],
+        help="also check RAM on huge pages of SIZE (e.g. 2M, 1G)",
+    )
+    parser.add_argument(
+        "--shared-ram", action="store_true", help="check for RAM that is shared (memfd/MAP_SHARED)"
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="say what every check is for, not only the failing ones",
+    )
     parser.set_defaults(func=run)
 
 
@@ -72,9 +83,16 @@ def _print_human(report: HostReport, *, explain: bool = False) -> None:
     for item in report.failures + report.warnings:
         if item.fix:
             label = "fix" if item.required else "hint"
-            console.print(Text.assemble((f"{label} ", "bold"), (f"{item.name}: ", "bold"),
-                                        item.fix), soft_wrap=True)
-    verdict = report.summary() if report.postcopy_possible else (
-        "postcopy migration is NOT possible on this host: "
-        + ", ".join(item.name for item in report.failures))
+            console.print(
+                Text.assemble((f"{label} ", "bold"), (f"{item.name}: ", "bold"), item.fix),
+                soft_wrap=True,
+            )
+    verdict = (
+        report.summary()
+        if report.postcopy_possible
+        else (
+            "postcopy migration is NOT possible on this host: "
+            + ", ".join(item.name for item in report.failures)
+        )
+    )
     console.print(Text(verdict, style="bold green" if report.postcopy_possible else "bold red"))

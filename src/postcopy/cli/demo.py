@@ -34,9 +34,9 @@ from postcopy.cli.report import ReportError, RunWriter, load_run, summary_table,
 from postcopy.cli.units import format_bytes, parse_rate, parse_size
 
 DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
-START_TIMEOUT = 30.0      # seconds for a VM process to offer its QMP socket
-PASSES_TIMEOUT = 60.0     # seconds for the guest to make the passes we wait for
-STOP_TIMEOUT = 10.0       # seconds for a VM process to exit after SIGTERM
+START_TIMEOUT = 30.0  # seconds for a VM process to offer its QMP socket
+PASSES_TIMEOUT = 60.0  # seconds for the guest to make the passes we wait for
+STOP_TIMEOUT = 10.0  # seconds for a VM process to exit after SIGTERM
 
 
 class DemoError(Exception):
@@ -60,12 +60,28 @@ class VmChild:
         self.stderr_path = workdir / f"{name}.stderr"
         self.trace_path = workdir / f"{name}.trace.jsonl"
         self.client: QmpClient | None = None
-        command = [sys.executable, "-m", "postcopy", "vm", "run", "--qmp", str(self.qmp_path),
-                   "--console", str(self.console_path), "--trace", str(self.trace_path), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "postcopy",
+            "vm",
+            "run",
+            "--qmp",
+            str(self.qmp_path),
+            "--console",
+            str(self.console_path),
+            "--trace",
+            str(self.trace_path),
+            *args,
+        ]
         with self.stderr_path.open("wb") as stderr:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=stderr,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -82,18 +98,21 @@ class VmChild:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.process.poll() is not None:
-                raise DemoError(f"the {self.name} VM exited with status "
-                                f"{self.process.returncode}: {self.last_error()}")
+                raise DemoError(
+                    f"the {self.name} VM exited with status "
+                    f"{self.process.returncode}: {self.last_error()}"
+                )
             if self.qmp_path.exists():
                 try:
-                    self.client = QmpClient.connect_to(str(self.qmp_path),
-                                                       name=f"{self.name} QMP")
+                    self.client = QmpClient.connect_to(str(self.qmp_path), name=f"{self.name} QMP")
                     return self.client
                 except QmpClientError:
                     pass
             if time.monotonic() > deadline:
-                raise DemoError(f"the {self.name} VM offered no QMP socket within "
-                                f"{START_TIMEOUT:g} s: {self.last_error()}")
+                raise DemoError(
+                    f"the {self.name} VM offered no QMP socket within "
+                    f"{START_TIMEOUT:g} s: {self.last_error()}"
+                )
             time.sleep(0.05)
 
     def passes(self, guest: str) -> int:
@@ -138,22 +157,38 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "demo", help="start two VMs, migrate one to the other with postcopy, verify it",
+        "demo",
+        help="start two VMs, migrate one to the other with postcopy, verify it",
         description="Start a source VM and a destination, migrate the running guest with one "
-                    "precopy round then postcopy, verify its memory on the destination, and "
-                    "clean everything up. Exit status 0 when the migration completed and the "
-                    "guest's memory verified.")
+        "precopy round then postcopy, verify its memory on the destination, and "
+        "clean everything up. Exit status 0 when the migration completed and the "
+        "guest's memory verified.",
+    )
     parser.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
     parser.add_argument("--vcpus", type=int, default=2, help="vCPUs (default 2)")
-    parser.add_argument("--guest", default="memtouch",
-                        help="built-in guest (default memtouch; see `postcopy vm guests`)")
-    parser.add_argument("--max-bandwidth", metavar="RATE",
-                        help="cap the link, e.g. 100M (bytes per second, precopy and postcopy "
-                             "alike), to watch a slow migration")
-    parser.add_argument("--out", type=Path, default=Path("postcopy-demo"), metavar="DIR",
-                        help="where to write run.jsonl and timeline.png (default ./postcopy-demo)")
-    parser.add_argument("--keep-dir", action="store_true",
-                        help="keep the working directory (consoles, logs, traces) at the end")
+    parser.add_argument(
+        "--guest",
+        default="memtouch",
+        help="built-in guest (default memtouch; see `postcopy vm guests`)",
+    )
+    parser.add_argument(
+        "--max-bandwidth",
+        metavar="RATE",
+        help="cap the link, e.g. 100M (bytes per second, precopy and postcopy "
+        "alike), to watch a slow migration",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("postcopy-demo"),
+        metavar="DIR",
+        help="where to write run.jsonl and timeline.png (default ./postcopy-demo)",
+    )
+    parser.add_argument(
+        "--keep-dir",
+        action="store_true",
+        help="keep the working directory (consoles, logs, traces) at the end",
+    )
     parser.set_defaults(func=run_demo)
 
 
@@ -172,8 +207,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from postcopy.vm.guests import GUESTS
 
     if args.guest not in GUESTS:
-        print(f"postcopy demo: unknown guest {args.guest!r}; built-in guests: "
-              f"{', '.join(GUESTS)}", file=sys.stderr)
+        print(
+            f"postcopy demo: unknown guest {args.guest!r}; built-in guests: {', '.join(GUESTS)}",
+            file=sys.stderr,
+        )
         return 2
     report = check_host()
     if not report.postcopy_possible:
@@ -203,17 +240,24 @@ def run_demo(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
-def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Path,
-          children: list[VmChild]) -> int:
+def _demo(
+    args: argparse.Namespace,
+    ram: int,
+    bandwidth: int | None,
+    workdir: Path,
+    children: list[VmChild],
+) -> int:
     from rich.console import Console
 
     from postcopy.cli.display import LiveProgress, ProgressView
     from postcopy.vm.guests import GUESTS
 
     console = Console()
-    console.print(f"[bold]postcopy demo[/]: a {format_bytes(ram)} {args.guest} guest with "
-                  f"{args.vcpus} vCPUs moves to another VM process over loopback TCP: one "
-                  "precopy round, then postcopy.")
+    console.print(
+        f"[bold]postcopy demo[/]: a {format_bytes(ram)} {args.guest} guest with "
+        f"{args.vcpus} vCPUs moves to another VM process over loopback TCP: one "
+        "precopy round, then postcopy."
+    )
     console.print(f"working directory: {workdir}")
     uri = f"tcp:127.0.0.1:{free_loopback_port()}"
     common = ["--guest", args.guest, "--ram", str(ram), "--vcpus", str(args.vcpus)]
@@ -222,8 +266,10 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
     children.append(destination)
     source = VmChild("source", workdir, common)
     children.append(source)
-    console.print(f"started the source VM (PID {source.pid}) and the destination VM "
-                  f"(PID {destination.pid}, waiting on {uri})")
+    console.print(
+        f"started the source VM (PID {source.pid}) and the destination VM "
+        f"(PID {destination.pid}, waiting on {uri})"
+    )
     source_qmp = source.connect()
     destination_qmp = destination.connect()
 
@@ -238,8 +284,10 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
         if time.monotonic() > deadline:
             raise DemoError(f"the guest made fewer than {wanted} passes in {PASSES_TIMEOUT:g} s")
         time.sleep(0.05)
-    console.print(f"the guest runs on the source: {source.passes(guest)} passes so far "
-                  f"({GUESTS[guest].pass_help})")
+    console.print(
+        f"the guest runs on the source: {source.passes(guest)} passes so far "
+        f"({GUESTS[guest].pass_help})"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     run_path = args.out / "run.jsonl"
@@ -248,11 +296,14 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
     at_end: dict[str, int] = {}
 
     def guest_rows() -> list[tuple[str, str]]:
-        rows = [("guest passes on the source", str(passes["source"])),
-                ("guest passes on the destination", str(passes["destination"]))]
+        rows = [
+            ("guest passes on the source", str(passes["source"])),
+            ("guest passes on the destination", str(passes["destination"])),
+        ]
         if "destination" in at_switch:
-            rows.append(("  of them during postcopy",
-                         str(passes["destination"] - at_switch["destination"])))
+            rows.append(
+                ("  of them during postcopy", str(passes["destination"] - at_switch["destination"]))
+            )
         return rows
 
     view = ProgressView(f"migrating to {uri}", extra_rows=guest_rows)
@@ -272,12 +323,25 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
         view.note = text
         live.refresh()
 
-    options = MigrateOptions(uri=uri, postcopy=True, preempt=True, switch_after_rounds=1,
-                             max_bandwidth=bandwidth, max_postcopy_bandwidth=bandwidth)
+    options = MigrateOptions(
+        uri=uri,
+        postcopy=True,
+        preempt=True,
+        switch_after_rounds=1,
+        max_bandwidth=bandwidth,
+        max_postcopy_bandwidth=bandwidth,
+    )
     with RunWriter(run_path) as recorder:
-        migration = Migration(source_qmp, destination_qmp, options, on_sample=on_sample,
-                              on_note=note, recorder=recorder, command="demo",
-                              catch_interrupts=False)
+        migration = Migration(
+            source_qmp,
+            destination_qmp,
+            options,
+            on_sample=on_sample,
+            on_note=note,
+            recorder=recorder,
+            command="demo",
+            catch_interrupts=False,
+        )
         migration.prepare()
         with live:
             outcome = migration.run()
@@ -291,23 +355,36 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
         deadline = time.monotonic() + PASSES_TIMEOUT
         while destination.passes(guest) < completed_passes + per_pass:
             if time.monotonic() > deadline:
-                raise DemoError("the guest made no progress on the destination after the "
-                                f"migration ({completed_passes} passes, still)")
+                raise DemoError(
+                    "the guest made no progress on the destination after the "
+                    f"migration ({completed_passes} passes, still)"
+                )
             time.sleep(0.05)
         after = destination.passes(guest)
         destination_qmp.execute("stop")
         verdict = destination_qmp.execute("x-verify")
         during_postcopy = at_end["destination"] - at_switch["destination"]
-        recorder.write({"event": "verify", "side": "destination", **verdict,
-                        "passes-during-postcopy": during_postcopy,
-                        "passes-at-completion": completed_passes, "passes-at-stop": after})
+        recorder.write(
+            {
+                "event": "verify",
+                "side": "destination",
+                **verdict,
+                "passes-during-postcopy": during_postcopy,
+                "passes-at-completion": completed_passes,
+                "passes-at-stop": after,
+            }
+        )
 
     console.print(summary_table(outcome.source, outcome.destination))
-    console.print(f"the guest kept running on the destination: {during_postcopy} passes while "
-                  f"its memory was still arriving (postcopy), {after} passes in all there")
+    console.print(
+        f"the guest kept running on the destination: {during_postcopy} passes while "
+        f"its memory was still arriving (postcopy), {after} passes in all there"
+    )
     if verdict["ok"]:
-        console.print(f"[bold green]verified[/]: the destination's memory is what the guest "
-                      f"wrote ({verdict['detail']})")
+        console.print(
+            f"[bold green]verified[/]: the destination's memory is what the guest "
+            f"wrote ({verdict['detail']})"
+        )
     else:
         console.print(f"[bold red]verification FAILED[/]: {verdict['detail']}")
     console.print(f"run written to {run_path} (`postcopy report {run_path}`)")
@@ -317,7 +394,9 @@ def _demo(args: argparse.Namespace, ram: int, bandwidth: int | None, workdir: Pa
     except ReportError as error:
         console.print(f"no timeline PNG: {error}")
     if not verdict["ok"]:
-        print(f"postcopy demo: the guest's memory on the destination is wrong: "
-              f"{verdict['detail']}", file=sys.stderr)
+        print(
+            f"postcopy demo: the guest's memory on the destination is wrong: {verdict['detail']}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -31,8 +31,14 @@ PHASE_TEXT = {
     "completed": "completed",
     "failed": "failed",
 }
-PHASE_STYLE = {"active": "blue", "device": "yellow", "postcopy-active": "green",
-               "completed": "bold green", "failed": "bold red", "cancelled": "bold red"}
+PHASE_STYLE = {
+    "active": "blue",
+    "device": "yellow",
+    "postcopy-active": "green",
+    "completed": "bold green",
+    "failed": "bold red",
+    "cancelled": "bold red",
+}
 
 
 def format_duration(seconds: float | None) -> str:
@@ -53,8 +59,9 @@ def format_rate(bytes_per_second: float | None) -> str:
 class ProgressView:
     """Renders the latest sample; `extra_rows` adds rows (e.g. the demo's guest passes)."""
 
-    def __init__(self, title: str, *,
-                 extra_rows: Callable[[], list[tuple[str, str]]] | None = None) -> None:
+    def __init__(
+        self, title: str, *, extra_rows: Callable[[], list[tuple[str, str]]] | None = None
+    ) -> None:
         self.title = title
         self.extra_rows = extra_rows
         self.sample: dict[str, Any] | None = None
@@ -71,16 +78,20 @@ class ProgressView:
         if sample is None:
             return Text(f"{self.title}: starting")
         status = str(sample.get("status", "none"))
-        phase = Text.assemble((f"{self.title}  ", "bold"),
-                              (PHASE_TEXT.get(status, status), PHASE_STYLE.get(status, "")))
+        phase = Text.assemble(
+            (f"{self.title}  ", "bold"),
+            (PHASE_TEXT.get(status, status), PHASE_STYLE.get(status, "")),
+        )
         total = int(sample.get("total") or 0)
         remaining = int(sample.get("remaining") or 0)
         done = max(total - remaining, 0) if status not in ("setup", "none") else 0
         if status == "completed":
             done = total
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=max(total, 1), completed=done, width=50),
-                    Text(f"{format_bytes(remaining)} of {format_bytes(total)} still to move"))
+        bar.add_row(
+            ProgressBar(total=max(total, 1), completed=done, width=50),
+            Text(f"{format_bytes(remaining)} of {format_bytes(total)} still to move"),
+        )
         table = Table.grid(padding=(0, 2))
         table.add_column(style="dim")
         table.add_column()
@@ -113,8 +124,14 @@ class LiveProgress:
     def __init__(self, view: ProgressView, console: Console | None = None) -> None:
         self.view = view
         self.console = console or Console()
-        self._live = Live(view.render(), console=self.console, auto_refresh=False,
-                          transient=False, redirect_stdout=False, redirect_stderr=False)
+        self._live = Live(
+            view.render(),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     def __enter__(self) -> LiveProgress:
         if self.console.is_terminal:

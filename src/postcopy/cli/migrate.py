@@ -65,16 +65,21 @@ class MigrateOptions:
 
     @property
     def uses_postcopy(self) -> bool:
-        return (self.postcopy or self.preempt or self.switch_after_rounds is not None
-                or self.switch_when_stalled)
+        return (
+            self.postcopy
+            or self.preempt
+            or self.switch_after_rounds is not None
+            or self.switch_when_stalled
+        )
 
     @property
     def manual_switch(self) -> bool:
         """--postcopy alone: postcopy after the first round. The source switches by itself
         (x-postcopy-after-rounds 1): a migrate-start-postcopy sent when a poll sees the
         round end can come after a fast precopy has already converged and completed."""
-        return (self.uses_postcopy and self.switch_after_rounds is None
-                and not self.switch_when_stalled)
+        return (
+            self.uses_postcopy and self.switch_after_rounds is None and not self.switch_when_stalled
+        )
 
 
 @dataclass
@@ -126,10 +131,18 @@ class _Interrupts:
 class Migration:
     """One migration driven over QMP: the source's client, optionally the destination's."""
 
-    def __init__(self, source: QmpClient, destination: QmpClient | None,
-                 options: MigrateOptions, *, on_sample: SampleSink | None = None,
-                 on_note: NoteSink | None = None, recorder: RunWriter | None = None,
-                 command: str = "migrate", catch_interrupts: bool = True) -> None:
+    def __init__(
+        self,
+        source: QmpClient,
+        destination: QmpClient | None,
+        options: MigrateOptions,
+        *,
+        on_sample: SampleSink | None = None,
+        on_note: NoteSink | None = None,
+        recorder: RunWriter | None = None,
+        command: str = "migrate",
+        catch_interrupts: bool = True,
+    ) -> None:
         self.source = source
         self.destination = destination
         self.options = options
@@ -151,27 +164,36 @@ class Migration:
         options = self.options
         status = self.source.execute("query-status")
         if status.get("status") == "inmigrate":
-            raise MigrateError(f"the VM at {self.source.path} is itself waiting for an incoming "
-                               "migration: --qmp must name the source VM's socket")
+            raise MigrateError(
+                f"the VM at {self.source.path} is itself waiting for an incoming "
+                "migration: --qmp must name the source VM's socket"
+            )
         current = self.source.execute("query-migrate").get("status", "none")
         if current not in FINAL_STATUSES and current != "none":
-            raise MigrateError(f"a migration is already in progress on the source "
-                               f"(status {current})")
+            raise MigrateError(
+                f"a migration is already in progress on the source (status {current})"
+            )
         if status.get("status") in ("postmigrate", "shutdown", "internal-error") or (
-                current == "completed" and not status.get("running")):
-            raise MigrateError(f"the source VM is in state {status.get('status')}: "
-                               "it has already migrated away or stopped for good")
+            current == "completed" and not status.get("running")
+        ):
+            raise MigrateError(
+                f"the source VM is in state {status.get('status')}: "
+                "it has already migrated away or stopped for good"
+            )
         if self.destination is not None:
             dest_status = self.destination.execute("query-status").get("status")
             if dest_status != "inmigrate":
                 raise MigrateError(
                     f"the destination at {self.destination.path} is not waiting for a "
                     f"migration (its status is {dest_status!r}); start it with "
-                    "`postcopy vm run ... --incoming URI`")
+                    "`postcopy vm run ... --incoming URI`"
+                )
             dest_migration = self.destination.execute("query-migrate").get("status", "none")
             if dest_migration != "none":
-                raise MigrateError(f"the destination at {self.destination.path} is already "
-                                   f"receiving a migration (status {dest_migration})")
+                raise MigrateError(
+                    f"the destination at {self.destination.path} is already "
+                    f"receiving a migration (status {dest_migration})"
+                )
         if options.key_file is not None:
             from postcopy.transport import AuthConfig
             from postcopy.transport.errors import KeyFileError
@@ -180,21 +202,31 @@ class Migration:
                 AuthConfig.from_file(options.key_file)
             except KeyFileError as error:
                 raise MigrateError(str(error)) from None
-        capabilities = [{"capability": "postcopy-ram", "state": options.uses_postcopy},
-                        {"capability": "postcopy-preempt", "state": options.preempt}]
-        self._execute(self.source, "migrate-set-capabilities", {"capabilities": capabilities},
-                      "source")
+        capabilities = [
+            {"capability": "postcopy-ram", "state": options.uses_postcopy},
+            {"capability": "postcopy-preempt", "state": options.preempt},
+        ]
+        self._execute(
+            self.source, "migrate-set-capabilities", {"capabilities": capabilities}, "source"
+        )
         if self.destination is not None and options.uses_postcopy:
             wanted = ["postcopy-ram", "postcopy-blocktime"]
             if options.preempt:
                 wanted.append("postcopy-preempt")
-            self._execute(self.destination, "migrate-set-capabilities",
-                          {"capabilities": [{"capability": name, "state": True}
-                                            for name in wanted]}, "destination")
+            self._execute(
+                self.destination,
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": name, "state": True} for name in wanted]},
+                "destination",
+            )
         parameters: dict[str, Any] = {
-            "x-postcopy-after-rounds": (options.switch_after_rounds
-                                        if options.switch_after_rounds is not None
-                                        else 1 if options.manual_switch else -1),
+            "x-postcopy-after-rounds": (
+                options.switch_after_rounds
+                if options.switch_after_rounds is not None
+                else 1
+                if options.manual_switch
+                else -1
+            ),
             "x-postcopy-when-stalled": options.switch_when_stalled,
         }
         if options.max_bandwidth is not None:
@@ -205,14 +237,16 @@ class Migration:
             parameters["downtime-limit"] = options.downtime_limit
         # without --key, the source uses the key it was started with (if any), not one a
         # previous `postcopy migrate --key` left in its parameters
-        parameters["x-key-file"] = (str(Path(options.key_file).resolve())
-                                    if options.key_file is not None else "")
+        parameters["x-key-file"] = (
+            str(Path(options.key_file).resolve()) if options.key_file is not None else ""
+        )
         self._execute(self.source, "migrate-set-parameters", parameters, "source")
         if self.recorder is not None:
             self.recorder.write(self._header())
 
-    def _execute(self, client: QmpClient, command: str, arguments: dict[str, Any],
-                 side: str) -> Any:
+    def _execute(
+        self, client: QmpClient, command: str, arguments: dict[str, Any], side: str
+    ) -> Any:
         try:
             return client.execute(command, arguments)
         except QmpCommandError as error:
@@ -223,25 +257,34 @@ class Migration:
             if client is None:
                 return None
             caps = client.execute("query-migrate-capabilities")
-            return {"qmp": client.path,
-                    "capabilities": [c["capability"] for c in caps if c["state"]],
-                    "parameters": client.execute("query-migrate-parameters")}
+            return {
+                "qmp": client.path,
+                "capabilities": [c["capability"] for c in caps if c["state"]],
+                "parameters": client.execute("query-migrate-parameters"),
+            }
 
         source = describe(self.source)
         assert source is not None
         source["parameters"].pop("x-key-file", None)  # a path, but still nobody's business
         options = {k: v for k, v in asdict(self.options).items() if k != "uri"}
-        return {"event": "header", "format": RUN_FORMAT, "command": self.command,
-                "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "uri": self.options.uri, "options": options, "source": source,
-                "destination": describe(self.destination)}
+        return {
+            "event": "header",
+            "format": RUN_FORMAT,
+            "command": self.command,
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "uri": self.options.uri,
+            "options": options,
+            "source": source,
+            "destination": describe(self.destination),
+        }
 
     # -- while it runs -------------------------------------------------------------------------
 
     def run(self) -> MigrationOutcome:
         """Start the migration and watch it to its end (the caller called prepare())."""
-        catching = (self._interrupts.catching() if self.catch_interrupts
-                    else contextlib.nullcontext())
+        catching = (
+            self._interrupts.catching() if self.catch_interrupts else contextlib.nullcontext()
+        )
         with catching:
             self.start_time = time.monotonic()
             self._execute(self.source, "migrate", {"uri": self.options.uri}, "source")
@@ -277,9 +320,11 @@ class Migration:
                     self.on_note(f"could not cancel: {error.desc}")
             elif self._interrupts.count and status.startswith("postcopy") and not postcopy_warned:
                 postcopy_warned = True
-                self.on_note("interrupted, but postcopy cannot be cancelled: the guest already "
-                             "runs on the destination; waiting for the last pages "
-                             "(Ctrl-C twice more to stop watching)")
+                self.on_note(
+                    "interrupted, but postcopy cannot be cancelled: the guest already "
+                    "runs on the destination; waiting for the last pages "
+                    "(Ctrl-C twice more to stop watching)"
+                )
             time.sleep(options.poll_interval)
 
     def _sample(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -334,8 +379,9 @@ class Migration:
                 return info
             time.sleep(0.05)
 
-    def _record_end(self, status: str, source: dict[str, Any],
-                    destination: dict[str, Any] | None) -> None:
+    def _record_end(
+        self, status: str, source: dict[str, Any], destination: dict[str, Any] | None
+    ) -> None:
         recorder = self.recorder
         if recorder is None:
             return
@@ -353,10 +399,10 @@ class Migration:
             recorder.write({"event": "summary", "side": "destination", **destination})
             latency = latency_samples(self.destination)
             if latency:
-                recorder.write({"event": "latency-samples", "side": "destination",
-                                "us": latency})
-        recorder.write({"event": "end", "status": status,
-                        "t": round(time.monotonic() - self.start_time, 3)})
+                recorder.write({"event": "latency-samples", "side": "destination", "us": latency})
+        recorder.write(
+            {"event": "end", "status": status, "t": round(time.monotonic() - self.start_time, 3)}
+        )
 
 
 def latency_samples(client: QmpClient | None) -> list[float]:
@@ -382,46 +428,87 @@ def connect(path: str, name: str) -> QmpClient:
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "migrate", help="migrate a running VM through its QMP socket, with live progress",
+        "migrate",
+        help="migrate a running VM through its QMP socket, with live progress",
         description="Migrate the VM behind --qmp to a destination started with "
-                    "`postcopy vm run --incoming URI`. Exit status 0 when the migration "
-                    "completed, 1 when it failed or was cancelled.")
-    parser.add_argument("--qmp", required=True, metavar="SRC.sock",
-                        help="the source VM's QMP socket")
-    parser.add_argument("--to", required=True, metavar="URI",
-                        help="the destination's migration URI: tcp:HOST:PORT or unix:PATH")
-    parser.add_argument("--dest-qmp", metavar="DST.sock",
-                        help="the destination's QMP socket: checked before the start, given "
-                             "the postcopy capabilities, and asked for its figures at the end")
-    parser.add_argument("--postcopy", action="store_true",
-                        help="switch to postcopy after the first precopy round "
-                             "(the source does it: x-postcopy-after-rounds 1)")
-    parser.add_argument("--preempt", action="store_true",
-                        help="send requested pages on a channel of their own "
-                             "(postcopy-preempt; implies --postcopy)")
+        "`postcopy vm run --incoming URI`. Exit status 0 when the migration "
+        "completed, 1 when it failed or was cancelled.",
+    )
+    parser.add_argument(
+        "--qmp", required=True, metavar="SRC.sock", help="the source VM's QMP socket"
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        metavar="URI",
+        help="the destination's migration URI: tcp:HOST:PORT or unix:PATH",
+    )
+    parser.add_argument(
+        "--dest-qmp",
+        metavar="DST.sock",
+        help="the destination's QMP socket: checked before the start, given "
+        "the postcopy capabilities, and asked for its figures at the end",
+    )
+    parser.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="switch to postcopy after the first precopy round "
+        "(the source does it: x-postcopy-after-rounds 1)",
+    )
+    parser.add_argument(
+        "--preempt",
+        action="store_true",
+        help="send requested pages on a channel of their own "
+        "(postcopy-preempt; implies --postcopy)",
+    )
     switch = parser.add_mutually_exclusive_group()
-    switch.add_argument("--switch-after-rounds", type=int, metavar="N",
-                        help="switch to postcopy automatically after N precopy rounds "
-                             "(0: postcopy from the start; implies --postcopy)")
-    switch.add_argument("--switch-when-stalled", action="store_true",
-                        help="switch to postcopy when precopy rounds stop shrinking the dirty "
-                             "set (implies --postcopy)")
-    parser.add_argument("--max-bandwidth", metavar="RATE",
-                        help="cap the precopy rate, e.g. 100M (bytes per second)")
-    parser.add_argument("--max-postcopy-bandwidth", metavar="RATE",
-                        help="cap the background push after the switch to postcopy, e.g. 100M")
-    parser.add_argument("--downtime-limit", type=int, metavar="MS",
-                        help="the longest the guest may be stopped at a precopy switchover")
-    parser.add_argument("--key", metavar="FILE",
-                        help="authentication key file (the destination must use the same)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per progress sample and a final summary "
-                             "instead of the display")
-    parser.add_argument("--timeline", metavar="FILE.jsonl",
-                        help="write the whole run (samples, both sides' events and figures) "
-                             "for `postcopy report`")
-    parser.add_argument("--interval", type=float, default=0.1, metavar="SECONDS",
-                        help="how often to poll query-migrate (default 0.1)")
+    switch.add_argument(
+        "--switch-after-rounds",
+        type=int,
+        metavar="N",
+        help="switch to postcopy automatically after N precopy rounds "
+        "(0: postcopy from the start; implies --postcopy)",
+    )
+    switch.add_argument(
+        "--switch-when-stalled",
+        action="store_true",
+        help="switch to postcopy when precopy rounds stop shrinking the dirty "
+        "set (implies --postcopy)",
+    )
+    parser.add_argument(
+        "--max-bandwidth", metavar="RATE", help="cap the precopy rate, e.g. 100M (bytes per second)"
+    )
+    parser.add_argument(
+        "--max-postcopy-bandwidth",
+        metavar="RATE",
+        help="cap the background push after the switch to postcopy, e.g. 100M",
+    )
+    parser.add_argument(
+        "--downtime-limit",
+        type=int,
+        metavar="MS",
+        help="the longest the guest may be stopped at a precopy switchover",
+    )
+    parser.add_argument(
+        "--key", metavar="FILE", help="authentication key file (the destination must use the same)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per progress sample and a final summary instead of the display",
+    )
+    parser.add_argument(
+        "--timeline",
+        metavar="FILE.jsonl",
+        help="write the whole run (samples, both sides' events and figures) for `postcopy report`",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="how often to poll query-migrate (default 0.1)",
+    )
     parser.set_defaults(func=run_migrate)
 
 
@@ -432,12 +519,18 @@ def options_from_args(args: argparse.Namespace) -> MigrateOptions:
         raise MigrateError("--downtime-limit must be 0 or more")
     bandwidth = _rate_option("--max-bandwidth", args.max_bandwidth)
     postcopy_bandwidth = _rate_option("--max-postcopy-bandwidth", args.max_postcopy_bandwidth)
-    return MigrateOptions(uri=args.to, postcopy=args.postcopy, preempt=args.preempt,
-                          switch_after_rounds=args.switch_after_rounds,
-                          switch_when_stalled=args.switch_when_stalled,
-                          max_bandwidth=bandwidth, max_postcopy_bandwidth=postcopy_bandwidth,
-                          downtime_limit=args.downtime_limit,
-                          key_file=args.key, poll_interval=max(args.interval, 0.01))
+    return MigrateOptions(
+        uri=args.to,
+        postcopy=args.postcopy,
+        preempt=args.preempt,
+        switch_after_rounds=args.switch_after_rounds,
+        switch_when_stalled=args.switch_when_stalled,
+        max_bandwidth=bandwidth,
+        max_postcopy_bandwidth=postcopy_bandwidth,
+        downtime_limit=args.downtime_limit,
+        key_file=args.key,
+        poll_interval=max(args.interval, 0.01),
+    )
 
 
 def _rate_option(name: str, text: str | None) -> int | None:
@@ -479,17 +572,31 @@ def run_migrate(args: argparse.Namespace) -> int:
             recorder = RunWriter(args.timeline)
         console = Console(stderr=False)
         if args.json:
+
             def emit(sample: dict[str, Any]) -> None:
                 print(json.dumps(sample), flush=True)
 
-            migration = Migration(source, destination, options, on_sample=emit,
-                                  on_note=lambda text: print(text, file=sys.stderr),
-                                  recorder=recorder)
+            migration = Migration(
+                source,
+                destination,
+                options,
+                on_sample=emit,
+                on_note=lambda text: print(text, file=sys.stderr),
+                recorder=recorder,
+            )
             migration.prepare()
             outcome = migration.run()
-            print(json.dumps({"event": "summary", "status": outcome.status,
-                              "source": outcome.source, "destination": outcome.destination}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "summary",
+                        "status": outcome.status,
+                        "source": outcome.source,
+                        "destination": outcome.destination,
+                    }
+                ),
+                flush=True,
+            )
         else:
             view = ProgressView(f"migrating to {options.uri}")
             live = LiveProgress(view, console)
@@ -498,16 +605,19 @@ def run_migrate(args: argparse.Namespace) -> int:
                 view.note = text
                 live.refresh()
 
-            migration = Migration(source, destination, options, on_sample=live.update,
-                                  on_note=note, recorder=recorder)
+            migration = Migration(
+                source, destination, options, on_sample=live.update, on_note=note, recorder=recorder
+            )
             migration.prepare()
             with live:
                 outcome = migration.run()
             if outcome.completed or outcome.source.get("ram", {}).get("transferred"):
                 console.print(summary_table(outcome.source, outcome.destination))
             if args.timeline:
-                console.print(f"run written to {args.timeline} "
-                              f"(`postcopy report {args.timeline} --png run.png`)")
+                console.print(
+                    f"run written to {args.timeline} "
+                    f"(`postcopy report {args.timeline} --png run.png`)"
+                )
     except (MigrateError, QmpClientError) as error:
         print(f"postcopy migrate: {error}", file=sys.stderr)
         return 1

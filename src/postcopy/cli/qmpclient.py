@@ -46,8 +46,9 @@ class QmpClient:
         self._buffer = b""
 
     @classmethod
-    def connect_to(cls, path: str, *, timeout: float = 10.0, name: str = "QMP",
-                   wait: float = 0.0) -> QmpClient:
+    def connect_to(
+        cls, path: str, *, timeout: float = 10.0, name: str = "QMP", wait: float = 0.0
+    ) -> QmpClient:
         """Connect and negotiate; `wait` seconds are allowed for the socket to appear."""
         client = cls(path, timeout=timeout, name=name)
         deadline = time.monotonic() + wait
@@ -67,16 +68,20 @@ class QmpClient:
             sock.connect(self.path)
         except FileNotFoundError:
             sock.close()
-            raise QmpClientError(f"no {self.name} socket at {self.path} (is the VM running? "
-                                 "`postcopy vm run --qmp PATH` creates it)") from None
+            raise QmpClientError(
+                f"no {self.name} socket at {self.path} (is the VM running? "
+                "`postcopy vm run --qmp PATH` creates it)"
+            ) from None
         except ConnectionRefusedError:
             sock.close()
-            raise QmpClientError(f"nothing listens on the {self.name} socket {self.path} "
-                                 "(the VM has exited?)") from None
+            raise QmpClientError(
+                f"nothing listens on the {self.name} socket {self.path} (the VM has exited?)"
+            ) from None
         except OSError as error:
             sock.close()
-            raise QmpClientError(f"cannot connect to the {self.name} socket {self.path}: "
-                                 f"{error.strerror or error}") from None
+            raise QmpClientError(
+                f"cannot connect to the {self.name} socket {self.path}: {error.strerror or error}"
+            ) from None
         self._sock = sock
         self._buffer = b""
         greeting = self._read_message()
@@ -108,8 +113,9 @@ class QmpClient:
         try:
             self._sock.sendall(json.dumps(request).encode() + b"\n")
         except OSError as error:
-            raise QmpClientError(f"{self.name} connection lost ({error.strerror or error})"
-                                 ) from None
+            raise QmpClientError(
+                f"{self.name} connection lost ({error.strerror or error})"
+            ) from None
         while True:
             message = self._read_message()
             if "event" in message:
@@ -118,8 +124,9 @@ class QmpClient:
                 return message["return"]
             elif "error" in message:
                 answer = message["error"]
-                raise QmpCommandError(command, str(answer.get("class", "GenericError")),
-                                      str(answer.get("desc", "")))
+                raise QmpCommandError(
+                    command, str(answer.get("class", "GenericError")), str(answer.get("desc", ""))
+                )
 
     def take_events(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
@@ -131,21 +138,25 @@ class QmpClient:
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:
-                raise QmpClientError(f"the {self.name} server did not answer within "
-                                     f"{self.timeout:g} s") from None
+                raise QmpClientError(
+                    f"the {self.name} server did not answer within {self.timeout:g} s"
+                ) from None
             except OSError as error:
-                raise QmpClientError(f"{self.name} connection lost "
-                                     f"({error.strerror or error})") from None
+                raise QmpClientError(
+                    f"{self.name} connection lost ({error.strerror or error})"
+                ) from None
             if not data:
-                raise QmpClientError(f"the {self.name} server closed the connection "
-                                     "(the VM has exited?)")
+                raise QmpClientError(
+                    f"the {self.name} server closed the connection (the VM has exited?)"
+                )
             self._buffer += data
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
             message = json.loads(line)
         except ValueError:
-            raise QmpClientError(f"{self.name} sent something that is not JSON: "
-                                 f"{line[:80]!r}") from None
+            raise QmpClientError(
+                f"{self.name} sent something that is not JSON: {line[:80]!r}"
+            ) from None
         if not isinstance(message, dict):
             raise QmpClientError(f"{self.name} sent a JSON value that is not an object")
         return message

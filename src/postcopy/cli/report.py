@@ -44,8 +44,13 @@ PHASE_COLOURS = {
     "postcopy-active": "#c7e9c0",
     "cancelling": "#fcbba1",
 }
-PHASE_NAMES = {"setup": "setup", "active": "precopy", "device": "stop-and-copy",
-               "postcopy-active": "postcopy", "cancelling": "cancelling"}
+PHASE_NAMES = {
+    "setup": "setup",
+    "active": "precopy",
+    "device": "stop-and-copy",
+    "postcopy-active": "postcopy",
+    "cancelling": "cancelling",
+}
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
@@ -117,8 +122,11 @@ class Run:
 
     def phases(self) -> list[tuple[str, float, float]]:
         """(status, start, end) spans of the source, from its status events or samples."""
-        changes = [(str(e["status"]), float(e["t"])) for e in self.events_of("source")
-                   if e.get("event") == "status" and "t" in e]
+        changes = [
+            (str(e["status"]), float(e["t"]))
+            for e in self.events_of("source")
+            if e.get("event") == "status" and "t" in e
+        ]
         if not changes:
             changes = []
             for sample in self.samples:
@@ -166,7 +174,7 @@ def load_run(path: str | Path) -> Run:
         except ValueError:
             raise ReportError(f"{path}:{number}: not a JSON line") from None
         if not isinstance(record, dict) or not isinstance(record.get("event"), str):
-            raise ReportError(f"{path}:{number}: not a run record (no \"event\" key)")
+            raise ReportError(f'{path}:{number}: not a run record (no "event" key)')
         kind = record["event"]
         if kind == "header":
             run.header = record
@@ -215,8 +223,11 @@ def source_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("status", str(info.get("status", "-"))),
         ("total time", _ms(info.get("total-time"))),
         ("setup time", _ms(info.get("setup-time"))),
-        ("downtime", _ms(info.get("downtime"))
-         + (f" ({info['x-downtime-us']:,.0f} µs)" if "x-downtime-us" in info else "")),
+        (
+            "downtime",
+            _ms(info.get("downtime"))
+            + (f" ({info['x-downtime-us']:,.0f} µs)" if "x-downtime-us" in info else ""),
+        ),
         ("precopy rounds", str(info.get("x-rounds", "-"))),
         ("RAM", _bytes(ram.get("total"))),
         ("transferred", _bytes(ram.get("transferred"))),
@@ -227,8 +238,10 @@ def source_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("throughput", f"{ram['mbps']:,.0f} Mbit/s" if "mbps" in ram else "-"),
         ("dirty syncs", str(ram.get("dirty-sync-count", "-"))),
         ("postcopy requests", str(ram.get("postcopy-requests", "-"))),
-        ("pages pushed / requested",
-         f"{ram.get('x-pages-pushed', '-')} / {ram.get('x-pages-requested', '-')}"),
+        (
+            "pages pushed / requested",
+            f"{ram.get('x-pages-pushed', '-')} / {ram.get('x-pages-requested', '-')}",
+        ),
     ]
     if info.get("error-desc"):
         rows.append(("error", str(info["error-desc"])))
@@ -239,23 +252,36 @@ def destination_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("status", str(info.get("status", "-"))), ("total time", _ms(info.get("total-time")))]
     if "postcopy-blocktime" in info:
         total_us = info.get("x-postcopy-blocktime-us")
-        rows.append(("blocktime (all vCPUs)", _ms(info["postcopy-blocktime"])
-                     + (f" ({total_us:,.0f} µs)" if total_us is not None else "")))
+        rows.append(
+            (
+                "blocktime (all vCPUs)",
+                _ms(info["postcopy-blocktime"])
+                + (f" ({total_us:,.0f} µs)" if total_us is not None else ""),
+            )
+        )
         per_vcpu = info.get("x-postcopy-vcpu-blocktime-us") or [
-            ms * 1000 for ms in info.get("postcopy-vcpu-blocktime", [])]
+            ms * 1000 for ms in info.get("postcopy-vcpu-blocktime", [])
+        ]
         for index, value in enumerate(per_vcpu):
             rows.append((f"  vCPU {index}", _us(value)))
         if "x-postcopy-vcpu-faults" in info:
             rows.append(("vCPU faults", str(info["x-postcopy-vcpu-faults"])))
     latency = info.get("x-request-latency")
     if latency and latency.get("count"):
-        rows.append(("request latency", f"p50 {_us(latency['p50-us'])}, "
-                     f"p99 {_us(latency['p99-us'])}, max {_us(latency['max-us'])} "
-                     f"({latency['count']} pages)"))
-    for key, label in (("x-postcopy-requests-sent", "requests sent"),
-                       ("x-pages-placed", "pages placed by the fault path"),
-                       ("x-duplicate-pages", "duplicate pages"),
-                       ("x-bytes-received", "bytes received")):
+        rows.append(
+            (
+                "request latency",
+                f"p50 {_us(latency['p50-us'])}, "
+                f"p99 {_us(latency['p99-us'])}, max {_us(latency['max-us'])} "
+                f"({latency['count']} pages)",
+            )
+        )
+    for key, label in (
+        ("x-postcopy-requests-sent", "requests sent"),
+        ("x-pages-placed", "pages placed by the fault path"),
+        ("x-duplicate-pages", "duplicate pages"),
+        ("x-bytes-received", "bytes received"),
+    ):
         if key in info:
             value = info[key]
             rows.append((label, _bytes(value) if key == "x-bytes-received" else str(value)))
@@ -264,8 +290,11 @@ def destination_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def summary_table(source: dict[str, Any] | None, destination: dict[str, Any] | None,
-                  title: str = "migration summary") -> Any:
+def summary_table(
+    source: dict[str, Any] | None,
+    destination: dict[str, Any] | None,
+    title: str = "migration summary",
+) -> Any:
     """A rich table of both sides' final figures (either may be missing)."""
     from rich.table import Table
 
@@ -273,11 +302,14 @@ def summary_table(source: dict[str, Any] | None, destination: dict[str, Any] | N
     table.add_column("")
     table.add_column("figure")
     table.add_column("value", overflow="fold")
-    for side, rows in (("source", source_rows(source) if source else []),
-                       ("destination", destination_rows(destination) if destination else [])):
+    for side, rows in (
+        ("source", source_rows(source) if source else []),
+        ("destination", destination_rows(destination) if destination else []),
+    ):
         for index, (label, value) in enumerate(rows):
-            table.add_row(side if index == 0 else "", label, value,
-                          end_section=index == len(rows) - 1)
+            table.add_row(
+                side if index == 0 else "", label, value, end_section=index == len(rows) - 1
+            )
     return table
 
 
@@ -322,14 +354,22 @@ def print_report(run: Run, out: Any = None) -> None:
         timeline.add_column("event")
         timeline.add_column("detail", overflow="fold")
         for event in sorted(run.events, key=lambda e: (float(e.get("t", 0)), e.get("side", ""))):
-            timeline.add_row(f"{float(event.get('t', 0)):.3f}", str(event.get("side", "?")),
-                             str(event["event"]), _event_detail(event))
+            timeline.add_row(
+                f"{float(event.get('t', 0)):.3f}",
+                str(event.get("side", "?")),
+                str(event["event"]),
+                _event_detail(event),
+            )
         console.print(timeline)
     if run.samples:
-        console.print(f"{len(run.samples)} progress samples over "
-                      f"{float(run.samples[-1]['t']):.2f} s; phases: " + ", ".join(
-                          f"{PHASE_NAMES.get(status, status)} {end - start:.2f} s"
-                          for status, start, end in run.phases()))
+        console.print(
+            f"{len(run.samples)} progress samples over "
+            f"{float(run.samples[-1]['t']):.2f} s; phases: "
+            + ", ".join(
+                f"{PHASE_NAMES.get(status, status)} {end - start:.2f} s"
+                for status, start, end in run.phases()
+            )
+        )
     if run.summaries:
         console.print(summary_table(run.summaries.get("source"), run.summaries.get("destination")))
     if run.latency_us:
@@ -337,11 +377,15 @@ def print_report(run: Run, out: Any = None) -> None:
 
         values = np.asarray(run.latency_us)
         p50, p90, p99 = np.percentile(values, [50, 90, 99])
-        console.print(f"request latency over {values.size} pages: p50 {p50:,.1f} µs, "
-                      f"p90 {p90:,.1f} µs, p99 {p99:,.1f} µs, max {values.max():,.1f} µs")
+        console.print(
+            f"request latency over {values.size} pages: p50 {p50:,.1f} µs, "
+            f"p90 {p90:,.1f} µs, p99 {p99:,.1f} µs, max {values.max():,.1f} µs"
+        )
     if run.verify is not None:
-        console.print(f"verification: {'passed' if run.verify.get('ok') else 'FAILED'} "
-                      f"({run.verify.get('detail', '')})")
+        console.print(
+            f"verification: {'passed' if run.verify.get('ok') else 'FAILED'} "
+            f"({run.verify.get('detail', '')})"
+        )
     if run.status is not None:
         console.print(f"result: {run.status}")
 
@@ -354,8 +398,9 @@ def write_png(run: Run, path: str | Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("plots need matplotlib: pip install 'postcopy[plot]' "
-                          "(or pip install matplotlib)") from None
+        raise ReportError(
+            "plots need matplotlib: pip install 'postcopy[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -375,24 +420,41 @@ def write_png(run: Run, path: str | Path) -> Path:
     mib = float(1 << 20)
     for status, start, end in run.phases():
         if end > start:
-            timeline.axvspan(start, end, color=PHASE_COLOURS.get(status, "#eeeeee"), alpha=0.7,
-                             label=PHASE_NAMES.get(status, status), linewidth=0)
+            timeline.axvspan(
+                start,
+                end,
+                color=PHASE_COLOURS.get(status, "#eeeeee"),
+                alpha=0.7,
+                label=PHASE_NAMES.get(status, status),
+                linewidth=0,
+            )
     if run.samples:
         t = np.array([float(s["t"]) for s in run.samples])
-        timeline.plot(t, [s.get("transferred", 0) / mib for s in run.samples],
-                      color="#08519c", label="sent")
-        timeline.plot(t, [s.get("remaining", 0) / mib for s in run.samples],
-                      color="#a50f15", linestyle="--", label="remaining")
+        timeline.plot(
+            t, [s.get("transferred", 0) / mib for s in run.samples], color="#08519c", label="sent"
+        )
+        timeline.plot(
+            t,
+            [s.get("remaining", 0) / mib for s in run.samples],
+            color="#a50f15",
+            linestyle="--",
+            label="remaining",
+        )
         total = run.samples[-1].get("total")
         if total:
-            timeline.axhline(total / mib, color="#777777", linewidth=0.8, linestyle=":",
-                             label="guest RAM")
+            timeline.axhline(
+                total / mib, color="#777777", linewidth=0.8, linestyle=":", label="guest RAM"
+            )
     else:
         rounds = [e for e in run.events_of("source") if e.get("event") == "round-end"]
         if rounds:
-            timeline.plot([float(e["t"]) for e in rounds],
-                          [float(e.get("remaining", 0)) / mib for e in rounds],
-                          "o-", color="#a50f15", label="remaining after round")
+            timeline.plot(
+                [float(e["t"]) for e in rounds],
+                [float(e.get("remaining", 0)) / mib for e in rounds],
+                "o-",
+                color="#a50f15",
+                label="remaining after round",
+            )
     for event in run.events_of("source"):
         if event.get("event") == "round-end":
             timeline.axvline(float(event["t"]), color="#6baed6", linewidth=0.6)
@@ -417,22 +479,30 @@ def write_png(run: Run, path: str | Path) -> Path:
         latency.set_xscale("log")
         for q, style in ((50, "-"), (99, "--")):
             value = float(np.percentile(values, q))
-            latency.axvline(value, color="black", linestyle=style, linewidth=0.8,
-                            label=f"p{q} {value:,.0f} µs")
+            latency.axvline(
+                value, color="black", linestyle=style, linewidth=0.8, label=f"p{q} {value:,.0f} µs"
+            )
         latency.legend(fontsize="small")
         latency.set_xlabel("fault to page placed (µs)")
         latency.set_ylabel("pages")
         latency.set_title(f"request latency ({values.size} requested pages)")
     elif summary.get("count"):
         names = ["p50", "p99", "max"]
-        latency.bar(names, [summary["p50-us"], summary["p99-us"], summary["max-us"]],
-                    color="#6a51a3")
+        latency.bar(
+            names, [summary["p50-us"], summary["p99-us"], summary["max-us"]], color="#6a51a3"
+        )
         latency.set_yscale("log")
         latency.set_ylabel("µs (log scale)")
         latency.set_title(f"request latency ({summary['count']} pages; summary only)")
     else:
-        latency.text(0.5, 0.5, "no page requests recorded", ha="center", va="center",
-                     transform=latency.transAxes)
+        latency.text(
+            0.5,
+            0.5,
+            "no page requests recorded",
+            ha="center",
+            va="center",
+            transform=latency.transAxes,
+        )
         latency.set_title("request latency")
         latency.set_axis_off()
 
@@ -441,18 +511,32 @@ def write_png(run: Run, path: str | Path) -> Path:
     if per_vcpu is None and "postcopy-vcpu-blocktime" in run.destination:
         per_vcpu = [ms * 1000 for ms in run.destination["postcopy-vcpu-blocktime"]]
     if per_vcpu:
-        blocktime.bar([f"vCPU {i}" for i in range(len(per_vcpu))],
-                      [value / 1000 for value in per_vcpu], color="#d94801")
+        blocktime.bar(
+            [f"vCPU {i}" for i in range(len(per_vcpu))],
+            [value / 1000 for value in per_vcpu],
+            color="#d94801",
+        )
         total_us = run.destination.get("x-postcopy-blocktime-us")
         if total_us is not None:
-            blocktime.axhline(total_us / 1000, color="black", linestyle="--", linewidth=0.8,
-                              label=f"all vCPUs at once: {total_us / 1000:,.2f} ms")
+            blocktime.axhline(
+                total_us / 1000,
+                color="black",
+                linestyle="--",
+                linewidth=0.8,
+                label=f"all vCPUs at once: {total_us / 1000:,.2f} ms",
+            )
             blocktime.legend(fontsize="small")
         blocktime.set_ylabel("ms blocked on missing pages")
         blocktime.set_title("postcopy blocktime per vCPU")
     else:
-        blocktime.text(0.5, 0.5, "no blocktime (no postcopy, or no destination figures)",
-                       ha="center", va="center", transform=blocktime.transAxes)
+        blocktime.text(
+            0.5,
+            0.5,
+            "no blocktime (no postcopy, or no destination figures)",
+            ha="center",
+            va="center",
+            transform=blocktime.transAxes,
+        )
         blocktime.set_title("postcopy blocktime")
         blocktime.set_axis_off()
 
@@ -467,12 +551,18 @@ def write_png(run: Run, path: str | Path) -> Path:
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "report", help="tables and plots of a finished migration run",
+        "report",
+        help="tables and plots of a finished migration run",
         description="Print the tables of a run file (from `postcopy migrate --timeline`, "
-                    "`postcopy demo`, or a VM's --trace file) and optionally plot it.")
+        "`postcopy demo`, or a VM's --trace file) and optionally plot it.",
+    )
     parser.add_argument("run", type=Path, metavar="RUN.jsonl", help="the run file")
-    parser.add_argument("--png", type=Path, metavar="OUT.png",
-                        help="write the timeline, latency and blocktime plots here")
+    parser.add_argument(
+        "--png",
+        type=Path,
+        metavar="OUT.png",
+        help="write the timeline, latency and blocktime plots here",
+    )
     parser.set_defaults(func=run_report)
 
 

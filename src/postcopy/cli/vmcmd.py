@@ -30,33 +30,69 @@ def add_parser(subparsers: Any) -> None:
     guest = run.add_mutually_exclusive_group(required=True)
     guest.add_argument("--guest", help="built-in guest: memtouch, randwrite, scan")
     guest.add_argument("--guest-image", type=Path, help="a flat binary in the guest ABI")
-    run.add_argument("--guest-param", action="append", default=[], metavar="NAME=VALUE",
-                     help="a built-in guest's parameter (see `postcopy vm guests`)")
+    run.add_argument(
+        "--guest-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a built-in guest's parameter (see `postcopy vm guests`)",
+    )
     run.add_argument("--ram", default="256M", help="RAM size, e.g. 256M, 1G (default 256M)")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--guest-cpl", type=int, choices=(0, 3), default=3,
-                     help="privilege level the guest runs at (default 3, native here; 0 is "
-                          "emulated on this host's PVM, like QEMU's own test guest: slow)")
+    run.add_argument(
+        "--guest-cpl",
+        type=int,
+        choices=(0, 3),
+        default=3,
+        help="privilege level the guest runs at (default 3, native here; 0 is "
+        "emulated on this host's PVM, like QEMU's own test guest: slow)",
+    )
     run.add_argument("--qmp", required=True, help="path of the QMP Unix socket to create")
-    run.add_argument("--incoming", metavar="URI",
-                     help="wait for a migration on tcp:HOST:PORT or unix:PATH, or 'defer' "
-                          "to wait for QMP migrate-incoming")
+    run.add_argument(
+        "--incoming",
+        metavar="URI",
+        help="wait for a migration on tcp:HOST:PORT or unix:PATH, or 'defer' "
+        "to wait for QMP migrate-incoming",
+    )
     run.add_argument("--key", type=Path, help="authentication key file (both sides)")
-    run.add_argument("--tls-cert", type=Path, metavar="FILE",
-                     help="TLS certificate of this VM as a migration destination")
+    run.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="TLS certificate of this VM as a migration destination",
+    )
     run.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key")
-    run.add_argument("--tls-ca", type=Path, metavar="FILE",
-                     help="CA that signs the peer's certificate: as a source, migrate over "
-                          "TLS to destinations it signed; as a destination with "
-                          "--tls-verify-client, accept only sources it signed")
-    run.add_argument("--tls-verify-client", action="store_true",
-                     help="as a destination, require a client certificate (with --tls-ca)")
-    run.add_argument("--allow-insecure-network", action="store_true",
-                     help="listen on a network address without a key")
-    run.add_argument("--migrate-capability", action="append", default=[], metavar="NAME",
-                     help="enable a migration capability at start (as migrate-set-capabilities)")
-    run.add_argument("-S", "--paused", action="store_true",
-                     help="do not start the guest (a destination stays paused after migration)")
+    run.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA that signs the peer's certificate: as a source, migrate over "
+        "TLS to destinations it signed; as a destination with "
+        "--tls-verify-client, accept only sources it signed",
+    )
+    run.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="as a destination, require a client certificate (with --tls-ca)",
+    )
+    run.add_argument(
+        "--allow-insecure-network",
+        action="store_true",
+        help="listen on a network address without a key",
+    )
+    run.add_argument(
+        "--migrate-capability",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="enable a migration capability at start (as migrate-set-capabilities)",
+    )
+    run.add_argument(
+        "-S",
+        "--paused",
+        action="store_true",
+        help="do not start the guest (a destination stays paused after migration)",
+    )
     run.add_argument("--console", type=Path, help="append the guest's console output to FILE")
     run.add_argument("--trace", help="append the migration timeline as JSON lines to FILE")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -102,8 +138,9 @@ def _tls_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ValueError("--tls-cert and --tls-key go together")
     server = None
     if args.tls_cert is not None:
-        server = TlsServerConfig(args.tls_cert, args.tls_key, cafile=args.tls_ca,
-                                 verify_client=args.tls_verify_client)
+        server = TlsServerConfig(
+            args.tls_cert, args.tls_key, cafile=args.tls_ca, verify_client=args.tls_verify_client
+        )
     elif args.tls_verify_client:
         raise ValueError("--tls-verify-client needs --tls-cert, --tls-key and --tls-ca")
     client = None
@@ -113,8 +150,10 @@ def _tls_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_vm(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     from postcopy.qmp.monitor import VmMonitor
     from postcopy.qmp.server import QmpServer
     from postcopy.transport import AuthConfig
@@ -141,19 +180,34 @@ def run_vm(args: argparse.Namespace) -> int:
     quit_event = threading.Event()
     server = QmpServer(args.qmp)
     try:
-        vm = MicroVM(ram_size=ram_size, vcpus=args.vcpus, image=image, params=params,
-                     incoming=args.incoming is not None, cpl=args.guest_cpl, console=console,
-                     on_event=lambda name, data: server.emit_event(name, data or None))
+        vm = MicroVM(
+            ram_size=ram_size,
+            vcpus=args.vcpus,
+            image=image,
+            params=params,
+            incoming=args.incoming is not None,
+            cpl=args.guest_cpl,
+            console=console,
+            on_event=lambda name, data: server.emit_event(name, data or None),
+        )
     except Exception as error:
         print(f"postcopy vm run: cannot create the VM: {error}", file=sys.stderr)
         return 1
     exit_code = 0
     try:
-        monitor = VmMonitor(vm, server, guest=guest_name, guest_params=params, auth=auth,
-                            allow_insecure_network=args.allow_insecure_network,
-                            autostart=not args.paused, trace_path=args.trace,
-                            tls_server=tls_server, tls_client=tls_client,
-                            on_quit=quit_event.set)
+        monitor = VmMonitor(
+            vm,
+            server,
+            guest=guest_name,
+            guest_params=params,
+            auth=auth,
+            allow_insecure_network=args.allow_insecure_network,
+            autostart=not args.paused,
+            trace_path=args.trace,
+            tls_server=tls_server,
+            tls_client=tls_client,
+            on_quit=quit_event.set,
+        )
         for name in args.migrate_capability:
             monitor.capabilities.set(name, True)
         server.start()
@@ -170,8 +224,9 @@ def run_vm(args: argparse.Namespace) -> int:
         while not quit_event.wait(0.2):
             incoming = monitor.incoming
             if incoming is not None and incoming.finished and incoming.error:
-                print(f"postcopy vm run: incoming migration failed: {incoming.error}",
-                      file=sys.stderr)
+                print(
+                    f"postcopy vm run: incoming migration failed: {incoming.error}", file=sys.stderr
+                )
                 exit_code = 1
                 break
     finally:

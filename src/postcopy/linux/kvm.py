@@ -226,8 +226,11 @@ class _Struct(ctypes.Structure):
     """A ctypes structure that converts to and from plain (JSON-able) data."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: _plain(getattr(self, name)) for name, *_ in self._fields_
-                if not name.startswith("pad")}
+        return {
+            name: _plain(getattr(self, name))
+            for name, *_ in self._fields_
+            if not name.startswith("pad")
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
@@ -245,8 +248,9 @@ class _Struct(ctypes.Structure):
                 current.update(item)
             elif isinstance(current, ctypes.Array):
                 if len(item) != len(current):
-                    raise ValueError(f"{type(self).__name__}.{name}: {len(item)} items, "
-                                     f"expected {len(current)}")
+                    raise ValueError(
+                        f"{type(self).__name__}.{name}: {len(item)} items, expected {len(current)}"
+                    )
                 for position, element in enumerate(item):
                     if isinstance(current[position], _Struct):
                         current[position].update(element)
@@ -268,9 +272,29 @@ def _plain(value: Any) -> Any:
 
 
 class KvmRegs(_Struct):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ]
 
 
 class KvmSegment(_Struct):
@@ -301,11 +325,22 @@ class KvmDtable(_Struct):
 
 class KvmSregs(_Struct):
     _fields_ = [
-        ("cs", KvmSegment), ("ds", KvmSegment), ("es", KvmSegment), ("fs", KvmSegment),
-        ("gs", KvmSegment), ("ss", KvmSegment), ("tr", KvmSegment), ("ldt", KvmSegment),
-        ("gdt", KvmDtable), ("idt", KvmDtable),
-        ("cr0", ctypes.c_uint64), ("cr2", ctypes.c_uint64), ("cr3", ctypes.c_uint64),
-        ("cr4", ctypes.c_uint64), ("cr8", ctypes.c_uint64), ("efer", ctypes.c_uint64),
+        ("cs", KvmSegment),
+        ("ds", KvmSegment),
+        ("es", KvmSegment),
+        ("fs", KvmSegment),
+        ("gs", KvmSegment),
+        ("ss", KvmSegment),
+        ("tr", KvmSegment),
+        ("ldt", KvmSegment),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        ("cr0", ctypes.c_uint64),
+        ("cr2", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("cr8", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
         ("apic_base", ctypes.c_uint64),
         ("interrupt_bitmap", ctypes.c_uint64 * 4),
     ]
@@ -328,8 +363,11 @@ class KvmFpu(_Struct):
 
 
 class KvmMsrEntry(_Struct):
-    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32),
-                ("data", ctypes.c_uint64)]
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    ]
 
 
 class KvmCpuidEntry2(_Struct):
@@ -356,18 +394,29 @@ class KvmUserspaceMemoryRegion(_Struct):
 
 
 class KvmDirtyLog(_Struct):
-    _fields_ = [("slot", ctypes.c_uint32), ("padding1", ctypes.c_uint32),
-                ("dirty_bitmap", ctypes.c_uint64)]
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("padding1", ctypes.c_uint32),
+        ("dirty_bitmap", ctypes.c_uint64),
+    ]
 
 
 class KvmClearDirtyLog(_Struct):
-    _fields_ = [("slot", ctypes.c_uint32), ("num_pages", ctypes.c_uint32),
-                ("first_page", ctypes.c_uint64), ("dirty_bitmap", ctypes.c_uint64)]
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("num_pages", ctypes.c_uint32),
+        ("first_page", ctypes.c_uint64),
+        ("dirty_bitmap", ctypes.c_uint64),
+    ]
 
 
 class KvmEnableCap(_Struct):
-    _fields_ = [("cap", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("args", ctypes.c_uint64 * 4), ("pad", ctypes.c_uint8 * 64)]
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
 
 
 class KvmXsave(_Struct):
@@ -377,13 +426,16 @@ class KvmXsave(_Struct):
 
 
 class KvmXcr(_Struct):
-    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32),
-                ("value", ctypes.c_uint64)]
+    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
 class KvmXcrs(_Struct):
-    _fields_ = [("nr_xcrs", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("xcrs", KvmXcr * 16), ("padding", ctypes.c_uint64 * 16)]
+    _fields_ = [
+        ("nr_xcrs", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("xcrs", KvmXcr * 16),
+        ("padding", ctypes.c_uint64 * 16),
+    ]
 
 
 class KvmMpState(_Struct):
@@ -391,24 +443,40 @@ class KvmMpState(_Struct):
 
 
 class _EventException(_Struct):
-    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8),
-                ("has_error_code", ctypes.c_uint8), ("pending", ctypes.c_uint8),
-                ("error_code", ctypes.c_uint32)]
+    _fields_ = [
+        ("injected", ctypes.c_uint8),
+        ("nr", ctypes.c_uint8),
+        ("has_error_code", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("error_code", ctypes.c_uint32),
+    ]
 
 
 class _EventInterrupt(_Struct):
-    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8),
-                ("soft", ctypes.c_uint8), ("shadow", ctypes.c_uint8)]
+    _fields_ = [
+        ("injected", ctypes.c_uint8),
+        ("nr", ctypes.c_uint8),
+        ("soft", ctypes.c_uint8),
+        ("shadow", ctypes.c_uint8),
+    ]
 
 
 class _EventNmi(_Struct):
-    _fields_ = [("injected", ctypes.c_uint8), ("pending", ctypes.c_uint8),
-                ("masked", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+    _fields_ = [
+        ("injected", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("masked", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
 
 
 class _EventSmi(_Struct):
-    _fields_ = [("smm", ctypes.c_uint8), ("pending", ctypes.c_uint8),
-                ("smm_inside_nmi", ctypes.c_uint8), ("latched_init", ctypes.c_uint8)]
+    _fields_ = [
+        ("smm", ctypes.c_uint8),
+        ("pending", ctypes.c_uint8),
+        ("smm_inside_nmi", ctypes.c_uint8),
+        ("latched_init", ctypes.c_uint8),
+    ]
 
 
 class KvmVcpuEvents(_Struct):
@@ -427,19 +495,26 @@ class KvmVcpuEvents(_Struct):
 
 
 class KvmDirtyGfn(_Struct):
-    _fields_ = [("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32),
-                ("offset", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32), ("offset", ctypes.c_uint64)]
 
 
 class _RunIo(ctypes.Structure):
-    _fields_ = [("direction", ctypes.c_uint8), ("size", ctypes.c_uint8),
-                ("port", ctypes.c_uint16), ("count", ctypes.c_uint32),
-                ("data_offset", ctypes.c_uint64)]
+    _fields_ = [
+        ("direction", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("count", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint64),
+    ]
 
 
 class _RunMmio(ctypes.Structure):
-    _fields_ = [("phys_addr", ctypes.c_uint64), ("data", ctypes.c_uint8 * 8),
-                ("len", ctypes.c_uint32), ("is_write", ctypes.c_uint8)]
+    _fields_ = [
+        ("phys_addr", ctypes.c_uint64),
+        ("data", ctypes.c_uint8 * 8),
+        ("len", ctypes.c_uint32),
+        ("is_write", ctypes.c_uint8),
+    ]
 
 
 class _RunFailEntry(ctypes.Structure):
@@ -447,13 +522,19 @@ class _RunFailEntry(ctypes.Structure):
 
 
 class _RunInternal(ctypes.Structure):
-    _fields_ = [("suberror", ctypes.c_uint32), ("ndata", ctypes.c_uint32),
-                ("data", ctypes.c_uint64 * 16)]
+    _fields_ = [
+        ("suberror", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("data", ctypes.c_uint64 * 16),
+    ]
 
 
 class _RunSystemEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("ndata", ctypes.c_uint32),
-                ("data", ctypes.c_uint64 * 16)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("data", ctypes.c_uint64 * 16),
+    ]
 
 
 class _RunHw(ctypes.Structure):
@@ -574,8 +655,17 @@ _RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _EXIT_REASON_OFFSET = 8
 _EXIT_OFFSET = 32
 
-Exit: TypeAlias = (IoExit | MmioExit | HltExit | ShutdownExit | IntrExit | InternalErrorExit
-                   | FailEntryExit | SystemEventExit | UnknownExit)
+Exit: TypeAlias = (
+    IoExit
+    | MmioExit
+    | HltExit
+    | ShutdownExit
+    | IntrExit
+    | InternalErrorExit
+    | FailEntryExit
+    | SystemEventExit
+    | UnknownExit
+)
 
 
 # --- ioctl plumbing ---------------------------------------------------------------------
@@ -586,8 +676,14 @@ _ioctl = libc["ioctl"]
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
 _mmap = libc["mmap"]
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_int, ctypes.c_long]
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _mmap.restype = ctypes.c_void_p
 _munmap = libc["munmap"]
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -603,8 +699,9 @@ def _call(fd: int, request: _Ioctl, arg: int | None = None, detail: str = "") ->
     return int(result)
 
 
-def _call_struct(fd: int, request: _Ioctl, struct: ctypes.Structure | ctypes.Array[Any],
-                 detail: str = "") -> int:
+def _call_struct(
+    fd: int, request: _Ioctl, struct: ctypes.Structure | ctypes.Array[Any], detail: str = ""
+) -> int:
     return _call(fd, request, ctypes.addressof(struct), detail)
 
 
@@ -622,21 +719,30 @@ def dirty_bitmap_words(memory_size: int) -> int:
 
 def _msrs_struct(count: int) -> type[ctypes.Structure]:
     class KvmMsrs(ctypes.Structure):
-        _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                    ("entries", KvmMsrEntry * count)]
+        _fields_ = [
+            ("nmsrs", ctypes.c_uint32),
+            ("pad", ctypes.c_uint32),
+            ("entries", KvmMsrEntry * count),
+        ]
+
     return KvmMsrs
 
 
 def _cpuid2_struct(count: int) -> type[ctypes.Structure]:
     class KvmCpuid2(ctypes.Structure):
-        _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
-                    ("entries", KvmCpuidEntry2 * count)]
+        _fields_ = [
+            ("nent", ctypes.c_uint32),
+            ("padding", ctypes.c_uint32),
+            ("entries", KvmCpuidEntry2 * count),
+        ]
+
     return KvmCpuid2
 
 
 def _msr_list_struct(count: int) -> type[ctypes.Structure]:
     class KvmMsrList(ctypes.Structure):
         _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * count)]
+
     return KvmMsrList
 
 
@@ -664,8 +770,12 @@ class _Fd:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -674,8 +784,7 @@ class _Fd:
             self.close()
 
     def _check_extension(self, cap: Capability | int) -> int:
-        return _call(self.fd, _Ioctl.KVM_CHECK_EXTENSION, int(cap),
-                     f"capability {int(cap)}")
+        return _call(self.fd, _Ioctl.KVM_CHECK_EXTENSION, int(cap), f"capability {int(cap)}")
 
     def _enable_cap(self, cap: Capability | int, args: Sequence[int], flags: int) -> None:
         if len(args) > 4:
@@ -698,19 +807,28 @@ class Kvm(_Fd):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise KvmError(errno.ENOENT, f"open {path}",
-                           "KVM is not available: load the kvm module or enable "
-                           "virtualisation for this machine") from None
+            raise KvmError(
+                errno.ENOENT,
+                f"open {path}",
+                "KVM is not available: load the kvm module or enable "
+                "virtualisation for this machine",
+            ) from None
         except PermissionError as error:
-            raise KvmError(error.errno or errno.EACCES, f"open {path}",
-                           "no permission: run as root or add the user to the group that "
-                           f"owns {path} (usually 'kvm': usermod -aG kvm $USER)") from None
+            raise KvmError(
+                error.errno or errno.EACCES,
+                f"open {path}",
+                "no permission: run as root or add the user to the group that "
+                f"owns {path} (usually 'kvm': usermod -aG kvm $USER)",
+            ) from None
         super().__init__(fd)
         version = self.api_version()
         if version != KVM_API_VERSION:
             self.close()
-            raise KvmError(errno.EINVAL, "KVM_GET_API_VERSION",
-                           f"API version {version}, expected {KVM_API_VERSION}")
+            raise KvmError(
+                errno.EINVAL,
+                "KVM_GET_API_VERSION",
+                f"API version {version}, expected {KVM_API_VERSION}",
+            )
 
     def api_version(self) -> int:
         return _call(self.fd, _Ioctl.KVM_GET_API_VERSION, 0)
@@ -750,7 +868,7 @@ class Kvm(_Fd):
         listing = _msr_list_struct(probe.nmsrs)()
         listing.nmsrs = probe.nmsrs
         _call_struct(self.fd, request, listing)
-        return list(listing.indices[:listing.nmsrs])
+        return list(listing.indices[: listing.nmsrs])
 
     def create_vm(self, machine_type: int = 0) -> KvmVm:
         fd = _call(self.fd, _Ioctl.KVM_CREATE_VM, machine_type)
@@ -793,13 +911,23 @@ class KvmVm(_Fd):
     def enable_cap(self, cap: Capability | int, *args: int, flags: int = 0) -> None:
         self._enable_cap(cap, args, flags)
 
-    def set_user_memory_region(self, slot: int, guest_phys: int, size: int,
-                               userspace_addr: int, flags: int = 0) -> None:
+    def set_user_memory_region(
+        self, slot: int, guest_phys: int, size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
         """KVM_SET_USER_MEMORY_REGION; size 0 deletes the slot."""
-        region = KvmUserspaceMemoryRegion(slot=slot, flags=flags, guest_phys_addr=guest_phys,
-                                          memory_size=size, userspace_addr=userspace_addr)
-        _call_struct(self.fd, _Ioctl.KVM_SET_USER_MEMORY_REGION, region,
-                     f"slot {slot}, guest {guest_phys:#x}+{size:#x}, host {userspace_addr:#x}")
+        region = KvmUserspaceMemoryRegion(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys,
+            memory_size=size,
+            userspace_addr=userspace_addr,
+        )
+        _call_struct(
+            self.fd,
+            _Ioctl.KVM_SET_USER_MEMORY_REGION,
+            region,
+            f"slot {slot}, guest {guest_phys:#x}+{size:#x}, host {userspace_addr:#x}",
+        )
         if size:
             self._slots[slot] = MemorySlot(slot, guest_phys, size, userspace_addr, flags)
         else:
@@ -827,8 +955,9 @@ class KvmVm(_Fd):
         try:
             return dirty_bitmap_words(self._slots[slot].size)
         except KeyError:
-            raise KvmError(errno.ENOENT, "KVM dirty log",
-                           f"slot {slot} was not set through this KvmVm") from None
+            raise KvmError(
+                errno.ENOENT, "KVM dirty log", f"slot {slot} was not set through this KvmVm"
+            ) from None
 
     def get_dirty_log(self, slot: int, bitmap: npt.NDArray[np.uint64]) -> None:
         """KVM_GET_DIRTY_LOG into `bitmap` (u64 words, bit i = page i of the slot).
@@ -841,8 +970,9 @@ class KvmVm(_Fd):
         log = KvmDirtyLog(slot=slot, dirty_bitmap=bitmap.ctypes.data)
         _call_struct(self.fd, _Ioctl.KVM_GET_DIRTY_LOG, log, f"slot {slot}")
 
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
-                        bitmap: npt.NDArray[np.uint64]) -> None:
+    def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: npt.NDArray[np.uint64]
+    ) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear (and re-protect) the pages whose bits are set.
 
         Bit 0 of `bitmap` is `first_page`; `first_page` must be a multiple of 64 and
@@ -850,10 +980,12 @@ class KvmVm(_Fd):
         """
         self._slot_words(slot)
         _check_bitmap(bitmap, (num_pages + 63) // 64, "KVM_CLEAR_DIRTY_LOG")
-        log = KvmClearDirtyLog(slot=slot, num_pages=num_pages, first_page=first_page,
-                               dirty_bitmap=bitmap.ctypes.data)
-        _call_struct(self.fd, _Ioctl.KVM_CLEAR_DIRTY_LOG, log,
-                     f"slot {slot}, pages {first_page}+{num_pages}")
+        log = KvmClearDirtyLog(
+            slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=bitmap.ctypes.data
+        )
+        _call_struct(
+            self.fd, _Ioctl.KVM_CLEAR_DIRTY_LOG, log, f"slot {slot}, pages {first_page}+{num_pages}"
+        )
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: re-protect harvested ring entries; returns their count."""
@@ -864,8 +996,10 @@ def _check_bitmap(bitmap: npt.NDArray[np.uint64], words: int, ioctl: str) -> Non
     # The kernel writes `words` words through the pointer: a short or strided array
     # would be memory corruption, not an error.
     if bitmap.dtype != np.uint64 or not bitmap.flags.c_contiguous or bitmap.size < words:
-        raise ValueError(f"{ioctl} needs a contiguous uint64 array of at least {words} words, "
-                         f"not {bitmap.dtype} x {bitmap.size}")
+        raise ValueError(
+            f"{ioctl} needs a contiguous uint64 array of at least {words} words, "
+            f"not {bitmap.dtype} x {bitmap.size}"
+        )
     if not bitmap.flags.writeable:
         raise ValueError(f"{ioctl} needs a writable bitmap")
 
@@ -886,14 +1020,21 @@ class KvmVcpu(_Fd):
         self._run = KvmRun.from_address(self._run_address)
         # The hot path (one decode per exit) reads the page with struct, not ctypes fields.
         self._run_view: memoryview | None = memoryview(
-            (ctypes.c_ubyte * mmap_size).from_address(self._run_address)).cast("B")
+            (ctypes.c_ubyte * mmap_size).from_address(self._run_address)
+        ).cast("B")
         self._ring_address = 0
         self._ring_size = 0
         self._close_lock = threading.Lock()
 
     def _map(self, length: int, page_offset: int) -> int:
-        address = _mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                        self.fd, page_offset * mmap.PAGESIZE)
+        address = _mmap(
+            None,
+            length,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_SHARED,
+            self.fd,
+            page_offset * mmap.PAGESIZE,
+        )
         if address is None or address == _MAP_FAILED:
             raise KvmError(ctypes.get_errno(), "mmap vCPU fd", f"offset page {page_offset}")
         return int(address)
@@ -934,12 +1075,12 @@ class KvmVcpu(_Fd):
         reason = _U32.unpack_from(view, _EXIT_REASON_OFFSET)[0]
         if reason == ExitReason.IO:
             direction, size, port, count, offset = _RUN_IO.unpack_from(view, _EXIT_OFFSET)
-            data = bytes(view[offset:offset + size * count]) if direction else b""
+            data = bytes(view[offset : offset + size * count]) if direction else b""
             return IoExit(_DIRECTIONS[direction], size, port, count, offset, data)
         run = self._run
         if reason == ExitReason.MMIO:
             mmio = run.exit.mmio
-            return MmioExit(mmio.phys_addr, bytes(mmio.data)[:mmio.len], bool(mmio.is_write))
+            return MmioExit(mmio.phys_addr, bytes(mmio.data)[: mmio.len], bool(mmio.is_write))
         if reason == ExitReason.HLT:
             return HltExit()
         if reason == ExitReason.SHUTDOWN:
@@ -948,14 +1089,15 @@ class KvmVcpu(_Fd):
             return IntrExit()
         if reason == ExitReason.INTERNAL_ERROR:
             internal = run.exit.internal
-            return InternalErrorExit(internal.suberror,
-                                     tuple(internal.data[:min(internal.ndata, 16)]))
+            return InternalErrorExit(
+                internal.suberror, tuple(internal.data[: min(internal.ndata, 16)])
+            )
         if reason == ExitReason.FAIL_ENTRY:
             fail = run.exit.fail_entry
             return FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu)
         if reason == ExitReason.SYSTEM_EVENT:
             event = run.exit.system_event
-            return SystemEventExit(event.type, tuple(event.data[:min(event.ndata, 16)]))
+            return SystemEventExit(event.type, tuple(event.data[: min(event.ndata, 16)]))
         return UnknownExit(reason, run.exit.hw.hardware_exit_reason)
 
     def write_io_data(self, exit: IoExit, data: bytes) -> None:
@@ -963,8 +1105,10 @@ class KvmVcpu(_Fd):
         if exit.direction is not IoDirection.IN:
             raise ValueError(f"port {exit.port:#x}: only an IN exit takes data")
         if len(data) != exit.size * exit.count:
-            raise ValueError(f"port {exit.port:#x}: IN of {exit.count} x {exit.size} bytes "
-                             f"needs {exit.size * exit.count} bytes, not {len(data)}")
+            raise ValueError(
+                f"port {exit.port:#x}: IN of {exit.count} x {exit.size} bytes "
+                f"needs {exit.size * exit.count} bytes, not {len(data)}"
+            )
         ctypes.memmove(self.run_address + exit.data_offset, data, len(data))
 
     def check_extension(self, cap: Capability | int) -> int:
@@ -1052,8 +1196,7 @@ class KvmVcpu(_Fd):
         done = _call_struct(self.fd, _Ioctl.KVM_SET_MSRS, table)
         if done < len(items):
             index, value = items[done]
-            raise KvmError(errno.EINVAL, "KVM_SET_MSRS",
-                           f"MSR {index:#x} refused value {value:#x}")
+            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"MSR {index:#x} refused value {value:#x}")
 
     def set_cpuid2(self, entries: Sequence[KvmCpuidEntry2]) -> None:
         table = _cpuid2_struct(len(entries))()

@@ -49,7 +49,12 @@ _SYS_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # libc handle cannot change how these are called.
 _mmap = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
     use_errno=True,
 )(("mmap", libc))
 _munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_errno=True)(
@@ -57,7 +62,11 @@ _munmap = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_e
 )
 _mremap = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
     use_errno=True,
 )(("mremap", libc))
 _madvise = ctypes.CFUNCTYPE(
@@ -105,8 +114,9 @@ class Advice(enum.IntEnum):
 class MappingError(OSError):
     """A memory system call failed; the message names the call, the range and the errno."""
 
-    def __init__(self, err: int, operation: str, address: int | None = None,
-                 length: int | None = None) -> None:
+    def __init__(
+        self, err: int, operation: str, address: int | None = None, length: int | None = None
+    ) -> None:
         where = "" if address is None else f" [{address:#x}, +{length or 0:#x})"
         super().__init__(err, f"{operation}{where}: {os.strerror(err)}")
         self.operation = operation
@@ -141,7 +151,7 @@ def huge_page_sizes() -> list[int]:
     for entry in entries:
         name = entry.name  # "hugepages-2048kB"
         if name.startswith("hugepages-") and name.endswith("kB"):
-            sizes.append(int(name[len("hugepages-"):-2]) * 1024)
+            sizes.append(int(name[len("hugepages-") : -2]) * 1024)
     return sorted(sizes)
 
 
@@ -243,8 +253,9 @@ class Mapping:
     shared: bool
     fd: int | None
 
-    def __init__(self, address: int, length: int, *, page_size: int, kind: str, shared: bool,
-                 fd: int | None) -> None:
+    def __init__(
+        self, address: int, length: int, *, page_size: int, kind: str, shared: bool, fd: int | None
+    ) -> None:
         """Adopt an existing mapping (its munmap and the fd's close become ours)."""
         self.address = address
         self.length = length
@@ -270,8 +281,14 @@ class Mapping:
         return cls(address, length, page_size=base, kind="anonymous", shared=shared, fd=None)
 
     @classmethod
-    def memfd(cls, length: int, name: str = "ram", *, hugetlb: bool = False,
-              huge_page_size: int = HUGE_PAGE_2M) -> Mapping:
+    def memfd(
+        cls,
+        length: int,
+        name: str = "ram",
+        *,
+        hugetlb: bool = False,
+        huge_page_size: int = HUGE_PAGE_2M,
+    ) -> Mapping:
         """A MAP_SHARED mapping of a new memfd (shmem, or hugetlb pages with `hugetlb`).
 
         The fd stays open (`.fd`) so the same memory can be mapped again (`alias()`),
@@ -293,13 +310,20 @@ class Mapping:
             os.close(fd)
             if isinstance(error, MappingError):
                 raise
-            raise MappingError(error.errno or errno.EINVAL, f"ftruncate memfd {name!r}",
-                               None, length) from None
+            raise MappingError(
+                error.errno or errno.EINVAL, f"ftruncate memfd {name!r}", None, length
+            ) from None
         return cls(address, length, page_size=size, kind="memfd", shared=True, fd=fd)
 
     @classmethod
-    def hugetlbfs(cls, length: int, *, directory: str | None = None,
-                  page_size: int = HUGE_PAGE_2M, shared: bool = False) -> Mapping:
+    def hugetlbfs(
+        cls,
+        length: int,
+        *,
+        directory: str | None = None,
+        page_size: int = HUGE_PAGE_2M,
+        shared: bool = False,
+    ) -> Mapping:
         """Huge pages from a file on a hugetlbfs mount; the file is unlinked once mapped.
 
         `directory` defaults to the first hugetlbfs mount serving `page_size` pages (see
@@ -310,8 +334,9 @@ class Mapping:
         if directory is None:
             directory = mount_hugetlbfs_path(page_size)
             if directory is None:
-                raise MappingError(errno.ENOENT,
-                                   f"hugetlbfs: no hugetlbfs mount with {page_size} byte pages")
+                raise MappingError(
+                    errno.ENOENT, f"hugetlbfs: no hugetlbfs mount with {page_size} byte pages"
+                )
         path = os.path.join(directory, f"postcopy-{os.getpid()}-{os.urandom(4).hex()}")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -325,8 +350,9 @@ class Mapping:
             os.close(fd)
             if isinstance(error, MappingError):
                 raise
-            raise MappingError(error.errno or errno.EINVAL, f"ftruncate {path}",
-                               None, length) from None
+            raise MappingError(
+                error.errno or errno.EINVAL, f"ftruncate {path}", None, length
+            ) from None
         finally:
             os.unlink(path)
         return cls(address, length, page_size=page_size, kind="hugetlbfs", shared=shared, fd=fd)
@@ -338,16 +364,18 @@ class Mapping:
         fills the page cache behind it. The alias owns a dup of the fd.
         """
         if self.fd is None or not self.shared:
-            raise MappingError(errno.EINVAL, f"alias of a {self.kind} private mapping",
-                               self.address, self.length)
+            raise MappingError(
+                errno.EINVAL, f"alias of a {self.kind} private mapping", self.address, self.length
+            )
         fd = os.dup(self.fd)
         try:
             address = _map(self.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, "alias")
         except MappingError:
             os.close(fd)
             raise
-        return Mapping(address, self.length, page_size=self.page_size, kind=self.kind,
-                       shared=True, fd=fd)
+        return Mapping(
+            address, self.length, page_size=self.page_size, kind=self.kind, shared=True, fd=fd
+        )
 
     def move_pages_out(self) -> Mapping:
         """mremap(MREMAP_MAYMOVE | MREMAP_DONTUNMAP): move every page of this private
@@ -355,14 +383,16 @@ class Mapping:
         empty, so its next accesses are missing-page faults. Page tables move; no data is
         copied. Linux 5.13+ for anonymous memory."""
         if self.kind != "anonymous" or self.shared:
-            raise MappingError(errno.EINVAL, f"move_pages_out of a {self.kind} mapping",
-                               self.address, self.length)
+            raise MappingError(
+                errno.EINVAL, f"move_pages_out of a {self.kind} mapping", self.address, self.length
+            )
         start, length = self._range(0, None)
         address = _mremap(start, length, length, MREMAP_MAYMOVE | MREMAP_DONTUNMAP, None)
         if address is None or address == MAP_FAILED:
             raise MappingError(ctypes.get_errno(), "mremap DONTUNMAP", start, length)
-        return Mapping(int(address), length, page_size=self.page_size, kind=self.kind,
-                       shared=False, fd=None)
+        return Mapping(
+            int(address), length, page_size=self.page_size, kind=self.kind, shared=False, fd=None
+        )
 
     # -- operations ------------------------------------------------------------------
 
@@ -391,8 +421,9 @@ class Mapping:
         """madvise(2) on [offset, offset+length) of this mapping (default: to its end)."""
         address, length = self._range(offset, length)
         if _madvise(address, length, int(advice)) != 0:
-            raise MappingError(ctypes.get_errno(), f"madvise {Advice(advice).name}",
-                               address, length)
+            raise MappingError(
+                ctypes.get_errno(), f"madvise {Advice(advice).name}", address, length
+            )
 
     def mlock(self, offset: int = 0, length: int | None = None) -> None:
         """mlock(2): fault the range in and keep it resident."""
@@ -413,8 +444,9 @@ class Mapping:
         """
         address, length = self._range(offset, length)
         if self.fd is None:
-            raise MappingError(errno.EINVAL, "fallocate PUNCH_HOLE on anonymous memory",
-                               address, length)
+            raise MappingError(
+                errno.EINVAL, "fallocate PUNCH_HOLE on anonymous memory", address, length
+            )
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             raise MappingError(ctypes.get_errno(), "fallocate PUNCH_HOLE", address, length)
 
@@ -439,14 +471,20 @@ class Mapping:
     def __enter__(self) -> Mapping:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
-        return (f"<Mapping {self.kind} {state} length={self.length:#x} "
-                f"page_size={self.page_size} shared={self.shared}>")
+        return (
+            f"<Mapping {self.kind} {state} length={self.length:#x} "
+            f"page_size={self.page_size} shared={self.shared}>"
+        )
 
 
 def _check_length(length: int, unit: int, what: str) -> None:
@@ -462,8 +500,7 @@ class EventFd:
     waits, without the GIL.
     """
 
-    def __init__(self, initval: int = 0, *, nonblock: bool = True,
-                 semaphore: bool = False) -> None:
+    def __init__(self, initval: int = 0, *, nonblock: bool = True, semaphore: bool = False) -> None:
         flags = os.EFD_CLOEXEC
         if nonblock:
             flags |= os.EFD_NONBLOCK
@@ -498,6 +535,10 @@ class EventFd:
     def __enter__(self) -> EventFd:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()

@@ -62,10 +62,23 @@ class PageCategory(enum.IntFlag):
 
 
 class _ScanArg(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
-        "category_inverted", "category_mask", "category_anyof_mask", "return_mask",
-    )]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "size",
+            "flags",
+            "start",
+            "end",
+            "walk_end",
+            "vec",
+            "vec_len",
+            "max_pages",
+            "category_inverted",
+            "category_mask",
+            "category_anyof_mask",
+            "return_mask",
+        )
+    ]
 
 
 REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
@@ -102,8 +115,9 @@ class Pagemap:
             try:
                 count = os.preadv(self.fd, [view[done:]], offset + done)
             except OSError as error:
-                raise PagemapError(error.errno or errno.EIO, "read pagemap", address,
-                                   address + length) from None
+                raise PagemapError(
+                    error.errno or errno.EIO, "read pagemap", address, address + length
+                ) from None
             if count == 0:
                 raise PagemapError(errno.EIO, "short pagemap read", address, address + length)
             done += count
@@ -113,11 +127,19 @@ class Pagemap:
         """Per base page: is it in memory (mapped and not swapped out)?"""
         return (self.entries(address, length) & np.uint64(PM_PRESENT)) != 0
 
-    def scan(self, start: int, end: int, *, category_mask: PageCategory | int = 0,
-             category_inverted: PageCategory | int = 0,
-             category_anyof_mask: PageCategory | int = 0,
-             return_mask: PageCategory | int = 0, flags: ScanFlag | int = 0,
-             max_pages: int = 0, max_regions: int = 1024) -> tuple[npt.NDArray[np.void], int]:
+    def scan(
+        self,
+        start: int,
+        end: int,
+        *,
+        category_mask: PageCategory | int = 0,
+        category_inverted: PageCategory | int = 0,
+        category_anyof_mask: PageCategory | int = 0,
+        return_mask: PageCategory | int = 0,
+        flags: ScanFlag | int = 0,
+        max_pages: int = 0,
+        max_regions: int = 1024,
+    ) -> tuple[npt.NDArray[np.void], int]:
         """PAGEMAP_SCAN over [start, end): (regions, walk_end).
 
         `regions` is a structured array (start, end, categories). A page matches when all
@@ -128,10 +150,18 @@ class Pagemap:
         """
         regions = np.zeros(max_regions, dtype=REGION_DTYPE)
         arg = _ScanArg(
-            size=ctypes.sizeof(_ScanArg), flags=int(flags), start=start, end=end, walk_end=0,
-            vec=regions.ctypes.data, vec_len=max_regions, max_pages=max_pages,
-            category_inverted=int(category_inverted), category_mask=int(category_mask),
-            category_anyof_mask=int(category_anyof_mask), return_mask=int(return_mask),
+            size=ctypes.sizeof(_ScanArg),
+            flags=int(flags),
+            start=start,
+            end=end,
+            walk_end=0,
+            vec=regions.ctypes.data,
+            vec_len=max_regions,
+            max_pages=max_pages,
+            category_inverted=int(category_inverted),
+            category_mask=int(category_mask),
+            category_anyof_mask=int(category_anyof_mask),
+            return_mask=int(return_mask),
         )
         try:
             filled = ioctl_struct(self.fd, PAGEMAP_SCAN, arg)
@@ -147,6 +177,10 @@ class Pagemap:
     def __enter__(self) -> Pagemap:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()

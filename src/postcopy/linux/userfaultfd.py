@@ -101,7 +101,6 @@ _MSG_REMAP = struct.Struct("=8xQQQ")
 _MSG_REMOVE = struct.Struct("=8xQQ8x")  # also UNMAP
 
 
-
 class _Scratch(threading.local):
     """Per-thread argument buffers for the result-bearing ioctls (see the module doc)."""
 
@@ -255,7 +254,7 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Event]:
         elif code == UFFD_EVENT_FORK:
             events.append(Fork(*_MSG_FORK.unpack_from(data, offset)))
         else:
-            events.append(UnknownEvent(code, bytes(data[offset:offset + MSG_SIZE])))
+            events.append(UnknownEvent(code, bytes(data[offset : offset + MSG_SIZE])))
     return events
 
 
@@ -269,8 +268,15 @@ class UffdError(OSError):
     continue, poison and move can stop part-way), `start`/`length` the range asked for.
     """
 
-    def __init__(self, err: int, operation: str, start: int | None = None,
-                 length: int | None = None, done: int = 0, detail: str = "") -> None:
+    def __init__(
+        self,
+        err: int,
+        operation: str,
+        start: int | None = None,
+        length: int | None = None,
+        done: int = 0,
+        detail: str = "",
+    ) -> None:
         where = "" if start is None else f" [{start:#x}, +{length or 0:#x})"
         partly = f" after {done:#x} bytes" if done else ""
         extra = f" ({detail})" if detail else ""
@@ -290,8 +296,14 @@ class RetryError(UffdError):
     from `start + done`."""
 
 
-def _error(err: int, operation: str, start: int | None = None, length: int | None = None,
-           done: int = 0, detail: str = "") -> UffdError:
+def _error(
+    err: int,
+    operation: str,
+    start: int | None = None,
+    length: int | None = None,
+    done: int = 0,
+    detail: str = "",
+) -> UffdError:
     kind = {errno.EEXIST: PageExistsError, errno.EAGAIN: RetryError}.get(err, UffdError)
     return kind(err, operation, start, length, done, detail)
 
@@ -321,8 +333,10 @@ def _open_device(flags: int) -> int:
 def _why(error: OSError, via: str) -> str:
     err = error.errno or 0
     if via == "syscall" and err == errno.EPERM:
-        return ("userfaultfd(2) refused (EPERM): vm.unprivileged_userfaultfd=0 and no "
-                "CAP_SYS_PTRACE; open with user_mode_only, or run as root")
+        return (
+            "userfaultfd(2) refused (EPERM): vm.unprivileged_userfaultfd=0 and no "
+            "CAP_SYS_PTRACE; open with user_mode_only, or run as root"
+        )
     if via == DEV_USERFAULTFD and err in (errno.EACCES, errno.EPERM):
         return f"{DEV_USERFAULTFD} is not accessible to this user"
     if err == errno.ENOENT:
@@ -341,8 +355,15 @@ class UserfaultFd:
     available_features: Feature
     ioctls: Ioctl
 
-    def __init__(self, fd: int, *, opened_via: str, features: Feature,
-                 available_features: Feature, ioctls: Ioctl) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        opened_via: str,
+        features: Feature,
+        available_features: Feature,
+        ioctls: Ioctl,
+    ) -> None:
         """Adopt an fd whose API handshake is done (use `open()` or `from_fd()`)."""
         self.fd = fd
         self.opened_via = opened_via
@@ -351,8 +372,9 @@ class UserfaultFd:
         self.ioctls = ioctls
 
     @staticmethod
-    def open_raw(*, user_mode_only: bool = False, nonblock: bool = True,
-                 via: str = "auto") -> tuple[int, str]:
+    def open_raw(
+        *, user_mode_only: bool = False, nonblock: bool = True, via: str = "auto"
+    ) -> tuple[int, str]:
         """Open a userfaultfd without the handshake: (fd, "syscall" | "/dev/userfaultfd").
 
         `via` is "auto" (syscall first, then the device), "syscall" or "/dev/userfaultfd".
@@ -378,8 +400,14 @@ class UserfaultFd:
         raise _error(first_errno, "open userfaultfd", detail="; ".join(reasons))
 
     @classmethod
-    def open(cls, features: Feature = NO_FEATURES, *, user_mode_only: bool = False,
-             nonblock: bool = True, via: str = "auto") -> UserfaultFd:
+    def open(
+        cls,
+        features: Feature = NO_FEATURES,
+        *,
+        user_mode_only: bool = False,
+        nonblock: bool = True,
+        via: str = "auto",
+    ) -> UserfaultFd:
         """Open a userfaultfd and do the UFFDIO_API handshake asking for `features`.
 
         Raises UffdError if the fd cannot be opened (with the reasons for each way tried)
@@ -393,8 +421,9 @@ class UserfaultFd:
             raise
 
     @classmethod
-    def from_fd(cls, fd: int, features: Feature = NO_FEATURES, *,
-                opened_via: str = "inherited") -> UserfaultFd:
+    def from_fd(
+        cls, fd: int, features: Feature = NO_FEATURES, *, opened_via: str = "inherited"
+    ) -> UserfaultFd:
         """Do the API handshake on an already open userfaultfd and adopt it."""
         buffer = bytearray(_API.size)
         _API.pack_into(buffer, 0, UFFD_API, int(features), 0)
@@ -404,8 +433,7 @@ class UserfaultFd:
             err = error.errno or errno.EINVAL
             detail = ""
             if err == errno.EINVAL:
-                probed = cls.probe_features(via=opened_via if opened_via != "inherited"
-                                            else "auto")
+                probed = cls.probe_features(via=opened_via if opened_via != "inherited" else "auto")
                 missing = Feature(int(features) & ~int(probed))
                 if missing:
                     detail = f"features not available: {missing!r}"
@@ -416,8 +444,13 @@ class UserfaultFd:
         granted = Feature(int(features))
         if granted & Feature.WP_ASYNC:
             granted |= Feature.WP_UNPOPULATED  # the kernel implies it
-        return cls(fd, opened_via=opened_via, features=granted,
-                   available_features=Feature(available), ioctls=Ioctl(ioctls))
+        return cls(
+            fd,
+            opened_via=opened_via,
+            features=granted,
+            available_features=Feature(available),
+            ioctls=Ioctl(ioctls),
+        )
 
     @classmethod
     def probe_features(cls, *, via: str = "auto") -> Feature:
@@ -435,8 +468,9 @@ class UserfaultFd:
         try:
             fcntl.ioctl(self.fd, UFFDIO_REGISTER, buffer, True)
         except OSError as error:
-            raise _error(error.errno or errno.EINVAL, f"UFFDIO_REGISTER {mode!r}",
-                         start, length) from None
+            raise _error(
+                error.errno or errno.EINVAL, f"UFFDIO_REGISTER {mode!r}", start, length
+            ) from None
         return Ioctl(_REGISTER.unpack(buffer)[3])
 
     def unregister(self, start: int, length: int) -> None:
@@ -453,8 +487,9 @@ class UserfaultFd:
         except OSError as error:
             raise _error(error.errno or errno.EINVAL, name, start, length) from None
 
-    def copy(self, dst: int, src: int, length: int, *, dontwake: bool = False,
-             wp: bool = False) -> int:
+    def copy(
+        self, dst: int, src: int, length: int, *, dontwake: bool = False, wp: bool = False
+    ) -> int:
         """UFFDIO_COPY: atomically fill missing [dst, dst+length) from src; bytes copied.
 
         `wp` leaves the new pages write-protected (range registered with WP).
@@ -465,72 +500,102 @@ class UserfaultFd:
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, buffer, True)
         except OSError as error:
-            raise self._result_error(error, buffer, _COPY_RESULT_OFFSET, "UFFDIO_COPY",
-                                     dst, length) from None
+            raise self._result_error(
+                error, buffer, _COPY_RESULT_OFFSET, "UFFDIO_COPY", dst, length
+            ) from None
         return length
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """UFFDIO_ZEROPAGE: map zero pages on missing [start, start+length); bytes done.
 
         Not for hugetlbfs (the kernel has no huge zero page here): copy a zeroed page."""
-        return self._range_mode_result(UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", start, length,
-                                       UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0)
+        return self._range_mode_result(
+            UFFDIO_ZEROPAGE,
+            "UFFDIO_ZEROPAGE",
+            start,
+            length,
+            UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0,
+        )
 
-    def continue_(self, start: int, length: int, *, dontwake: bool = False,
-                  wp: bool = False) -> int:
+    def continue_(
+        self, start: int, length: int, *, dontwake: bool = False, wp: bool = False
+    ) -> int:
         """UFFDIO_CONTINUE: resolve MINOR faults by mapping the pages already in the page
         cache (filled through another mapping of the same file); bytes mapped."""
-        mode = ((UFFDIO_CONTINUE_MODE_DONTWAKE if dontwake else 0)
-                | (UFFDIO_CONTINUE_MODE_WP if wp else 0))
+        mode = (UFFDIO_CONTINUE_MODE_DONTWAKE if dontwake else 0) | (
+            UFFDIO_CONTINUE_MODE_WP if wp else 0
+        )
         return self._range_mode_result(UFFDIO_CONTINUE, "UFFDIO_CONTINUE", start, length, mode)
 
     def poison(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """UFFDIO_POISON: mark missing pages poisoned (touching them raises SIGBUS)."""
-        return self._range_mode_result(UFFDIO_POISON, "UFFDIO_POISON", start, length,
-                                       UFFDIO_POISON_MODE_DONTWAKE if dontwake else 0)
+        return self._range_mode_result(
+            UFFDIO_POISON,
+            "UFFDIO_POISON",
+            start,
+            length,
+            UFFDIO_POISON_MODE_DONTWAKE if dontwake else 0,
+        )
 
-    def _range_mode_result(self, request: int, name: str, start: int, length: int,
-                           mode: int) -> int:
+    def _range_mode_result(
+        self, request: int, name: str, start: int, length: int, mode: int
+    ) -> int:
         buffer = _scratch.range_mode_result
         _RANGE_MODE_RESULT.pack_into(buffer, 0, start, length, mode, 0)
         try:
             fcntl.ioctl(self.fd, request, buffer, True)
         except OSError as error:
-            raise self._result_error(error, buffer, _RANGE_MODE_RESULT_OFFSET, name,
-                                     start, length) from None
+            raise self._result_error(
+                error, buffer, _RANGE_MODE_RESULT_OFFSET, name, start, length
+            ) from None
         return length
 
-    def move(self, dst: int, src: int, length: int, *, dontwake: bool = False,
-             allow_src_holes: bool = False) -> int:
+    def move(
+        self,
+        dst: int,
+        src: int,
+        length: int,
+        *,
+        dontwake: bool = False,
+        allow_src_holes: bool = False,
+    ) -> int:
         """UFFDIO_MOVE: move src's pages (anonymous, private) to missing dst without a copy;
         bytes moved. With `allow_src_holes`, holes in src are skipped instead of ENOENT."""
-        mode = ((UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0)
-                | (UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0))
+        mode = (UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0) | (
+            UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
+        )
         buffer = _scratch.copy
         _COPY.pack_into(buffer, 0, dst, src, length, mode, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_MOVE, buffer, True)
         except OSError as error:
-            raise self._result_error(error, buffer, _COPY_RESULT_OFFSET, "UFFDIO_MOVE",
-                                     dst, length) from None
+            raise self._result_error(
+                error, buffer, _COPY_RESULT_OFFSET, "UFFDIO_MOVE", dst, length
+            ) from None
         return length
 
-    def writeprotect(self, start: int, length: int, *, protect: bool,
-                     dontwake: bool = False) -> None:
+    def writeprotect(
+        self, start: int, length: int, *, protect: bool, dontwake: bool = False
+    ) -> None:
         """UFFDIO_WRITEPROTECT: set (`protect`) or clear write protection on the range;
         clearing it wakes threads blocked on WP faults there unless `dontwake`."""
-        mode = ((UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
-                | (UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0))
+        mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0
+        )
         try:
             fcntl.ioctl(self.fd, UFFDIO_WRITEPROTECT, _WRITEPROTECT.pack(start, length, mode))
         except OSError as error:
-            raise _error(error.errno or errno.EINVAL,
-                         f"UFFDIO_WRITEPROTECT {'protect' if protect else 'unprotect'}",
-                         start, length) from None
+            raise _error(
+                error.errno or errno.EINVAL,
+                f"UFFDIO_WRITEPROTECT {'protect' if protect else 'unprotect'}",
+                start,
+                length,
+            ) from None
 
     @staticmethod
-    def _result_error(error: OSError, buffer: bytearray, offset: int, name: str,
-                      start: int, length: int) -> UffdError:
+    def _result_error(
+        error: OSError, buffer: bytearray, offset: int, name: str, start: int, length: int
+    ) -> UffdError:
         # The kernel writes the signed result before failing: > 0 is a partial count
         # (the ioctl then fails with EAGAIN), < 0 is -errno; fcntl copies it back to us.
         (result,) = struct.unpack_from("=q", buffer, offset)
@@ -571,13 +636,16 @@ class UserfaultFd:
     def __enter__(self) -> UserfaultFd:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<UserfaultFd fd={self.fd} via={self.opened_via} "
-                f"features={int(self.features):#x}>")
+        return f"<UserfaultFd fd={self.fd} via={self.opened_via} features={int(self.features):#x}>"
 
 
 def missing_ioctls(granted: Ioctl, needed: Ioctl) -> Ioctl:

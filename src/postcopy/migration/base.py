@@ -13,8 +13,9 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class MigrationBase:
-    def __init__(self, capabilities: Capabilities, on_event: EventSink | None,
-                 clock: Clock) -> None:
+    def __init__(
+        self, capabilities: Capabilities, on_event: EventSink | None, clock: Clock
+    ) -> None:
         self.capabilities = capabilities
         self._clock = clock
         self._emit: EventSink = on_event or (lambda name, data: None)
@@ -38,5 +39,6 @@ class MigrationBase:
     def _trace(self, kind: str, **fields: Any) -> None:
         now = self._clock()
         # "mono" is the host's monotonic clock: entries of both ends on one host line up
-        self.timeline.append({"t": round(now - self.start_time, 6), "mono": round(now, 6),
-                              "event": kind, **fields})
+        self.timeline.append(
+            {"t": round(now - self.start_time, 6), "mono": round(now, 6), "event": kind, **fields}
+        )

@@ -45,8 +45,7 @@ class StreamWriter:
             self.bytes_sent += len(frame)
         return len(frame)
 
-    def send_ram_run(self, block_index: int, block: RamBlock, first_page: int,
-                     zero: Bitmap) -> int:
+    def send_ram_run(self, block_index: int, block: RamBlock, first_page: int, zero: Bitmap) -> int:
         """Send pages first_page.. of `block`: zero pages as markers, the rest from guest RAM.
 
         Returns the bytes put on the wire. The guest may write the pages meanwhile; the dirty
@@ -68,8 +67,9 @@ class StreamWriter:
 
 
 class StreamReader:
-    def __init__(self, connection: Connection, direction: Direction,
-                 context: StreamContext) -> None:
+    def __init__(
+        self, connection: Connection, direction: Direction, context: StreamContext
+    ) -> None:
         self.connection = connection
         self.direction = direction
         self.context = context

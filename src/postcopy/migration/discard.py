@@ -33,8 +33,10 @@ def page_ranges(pages: npt.NDArray[np.int64]) -> Iterator[tuple[tuple[int, int],
     yield from _groups(starts.astype(np.int64), (ends - starts).astype(np.int64))
 
 
-def _groups(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
-            ) -> Iterator[tuple[tuple[int, int], ...]]:
+def _groups(
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+) -> Iterator[tuple[tuple[int, int], ...]]:
     pairs = np.stack([starts, lengths], axis=1).tolist()
     for index in range(0, len(pairs), MAX_DISCARD_RANGES):
-        yield tuple((int(a), int(b)) for a, b in pairs[index:index + MAX_DISCARD_RANGES])
+        yield tuple((int(a), int(b)) for a, b in pairs[index : index + MAX_DISCARD_RANGES])

@@ -42,8 +42,12 @@ KVM_CAPABILITIES = (
     ("USER_MEMORY", 3, True, "guest RAM is our own mmap'ed memory"),
     ("SYNC_MMU", 16, True, "KVM follows the host page tables, so UFFDIO_COPY reaches the guest"),
     ("IMMEDIATE_EXIT", 136, True, "vCPUs are stopped at switchover without signals racing"),
-    ("MANUAL_DIRTY_LOG_PROTECT2", 168, False,
-     "precopy clears dirty bits only for pages it sends (else: plain GET_DIRTY_LOG)"),
+    (
+        "MANUAL_DIRTY_LOG_PROTECT2",
+        168,
+        False,
+        "precopy clears dirty bits only for pages it sends (else: plain GET_DIRTY_LOG)",
+    ),
     ("DIRTY_LOG_RING", 192, False, "dirty pages as a ring instead of a bitmap (optional)"),
 )
 
@@ -150,18 +154,22 @@ def _userfaultfd_access(facts: dict[str, Any]) -> tuple[CheckItem, str | None]:
     working = next((via for via, outcome in outcomes.items() if outcome == "ok"), None)
     who = "root" if euid == 0 else f"uid {euid}"
     setting = f"vm.unprivileged_userfaultfd={unprivileged if unprivileged is not None else '?'}"
-    detail = (f"syscall: {outcomes['syscall']}; {DEV_USERFAULTFD}: {outcomes[DEV_USERFAULTFD]}; "
-              f"{setting}; running as {who}")
+    detail = (
+        f"syscall: {outcomes['syscall']}; {DEV_USERFAULTFD}: {outcomes[DEV_USERFAULTFD]}; "
+        f"{setting}; running as {who}"
+    )
     why = "the destination learns of guest accesses to pages that have not arrived yet"
     if working is not None:
         return CheckItem("userfaultfd", True, f"opened via {working} ({detail})", why=why), working
     if all(code in (errno.ENOSYS, errno.ENOENT) for code in errnos.values()):
         fix = "use a kernel built with CONFIG_USERFAULTFD=y"
     else:
-        fix = ("run as root, or `sysctl vm.unprivileged_userfaultfd=1`, or give this user "
-               f"read/write access to {DEV_USERFAULTFD} "
-               f"(`setfacl -m u:$USER:rw {DEV_USERFAULTFD}`); UFFD_USER_MODE_ONLY is not "
-               "enough, because faults taken by KVM on the guest's behalf are kernel-mode")
+        fix = (
+            "run as root, or `sysctl vm.unprivileged_userfaultfd=1`, or give this user "
+            f"read/write access to {DEV_USERFAULTFD} "
+            f"(`setfacl -m u:$USER:rw {DEV_USERFAULTFD}`); UFFD_USER_MODE_ONLY is not "
+            "enough, because faults taken by KVM on the guest's behalf are kernel-mode"
+        )
     return CheckItem("userfaultfd", False, f"not available ({detail})", fix, why=why), None
 
 
@@ -170,28 +178,42 @@ def _userfaultfd_checks(report: HostReport, ram_page_sizes: tuple[int, ...]) -> 
     access, working = _userfaultfd_access(facts)
     report.items.append(access)
     if working is None:
-        report.items.append(CheckItem(
-            "userfaultfd API", False, "not checked: userfaultfd cannot be opened",
-            "see the userfaultfd line"))
+        report.items.append(
+            CheckItem(
+                "userfaultfd API",
+                False,
+                "not checked: userfaultfd cannot be opened",
+                "see the userfaultfd line",
+            )
+        )
         return
     try:
         with UserfaultFd.open(via=working) as probe:
             available, api_ioctls = probe.available_features, probe.ioctls
     except UffdError as error:
-        report.items.append(CheckItem(
-            "userfaultfd API", False, f"UFFDIO_API handshake failed: {error}",
-            "use a kernel whose userfaultfd speaks API 0xAA (Linux >= 4.3)"))
+        report.items.append(
+            CheckItem(
+                "userfaultfd API",
+                False,
+                f"UFFDIO_API handshake failed: {error}",
+                "use a kernel whose userfaultfd speaks API 0xAA (Linux >= 4.3)",
+            )
+        )
         return
     facts["userfaultfd_features"] = _names(available)
     facts["userfaultfd_features_mask"] = int(available)
     facts["userfaultfd_api_ioctls"] = _names(api_ioctls)
     lacking = missing_ioctls(api_ioctls, API_IOCTLS)
-    report.items.append(CheckItem(
-        "userfaultfd API", not lacking,
-        f"features {int(available):#x}: {', '.join(_names(available)) or 'none'}"
-        + (f"; missing ioctls {', '.join(_names(lacking))}" if lacking else ""),
-        None if not lacking else "use a kernel with UFFDIO_REGISTER/UNREGISTER",
-        why="the handshake says which kinds of memory and events the kernel can report"))
+    report.items.append(
+        CheckItem(
+            "userfaultfd API",
+            not lacking,
+            f"features {int(available):#x}: {', '.join(_names(available)) or 'none'}"
+            + (f"; missing ioctls {', '.join(_names(lacking))}" if lacking else ""),
+            None if not lacking else "use a kernel with UFFDIO_REGISTER/UNREGISTER",
+            why="the handshake says which kinds of memory and events the kernel can report",
+        )
+    )
 
     wanted = available & (Feature.MISSING_SHMEM | Feature.MINOR_SHMEM)
     with UserfaultFd.open(wanted, via=working) as uffd:
@@ -208,19 +230,27 @@ def _anonymous_registration(uffd: UserfaultFd, facts: dict[str, Any]) -> CheckIt
             allowed = uffd.register(area.address, area.length, RegisterMode.MISSING)
             uffd.unregister(area.address, area.length)
     except OSError as error:
-        return CheckItem(name, False, f"register failed: {error}",
-                         "use a kernel with anonymous-memory userfaultfd", why=why)
+        return CheckItem(
+            name,
+            False,
+            f"register failed: {error}",
+            "use a kernel with anonymous-memory userfaultfd",
+            why=why,
+        )
     facts["anonymous_register_ioctls"] = _names(allowed)
     lacking = missing_ioctls(allowed, POSTCOPY_IOCTLS)
     if lacking:
-        return CheckItem(name, False, f"registration lacks {', '.join(_names(lacking))}",
-                         "use a newer kernel", why=why)
-    return CheckItem(name, True, f"register MISSING offers {', '.join(_names(allowed))}",
-                     why=why)
+        return CheckItem(
+            name,
+            False,
+            f"registration lacks {', '.join(_names(lacking))}",
+            "use a newer kernel",
+            why=why,
+        )
+    return CheckItem(name, True, f"register MISSING offers {', '.join(_names(allowed))}", why=why)
 
 
-def _shmem_registration(uffd: UserfaultFd, available: Feature,
-                        facts: dict[str, Any]) -> CheckItem:
+def _shmem_registration(uffd: UserfaultFd, available: Feature, facts: dict[str, Any]) -> CheckItem:
     name = "shmem faults"
     why = "memfd-backed (shared) RAM would need MISSING_SHMEM, or MINOR_SHMEM + CONTINUE"
     modes = []
@@ -244,30 +274,47 @@ def _shmem_registration(uffd: UserfaultFd, available: Feature,
     return CheckItem(name, True, "register " + ", ".join(modes), None, False, why)
 
 
-def _huge_pages(available: Feature, ram_page_sizes: tuple[int, ...],
-                facts: dict[str, Any]) -> CheckItem:
+def _huge_pages(
+    available: Feature, ram_page_sizes: tuple[int, ...], facts: dict[str, Any]
+) -> CheckItem:
     base = memory.page_size()
     huge_sizes = memory.huge_page_sizes()
     mounts = memory.hugetlbfs_mounts()
     pools = {size: memory.hugepages_reserved(size) for size in huge_sizes}
     facts["huge_page_pools"] = [
-        {"size": size, "total": pools[size][0], "free": pools[size][1],
-         "mounts": [path for path, mounted in mounts if mounted == size]}
+        {
+            "size": size,
+            "total": pools[size][0],
+            "free": pools[size][1],
+            "mounts": [path for path, mounted in mounts if mounted == size],
+        }
         for size in huge_sizes
     ]
     has_feature = Feature.MISSING_HUGETLBFS in available
     needed = sorted({size for size in ram_page_sizes if size != base})
-    pool_text = ", ".join(
-        f"{_describe_size(size)}: {pools[size][0]} pages ({pools[size][1]} free), "
-        + (f"mounted at {', '.join(p for p, s in mounts if s == size)}"
-           if any(s == size for _, s in mounts) else "no hugetlbfs mount")
-        for size in huge_sizes) or "no huge page sizes"
+    pool_text = (
+        ", ".join(
+            f"{_describe_size(size)}: {pools[size][0]} pages ({pools[size][1]} free), "
+            + (
+                f"mounted at {', '.join(p for p, s in mounts if s == size)}"
+                if any(s == size for _, s in mounts)
+                else "no hugetlbfs mount"
+            )
+            for size in huge_sizes
+        )
+        or "no huge page sizes"
+    )
     detail = f"MISSING_HUGETLBFS {'yes' if has_feature else 'no'}; {pool_text}"
     why = "RAM on huge pages is requested and placed a whole huge page at a time"
     if not needed:
-        return CheckItem("huge pages", has_feature, detail + " (RAM uses base pages)",
-                         None if has_feature else "use a kernel with MISSING_HUGETLBFS",
-                         False, why)
+        return CheckItem(
+            "huge pages",
+            has_feature,
+            detail + " (RAM uses base pages)",
+            None if has_feature else "use a kernel with MISSING_HUGETLBFS",
+            False,
+            why,
+        )
     problems, fixes = [], []
     if not has_feature:
         problems.append("userfaultfd lacks MISSING_HUGETLBFS")
@@ -283,39 +330,66 @@ def _huge_pages(available: Feature, ram_page_sizes: tuple[int, ...],
             fixes.append(f"`echo N > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages`")
         if not any(mounted == size for _, mounted in mounts):
             problems.append(f"no hugetlbfs mount for {label} pages")
-            fixes.append(f"`mount -t hugetlbfs -o pagesize={kib // 1024}M none /dev/hugepages`"
-                         if kib % 1024 == 0 else f"mount hugetlbfs with pagesize={kib}K")
-    return CheckItem("huge pages", not problems,
-                     ("; ".join(problems) + " — " if problems else "") + detail,
-                     " and ".join(fixes) or None, True, why)
+            fixes.append(
+                f"`mount -t hugetlbfs -o pagesize={kib // 1024}M none /dev/hugepages`"
+                if kib % 1024 == 0
+                else f"mount hugetlbfs with pagesize={kib}K"
+            )
+    return CheckItem(
+        "huge pages",
+        not problems,
+        ("; ".join(problems) + " — " if problems else "") + detail,
+        " and ".join(fixes) or None,
+        True,
+        why,
+    )
 
 
 # -- pages and RAM ------------------------------------------------------------------------
 
 
-def _page_checks(report: HostReport, ram_page_sizes: tuple[int, ...], target_page_size: int,
-                 shared_ram: bool) -> None:
+def _page_checks(
+    report: HostReport, ram_page_sizes: tuple[int, ...], target_page_size: int, shared_ram: bool
+) -> None:
     base = memory.page_size()
     thp = memory.transparent_hugepage_mode()
-    report.facts.update(base_page_size=base, transparent_hugepage=thp,
-                        huge_page_sizes=memory.huge_page_sizes(),
-                        ram_page_sizes=list(ram_page_sizes), target_page_size=target_page_size)
-    report.items.append(CheckItem(
-        "page sizes", True,
-        f"base page {base} B; THP {thp or 'absent'}; huge page sizes "
-        + (", ".join(_describe_size(size) for size in memory.huge_page_sizes()) or "none")
-        + f"; RAM page sizes {', '.join(_describe_size(size) for size in ram_page_sizes)}",
-        None, False, "THP is turned off on RAM before discards, so discards really free pages"))
-    report.items.append(CheckItem(
-        "target page size", target_page_size <= base,
-        f"guest page {target_page_size} B, host page {base} B",
-        None if target_page_size <= base else "the guest's pages must not exceed the host's",
-        why="each request fetches whole host pages, which must cover whole guest pages"))
-    report.items.append(CheckItem(
-        "shared RAM", not shared_ram,
-        "RAM is shared (memfd/MAP_SHARED)" if shared_ram else "RAM is private",
-        "use private RAM (the default)" if shared_ram else None,
-        why="discarding shared RAM would not empty it for other users (as in QEMU)"))
+    report.facts.update(
+        base_page_size=base,
+        transparent_hugepage=thp,
+        huge_page_sizes=memory.huge_page_sizes(),
+        ram_page_sizes=list(ram_page_sizes),
+        target_page_size=target_page_size,
+    )
+    report.items.append(
+        CheckItem(
+            "page sizes",
+            True,
+            f"base page {base} B; THP {thp or 'absent'}; huge page sizes "
+            + (", ".join(_describe_size(size) for size in memory.huge_page_sizes()) or "none")
+            + f"; RAM page sizes {', '.join(_describe_size(size) for size in ram_page_sizes)}",
+            None,
+            False,
+            "THP is turned off on RAM before discards, so discards really free pages",
+        )
+    )
+    report.items.append(
+        CheckItem(
+            "target page size",
+            target_page_size <= base,
+            f"guest page {target_page_size} B, host page {base} B",
+            None if target_page_size <= base else "the guest's pages must not exceed the host's",
+            why="each request fetches whole host pages, which must cover whole guest pages",
+        )
+    )
+    report.items.append(
+        CheckItem(
+            "shared RAM",
+            not shared_ram,
+            "RAM is shared (memfd/MAP_SHARED)" if shared_ram else "RAM is private",
+            "use private RAM (the default)" if shared_ram else None,
+            why="discarding shared RAM would not empty it for other users (as in QEMU)",
+        )
+    )
 
 
 # -- KVM --------------------------------------------------------------------------------
@@ -329,26 +403,36 @@ def _kvm_checks(report: HostReport) -> None:
     except OSError as error:
         code = error.errno or 0
         if code == errno.ENOENT:
-            fix = ("load KVM (`modprobe kvm_intel` or `modprobe kvm_amd`) and enable "
-                   "virtualization (or nested virtualization) for this machine")
+            fix = (
+                "load KVM (`modprobe kvm_intel` or `modprobe kvm_amd`) and enable "
+                "virtualization (or nested virtualization) for this machine"
+            )
         elif code in (errno.EACCES, errno.EPERM):
             fix = f"`chmod 666 {KVM_DEVICE}` or add the user to group kvm (`usermod -aG kvm $USER`)"
         else:
             fix = f"make {KVM_DEVICE} usable"
         facts["kvm_api_version"] = None
-        report.items.append(CheckItem("KVM", False, f"cannot open {KVM_DEVICE}: "
-                                      f"{error.strerror}", fix, why=why))
+        report.items.append(
+            CheckItem("KVM", False, f"cannot open {KVM_DEVICE}: {error.strerror}", fix, why=why)
+        )
         return
     try:
         version = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
         facts["kvm_api_version"] = version
         if version != KVM_API_VERSION:
-            report.items.append(CheckItem(
-                "KVM", False, f"KVM API version {version}, {KVM_API_VERSION} expected",
-                "use a Linux kernel with the stable KVM API", why=why))
+            report.items.append(
+                CheckItem(
+                    "KVM",
+                    False,
+                    f"KVM API version {version}, {KVM_API_VERSION} expected",
+                    "use a Linux kernel with the stable KVM API",
+                    why=why,
+                )
+            )
             return
-        report.items.append(CheckItem("KVM", True, f"{KVM_DEVICE} opened, API version {version}",
-                                      why=why))
+        report.items.append(
+            CheckItem("KVM", True, f"{KVM_DEVICE} opened, API version {version}", why=why)
+        )
         capabilities: dict[str, int] = {}
         for name, number, required, purpose in KVM_CAPABILITIES:
             try:
@@ -356,12 +440,22 @@ def _kvm_checks(report: HostReport) -> None:
             except OSError:
                 value = 0
             capabilities[name] = value
-            report.items.append(CheckItem(
-                f"KVM_CAP_{name}", value > 0,
-                f"present ({value})" if value > 0 else "absent",
-                None if value > 0 else ("use a kernel whose KVM has it" if required
-                                        else "optional: the migration falls back"),
-                required, purpose))
+            report.items.append(
+                CheckItem(
+                    f"KVM_CAP_{name}",
+                    value > 0,
+                    f"present ({value})" if value > 0 else "absent",
+                    None
+                    if value > 0
+                    else (
+                        "use a kernel whose KVM has it"
+                        if required
+                        else "optional: the migration falls back"
+                    ),
+                    required,
+                    purpose,
+                )
+            )
         facts["kvm_capabilities"] = capabilities
     finally:
         os.close(fd)
@@ -370,8 +464,12 @@ def _kvm_checks(report: HostReport) -> None:
 # -- the report -------------------------------------------------------------------------
 
 
-def check_host(*, ram_page_sizes: tuple[int, ...] = (4096,), shared_ram: bool = False,
-               target_page_size: int = 4096) -> HostReport:
+def check_host(
+    *,
+    ram_page_sizes: tuple[int, ...] = (4096,),
+    shared_ram: bool = False,
+    target_page_size: int = 4096,
+) -> HostReport:
     """Check everything postcopy needs on this host, for RAM of the given page sizes."""
     started = time.perf_counter()
     report = HostReport()

@@ -96,8 +96,14 @@ class IncomingError(RuntimeError):
 class PagePlacer:
     """Places runs atomically on a userfaultfd, records what arrived, wakes waiters."""
 
-    def __init__(self, uffd: UserfaultFd, ram: list[RamBlock], received: list[Bitmap],
-                 latency: LatencyRecorder, blocktime: BlocktimeTracker) -> None:
+    def __init__(
+        self,
+        uffd: UserfaultFd,
+        ram: list[RamBlock],
+        received: list[Bitmap],
+        latency: LatencyRecorder,
+        blocktime: BlocktimeTracker,
+    ) -> None:
         self.uffd = uffd
         self.ram = ram
         self.received = received
@@ -114,14 +120,16 @@ class PagePlacer:
         offset_in_staging = 0
         for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
             destination = block.host_address + (first_page + start) * page_size
-            self._copy(destination, staging_address + offset_in_staging, length * page_size,
-                       page_size)
+            self._copy(
+                destination, staging_address + offset_in_staging, length * page_size, page_size
+            )
             offset_in_staging += length * page_size
         self._place_zero_pages(block, first_page, zero)
         self._record(block_index, first_page, int(zero.size))
 
-    def place_from_side(self, block_index: int, first_page: int, zero: Bitmap,
-                        side_address: int) -> None:
+    def place_from_side(
+        self, block_index: int, first_page: int, zero: Bitmap, side_address: int
+    ) -> None:
         """Like `place`, for a run whose normal pages were read into the block's side
         mapping at their own offsets: they move into guest RAM (UFFDIO_MOVE, no copy and
         no page to allocate), zero pages are filled as usual."""
@@ -130,8 +138,14 @@ class PagePlacer:
         normal_starts, normal_lengths = runs(~zero)
         for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
             offset = (first_page + start) * page_size
-            self._fill(self.uffd.move, block.host_address + offset, side_address + offset,
-                       length * page_size, page_size, fallback=self._copy)
+            self._fill(
+                self.uffd.move,
+                block.host_address + offset,
+                side_address + offset,
+                length * page_size,
+                page_size,
+                fallback=self._copy,
+            )
         self._place_zero_pages(block, first_page, zero)
         self._record(block_index, first_page, int(zero.size))
 
@@ -143,7 +157,7 @@ class PagePlacer:
             self._zeropage(destination, length * page_size, page_size)
 
     def _record(self, block_index: int, first_page: int, count: int) -> None:
-        self.received[block_index][first_page:first_page + count] = True
+        self.received[block_index][first_page : first_page + count] = True
         with self._lock:
             self.placed_pages += count
         self.latency.placed(block_index, first_page, count)
@@ -152,9 +166,15 @@ class PagePlacer:
     def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
         self._fill(self.uffd.copy, destination, source, length, page_size)
 
-    def _fill(self, ioctl: Callable[[int, int, int], int], destination: int, source: int,
-              length: int, page_size: int,
-              fallback: Callable[[int, int, int, int], None] | None = None) -> None:
+    def _fill(
+        self,
+        ioctl: Callable[[int, int, int], int],
+        destination: int,
+        source: int,
+        length: int,
+        page_size: int,
+        fallback: Callable[[int, int, int, int], None] | None = None,
+    ) -> None:
         """Run UFFDIO_COPY or UFFDIO_MOVE over a range to its end. EEXIST: a request raced
         the push and that page is already there (counted, skipped); EAGAIN: go on. Any
         other error (e.g. EBUSY for a page the kernel cannot move now) hands the rest of
@@ -190,11 +210,20 @@ class PagePlacer:
 class IncomingMigration(MigrationBase):
     """Waits for a migration stream on `uri` and loads it into `machine`."""
 
-    def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
-                 capabilities: Capabilities, on_event: EventSink | None = None,
-                 auth: AuthConfig | None = None, tls: TlsServerConfig | None = None,
-                 allow_insecure_network: bool = False,
-                 autostart: bool = True, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        uri: str,
+        *,
+        parameters: Parameters,
+        capabilities: Capabilities,
+        on_event: EventSink | None = None,
+        auth: AuthConfig | None = None,
+        tls: TlsServerConfig | None = None,
+        allow_insecure_network: bool = False,
+        autostart: bool = True,
+        clock: Clock = time.monotonic,
+    ) -> None:
         super().__init__(capabilities, on_event, clock)
         self.machine = machine
         self.uri = uri
@@ -246,8 +275,12 @@ class IncomingMigration(MigrationBase):
 
     def start(self) -> None:
         """Listen (errors surface here, synchronously), then accept on a thread."""
-        self._listener = listen(self.uri, auth=self.auth, tls=self.tls,
-                                allow_insecure_network=self.allow_insecure_network)
+        self._listener = listen(
+            self.uri,
+            auth=self.auth,
+            tls=self.tls,
+            allow_insecure_network=self.allow_insecure_network,
+        )
         self.bound_uri = str(self._listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         self._threads.append(thread)
@@ -276,8 +309,9 @@ class IncomingMigration(MigrationBase):
         info["x-postcopy-requests-sent"] = self.requests_sent
         info["x-local-zero-faults"] = self.local_zero_faults
         prefaulter = self._prefaulter
-        info["x-pages-prefaulted"] = (prefaulter.pages_populated if prefaulter is not None
-                                      else self.pages_prefaulted)
+        info["x-pages-prefaulted"] = (
+            prefaulter.pages_populated if prefaulter is not None else self.pages_prefaulted
+        )
         if self._placer is not None:
             info["x-duplicate-pages"] = self._placer.duplicates
             info["x-pages-placed"] = self._placer.placed_pages
@@ -330,8 +364,9 @@ class IncomingMigration(MigrationBase):
         if self.postcopy_start is not None:
             # vCPUs may sleep on missing pages: ask them to stop, then release the faults
             # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
-            stopper = threading.Thread(target=self.machine.stop, name="stop-on-failure",
-                                       daemon=True)
+            stopper = threading.Thread(
+                target=self.machine.stop, name="stop-on-failure", daemon=True
+            )
             stopper.start()
             self._stop_fault_thread()
             self._release_uffd()
@@ -347,8 +382,9 @@ class IncomingMigration(MigrationBase):
     def _receive(self) -> None:
         assert self._main is not None
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
-        reader = StreamReader(self._main, Direction.MAIN,
-                              StreamContext(Direction.MAIN, blocks=blocks))
+        reader = StreamReader(
+            self._main, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks)
+        )
         self._return = StreamWriter(self._main, Direction.RETURN)
         self._return.send_stream_header()
         reader.read_stream_header()
@@ -359,15 +395,17 @@ class IncomingMigration(MigrationBase):
         self.peer_capabilities = handshake.capabilities
         if "postcopy-preempt" in handshake.capabilities:
             # the source opens the urgent-page channel as soon as we accept the configuration
-            preempt_thread = threading.Thread(target=self._preempt_receiver, name="preempt",
-                                              daemon=True)
+            preempt_thread = threading.Thread(
+                target=self._preempt_receiver, name="preempt", daemon=True
+            )
             self._threads.append(preempt_thread)
             preempt_thread.start()
         self.status.move(S.ACTIVE)
         self._trace("handshake", capabilities=sorted(handshake.capabilities))
         set_thread_nice(self.parameters.x_migration_thread_nice)
-        self._prefaulter = Prefaulter(self._ram, self.received,
-                                      nice=self.parameters.x_migration_thread_nice)
+        self._prefaulter = Prefaulter(
+            self._ram, self.received, nice=self.parameters.x_migration_thread_nice
+        )
         while True:
             message = reader.read()
             if isinstance(message, RamRunHeader):
@@ -402,41 +440,47 @@ class IncomingMigration(MigrationBase):
         ours = [f"{b.name}:{b.length}@{b.page_size}" for b in self._ram]
         theirs = [f"{b.name}:{b.length}@{b.page_size}" for b in handshake.blocks]
         if ours != theirs or handshake.vcpus != self.machine.vcpu_count:
-            reason = (f"VM configuration mismatch: source has blocks {theirs} and "
-                      f"{handshake.vcpus} vCPUs, destination has blocks {ours} and "
-                      f"{self.machine.vcpu_count} vCPUs")
+            reason = (
+                f"VM configuration mismatch: source has blocks {theirs} and "
+                f"{handshake.vcpus} vCPUs, destination has blocks {ours} and "
+                f"{self.machine.vcpu_count} vCPUs"
+            )
             raise IncomingError(reason)
         wanted = {"postcopy-ram", "postcopy-preempt"} & set(handshake.capabilities)
         for name in sorted(wanted):
             if not self.capabilities[name]:
-                raise IncomingError(f"the source uses capability {name} but it is not enabled "
-                                    "on the destination (migrate-set-capabilities)")
+                raise IncomingError(
+                    f"the source uses capability {name} but it is not enabled "
+                    "on the destination (migrate-set-capabilities)"
+                )
 
     def _receive_run(self, reader: StreamReader, header: RamRunHeader) -> None:
         block = self._ram[header.block]
         if self.uffd is None:
             # RAM is not registered yet: read normal pages straight into guest memory
             first, count = header.first_page, header.zero.size
-            received = self.received[header.block][first:first + count]
+            received = self.received[header.block][first : first + count]
             prefaulter = self._prefaulter
             if prefaulter is not None and not received.all():
-                prefaulter.advance(header.block, first, count,
-                                   header.data_length // block.page_size)
+                prefaulter.advance(
+                    header.block, first, count, header.data_length // block.page_size
+                )
             normal_starts, normal_lengths = runs(~header.zero)
             for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
                 reader.read_data_into(block.page_view(first + start, length))
             held = received
             if prefaulter is not None:
-                held = received | prefaulter.prefaulted[header.block][first:first + count]
+                held = received | prefaulter.prefaulted[header.block][first : first + count]
             stale_zero = header.zero & held
             if stale_zero.any():
                 # a page we hold (or prefaulted) became zero on the source: empty it
                 zero_starts, zero_lengths = runs(stale_zero)
-                for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(),
-                                         strict=True):
-                    block.mapping.madvise(Advice.DONTNEED,
-                                          (header.first_page + start) * block.page_size,
-                                          length * block.page_size)
+                for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+                    block.mapping.madvise(
+                        Advice.DONTNEED,
+                        (header.first_page + start) * block.page_size,
+                        length * block.page_size,
+                    )
             received[:] = True
             return
         assert self._placer is not None
@@ -449,11 +493,10 @@ class IncomingMigration(MigrationBase):
             normal_starts, normal_lengths = runs(~header.zero)
             for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
                 offset = (header.first_page + start) * block.page_size
-                reader.read_data_into(side.view[offset:offset + length * block.page_size])
-            self._placer.place_from_side(header.block, header.first_page, header.zero,
-                                         side.address)
+                reader.read_data_into(side.view[offset : offset + length * block.page_size])
+            self._placer.place_from_side(header.block, header.first_page, header.zero, side.address)
             return
-        staging = self._staging.view[:header.data_length]
+        staging = self._staging.view[: header.data_length]
         if header.data_length:
             reader.read_data_into(staging)
         self._placer.place(header.block, header.first_page, header.zero, self._staging.address)
@@ -468,13 +511,16 @@ class IncomingMigration(MigrationBase):
 
     def _advise(self, advise: Advise) -> None:
         if not self.capabilities["postcopy-ram"]:
-            raise IncomingError("postcopy requested by the source but capability postcopy-ram "
-                                "is off on the destination")
-        report = check_host(ram_page_sizes=tuple(sorted({b.page_size for b in self._ram})),
-                            shared_ram=any(b.shared for b in self._ram))
+            raise IncomingError(
+                "postcopy requested by the source but capability postcopy-ram "
+                "is off on the destination"
+            )
+        report = check_host(
+            ram_page_sizes=tuple(sorted({b.page_size for b in self._ram})),
+            shared_ram=any(b.shared for b in self._ram),
+        )
         if not report.postcopy_possible:
-            raise IncomingError("postcopy is not possible on the destination: "
-                                + report.summary())
+            raise IncomingError("postcopy is not possible on the destination: " + report.summary())
         # empty all RAM, so every page the source never sends stays missing
         for block in self._ram:
             # no MADV_HUGEPAGE: with THP defrag "madvise", huge page faults stall on
@@ -495,12 +541,13 @@ class IncomingMigration(MigrationBase):
     def _discard(self, discard: Discard) -> None:
         block = self._ram[discard.block]
         for first, count in discard.ranges:
-            self.received[discard.block][first:first + count] = False
+            self.received[discard.block][first : first + count] = False
             if not self._swap_ram:
                 # in place: the page must really be emptied, so that it faults (the seed's way)
                 self._huge_pages_off()
-                block.mapping.madvise(Advice.DONTNEED, first * block.page_size,
-                                      count * block.page_size)
+                block.mapping.madvise(
+                    Advice.DONTNEED, first * block.page_size, count * block.page_size
+                )
 
     def _listen(self) -> None:
         """Register RAM on a userfaultfd and start the fault thread.
@@ -532,7 +579,8 @@ class IncomingMigration(MigrationBase):
             if allowed & needed != needed:
                 uffd.close()
                 raise IncomingError(
-                    f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
+                    f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}"
+                )
         self.uffd = uffd
         self._placer = PagePlacer(uffd, self._ram, self.received, self.latency, self.blocktime)
         fault_thread = threading.Thread(target=self._fault_thread, name="fault", daemon=True)
@@ -574,8 +622,9 @@ class IncomingMigration(MigrationBase):
             log.error("preempt channel never came: %s", error)
             return
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
-        reader = StreamReader(self._preempt, Direction.MAIN,
-                              StreamContext(Direction.MAIN, blocks=blocks))
+        reader = StreamReader(
+            self._preempt, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks)
+        )
         staging = Mapping.anonymous(STAGING_BYTES)
         try:
             reader.read_stream_header()
@@ -586,9 +635,10 @@ class IncomingMigration(MigrationBase):
                 header = reader.read()
                 if not isinstance(header, RamRunHeader):
                     raise IncomingError(
-                        f"unexpected {type(header).__name__} on the preempt channel")
+                        f"unexpected {type(header).__name__} on the preempt channel"
+                    )
                 if header.data_length:
-                    reader.read_data_into(staging.view[:header.data_length])
+                    reader.read_data_into(staging.view[: header.data_length])
                 if self._placer is None:
                     raise IncomingError("urgent pages arrived before LISTEN")
                 self._placer.place(header.block, header.first_page, header.zero, staging.address)
@@ -676,16 +726,20 @@ class IncomingMigration(MigrationBase):
         assert old is not None
         block = self._ram[block_index]
         page_size = block.page_size
-        window = self._unmoved[block_index][first:first + count]
+        window = self._unmoved[block_index][first : first + count]
         starts, lengths = runs(window.copy())
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             offset = (first + start) * page_size
             done, size = 0, length * page_size
             while done < size:
                 try:
-                    done += self.uffd.move(block.host_address + offset + done,
-                                           old.address + offset + done, size - done,
-                                           dontwake=on_demand, allow_src_holes=True)
+                    done += self.uffd.move(
+                        block.host_address + offset + done,
+                        old.address + offset + done,
+                        size - done,
+                        dontwake=on_demand,
+                        allow_src_holes=True,
+                    )
                 except PageExistsError as error:
                     done += error.done + page_size
                 except RetryError as error:
@@ -693,7 +747,7 @@ class IncomingMigration(MigrationBase):
             self.pages_moved += length
             # cleared only once landed: the fault thread reads these bits without the lock,
             # and a page it sees as moved must really be in guest RAM
-            window[start:start + length] = False
+            window[start : start + length] = False
 
     def _finish_moving(self) -> None:
         """Every valid page has moved back. The side mappings stay: the pushed pages land
@@ -707,8 +761,9 @@ class IncomingMigration(MigrationBase):
         stale = [old for old in self._old_mappings if old is not None]
         self._old_mappings = [None] * len(self._old_mappings)
         if stale:
-            freer = threading.Thread(target=_close_all, args=(stale,), name="free-stale",
-                                     daemon=True)
+            freer = threading.Thread(
+                target=_close_all, args=(stale,), name="free-stale", daemon=True
+            )
             self._threads.append(freer)
             freer.start()
 
@@ -815,8 +870,11 @@ def _coalesce(requests: list[ReqPages]) -> list[ReqPages]:
     """Merge requests for adjacent pages of one block (faults often come in order)."""
     merged: list[ReqPages] = []
     for request in sorted(requests, key=lambda r: (r.block, r.first_page)):
-        if merged and merged[-1].block == request.block and \
-                merged[-1].first_page + merged[-1].page_count == request.first_page:
+        if (
+            merged
+            and merged[-1].block == request.block
+            and merged[-1].first_page + merged[-1].page_count == request.first_page
+        ):
             last = merged[-1]
             merged[-1] = ReqPages(last.block, last.first_page, last.page_count + request.page_count)
         else:

@@ -86,18 +86,27 @@ class PageRequest:
 class OutgoingMigration(MigrationBase):
     """One outgoing migration of `machine` to `uri`; start() runs it on its own thread."""
 
-    def __init__(self, machine: Machine, uri: str, *, parameters: Parameters,
-                 capabilities: Capabilities, on_event: EventSink | None = None,
-                 auth: AuthConfig | None = None, tls: TlsClientConfig | None = None,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        uri: str,
+        *,
+        parameters: Parameters,
+        capabilities: Capabilities,
+        on_event: EventSink | None = None,
+        auth: AuthConfig | None = None,
+        tls: TlsClientConfig | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         super().__init__(capabilities, on_event, clock)
         self.machine = machine
         self.uri = uri
         self.parameters = parameters
         self.auth = auth
         self.tls = tls
-        self.counters = RamCounters(total=machine.ram.total_bytes,
-                                    page_size=min(b.page_size for b in machine.ram))
+        self.counters = RamCounters(
+            total=machine.ram.total_bytes, page_size=min(b.page_size for b in machine.ram)
+        )
         self.rounds = 0
         self.setup_time = 0.0
         self.downtime: float | None = None
@@ -147,10 +156,13 @@ class OutgoingMigration(MigrationBase):
     def start_postcopy(self) -> None:
         if not self.capabilities["postcopy-ram"]:
             raise MigrationError(
-                "Enable postcopy with migrate_set_capability before the start of migration")
+                "Enable postcopy with migrate_set_capability before the start of migration"
+            )
         if self.status.value not in (S.SETUP, S.ACTIVE):
-            raise MigrationError("Postcopy must be started after migration has been started "
-                                 f"(status {self.status.value.value})")
+            raise MigrationError(
+                "Postcopy must be started after migration has been started "
+                f"(status {self.status.value.value})"
+            )
         self._postcopy_requested.set()
 
     def join(self, timeout: float | None = None) -> None:
@@ -244,32 +256,44 @@ class OutgoingMigration(MigrationBase):
         postcopy = self.capabilities["postcopy-ram"]
         preempt = postcopy and self.capabilities["postcopy-preempt"]
         session = new_session()
-        self._main = connect(self.uri, auth=self.auth, tls=self.tls, channel="main",
-                             session=session)
+        self._main = connect(
+            self.uri, auth=self.auth, tls=self.tls, channel="main", session=session
+        )
         main = StreamWriter(self._main, Direction.MAIN)
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in ram)
         main.send_stream_header()
-        main.send(Handshake(capabilities=self.capabilities.names(), blocks=blocks,
-                            vcpus=self.machine.vcpu_count))
+        main.send(
+            Handshake(
+                capabilities=self.capabilities.names(), blocks=blocks, vcpus=self.machine.vcpu_count
+            )
+        )
         if postcopy:
             summary = 0
             for block in ram:
                 summary |= block.page_size
             main.send(Advise(page_size_summary=summary, target_page_size=4096))
-        reader = StreamReader(self._main, Direction.RETURN,
-                              StreamContext(Direction.RETURN, blocks=blocks))
-        threading.Thread(target=self._return_path, args=(reader,), name="return-path",
-                         daemon=True).start()
+        reader = StreamReader(
+            self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
+        )
+        threading.Thread(
+            target=self._return_path, args=(reader,), name="return-path", daemon=True
+        ).start()
         main.send(Ping(SETUP_PING))
         self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
         if preempt:
-            self._preempt = connect(self.uri, auth=self.auth, tls=self.tls, channel="preempt",
-                                    session=session)
+            self._preempt = connect(
+                self.uri, auth=self.auth, tls=self.tls, channel="preempt", session=session
+            )
             self._preempt_writer = StreamWriter(self._preempt, Direction.MAIN)
             self._preempt_writer.send_stream_header()
             # the urgent channel is a stream of its own: it declares the same configuration
-            self._preempt_writer.send(Handshake(capabilities=self.capabilities.names(),
-                                                blocks=blocks, vcpus=self.machine.vcpu_count))
+            self._preempt_writer.send(
+                Handshake(
+                    capabilities=self.capabilities.names(),
+                    blocks=blocks,
+                    vcpus=self.machine.vcpu_count,
+                )
+            )
         self.setup_time = self._clock() - self.start_time
         self.machine.start_dirty_log()
         self.status.move(S.ACTIVE)
@@ -285,8 +309,9 @@ class OutgoingMigration(MigrationBase):
                 return
             self.rounds += 1
             self._trace("round-start", round=self.rounds, transferred=self.counters.transferred)
-            self.counters.remaining = sum(int(np.count_nonzero(d)) * b.page_size
-                                          for d, b in zip(dirty, ram, strict=True))
+            self.counters.remaining = sum(
+                int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True)
+            )
             switched = self._send_round(main, sent, dirty)
             if switched:
                 self._postcopy(main, sent, dirty)
@@ -296,13 +321,19 @@ class OutgoingMigration(MigrationBase):
                 self._emit("MIGRATION_PASS", {"pass": self.rounds})
             sync_started = self._clock()
             dirty = self._sync_dirty(sync_started)
-            remaining = sum(int(np.count_nonzero(d)) * b.page_size
-                            for d, b in zip(dirty, ram, strict=True))
+            remaining = sum(
+                int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True)
+            )
             self.counters.remaining = remaining
             bandwidth = max(self._bandwidth(), 1.0)
             self.expected_downtime = remaining / bandwidth
-            self._trace("round-end", round=self.rounds, remaining=remaining,
-                        bandwidth=round(bandwidth), transferred=self.counters.transferred)
+            self._trace(
+                "round-end",
+                round=self.rounds,
+                remaining=remaining,
+                bandwidth=round(bandwidth),
+                transferred=self.counters.transferred,
+            )
             if self._should_switch_to_postcopy(previous_remaining, remaining):
                 self._postcopy(main, sent, dirty)
                 return
@@ -313,8 +344,9 @@ class OutgoingMigration(MigrationBase):
                 return
             previous_remaining = remaining
 
-    def _should_switch_to_postcopy(self, previous: int | None,
-                                   remaining: int | None = None) -> bool:
+    def _should_switch_to_postcopy(
+        self, previous: int | None, remaining: int | None = None
+    ) -> bool:
         if not self.capabilities["postcopy-ram"]:
             return False
         if self._postcopy_requested.is_set():
@@ -322,8 +354,12 @@ class OutgoingMigration(MigrationBase):
         after = self.parameters.x_postcopy_after_rounds
         if after >= 0 and self.rounds >= after:
             return True
-        return bool(self.parameters.x_postcopy_when_stalled and remaining is not None
-                    and previous is not None and remaining >= previous * 0.95)
+        return bool(
+            self.parameters.x_postcopy_when_stalled
+            and remaining is not None
+            and previous is not None
+            and remaining >= previous * 0.95
+        )
 
     def _sync_dirty(self, now: float, *, final: bool = False) -> list[Bitmap]:
         # the final sync happens with the guest stopped: nothing to protect again
@@ -352,12 +388,20 @@ class OutgoingMigration(MigrationBase):
                 if self._postcopy_requested.is_set():
                     return True
                 self._send_pages(writer, index, block, start, length, phase="precopy")
-                sent[index][start:start + length] = True
-                dirty[index][start:start + length] = False
+                sent[index][start : start + length] = True
+                dirty[index][start : start + length] = False
         return False
 
-    def _send_pages(self, writer: StreamWriter, index: int, block: RamBlock, first: int,
-                    count: int, *, phase: str) -> int:
+    def _send_pages(
+        self,
+        writer: StreamWriter,
+        index: int,
+        block: RamBlock,
+        first: int,
+        count: int,
+        *,
+        phase: str,
+    ) -> int:
         zero = zero_pages(block.page_view(first, count), block.page_size)
         size = writer.send_ram_run(index, block, first, zero)
         zeros = int(np.count_nonzero(zero))
@@ -382,8 +426,11 @@ class OutgoingMigration(MigrationBase):
     def _throttle(self, size: int, phase: str) -> None:
         """Keep to max-bandwidth (precopy) or max-postcopy-bandwidth (the background push).
         Pages in the downtime and pages a vCPU is waiting for are never held back."""
-        limit = (self.parameters.max_postcopy_bandwidth if phase == "postcopy"
-                 else self.parameters.max_bandwidth)
+        limit = (
+            self.parameters.max_postcopy_bandwidth
+            if phase == "postcopy"
+            else self.parameters.max_bandwidth
+        )
         if phase in ("downtime", "requested") or limit <= 0:
             return
         self._throttle_bytes += size
@@ -475,8 +522,9 @@ class OutgoingMigration(MigrationBase):
         self.downtime = self._clock() - stop_time
         self.needed_at_switchover = sum(int(np.count_nonzero(n)) for n in needed)
         self.discarded_pages = discarded
-        self.counters.remaining = sum(int(np.count_nonzero(n)) * b.page_size
-                                      for n, b in zip(needed, ram, strict=True))
+        self.counters.remaining = sum(
+            int(np.count_nonzero(n)) * b.page_size for n, b in zip(needed, ram, strict=True)
+        )
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
@@ -494,7 +542,8 @@ class OutgoingMigration(MigrationBase):
     def _push(self, writer: StreamWriter) -> None:
         """Send every needed page; requested pages first, then onward from the last request."""
         run_pages = self.parameters.x_postcopy_run_pages or (
-            512 if self._preempt_writer is not None else 64)
+            512 if self._preempt_writer is not None else 64
+        )
         for index, block in enumerate(self.machine.ram):
             while True:  # passes until nothing is needed: a jump can leave pages behind
                 with self._needed_lock:
@@ -513,15 +562,16 @@ class OutgoingMigration(MigrationBase):
                     start, length = int(starts[position]), int(lengths[position])
                     position += 1
                     for sub_start, sub_length in self._claim(index, start, length):
-                        self._send_pages(writer, index, block, sub_start, sub_length,
-                                         phase="postcopy")
+                        self._send_pages(
+                            writer, index, block, sub_start, sub_length, phase="postcopy"
+                        )
                         self.counters.pages_pushed += sub_length
         self.counters.remaining = 0
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
         """Take the still-needed pages of a range (test and clear), as runs."""
         with self._needed_lock:
-            window = self._needed[index][first:first + count]
+            window = self._needed[index][first : first + count]
             wanted = window.copy()
             window[:] = False
         starts, lengths = runs(wanted)
@@ -535,8 +585,9 @@ class OutgoingMigration(MigrationBase):
                 return
             self._serve_request(writer, request)
 
-    def _serve_request(self, writer: StreamWriter, request: PageRequest, *,
-                       urgent: bool = False) -> None:
+    def _serve_request(
+        self, writer: StreamWriter, request: PageRequest, *, urgent: bool = False
+    ) -> None:
         """Send the requested pages that are still needed, and continue the push after them.
 
         On the urgent channel the pages the push has already taken are sent again too: the
@@ -550,11 +601,17 @@ class OutgoingMigration(MigrationBase):
         if urgent:
             taken = np.ones(request.page_count, dtype=np.bool_)
             for start, length in claimed:
-                taken[start - request.first_page:start - request.first_page + length] = False
+                taken[start - request.first_page : start - request.first_page + length] = False
             starts, lengths = runs(taken)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                self._send_pages(writer, request.block, block, request.first_page + start,
-                                 length, phase="requested")
+                self._send_pages(
+                    writer,
+                    request.block,
+                    block,
+                    request.first_page + start,
+                    length,
+                    phase="requested",
+                )
                 self.counters.pages_resent += length
         self._jump = (request.block, request.first_page + request.page_count)
 
@@ -573,8 +630,7 @@ class OutgoingMigration(MigrationBase):
                     block = self.machine.ram[message.block]
                     if message.first_page + message.page_count > block.pages:
                         raise MigrationError(f"page request outside block {block.name!r}")
-                    request = PageRequest(message.block, message.first_page,
-                                          message.page_count)
+                    request = PageRequest(message.block, message.first_page, message.page_count)
                     if self._preempt_writer is not None:
                         self._serve_request(self._preempt_writer, request, urgent=True)
                     else:

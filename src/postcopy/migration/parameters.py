@@ -22,10 +22,23 @@ SUPPORTED_CAPABILITIES = (
 
 KNOWN_QEMU_CAPABILITIES = (
     *SUPPORTED_CAPABILITIES,
-    "xbzrle", "rdma-pin-all", "auto-converge", "compress", "x-colo", "release-ram",
-    "block", "multifd", "dirty-bitmaps", "late-block-activate", "x-ignore-shared",
-    "validate-uuid", "background-snapshot", "zero-copy-send", "switchover-ack",
-    "dirty-limit", "mapped-ram",
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "compress",
+    "x-colo",
+    "release-ram",
+    "block",
+    "multifd",
+    "dirty-bitmaps",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
 )
 
 

@@ -38,8 +38,9 @@ DENSE_FRACTION = 0.5  # a run is dense if at least this share of its pages has c
 class Prefaulter:
     """Populates guest RAM ahead of the precopy receiver, `window_runs` runs ahead."""
 
-    def __init__(self, ram: list[RamBlock], received: list[Bitmap], *,
-                 window_runs: int = 4, nice: int = 0) -> None:
+    def __init__(
+        self, ram: list[RamBlock], received: list[Bitmap], *, window_runs: int = 4, nice: int = 0
+    ) -> None:
         if window_runs < 1:
             raise ValueError("the prefault window must be at least one run")
         self._ram = ram
@@ -51,8 +52,7 @@ class Prefaulter:
         self.pages_populated = 0
         self._enabled = True
         self._nice = nice
-        self._thread = threading.Thread(target=self._populate_loop, name="prefault",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._populate_loop, name="prefault", daemon=True)
         self._thread.start()
 
     def advance(self, block_index: int, first: int, count: int, normal_pages: int) -> None:
@@ -95,13 +95,14 @@ class Prefaulter:
 
     def _populate(self, block_index: int, first: int, count: int) -> None:
         block = self._ram[block_index]
-        missing = ~self._received[block_index][first:first + count]
+        missing = ~self._received[block_index][first : first + count]
         starts, lengths = runs(missing)
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             if not self._enabled:
                 return
             page = first + start
-            block.mapping.madvise(Advice.POPULATE_WRITE, page * block.page_size,
-                                  length * block.page_size)
-            self.prefaulted[block_index][page:page + length] = True
+            block.mapping.madvise(
+                Advice.POPULATE_WRITE, page * block.page_size, length * block.page_size
+            )
+            self.prefaulted[block_index][page : page + length] = True
             self.pages_populated += length

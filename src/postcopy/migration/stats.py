@@ -43,8 +43,9 @@ def prefer_this_thread(realtime: bool = True) -> None:
     nice -10 instead."""
     if realtime:
         with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO,
-                                  os.sched_param(URGENT_RT_PRIORITY))
+            os.sched_setscheduler(
+                threading.get_native_id(), os.SCHED_FIFO, os.sched_param(URGENT_RT_PRIORITY)
+            )
             return
     set_thread_nice(URGENT_NICE)
 
@@ -53,21 +54,21 @@ def prefer_this_thread(realtime: bool = True) -> None:
 class RamCounters:
     """What the source sent (QEMU's MigrationStats.ram)."""
 
-    total: int = 0                 # bytes of guest RAM
-    normal: int = 0                # pages sent with data
-    duplicate: int = 0             # zero pages sent as markers
-    transferred: int = 0           # bytes put on the wire, headers included
+    total: int = 0  # bytes of guest RAM
+    normal: int = 0  # pages sent with data
+    duplicate: int = 0  # zero pages sent as markers
+    transferred: int = 0  # bytes put on the wire, headers included
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     postcopy_bytes: int = 0
     postcopy_requests: int = 0
     dirty_sync_count: int = 0
-    dirty_pages_rate: int = 0      # pages per second, measured between syncs
-    remaining: int = 0             # bytes still to send
+    dirty_pages_rate: int = 0  # pages per second, measured between syncs
+    remaining: int = 0  # bytes still to send
     page_size: int = 4096
-    pages_pushed: int = 0          # after switchover: pages sent by the background push
-    pages_requested: int = 0       # after switchover: pages sent because they were requested
-    pages_resent: int = 0          # requested while the push's copy was still on its way
+    pages_pushed: int = 0  # after switchover: pages sent by the background push
+    pages_requested: int = 0  # after switchover: pages sent because they were requested
+    pages_resent: int = 0  # requested while the push's copy was still on its way
 
     def as_qmp(self, elapsed: float) -> dict[str, Any]:
         mbps = self.transferred * 8 / 1e6 / elapsed if elapsed > 0 else 0.0
@@ -127,13 +128,13 @@ class LatencyRecorder:
 
     def asked(self, block: int, first_page: int, count: int, when: float) -> None:
         with self._lock:
-            self._asked_at[block][first_page:first_page + count] = when
+            self._asked_at[block][first_page : first_page + count] = when
 
     def placed(self, block: int, first_page: int, count: int) -> None:
         # two receivers may place the same page (a request raced the push): the lock makes
         # test-and-clear one step, so each request yields one sample
         with self._lock:
-            asked = self._asked_at[block][first_page:first_page + count]
+            asked = self._asked_at[block][first_page : first_page + count]
             waiting = ~np.isnan(asked)
             if waiting.any():
                 self._samples.append(self._clock() - asked[waiting])

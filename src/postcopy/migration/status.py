@@ -67,7 +67,8 @@ class StatusHolder:
                 return
             if new not in TRANSITIONS[old]:
                 raise IllegalTransition(
-                    f"migration status {old.value} -> {new.value} is not allowed")
+                    f"migration status {old.value} -> {new.value} is not allowed"
+                )
             self._status = new
             self._changed.notify_all()
         if self._on_change is not None:

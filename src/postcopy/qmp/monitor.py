@@ -31,12 +31,21 @@ log = logging.getLogger(__name__)
 class VmMonitor:
     """Registers the VM's commands on `server` and runs migrations for it."""
 
-    def __init__(self, vm: MicroVM, server: QmpServer, *, guest: str | None,
-                 guest_params: Sequence[int] = (), auth: AuthConfig | None = None,
-                 allow_insecure_network: bool = False, autostart: bool = True,
-                 tls_server: TlsServerConfig | None = None,
-                 tls_client: TlsClientConfig | None = None,
-                 trace_path: str | None = None, on_quit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        vm: MicroVM,
+        server: QmpServer,
+        *,
+        guest: str | None,
+        guest_params: Sequence[int] = (),
+        auth: AuthConfig | None = None,
+        allow_insecure_network: bool = False,
+        autostart: bool = True,
+        tls_server: TlsServerConfig | None = None,
+        tls_client: TlsClientConfig | None = None,
+        trace_path: str | None = None,
+        on_quit: Callable[[], None] | None = None,
+    ) -> None:
         self.vm = vm
         self.server = server
         self.guest = guest
@@ -66,17 +75,26 @@ class VmMonitor:
         register("stop", self.stop)
         register("cont", self.cont)
         register("query-cpus-fast", self.query_cpus_fast)
-        register("migrate", self.migrate, args={"uri": str, "detach?": bool, "blk?": bool,
-                                                "inc?": bool, "resume?": bool})
+        register(
+            "migrate",
+            self.migrate,
+            args={"uri": str, "detach?": bool, "blk?": bool, "inc?": bool, "resume?": bool},
+        )
         register("migrate-incoming", self.migrate_incoming, args={"uri": str})
         register("migrate_cancel", self.migrate_cancel)
         register("migrate-start-postcopy", self.migrate_start_postcopy)
         register("query-migrate", self.query_migrate)
-        register("migrate-set-capabilities", self.migrate_set_capabilities,
-                 args={"capabilities": [{"capability": str, "state": bool}]})
+        register(
+            "migrate-set-capabilities",
+            self.migrate_set_capabilities,
+            args={"capabilities": [{"capability": str, "state": bool}]},
+        )
         register("query-migrate-capabilities", self.query_migrate_capabilities)
-        register("migrate-set-parameters", self.migrate_set_parameters,
-                 args={f"{name}?": type(value) for name, value in Parameters().query().items()})
+        register(
+            "migrate-set-parameters",
+            self.migrate_set_parameters,
+            args={f"{name}?": type(value) for name, value in Parameters().query().items()},
+        )
         register("query-migrate-parameters", self.query_migrate_parameters)
         register("x-verify", self.x_verify)
         register("x-console", self.x_console)
@@ -97,10 +115,15 @@ class VmMonitor:
 
     def cont(self, args: dict[str, Any]) -> None:
         if self.outgoing is not None and self.outgoing.postcopy_start is not None:
-            raise QmpError("the VM has moved to the destination by postcopy; "
-                           "its state here is stale and cannot resume")
-        if self.incoming is not None and not self.incoming.finished and \
-                self.incoming.postcopy_start is None:
+            raise QmpError(
+                "the VM has moved to the destination by postcopy; "
+                "its state here is stale and cannot resume"
+            )
+        if (
+            self.incoming is not None
+            and not self.incoming.finished
+            and self.incoming.postcopy_start is None
+        ):
             raise QmpError("the VM is waiting for an incoming migration")
         if self.outgoing is not None and self.outgoing.status.value == MigrationStatus.COMPLETED:
             raise QmpError("the VM has migrated away; its state here is stale")
@@ -108,9 +131,16 @@ class VmMonitor:
             self.vm.cont()
 
     def query_cpus_fast(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"cpu-index": index, "thread-id": tid, "target": "x86_64", "qom-path":
-                 f"/machine/unattached/device[{index}]", "props": {"core-id": index}}
-                for index, tid in enumerate(self.vm.vcpu_thread_ids())]
+        return [
+            {
+                "cpu-index": index,
+                "thread-id": tid,
+                "target": "x86_64",
+                "qom-path": f"/machine/unattached/device[{index}]",
+                "props": {"core-id": index},
+            }
+            for index, tid in enumerate(self.vm.vcpu_thread_ids())
+        ]
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -120,11 +150,15 @@ class VmMonitor:
         if self.outgoing is not None and not self.outgoing.finished:
             return True
         return self.incoming is not None and self.incoming.status.value not in (
-            FINISHED | {MigrationStatus.NONE})
+            FINISHED | {MigrationStatus.NONE}
+        )
 
     def _postcopy_incoming_active(self) -> bool:
-        return (self.incoming is not None and self.incoming.postcopy_start is not None
-                and not self.incoming.finished)
+        return (
+            self.incoming is not None
+            and self.incoming.postcopy_start is not None
+            and not self.incoming.finished
+        )
 
     def migrate(self, args: dict[str, Any]) -> None:
         if args.get("resume"):
@@ -144,9 +178,15 @@ class VmMonitor:
             tls = self.tls_client
             if tls is not None and self.parameters.tls_hostname:
                 tls = dataclasses.replace(tls, server_hostname=self.parameters.tls_hostname)
-            migration = OutgoingMigration(self.vm, args["uri"], parameters=self.parameters,
-                                          capabilities=self.capabilities, on_event=self.emit,
-                                          auth=auth, tls=tls)
+            migration = OutgoingMigration(
+                self.vm,
+                args["uri"],
+                parameters=self.parameters,
+                capabilities=self.capabilities,
+                on_event=self.emit,
+                auth=auth,
+                tls=tls,
+            )
             self.outgoing = migration
             migration.start()
         threading.Thread(target=self._watch_outgoing, args=(migration,), daemon=True).start()
@@ -159,13 +199,21 @@ class VmMonitor:
             if self.incoming is not None:
                 raise QmpError("The incoming migration has already been started")
             if self.vm.status != "inmigrate":
-                raise QmpError("migrate-incoming is only allowed on a VM started with "
-                               "--incoming defer")
+                raise QmpError(
+                    "migrate-incoming is only allowed on a VM started with --incoming defer"
+                )
             try:
                 migration = IncomingMigration(
-                    self.vm, uri, parameters=self.parameters, capabilities=self.capabilities,
-                    on_event=self.emit, auth=self.auth, tls=self.tls_server,
-                    allow_insecure_network=self.allow_insecure_network, autostart=self.autostart)
+                    self.vm,
+                    uri,
+                    parameters=self.parameters,
+                    capabilities=self.capabilities,
+                    on_event=self.emit,
+                    auth=self.auth,
+                    tls=self.tls_server,
+                    allow_insecure_network=self.allow_insecure_network,
+                    autostart=self.autostart,
+                )
                 migration.start()
             except Exception as error:
                 raise QmpError(str(error)) from error
@@ -252,11 +300,12 @@ class VmMonitor:
         if self.vm.running:
             raise QmpError("x-verify needs a stopped VM: run 'stop' first")
         if self.incoming is not None and self.incoming.status.value != MigrationStatus.COMPLETED:
-            raise QmpError("x-verify needs the incoming migration to be completed "
-                           f"(status {self.incoming.status.value.value})")
+            raise QmpError(
+                "x-verify needs the incoming migration to be completed "
+                f"(status {self.incoming.status.value.value})"
+            )
         block = self.vm.ram[0]
-        result = verify(self.guest, block.view, block.length, self.vm.vcpu_count,
-                        self.guest_params)
+        result = verify(self.guest, block.view, block.length, self.vm.vcpu_count, self.guest_params)
         return {"ok": result.ok, "detail": result.detail, "digest": result.digest}
 
     def x_console(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -130,8 +130,9 @@ _UINT_MAX = (1 << 64) - 1
 # UTF-8). QEMU's lexer treats them as a lexical error that resets the parser, and the spec
 # tells clients to send one to get out of a half-sent message; we honour the same bytes.
 _RESET_CLASS = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xc0\xc1\xf5-\xff"
-_RESET_BYTES = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0xC0, 0xC1,
-                          *range(0xF5, 0x100)])
+_RESET_BYTES = frozenset(
+    [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0xC0, 0xC1, *range(0xF5, 0x100)]
+)
 _STRING_SPECIAL = re.compile(rb'["\\' + _RESET_CLASS + rb"]")
 _VALUE_SPECIAL = re.compile(rb'[{}\[\]"' + _RESET_CLASS + rb"]")
 _JUNK_END = re.compile(rb'[ \t\r\n{\["' + _RESET_CLASS + rb"]")
@@ -158,8 +159,7 @@ class JsonStreamSplitter:
     of the current text are kept, at most ``max_message_size`` of them.
     """
 
-    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_nesting: int = MAX_NESTING):
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_nesting: int = MAX_NESTING):
         if max_message_size < 2 or max_nesting < 1:
             raise ValueError("max_message_size must be >= 2 and max_nesting >= 1")
         self.max_message_size = max_message_size
@@ -197,8 +197,9 @@ class JsonStreamSplitter:
                 pos = self._scan_top(data, view, pos, out)
         return out
 
-    def _scan_top(self, data: bytes, view: memoryview, pos: int,
-                  out: list[bytes | FrameError]) -> int:
+    def _scan_top(
+        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
+    ) -> int:
         match = _NOT_BLANK.search(data, pos)
         if match is None:
             return len(data)
@@ -217,8 +218,9 @@ class JsonStreamSplitter:
         self._keep(view, pos, pos + 1)
         return pos + 1
 
-    def _scan_string(self, data: bytes, view: memoryview, pos: int,
-                     out: list[bytes | FrameError]) -> int:
+    def _scan_string(
+        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
+    ) -> int:
         if self._escaped:
             self._escaped = False
             if data[pos] in _RESET_BYTES:
@@ -244,8 +246,9 @@ class JsonStreamSplitter:
                 self._finish(out)
         return stop + 1
 
-    def _scan_value(self, data: bytes, view: memoryview, pos: int,
-                    out: list[bytes | FrameError]) -> int:
+    def _scan_value(
+        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
+    ) -> int:
         match = _VALUE_SPECIAL.search(data, pos)
         if match is None:
             self._keep(view, pos, len(data))
@@ -321,8 +324,11 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def decode_text(text: bytes) -> object:
     """Decode one framed JSON text strictly (UTF-8, no NaN, no duplicate keys)."""
     try:
-        return json.loads(text.decode("utf-8"), parse_constant=_reject_constant,
-                          object_pairs_hook=_object_without_duplicates)
+        return json.loads(
+            text.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_object_without_duplicates,
+        )
     except UnicodeDecodeError:
         raise _ParseError("JSON parse error, invalid UTF-8 sequence") from None
     except json.JSONDecodeError as exc:
@@ -395,8 +401,7 @@ class _Array(_Check):
     def check(self, value: object, path: str) -> object:
         if not isinstance(value, list):
             raise _type_error(path, "array")
-        return [self.item.check(element, f"{path}[{index}]")
-                for index, element in enumerate(value)]
+        return [self.item.check(element, f"{path}[{index}]") for index, element in enumerate(value)]
 
 
 class _Struct(_Check):
@@ -423,8 +428,10 @@ class _Struct(_Check):
 
 
 _STRING = _Scalar("string", lambda v: isinstance(v, str))
-_INTEGER = _Scalar("integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
-                   and _INT_MIN <= v <= _UINT_MAX)
+_INTEGER = _Scalar(
+    "integer",
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and _INT_MIN <= v <= _UINT_MAX,
+)
 _BOOLEAN = _Scalar("boolean", lambda v: isinstance(v, bool))
 _OBJECT = _Scalar("object", lambda v: isinstance(v, dict))
 _ARRAY = _Scalar("array", lambda v: isinstance(v, list))
@@ -507,10 +514,12 @@ class _Client:
         self._pending_bytes = 0
         self._writing = False
         self._closed = False
-        self.reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader",
-                                       daemon=True)
-        self.writer = threading.Thread(target=self._write_loop, name=f"{self.name}-writer",
-                                       daemon=True)
+        self.reader = threading.Thread(
+            target=self._read_loop, name=f"{self.name}-reader", daemon=True
+        )
+        self.writer = threading.Thread(
+            target=self._write_loop, name=f"{self.name}-writer", daemon=True
+        )
 
     @property
     def closed(self) -> bool:
@@ -526,8 +535,11 @@ class _Client:
             if self._closed:
                 return
             if self._pending_bytes + len(message) > self.server.max_pending_output:
-                log.warning("%s: more than %d bytes of output unread, disconnecting it",
-                            self.name, self.server.max_pending_output)
+                log.warning(
+                    "%s: more than %d bytes of output unread, disconnecting it",
+                    self.name,
+                    self.server.max_pending_output,
+                )
                 self._close_locked()
                 return
             self._outbox.append(message)
@@ -538,7 +550,8 @@ class _Client:
         """Wait until everything queued so far is on the socket (or the client is gone)."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: self._closed or (not self._outbox and not self._writing), timeout)
+                lambda: self._closed or (not self._outbox and not self._writing), timeout
+            )
 
     def close(self) -> None:
         with self._cond:
@@ -579,8 +592,7 @@ class _Client:
     def _read_loop(self) -> None:
         try:
             self.send(self.server.greeting_bytes)
-            splitter = JsonStreamSplitter(self.server.max_message_size,
-                                          self.server.max_nesting)
+            splitter = JsonStreamSplitter(self.server.max_message_size, self.server.max_nesting)
             while not self._closed:
                 try:
                     data = self.sock.recv(RECV_SIZE)
@@ -616,19 +628,24 @@ class QmpServer:
     thread; ``.close()`` tears everything down and removes the socket file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *,
-                 qemu_version: tuple[int, int, int] = DEFAULT_QEMU_VERSION,
-                 package: str = f"postcopy {__version__}",
-                 max_message_size: int = MAX_MESSAGE_SIZE,
-                 max_nesting: int = MAX_NESTING,
-                 max_pending_output: int = MAX_PENDING_OUTPUT,
-                 max_clients: int = MAX_CLIENTS):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        qemu_version: tuple[int, int, int] = DEFAULT_QEMU_VERSION,
+        package: str = f"postcopy {__version__}",
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_nesting: int = MAX_NESTING,
+        max_pending_output: int = MAX_PENDING_OUTPUT,
+        max_clients: int = MAX_CLIENTS,
+    ):
         self.path = os.fspath(path)
         major, minor, micro = qemu_version
         self.version_info: dict[str, Any] = {
-            "qemu": {"micro": micro, "minor": minor, "major": major}, "package": package}
-        self.greeting_bytes = _dump({"QMP": {"version": self.version_info,
-                                             "capabilities": []}})
+            "qemu": {"micro": micro, "minor": minor, "major": major},
+            "package": package,
+        }
+        self.greeting_bytes = _dump({"QMP": {"version": self.version_info, "capabilities": []}})
         self.max_message_size = max_message_size
         self.max_nesting = max_nesting
         self.max_pending_output = max_pending_output
@@ -643,18 +660,31 @@ class QmpServer:
         self._wake_read = self._wake_write = -1
         self._accept_thread: threading.Thread | None = None
         self._quit_callback: Callable[[], None] | None = None
-        self._add(_Command("qmp_capabilities",
-                           compile_arguments({"enable?": [_QmpCapability]}),
-                           self._qmp_capabilities))
-        self._add(_Command("query-version", compile_arguments(None),
-                           lambda client, args: self.version_info))
-        self._add(_Command("query-commands", compile_arguments(None),
-                           lambda client, args: [{"name": n} for n in self.commands]))
+        self._add(
+            _Command(
+                "qmp_capabilities",
+                compile_arguments({"enable?": [_QmpCapability]}),
+                self._qmp_capabilities,
+            )
+        )
+        self._add(
+            _Command(
+                "query-version", compile_arguments(None), lambda client, args: self.version_info
+            )
+        )
+        self._add(
+            _Command(
+                "query-commands",
+                compile_arguments(None),
+                lambda client, args: [{"name": n} for n in self.commands],
+            )
+        )
 
     # ---------------------------------------------------------------- registration
 
-    def register(self, name: str, handler: Handler,
-                 args: Mapping[str, object] | None = None) -> None:
+    def register(
+        self, name: str, handler: Handler, args: Mapping[str, object] | None = None
+    ) -> None:
         """Add command ``name``; ``args`` maps argument names ("x?" optional) to types.
 
         Raises ValueError for a bad name or schema, or a name already taken.
@@ -662,12 +692,15 @@ class QmpServer:
         checker = compile_arguments(args, name)
         self._add(_Command(name, checker, lambda client, arguments: handler(arguments)))
 
-    def command(self, name: str, args: Mapping[str, object] | None = None
-                ) -> Callable[[Handler], Handler]:
+    def command(
+        self, name: str, args: Mapping[str, object] | None = None
+    ) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`; returns the function unchanged."""
+
         def decorate(handler: Handler) -> Handler:
             self.register(name, handler, args)
             return handler
+
         return decorate
 
     def unregister(self, name: str) -> None:
@@ -687,8 +720,14 @@ class QmpServer:
             first = self._quit_callback is None
             self._quit_callback = callback
         if first:
-            self._add(_Command("quit", compile_arguments(None),
-                               lambda client, args: None, after_reply=self._run_quit))
+            self._add(
+                _Command(
+                    "quit",
+                    compile_arguments(None),
+                    lambda client, args: None,
+                    after_reply=self._run_quit,
+                )
+            )
 
     @property
     def commands(self) -> list[str]:
@@ -735,8 +774,9 @@ class QmpServer:
                 raise
             self._listener = listener
             self._wake_read, self._wake_write = os.pipe()
-            self._accept_thread = threading.Thread(target=self._accept_loop,
-                                                   name="qmp-accept", daemon=True)
+            self._accept_thread = threading.Thread(
+                target=self._accept_loop, name="qmp-accept", daemon=True
+            )
             self._accept_thread.start()
         except BaseException:
             with self._lock:
@@ -773,8 +813,7 @@ class QmpServer:
                 continue
             client.reader.join(max(0.0, deadline - time.monotonic()))
             if client.reader.is_alive():
-                log.warning("%s: a command handler is still running after close()",
-                            client.name)
+                log.warning("%s: a command handler is still running after close()", client.name)
         with self._lock:
             self._state = "closed"
         log.info("QMP server on %s closed", self.path)
@@ -849,8 +888,11 @@ class QmpServer:
                 conn.close()
                 return
             if len(self._clients) >= self.max_clients:
-                log.warning("QMP server on %s: %d clients already, refusing another",
-                            self.path, self.max_clients)
+                log.warning(
+                    "QMP server on %s: %d clients already, refusing another",
+                    self.path,
+                    self.max_clients,
+                )
                 conn.close()
                 return
             self._client_numbers += 1
@@ -877,8 +919,7 @@ class QmpServer:
         message: dict[str, object] = {"event": name}
         if data is not None:
             message["data"] = dict(data)
-        message["timestamp"] = {"seconds": micros // 1_000_000,
-                                "microseconds": micros % 1_000_000}
+        message["timestamp"] = {"seconds": micros // 1_000_000, "microseconds": micros % 1_000_000}
         encoded = _dump(message)
         with self._lock:
             clients = [client for client in self._clients if client.negotiated]
@@ -893,12 +934,14 @@ class QmpServer:
             encoded = _dump(response)
         except (TypeError, ValueError) as exc:
             name = command.name if command else "?"
-            log.error("%s: command %s returned a value that is not JSON: %s",
-                      client.name, name, exc)
+            log.error(
+                "%s: command %s returned a value that is not JSON: %s", client.name, name, exc
+            )
             response.pop("return", None)
-            response["error"] = {"class": "GenericError",
-                                 "desc": f"command {name} returned a value that is not "
-                                         f"JSON: {exc}"}
+            response["error"] = {
+                "class": "GenericError",
+                "desc": f"command {name} returned a value that is not JSON: {exc}",
+            }
             command = None
             encoded = _dump(response)
         client.send(encoded)
@@ -906,8 +949,9 @@ class QmpServer:
             client.flush(timeout=2.0)
             command.after_reply()
 
-    def _execute(self, client: _Client, text: bytes | FrameError
-                 ) -> tuple[dict[str, object], _Command | None]:
+    def _execute(
+        self, client: _Client, text: bytes | FrameError
+    ) -> tuple[dict[str, object], _Command | None]:
         if isinstance(text, FrameError):
             return {"error": QmpError(text.desc).to_json()}, None
         try:
@@ -926,16 +970,18 @@ class QmpServer:
             with self._lock:
                 command = self._commands.get(name)
             if command is None:
-                raise QmpError(f"The command {name} has not been found",
-                               ErrorClass.COMMAND_NOT_FOUND)
+                raise QmpError(
+                    f"The command {name} has not been found", ErrorClass.COMMAND_NOT_FOUND
+                )
             checked = command.arguments.check(arguments, "")
             result = command.run(client, checked)
             response["return"] = {} if result is None else result
         except QmpError as exc:
             response["error"] = exc.to_json()
         except Exception as exc:
-            log.exception("%s: QMP command %s failed", client.name,
-                          command.name if command else "?")
+            log.exception(
+                "%s: QMP command %s failed", client.name, command.name if command else "?"
+            )
             response["error"] = QmpError(str(exc) or type(exc).__name__).to_json()
         if "id" in request:
             response["id"] = request["id"]

@@ -33,8 +33,9 @@ def runs(bitmap: Bitmap) -> Runs:
     return starts, lengths
 
 
-def split_runs(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
-               max_length: int) -> Runs:
+def split_runs(
+    starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], max_length: int
+) -> Runs:
     """The same pages, with every run cut into pieces of at most `max_length` pages."""
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, not {max_length}")
@@ -52,17 +53,17 @@ def split_runs(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64],
 
 def set_range(bitmap: Bitmap, first: int, count: int) -> None:
     _check_range(bitmap, first, count)
-    bitmap[first:first + count] = True
+    bitmap[first : first + count] = True
 
 
 def clear_range(bitmap: Bitmap, first: int, count: int) -> None:
     _check_range(bitmap, first, count)
-    bitmap[first:first + count] = False
+    bitmap[first : first + count] = False
 
 
 def all_set(bitmap: Bitmap, first: int, count: int) -> bool:
     _check_range(bitmap, first, count)
-    return bool(bitmap[first:first + count].all())
+    return bool(bitmap[first : first + count].all())
 
 
 def _check_range(bitmap: Bitmap, first: int, count: int) -> None:

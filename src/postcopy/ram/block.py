@@ -57,7 +57,8 @@ class RamBlock:
     def host_address_of(self, offset: int) -> int:
         if not 0 <= offset < self.length:
             raise IndexError(
-                f"offset {offset:#x} outside RAM block {self.name!r} ({self.length:#x})")
+                f"offset {offset:#x} outside RAM block {self.name!r} ({self.length:#x})"
+            )
         return self.mapping.address + offset
 
     def contains_host(self, address: int) -> bool:
@@ -89,10 +90,13 @@ class RamList(Sequence[RamBlock]):
         if block.name in self._by_name:
             raise ValueError(f"duplicate RAM block name {block.name!r}")
         for other in self._blocks:
-            if (block.guest_physical < other.guest_physical + other.length
-                    and other.guest_physical < block.guest_physical + block.length):
+            if (
+                block.guest_physical < other.guest_physical + other.length
+                and other.guest_physical < block.guest_physical + block.length
+            ):
                 raise ValueError(
-                    f"RAM block {block.name!r} overlaps {other.name!r} in guest memory")
+                    f"RAM block {block.name!r} overlaps {other.name!r} in guest memory"
+                )
         self._blocks.append(block)
         self._by_name[block.name] = block
         self._host_sorted = sorted(self._blocks, key=lambda b: b.host_address)

@@ -208,8 +208,10 @@ class AuthConfig:
             )
         key = key.rstrip(b"\r\n")
         if not key:
-            raise KeyFileError(f"key file {name} is empty: put random bytes in it "
-                               f"(e.g. head -c 32 /dev/urandom > {name})")
+            raise KeyFileError(
+                f"key file {name} is empty: put random bytes in it "
+                f"(e.g. head -c 32 /dev/urandom > {name})"
+            )
         return cls(key)
 
     @classmethod
@@ -375,8 +377,10 @@ def server_handshake(
     if refuse is not None:
         raise refuse_with(refuse[0], refuse[1], f"{refuse[1]} (refused source {peer})")
     if theirs.version != PROTOCOL_VERSION:
-        text = (f"destination speaks handshake version {PROTOCOL_VERSION}, "
-                f"source sent version {theirs.version}")
+        text = (
+            f"destination speaks handshake version {PROTOCOL_VERSION}, "
+            f"source sent version {theirs.version}"
+        )
         raise refuse_with(RefuseReason.PROTOCOL, text, f"{text} (source {peer})")
     if theirs.flags & ~_KNOWN_FLAGS or theirs.flags & FLAG_DESTINATION:
         text = f"unexpected hello flags {theirs.flags:#06x} from the source"
@@ -452,8 +456,10 @@ def _recv_frame(stream: Stream, peer: str) -> tuple[int, bytes]:
     if kind not in _FRAME_KINDS:
         raise HandshakeError(f"{peer} sent an unknown handshake frame kind {kind}")
     limit = _PROOF_SIZE if kind == _FrameKind.PROOF else MAX_REFUSE_MESSAGE + 1
-    if (kind == _FrameKind.PROOF and length != _PROOF_SIZE) or length > limit or (
-        kind == _FrameKind.ACCEPT and length
+    if (
+        (kind == _FrameKind.PROOF and length != _PROOF_SIZE)
+        or length > limit
+        or (kind == _FrameKind.ACCEPT and length)
     ):
         raise HandshakeError(
             f"{peer} sent a malformed handshake frame (kind {kind}, {length} bytes)"

@@ -140,8 +140,10 @@ class Connection:
         pending = list(buffers)
         # Inline rather than _nbytes(): this runs once per buffer, twice as fast so.
         sizes = [
-            b.nbytes if type(b) is memoryview
-            else len(b) if type(b) in _BYTE_STRINGS
+            b.nbytes
+            if type(b) is memoryview
+            else len(b)
+            if type(b) in _BYTE_STRINGS
             else memoryview(b).nbytes
             for b in pending
         ]
@@ -252,8 +254,10 @@ class Connection:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (f"<Connection {self.channel} {self.peer} session={self.session.hex()[:8]} "
-                f"{'tls ' if self.tls else ''}{state}>")
+        return (
+            f"<Connection {self.channel} {self.peer} session={self.session.hex()[:8]} "
+            f"{'tls ' if self.tls else ''}{state}>"
+        )
 
 
 class Listener:
@@ -377,8 +381,10 @@ class Listener:
                         self._auth,
                         tls=True,
                         peer=peer,
-                        refuse=(RefuseReason.TLS,
-                                "destination requires TLS: give the source a TLS CA file"),
+                        refuse=(
+                            RefuseReason.TLS,
+                            "destination requires TLS: give the source a TLS CA file",
+                        ),
                     )
                 if not first:
                     raise ConnectionClosed(f"{peer} closed the connection before the handshake")
@@ -388,8 +394,7 @@ class Listener:
             )
         except TimeoutError:
             raise HandshakeError(
-                f"source {peer} did not complete the handshake within "
-                f"{self.handshake_timeout} s"
+                f"source {peer} did not complete the handshake within {self.handshake_timeout} s"
             ) from None
         except ssl.SSLError as error:
             raise TlsError(f"TLS with source {peer} failed: {describe_error(error)}") from error
@@ -454,17 +459,30 @@ def listen(
     destination sends it the memory and CPU state it will run.
     """
     endpoint = parse_uri(uri) if isinstance(uri, str) else uri
-    check_listen_security(endpoint, auth=auth, tls=tls,
-                          allow_insecure_network=allow_insecure_network)
+    check_listen_security(
+        endpoint, auth=auth, tls=tls, allow_insecure_network=allow_insecure_network
+    )
     tls_context = tls.context() if tls is not None else None
     if endpoint.scheme == "unix":
         sock, identity = _bind_unix(endpoint, backlog, socket_buffer)
-        return Listener(sock, endpoint, auth=auth, tls_context=tls_context,
-                        unix_identity=identity, socket_buffer=socket_buffer)
+        return Listener(
+            sock,
+            endpoint,
+            auth=auth,
+            tls_context=tls_context,
+            unix_identity=identity,
+            socket_buffer=socket_buffer,
+        )
     sock = _bind_tcp(endpoint, backlog, socket_buffer)
     bound = endpoint.with_port(sock.getsockname()[1])
-    return Listener(sock, bound, auth=auth, tls_context=tls_context, unix_identity=None,
-                    socket_buffer=socket_buffer)
+    return Listener(
+        sock,
+        bound,
+        auth=auth,
+        tls_context=tls_context,
+        unix_identity=None,
+        socket_buffer=socket_buffer,
+    )
 
 
 def check_listen_security(
@@ -476,8 +494,13 @@ def check_listen_security(
 ) -> None:
     """Raise `InsecureListenError` for an unauthenticated listener on a network address."""
     verifies_clients = tls is not None and tls.verify_client
-    if (endpoint.scheme == "tcp" and not endpoint.is_loopback and auth is None
-            and not verifies_clients and not allow_insecure_network):
+    if (
+        endpoint.scheme == "tcp"
+        and not endpoint.is_loopback
+        and auth is None
+        and not verifies_clients
+        and not allow_insecure_network
+    ):
         raise InsecureListenError(
             f"refusing to listen on {endpoint} without authentication: anyone who can reach "
             "it could feed this destination a VM to run. Give a key file (--key FILE), or "
@@ -508,8 +531,10 @@ def connect(
     if tls is not None:
         server_hostname = tls.server_hostname or endpoint.host
         if not server_hostname:
-            raise TlsConfigError(f"TLS to {endpoint} needs server_hostname: the name in the "
-                                 "destination's certificate")
+            raise TlsConfigError(
+                f"TLS to {endpoint} needs server_hostname: the name in the "
+                "destination's certificate"
+            )
     context = tls.context() if tls is not None else None
     deadline = time.monotonic() + timeout
     sock, peer = _open(endpoint, timeout, socket_buffer)
@@ -520,8 +545,9 @@ def connect(
             stream = wrap_client(sock, context, server_hostname, peer)
             stream.settimeout(max(0.001, deadline - time.monotonic()))
         try:
-            result = client_handshake(stream, auth, channel=channel, session=session,
-                                      tls=context is not None, peer=peer)
+            result = client_handshake(
+                stream, auth, channel=channel, session=session, tls=context is not None, peer=peer
+            )
         except TimeoutError:
             raise HandshakeError(
                 f"destination {peer} did not complete the handshake within {timeout} s"
@@ -529,14 +555,21 @@ def connect(
         except ssl.SSLError as error:
             # With TLS 1.3 the server checks our certificate after our side of the TLS
             # handshake returned: its verdict arrives here, as an alert.
-            raise TlsError(f"TLS with destination {peer} failed: {describe_error(error)}"
-                           " (does the destination require a client certificate?)") from error
+            raise TlsError(
+                f"TLS with destination {peer} failed: {describe_error(error)}"
+                " (does the destination require a client certificate?)"
+            ) from error
         stream.settimeout(None)
     except BaseException:
         sock.close()
         raise
-    return Connection(stream, peer=peer, channel=result.channel, session=result.session,
-                      authenticated=result.authenticated)
+    return Connection(
+        stream,
+        peer=peer,
+        channel=result.channel,
+        session=result.session,
+        authenticated=result.authenticated,
+    )
 
 
 def _tune(sock: socket.socket, socket_buffer: int | None) -> None:
@@ -559,18 +592,23 @@ def _open(endpoint: Uri, timeout: float, socket_buffer: int | None) -> tuple[soc
             sock.connect(endpoint.path)
         except OSError as error:
             sock.close()
-            hint = " (is the destination listening?)" if isinstance(
-                error, FileNotFoundError | ConnectionRefusedError) else ""
-            raise ConnectError(f"cannot connect to {endpoint}: "
-                               f"{error.strerror or error}{hint}") from error
+            hint = (
+                " (is the destination listening?)"
+                if isinstance(error, FileNotFoundError | ConnectionRefusedError)
+                else ""
+            )
+            raise ConnectError(
+                f"cannot connect to {endpoint}: {error.strerror or error}{hint}"
+            ) from error
         return sock, str(endpoint)
 
     if not endpoint.host:
         raise ConnectError(f"cannot connect to {endpoint}: no host given")
     deadline = time.monotonic() + timeout
     try:
-        addresses = socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_UNSPEC,
-                                       socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        addresses = socket.getaddrinfo(
+            endpoint.host, endpoint.port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )
     except socket.gaierror as error:
         raise ConnectError(f"cannot resolve {endpoint.host}: {error.strerror}") from error
     last_error: OSError | None = None
@@ -587,10 +625,14 @@ def _open(endpoint: Uri, timeout: float, socket_buffer: int | None) -> tuple[soc
         host, port = sock.getpeername()[:2]
         return sock, str(Uri("tcp", host, port))
     assert last_error is not None
-    reason = "timed out" if isinstance(last_error, TimeoutError) else (
-        last_error.strerror or str(last_error))
-    hint = " (is the destination listening?)" if isinstance(
-        last_error, ConnectionRefusedError) else ""
+    reason = (
+        "timed out"
+        if isinstance(last_error, TimeoutError)
+        else (last_error.strerror or str(last_error))
+    )
+    hint = (
+        " (is the destination listening?)" if isinstance(last_error, ConnectionRefusedError) else ""
+    )
     raise ConnectError(f"cannot connect to {endpoint}: {reason}{hint}") from last_error
 
 
@@ -603,11 +645,18 @@ def _bind_tcp(endpoint: Uri, backlog: int, socket_buffer: int | None) -> socket.
             candidates = [(socket.AF_INET, ("0.0.0.0", endpoint.port))]
     else:
         try:
-            infos = socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_UNSPEC,
-                                       socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(
+                endpoint.host,
+                endpoint.port,
+                socket.AF_UNSPEC,
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+                socket.AI_PASSIVE,
+            )
         except socket.gaierror as error:
-            raise ListenError(f"cannot listen on {endpoint}: cannot resolve "
-                              f"{endpoint.host}: {error.strerror}") from error
+            raise ListenError(
+                f"cannot listen on {endpoint}: cannot resolve {endpoint.host}: {error.strerror}"
+            ) from error
         candidates = [(info[0], info[4]) for info in infos]
     family, address = candidates[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -620,13 +669,15 @@ def _bind_tcp(endpoint: Uri, backlog: int, socket_buffer: int | None) -> socket.
         sock.listen(backlog)
     except OSError as error:
         sock.close()
-        raise ListenError(error.errno, f"cannot listen on {endpoint}: "
-                                       f"{error.strerror or error}") from error
+        raise ListenError(
+            error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
+        ) from error
     return sock
 
 
-def _bind_unix(endpoint: Uri, backlog: int,
-               socket_buffer: int | None) -> tuple[socket.socket, tuple[int, int]]:
+def _bind_unix(
+    endpoint: Uri, backlog: int, socket_buffer: int | None
+) -> tuple[socket.socket, tuple[int, int]]:
     path = endpoint.path
     assert path is not None
     _remove_stale_socket(endpoint, path)
@@ -638,8 +689,9 @@ def _bind_unix(endpoint: Uri, backlog: int,
         sock.listen(backlog)
     except OSError as error:
         sock.close()
-        raise ListenError(error.errno, f"cannot listen on {endpoint}: "
-                                       f"{error.strerror or error}") from error
+        raise ListenError(
+            error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
+        ) from error
     return sock, (info.st_dev, info.st_ino)
 
 
@@ -650,8 +702,9 @@ def _remove_stale_socket(endpoint: Uri, path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise ListenError(errno.EEXIST, f"cannot listen on {endpoint}: {path} exists and is "
-                                        "not a socket")
+        raise ListenError(
+            errno.EEXIST, f"cannot listen on {endpoint}: {path} exists and is not a socket"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -663,8 +716,9 @@ def _remove_stale_socket(endpoint: Uri, path: str) -> None:
         return  # let bind report the real problem
     finally:
         probe.close()
-    raise ListenError(errno.EADDRINUSE, f"cannot listen on {endpoint}: another process "
-                                        "is listening there")
+    raise ListenError(
+        errno.EADDRINUSE, f"cannot listen on {endpoint}: another process is listening there"
+    )
 
 
 def _describe_peer(sock: socket.socket, listen_uri: Uri, address: object) -> str:

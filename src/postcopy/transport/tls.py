@@ -130,8 +130,10 @@ def describe_error(error: BaseException) -> str:
 
 def _hint(error: BaseException, *, server_side: bool) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
-        return (" (is the CA file the one that signed the peer's certificate, and does the "
-                "certificate name the host you connect to?)")
+        return (
+            " (is the CA file the one that signed the peer's certificate, and does the "
+            "certificate name the host you connect to?)"
+        )
     if isinstance(error, ssl.SSLError) and error.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST"):
         return " (the peer does not speak TLS: configure TLS on both sides, or on neither)"
     if isinstance(error, ConnectionError | ssl.SSLEOFError):

@@ -115,7 +115,9 @@ GUESTS: dict[str, GuestInfo] = {
             ),
             params=(
                 GuestParam(
-                    "working_set_ppm", 0, 100_000,
+                    "working_set_ppm",
+                    0,
+                    100_000,
                     "working set, parts per million of the pages above 1 MiB (0 = 100000)",
                 ),
                 GuestParam("seed", 1, 0, "seed, mixed with the vCPU index"),

@@ -128,8 +128,7 @@ def check_config(ram_size: int, vcpus: int, max_vcpus: int = MAX_VCPUS) -> None:
     if not isinstance(ram_size, int) or isinstance(ram_size, bool):
         raise ValueError(f"ram_size must be an integer number of bytes, not {ram_size!r}")
     if ram_size % LARGE_PAGE_SIZE or not MIN_RAM_SIZE <= ram_size <= MAX_RAM_SIZE:
-        raise ValueError(f"ram_size {ram_size} must be a multiple of 2 MiB from 2 MiB to "
-                         f"12 GiB")
+        raise ValueError(f"ram_size {ram_size} must be a multiple of 2 MiB from 2 MiB to 12 GiB")
     limit = min(max_vcpus, MAX_VCPUS)
     if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= limit:
         raise ValueError(f"vcpus {vcpus!r} must be from 1 to {limit}")
@@ -137,8 +136,9 @@ def check_config(ram_size: int, vcpus: int, max_vcpus: int = MAX_VCPUS) -> None:
 
 def check_image(image: bytes, params: Sequence[int]) -> None:
     if not 0 < len(image) <= IMAGE_MAX_BYTES:
-        raise ValueError(f"guest image of {len(image)} bytes: it must be 1 to "
-                         f"{IMAGE_MAX_BYTES} bytes")
+        raise ValueError(
+            f"guest image of {len(image)} bytes: it must be 1 to {IMAGE_MAX_BYTES} bytes"
+        )
     if len(params) > PARAMS_MAX:
         raise ValueError(f"{len(params)} parameters: the block holds at most {PARAMS_MAX}")
     for value in params:
@@ -165,14 +165,15 @@ def write_boot_memory(address: int, ram_size: int, image: bytes, params: Sequenc
     directories = page_directory_count(ram_size)
     words[PML4_ADDRESS // 8] = PDPT_ADDRESS | _TABLE_FLAGS
     pd_addresses = PD_ADDRESS + PAGE_SIZE * np.arange(directories, dtype=np.uint64)
-    words[PDPT_ADDRESS // 8:PDPT_ADDRESS // 8 + directories] = pd_addresses | _TABLE_FLAGS
+    words[PDPT_ADDRESS // 8 : PDPT_ADDRESS // 8 + directories] = pd_addresses | _TABLE_FLAGS
     large_pages = ram_size // LARGE_PAGE_SIZE
     frames = np.arange(large_pages, dtype=np.uint64) * np.uint64(LARGE_PAGE_SIZE)
     # The PDs are consecutive, so entry k of the whole run maps 2 MiB page k.
-    words[PD_ADDRESS // 8:PD_ADDRESS // 8 + large_pages] = frames | _LARGE_PAGE_FLAGS
+    words[PD_ADDRESS // 8 : PD_ADDRESS // 8 + large_pages] = frames | _LARGE_PAGE_FLAGS
     if params:
-        words[PARAMS_ADDRESS // 8:PARAMS_ADDRESS // 8 + len(params)] = np.array(
-            params, dtype=np.uint64)
+        words[PARAMS_ADDRESS // 8 : PARAMS_ADDRESS // 8 + len(params)] = np.array(
+            params, dtype=np.uint64
+        )
     ctypes.memmove(address + IMAGE_LOAD_ADDRESS, image, len(image))
 
 
@@ -183,12 +184,23 @@ def boot_sregs(reset: KvmSregs, cpl: int = 3) -> KvmSregs:
     sregs = KvmSregs.from_buffer_copy(reset)
     # the same GDT entries either way; the selectors' RPL and the descriptors' DPL say CPL
     rpl_mask = ~3
-    data = dict(base=0, limit=0xFFFFFFFF, selector=(DATA_SELECTOR & rpl_mask) | cpl, type=0x3,
-                present=1, dpl=cpl, db=1, s=1, l=0, g=1, avl=0, unusable=0)
+    data = dict(
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=(DATA_SELECTOR & rpl_mask) | cpl,
+        type=0x3,
+        present=1,
+        dpl=cpl,
+        db=1,
+        s=1,
+        l=0,
+        g=1,
+        avl=0,
+        unusable=0,
+    )
     for name in ("ds", "es", "fs", "gs", "ss"):
         getattr(sregs, name).update(data)
-    sregs.cs.update(dict(data, selector=(CODE_SELECTOR & rpl_mask) | cpl, type=0xB, db=0,
-                         l=1))
+    sregs.cs.update(dict(data, selector=(CODE_SELECTOR & rpl_mask) | cpl, type=0xB, db=0, l=1))
     sregs.cr0 = BOOT_CR0
     sregs.cr3 = PML4_ADDRESS
     sregs.cr4 = BOOT_CR4
@@ -198,8 +210,15 @@ def boot_sregs(reset: KvmSregs, cpl: int = 3) -> KvmSregs:
 
 def boot_regs(index: int, count: int, ram_size: int) -> KvmRegs:
     """The general registers vCPU `index` of `count` starts with."""
-    return KvmRegs(rip=IMAGE_LOAD_ADDRESS, rflags=BOOT_RFLAGS, rsp=stack_top(index),
-                   rdi=ram_size, rsi=index, rdx=count, rcx=PARAMS_ADDRESS)
+    return KvmRegs(
+        rip=IMAGE_LOAD_ADDRESS,
+        rflags=BOOT_RFLAGS,
+        rsp=stack_top(index),
+        rdi=ram_size,
+        rsi=index,
+        rdx=count,
+        rcx=PARAMS_ADDRESS,
+    )
 
 
 def vcpu_cpuid(supported: Sequence[KvmCpuidEntry2], index: int) -> list[KvmCpuidEntry2]:

@@ -50,11 +50,29 @@ THREAD_JOIN_SECONDS = 10.0
 # The MSRs a CPL3 guest can change or observe and that KVM saves (filtered by what this
 # host's KVM lists): TSC, SYSENTER_CS/ESP/EIP, PAT, STAR, LSTAR, CSTAR, SFMASK,
 # KERNEL_GS_BASE, TSC_AUX. FS/GS base travel in the segment registers.
-SAVED_MSRS = (0x10, 0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083,
-              0xC0000084, 0xC0000102, 0xC0000103)
+SAVED_MSRS = (
+    0x10,
+    0x174,
+    0x175,
+    0x176,
+    0x277,
+    0xC0000081,
+    0xC0000082,
+    0xC0000083,
+    0xC0000084,
+    0xC0000102,
+    0xC0000103,
+)
 
-STATUSES = ("prelaunch", "running", "paused", "inmigrate", "postmigrate", "shutdown",
-            "internal-error")
+STATUSES = (
+    "prelaunch",
+    "running",
+    "paused",
+    "inmigrate",
+    "postmigrate",
+    "shutdown",
+    "internal-error",
+)
 
 ConsoleCallback = Callable[[bytes], None]
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -64,10 +82,18 @@ Events = list[tuple[str, dict[str, object]]]
 class MicroVM:
     """A KVM virtual machine running a flat CPL3 guest image; see the module docstring."""
 
-    def __init__(self, *, ram_size: int, vcpus: int = 1, image: bytes | None = None,
-                 params: Sequence[int] = (), incoming: bool = False, cpl: int = 3,
-                 console: ConsoleCallback | None = None,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ram_size: int,
+        vcpus: int = 1,
+        image: bytes | None = None,
+        params: Sequence[int] = (),
+        incoming: bool = False,
+        cpl: int = 3,
+        console: ConsoleCallback | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
         layout.check_config(ram_size, vcpus)
         if cpl not in layout.GUEST_CPLS:
             raise ValueError(f"guest CPL {cpl!r} must be one of {layout.GUEST_CPLS}")
@@ -107,7 +133,8 @@ class MicroVM:
     def _build(self, image: bytes | None, params: Sequence[int]) -> None:
         self._kvm = Kvm()
         max_vcpus = self._kvm.check_extension(Capability.MAX_VCPUS) or self._kvm.check_extension(
-            Capability.NR_VCPUS)
+            Capability.NR_VCPUS
+        )
         layout.check_config(self._ram_size, self._vcpu_count, max_vcpus)
         self._vm = self._kvm.create_vm()
         manual = self._vm.check_extension(Capability.MANUAL_DIRTY_LOG_PROTECT2)
@@ -115,12 +142,15 @@ class MicroVM:
         if self._manual_protect:
             # With INITIALLY_SET, enabling the log write-protects nothing up front; the
             # first clear (in start_dirty_log) protects what it clears.
-            self._vm.enable_cap(Capability.MANUAL_DIRTY_LOG_PROTECT2,
-                                manual & (kvm.MANUAL_PROTECT_ENABLE | kvm.DIRTY_LOG_INITIALLY_SET))
+            self._vm.enable_cap(
+                Capability.MANUAL_DIRTY_LOG_PROTECT2,
+                manual & (kvm.MANUAL_PROTECT_ENABLE | kvm.DIRTY_LOG_INITIALLY_SET),
+            )
         self._vm.set_tss_addr(layout.TSS_ADDRESS)
         self._mapping = Mapping.anonymous(self._ram_size)
-        self._ram = RamList([RamBlock(RAM_BLOCK_NAME, self._mapping, guest_physical=0,
-                                      kvm_slot=RAM_SLOT)])
+        self._ram = RamList(
+            [RamBlock(RAM_BLOCK_NAME, self._mapping, guest_physical=0, kvm_slot=RAM_SLOT)]
+        )
         self._vm.set_user_memory_region(RAM_SLOT, 0, self._ram_size, self._mapping.address)
         if not self._incoming:
             assert image is not None
@@ -138,8 +168,13 @@ class MicroVM:
                 vcpu.set_sregs(layout.boot_sregs(vcpu.get_sregs(), self._cpl))
                 vcpu.set_regs(layout.boot_regs(index, self._vcpu_count, self._ram_size))
         for vcpu in self._vcpus:
-            thread = VcpuThread(vcpu, self._condition, console=self._on_console,
-                                on_final_state=self._on_final_state, emit=self._emit)
+            thread = VcpuThread(
+                vcpu,
+                self._condition,
+                console=self._on_console,
+                on_final_state=self._on_final_state,
+                emit=self._emit,
+            )
             self._threads.append(thread)
             thread.start()
 
@@ -195,10 +230,13 @@ class MicroVM:
                 if thread.state in (VcpuState.PARKED, VcpuState.RUNNING):
                     thread.request_park()
             if not self._condition.wait_for(
-                    lambda: not any(t.active for t in self._threads), timeout):
+                lambda: not any(t.active for t in self._threads), timeout
+            ):
                 stuck = [t.index for t in self._threads if t.active]
-                raise TimeoutError(f"vCPUs {stuck} still in KVM_RUN after {timeout} s "
-                                   "(waiting for a missing page?)")
+                raise TimeoutError(
+                    f"vCPUs {stuck} still in KVM_RUN after {timeout} s "
+                    "(waiting for a missing page?)"
+                )
             if self._status == "running":
                 self._status = "paused"
                 events.append(("STOP", {}))
@@ -215,8 +253,10 @@ class MicroVM:
                     thread.request_run()
                 return
             if self._status in ("shutdown", "internal-error"):
-                raise RuntimeError(f"cannot resume a VM in status {self._status!r}"
-                                   + (f": {self._error}" if self._error else ""))
+                raise RuntimeError(
+                    f"cannot resume a VM in status {self._status!r}"
+                    + (f": {self._error}" if self._error else "")
+                )
             if self._status == "inmigrate":
                 raise RuntimeError("an incoming VM runs only after load_state()")
             for thread in self._threads:
@@ -229,8 +269,9 @@ class MicroVM:
         """Log guest writes to "pc.ram" from now on; everything counts as clean."""
         with self._dirty_lock:
             vm, mapping = self._require_vm()
-            vm.set_user_memory_region(RAM_SLOT, 0, self._ram_size, mapping.address,
-                                      kvm.MEM_LOG_DIRTY_PAGES)
+            vm.set_user_memory_region(
+                RAM_SLOT, 0, self._ram_size, mapping.address, kvm.MEM_LOG_DIRTY_PAGES
+            )
             self._dirty_words = np.zeros(kvm.dirty_bitmap_words(self._ram_size), dtype=np.uint64)
             self._dirty_logging = True
             self._collect_dirty()
@@ -243,8 +284,7 @@ class MicroVM:
                 raise RuntimeError("sync_dirty_log() before start_dirty_log()")
             self._collect_dirty(rearm)
             pages = self._ram_size // layout.PAGE_SIZE
-            bits = np.unpackbits(self._dirty_words.view(np.uint8), bitorder="little",
-                                 count=pages)
+            bits = np.unpackbits(self._dirty_words.view(np.uint8), bitorder="little", count=pages)
             return {RAM_BLOCK_NAME: bits.view(np.bool_)}
 
     def stop_dirty_log(self) -> None:
@@ -265,8 +305,7 @@ class MicroVM:
         if rearm and self._manual_protect and self._dirty_words.any():
             # Cleared (and write-protected again) before anyone reads these pages, so a
             # write that lands after the clear is logged for the next round.
-            vm.clear_dirty_log(RAM_SLOT, 0, self._ram_size // layout.PAGE_SIZE,
-                               self._dirty_words)
+            vm.clear_dirty_log(RAM_SLOT, 0, self._ram_size // layout.PAGE_SIZE, self._dirty_words)
 
     def save_state(self) -> dict[str, Any]:
         """vCPU and VM state of a stopped VM as JSON-able plain data."""
@@ -274,16 +313,20 @@ class MicroVM:
             self._check_open()
             if self._status == "running" or any(t.active for t in self._threads):
                 raise RuntimeError("save_state() needs a stopped VM: call stop() first")
-            cpus = [self._save_vcpu(vcpu, thread)
-                    for vcpu, thread in zip(self._vcpus, self._threads, strict=True)]
+            cpus = [
+                self._save_vcpu(vcpu, thread)
+                for vcpu, thread in zip(self._vcpus, self._threads, strict=True)
+            ]
         with self._console_lock:
             console = {"bytes": self._console_bytes}
         return {
             "format": STATE_FORMAT,
             "ram_size": self._ram_size,
             "vcpus": self._vcpu_count,
-            "ram_blocks": [{"name": block.name, "size": block.length,
-                            "page_size": block.page_size} for block in self._ram],
+            "ram_blocks": [
+                {"name": block.name, "size": block.length, "page_size": block.page_size}
+                for block in self._ram
+            ],
             "console": console,
             "cpus": cpus,
         }
@@ -294,8 +337,9 @@ class MicroVM:
             "done": thread.state is VcpuState.DONE,
             "regs": vcpu.get_regs().to_dict(),
             "sregs": vcpu.get_sregs().to_dict(),
-            "msrs": {f"{index:#x}": value
-                     for index, value in vcpu.get_msrs(self._saved_msrs).items()},
+            "msrs": {
+                f"{index:#x}": value for index, value in vcpu.get_msrs(self._saved_msrs).items()
+            },
             "events": vcpu.get_vcpu_events().to_dict(),
             "mp_state": vcpu.get_mp_state(),
         }
@@ -314,32 +358,37 @@ class MicroVM:
             if not self._incoming:
                 raise RuntimeError("load_state() needs a VM created with incoming=True")
             if self._has_run or self._status not in ("inmigrate", "paused"):
-                raise RuntimeError(f"load_state() on a VM in status {self._status!r} that "
-                                   "has already run")
+                raise RuntimeError(
+                    f"load_state() on a VM in status {self._status!r} that has already run"
+                )
             self._check_state_matches(state)
             for vcpu, saved in zip(self._vcpus, state["cpus"], strict=True):
                 self._load_vcpu(vcpu, saved)
             for thread, saved in zip(self._threads, state["cpus"], strict=True):
                 if saved["done"]:
                     thread.mark_done()
-            self._status = ("shutdown" if all(t.state is VcpuState.DONE for t in self._threads)
-                            else "paused")
+            self._status = (
+                "shutdown" if all(t.state is VcpuState.DONE for t in self._threads) else "paused"
+            )
         with self._console_lock:
             self._console_bytes = int(state.get("console", {}).get("bytes", 0))
 
     def _check_state_matches(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"state format {state.get('format')!r}, this VM reads "
-                             f"{STATE_FORMAT!r}")
+            raise ValueError(
+                f"state format {state.get('format')!r}, this VM reads {STATE_FORMAT!r}"
+            )
         for key, mine in (("ram_size", self._ram_size), ("vcpus", self._vcpu_count)):
             if state.get(key) != mine:
                 raise ValueError(f"state has {key}={state.get(key)!r}, this VM has {key}={mine}")
         cpus = state.get("cpus")
         if not isinstance(cpus, list) or [c.get("index") for c in cpus] != list(
-                range(self._vcpu_count)):
+            range(self._vcpu_count)
+        ):
             found = None if not isinstance(cpus, list) else [c.get("index") for c in cpus]
-            raise ValueError(f"state has vCPUs {found}, this VM has "
-                             f"{list(range(self._vcpu_count))}")
+            raise ValueError(
+                f"state has vCPUs {found}, this VM has {list(range(self._vcpu_count))}"
+            )
         if self._xsave and any("xsave" not in cpu for cpu in cpus):
             raise ValueError("state has no XSAVE area, this VM needs one")
 
@@ -372,7 +421,8 @@ class MicroVM:
         """Wait until every vCPU is done; False on timeout or after an internal error."""
         with self._condition:
             self._condition.wait_for(
-                lambda: self._status in ("shutdown", "internal-error") or self._closed, timeout)
+                lambda: self._status in ("shutdown", "internal-error") or self._closed, timeout
+            )
             return self._status == "shutdown"
 
     def vcpu_states(self) -> list[str]:
@@ -413,8 +463,9 @@ class MicroVM:
         if stuck:
             # Unmapping kvm_run or RAM under a thread still in KVM_RUN would crash the
             # process: leak them instead and say so.
-            raise RuntimeError(f"vCPU threads {stuck} did not stop; their fds and RAM "
-                               "are left open")
+            raise RuntimeError(
+                f"vCPU threads {stuck} did not stop; their fds and RAM are left open"
+            )
         for vcpu in self._vcpus:
             vcpu.close()
         if self._vm is not None:
@@ -427,13 +478,18 @@ class MicroVM:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"MicroVM(ram_size={self._ram_size}, vcpus={self._vcpu_count}, "
-                f"status={self._status!r})")
+        return (
+            f"MicroVM(ram_size={self._ram_size}, vcpus={self._vcpu_count}, status={self._status!r})"
+        )
 
     # -- internals ---------------------------------------------------------------------
 
@@ -459,8 +515,7 @@ class MicroVM:
             self._error = detail or f"vCPU {index} failed"
             log.error("internal error: %s", self._error)
             for thread in self._threads:
-                if thread.index != index and thread.state in (VcpuState.PARKED,
-                                                              VcpuState.RUNNING):
+                if thread.index != index and thread.state in (VcpuState.PARKED, VcpuState.RUNNING):
                     thread.request_park()
             was_running = self._status == "running"
             self._status = "internal-error"

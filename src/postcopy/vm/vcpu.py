@@ -70,8 +70,15 @@ ConsoleSink = Callable[[int, bytes], None]
 class VcpuThread:
     """Runs one KvmVcpu on its own thread. Methods named request_* need the condition held."""
 
-    def __init__(self, vcpu: KvmVcpu, condition: threading.Condition, *,
-                 console: ConsoleSink, on_final_state: StateHook, emit: EventSink) -> None:
+    def __init__(
+        self,
+        vcpu: KvmVcpu,
+        condition: threading.Condition,
+        *,
+        console: ConsoleSink,
+        on_final_state: StateHook,
+        emit: EventSink,
+    ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.index
         self._condition = condition
@@ -88,8 +95,7 @@ class VcpuThread:
         self._console_since = 0.0
         self.io_exits = 0
         self.kicks = 0
-        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # -- control (owner side) ----------------------------------------------------------
 
@@ -175,8 +181,7 @@ class VcpuThread:
                     if outcome is Outcome.PARK:
                         self.state = VcpuState.PARKED
                     else:
-                        self.state = (VcpuState.DONE if outcome is Outcome.DONE
-                                      else VcpuState.FAILED)
+                        self.state = VcpuState.DONE if outcome is Outcome.DONE else VcpuState.FAILED
                         self.detail = detail
                         events = self._on_final_state(self.index, self.state, detail)
                     self._condition.notify_all()
@@ -208,7 +213,7 @@ class VcpuThread:
                 self.io_exits += 1
                 if exit.direction is IoDirection.OUT:
                     if exit.port == CONSOLE_PORT:
-                        self._console_out(exit.data[::exit.size])
+                        self._console_out(exit.data[:: exit.size])
                     elif exit.port == DONE_PORT:
                         return Outcome.DONE, ""
                 else:
@@ -253,8 +258,11 @@ class VcpuThread:
         if not self._pending_console:
             self._console_since = time.monotonic()
         self._pending_console += data
-        if (b"\n" in data or len(self._pending_console) >= CONSOLE_FLUSH_BYTES
-                or time.monotonic() - self._console_since >= CONSOLE_FLUSH_SECONDS):
+        if (
+            b"\n" in data
+            or len(self._pending_console) >= CONSOLE_FLUSH_BYTES
+            or time.monotonic() - self._console_since >= CONSOLE_FLUSH_SECONDS
+        ):
             self._flush_console()
 
     def _flush_console(self) -> None:
