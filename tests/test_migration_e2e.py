@@ -263,3 +263,40 @@ def test_migration_over_tls_with_a_key(tmp_path: Path, vms: list[VmProcess]) -> 
     assert source.wait_migration({"completed", "failed"})["status"] == "completed"
     destination.wait_migration({"completed"})
     stop_and_verify(destination)
+
+
+def test_a_migrated_vm_migrates_again_in_a_chain(tmp_path: Path, vms: list[VmProcess]) -> None:
+    """A -> B -> C -> D: each destination, once its incoming migration has completed, is
+    the next source (QEMU and every cloud rely on this); precopy, postcopy with preempt and
+    postcopy from the start in turn, the guest making passes at every hop."""
+    caps = ("postcopy-ram", "postcopy-preempt")
+    common = ("--guest", "memtouch", "--ram", "256M", "--vcpus", "1")
+    cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))
+    current = VmProcess(tmp_path, "hop0", *common, *cap_args)
+    vms.append(current)
+    passes = wait_passes(current, b"B", 2)
+    for hop, rounds in enumerate((None, 1, 0), start=1):
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        following = VmProcess(tmp_path, f"hop{hop}", *common, *cap_args, "--incoming", uri)
+        vms.append(following)
+        if rounds is None:
+            current.cmd(
+                "migrate-set-capabilities",
+                capabilities=[
+                    {"capability": "postcopy-ram", "state": False},
+                    {"capability": "postcopy-preempt", "state": False},
+                ],
+            )
+        else:
+            current.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": rounds})
+        current.cmd("migrate", uri=uri)
+        info = current.wait_migration({"completed", "failed"})
+        assert info["status"] == "completed", (hop, info)
+        assert current.cmd("query-status")["status"] == "postmigrate"
+        arrived = following.wait_migration({"completed", "failed"})
+        assert arrived["status"] == "completed", (hop, arrived)
+        assert following.cmd("query-status")["running"]
+        # the console count travels with the VM: the guest goes on where it was
+        passes = wait_passes(following, b"B", max(passes, following.console().count(b"B")) + 1)
+        current = following
+    stop_and_verify(current)

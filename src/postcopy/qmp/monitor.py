@@ -168,7 +168,11 @@ class VmMonitor:
         with self._lock:
             if self._migration_busy():
                 raise QmpError("There's a migration process in progress")
-            if self.incoming is not None:
+            if self.incoming is not None and (
+                self.incoming.status.value != MigrationStatus.COMPLETED
+            ):
+                # A VM that arrived by migration is a VM like any other once its incoming
+                # migration has completed: it can move on (chains A -> B -> C).
                 raise QmpError("Guest is waiting for an incoming migration")
             if self.vm.status in ("shutdown", "internal-error"):
                 raise QmpError(f"the VM is in state {self.vm.status} and cannot migrate")
@@ -255,12 +259,15 @@ class VmMonitor:
         except MigrationError as error:
             raise QmpError(str(error)) from error
 
+    @property
+    def migration(self) -> IncomingMigration | OutgoingMigration | None:
+        """The latest migration: an outgoing one can only start once the incoming one
+        (if any) has completed, so it is the more recent of the two."""
+        return self.outgoing or self.incoming
+
     def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.incoming is not None:
-            return self.incoming.query()
-        if self.outgoing is not None:
-            return self.outgoing.query()
-        return {}
+        migration = self.migration
+        return migration.query() if migration is not None else {}
 
     def migrate_set_capabilities(self, args: dict[str, Any]) -> None:
         if self._migration_busy():
@@ -313,7 +320,7 @@ class VmMonitor:
         return {"bytes": self.vm.console_bytes, "tail": tail[-200:].decode("latin-1")}
 
     def x_migration_timeline(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        migration = self.incoming or self.outgoing
+        migration = self.migration
         return list(migration.timeline) if migration is not None else []
 
     # Added by the CLI helper for `postcopy report`'s latency histogram.
@@ -336,5 +343,5 @@ class VmMonitor:
             self._on_quit()
 
     def finished(self) -> bool:
-        migration = self.incoming or self.outgoing
+        migration = self.migration
         return migration is None or migration.status.value in FINISHED
