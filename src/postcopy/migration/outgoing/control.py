@@ -1,21 +1,20 @@
-"""The source side of a migration: precopy rounds, switchover, and postcopy page service.
+"""The source's control: `OutgoingMigration` and the migration thread.
 
-One migration thread sends everything on the main channel: the bulk round, dirty rounds,
-then either the precopy completion (stop, last dirty pages, device state) or the postcopy
-switchover (stop, DISCARD, LISTEN, PACKAGE(device state, RUN)) followed by the background
-push of the pages the destination does not have. A return-path thread reads the
-destination's messages; its page requests overtake the push: with postcopy-preempt they
-are sent at once on their own channel, otherwise the push thread serves them first.
+Owns the outgoing migration's state and the `migration` thread (QEMU's migration.c
+migration_thread), which sends everything on the main channel: setup (connect, handshake,
+ADVISE, the preempt channel), the bulk round and the dirty rounds, then either the precopy
+completion (stop, last dirty pages, device state) or the postcopy switchover (stop,
+DISCARD, LISTEN, PACKAGE(device state, RUN)) followed by the background push, which the
+page service runs (pageservice.py). Sending a run and its accounting is sender.py; the
+destination's messages are read by the return path (returnpath.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,16 +23,14 @@ from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
 from postcopy.migration.machine import Machine
+from postcopy.migration.outgoing.errors import Cancelled, MigrationError
+from postcopy.migration.outgoing.pageservice import PageService
+from postcopy.migration.outgoing.returnpath import ReturnPath
+from postcopy.migration.outgoing.sender import RamSender
 from postcopy.migration.parameters import Capabilities, Parameters
-from postcopy.migration.stats import (
-    Clock,
-    RamCounters,
-    RateMeter,
-    prefer_this_thread,
-    set_thread_nice,
-)
+from postcopy.migration.stats import Clock, set_thread_nice
 from postcopy.migration.status import FINISHED, MigrationStatus
-from postcopy.ram import Bitmap, RamBlock, runs, split_runs, zero_pages
+from postcopy.ram import Bitmap, runs, split_runs
 from postcopy.transport import (
     AuthConfig,
     Connection,
@@ -52,10 +49,8 @@ from postcopy.wire import (
     Listen,
     Package,
     Ping,
-    Pong,
     PostcopyComplete,
     PrecopyComplete,
-    ReqPages,
     Run,
     Shut,
     StreamContext,
@@ -66,21 +61,6 @@ log = logging.getLogger(__name__)
 S = MigrationStatus
 SETUP_PING = 1
 RUN_PING = 2
-
-
-class MigrationError(RuntimeError):
-    """A migration failed; the message says why, for query-migrate's error-desc."""
-
-
-class Cancelled(MigrationError):
-    pass
-
-
-@dataclass
-class PageRequest:
-    block: int
-    first_page: int
-    page_count: int
 
 
 class OutgoingMigration(MigrationBase):
@@ -104,8 +84,11 @@ class OutgoingMigration(MigrationBase):
         self.parameters = parameters
         self.auth = auth
         self.tls = tls
-        self.counters = RamCounters(
-            total=machine.ram.total_bytes, page_size=min(b.page_size for b in machine.ram)
+        self._sender = RamSender(machine.ram, parameters, clock)
+        self.counters = self._sender.counters
+        self._pages = PageService(machine.ram, self._sender)
+        self._return_path = ReturnPath(
+            machine.ram, self.status, self.counters, self._pages.request, clock
         )
         self.rounds = 0
         self.setup_time = 0.0
@@ -113,18 +96,8 @@ class OutgoingMigration(MigrationBase):
         self.downtime_to_run: float | None = None
         self.expected_downtime = 0.0
         self.postcopy_start: float | None = None
-        self._rate = RateMeter(clock)
         self._cancel = threading.Event()
         self._postcopy_requested = threading.Event()
-        self._requests: queue.SimpleQueue[PageRequest] = queue.SimpleQueue()
-        self._pong = threading.Condition()
-        self._pongs: dict[int, float] = {}
-        self._shut: Shut | None = None
-        self._shut_event = threading.Event()
-        self._needed: list[Bitmap] = []
-        self._needed_lock = threading.Lock()
-        self._counters_lock = threading.Lock()
-        self._jump: tuple[int, int] | None = None
         self._ping_value = RUN_PING
         self._last_sync = 0.0
         self.needed_at_switchover = 0
@@ -132,11 +105,8 @@ class OutgoingMigration(MigrationBase):
         self.stop_time = 0.0
         self._main: Connection | None = None
         self._preempt: Connection | None = None
-        self._preempt_writer: StreamWriter | None = None
         self._thread: threading.Thread | None = None
         self._stopped_vm = False
-        self._throttle_start = 0.0
-        self._throttle_bytes = 0
 
     # -- control (any thread) --------------------------------------------------------------
 
@@ -218,9 +188,9 @@ class OutgoingMigration(MigrationBase):
         if isinstance(error, OSError) and not cancelled:
             # a destination that refuses closes the connection after saying why; that
             # reason, not our broken pipe, is what the user needs
-            self._shut_event.wait(1.0)
-            if self._shut is not None and self._shut.error:
-                error = MigrationError(f"destination gave up: {self._shut.reason}")
+            shut = self._return_path.wait_shut_for(1.0)
+            if shut is not None and shut.error:
+                error = MigrationError(f"destination gave up: {shut.reason}")
         self.error = None if cancelled else str(error) or type(error).__name__
         if not cancelled:
             log.error("migration failed: %s", self.error)
@@ -247,8 +217,9 @@ class OutgoingMigration(MigrationBase):
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("migration cancelled")
-        if self._shut_event.is_set() and self._shut is not None and self._shut.error:
-            raise MigrationError(f"destination gave up: {self._shut.reason}")
+        shut = self._return_path.gave_up()
+        if shut is not None:
+            raise MigrationError(f"destination gave up: {shut.reason}")
 
     def _migrate(self) -> None:
         set_thread_nice(self.parameters.x_migration_thread_nice)
@@ -275,29 +246,28 @@ class OutgoingMigration(MigrationBase):
         reader = StreamReader(
             self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
         )
-        threading.Thread(
-            target=self._return_path, args=(reader,), name="return-path", daemon=True
-        ).start()
+        self._return_path.start(reader)
         main.send(Ping(SETUP_PING))
         self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
         if preempt:
             self._preempt = connect(
                 self.uri, auth=self.auth, tls=self.tls, channel="preempt", session=session
             )
-            self._preempt_writer = StreamWriter(self._preempt, Direction.MAIN)
-            self._preempt_writer.send_stream_header()
+            urgent = StreamWriter(self._preempt, Direction.MAIN)
+            urgent.send_stream_header()
             # the urgent channel is a stream of its own: it declares the same configuration
-            self._preempt_writer.send(
+            urgent.send(
                 Handshake(
                     capabilities=self.capabilities.names(),
                     blocks=blocks,
                     vcpus=self.machine.vcpu_count,
                 )
             )
+            self._pages.set_urgent_channel(urgent)
         self.setup_time = self._clock() - self.start_time
         self.machine.start_dirty_log()
         self.status.move(S.ACTIVE)
-        self._throttle_start = self._clock()
+        self._sender.restart_throttle()
 
         sent = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
         dirty = [np.ones(block.pages, dtype=np.bool_) for block in ram]
@@ -325,7 +295,7 @@ class OutgoingMigration(MigrationBase):
                 int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True)
             )
             self.counters.remaining = remaining
-            bandwidth = max(self._bandwidth(), 1.0)
+            bandwidth = max(self._sender.bandwidth(), 1.0)
             self.expected_downtime = remaining / bandwidth
             self._trace(
                 "round-end",
@@ -373,11 +343,6 @@ class OutgoingMigration(MigrationBase):
             self.counters.dirty_pages_rate = int(pages / (now - since))
         return dirty
 
-    def _bandwidth(self) -> float:
-        elapsed = self._clock() - self._throttle_start
-        measured = self._rate.rate or (self.counters.transferred / elapsed if elapsed > 0 else 0.0)
-        return measured
-
     def _send_round(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> bool:
         """Send every dirty page; returns True if postcopy was requested meanwhile."""
         run_pages = self.parameters.x_precopy_run_pages
@@ -387,60 +352,10 @@ class OutgoingMigration(MigrationBase):
                 self._check_cancel()
                 if self._postcopy_requested.is_set():
                     return True
-                self._send_pages(writer, index, block, start, length, phase="precopy")
+                self._sender.send_pages(writer, index, block, start, length, phase="precopy")
                 sent[index][start : start + length] = True
                 dirty[index][start : start + length] = False
         return False
-
-    def _send_pages(
-        self,
-        writer: StreamWriter,
-        index: int,
-        block: RamBlock,
-        first: int,
-        count: int,
-        *,
-        phase: str,
-    ) -> int:
-        zero = zero_pages(block.page_view(first, count), block.page_size)
-        size = writer.send_ram_run(index, block, first, zero)
-        zeros = int(np.count_nonzero(zero))
-        with self._counters_lock:
-            self._count_sent(count, zeros, size, phase, block.page_size)
-        self._rate.add(size)
-        self._throttle(size, phase)
-        return size
-
-    def _count_sent(self, count: int, zeros: int, size: int, phase: str, page_size: int) -> None:
-        self.counters.duplicate += zeros
-        self.counters.normal += count - zeros
-        self.counters.transferred += size
-        if phase == "precopy":
-            self.counters.precopy_bytes += size
-        elif phase == "downtime":
-            self.counters.downtime_bytes += size
-        else:
-            self.counters.postcopy_bytes += size
-        self.counters.remaining = max(self.counters.remaining - count * page_size, 0)
-
-    def _throttle(self, size: int, phase: str) -> None:
-        """Keep to max-bandwidth (precopy) or max-postcopy-bandwidth (the background push).
-        Pages in the downtime and pages a vCPU is waiting for are never held back."""
-        limit = (
-            self.parameters.max_postcopy_bandwidth
-            if phase == "postcopy"
-            else self.parameters.max_bandwidth
-        )
-        if phase in ("downtime", "requested") or limit <= 0:
-            return
-        self._throttle_bytes += size
-        due = self._throttle_start + self._throttle_bytes / limit
-        delay = due - self._clock()
-        if delay > 0:
-            time.sleep(delay)
-        elif delay < -1.0:  # fell far behind (a slow link): don't burst to catch up
-            self._throttle_start = self._clock()
-            self._throttle_bytes = 0
 
     def _drain(self, writer: StreamWriter) -> None:
         """Wait until the destination has consumed everything sent so far (a Ping's Pong).
@@ -469,7 +384,7 @@ class OutgoingMigration(MigrationBase):
         for index, block in enumerate(self.machine.ram):
             starts, lengths = split_runs(*runs(dirty[index]), self.parameters.x_precopy_run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                self._send_pages(writer, index, block, start, length, phase="downtime")
+                self._sender.send_pages(writer, index, block, start, length, phase="downtime")
         self.counters.remaining = 0
         state = json.dumps(self.machine.save_state()).encode()
         writer.send(DeviceState(state))
@@ -510,8 +425,7 @@ class OutgoingMigration(MigrationBase):
                 writer.send(Discard(index, group))
                 discarded += sum(count for _, count in group)
             needed[index] |= final[index]
-        with self._needed_lock:
-            self._needed = needed
+        self._pages.set_needed(needed)
         self._trace("discards-sent")
         writer.send(Listen())
         state = json.dumps(self.machine.save_state()).encode()
@@ -528,143 +442,21 @@ class OutgoingMigration(MigrationBase):
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
-        self._throttle_start, self._throttle_bytes = self._clock(), 0
-        self._push(writer)
+        self._sender.restart_throttle()
+        self._pages.push(writer, self._check_cancel)
         writer.send(PostcopyComplete())
         self._trace("push-done")
         self._wait_pong(RUN_PING)
-        self.downtime_to_run = self._pongs[RUN_PING] - stop_time
+        self.downtime_to_run = self._return_path.pong_time(RUN_PING) - stop_time
         shut = self._wait_shut()
         if shut.error:
             raise MigrationError(f"destination failed in postcopy: {shut.reason}")
         self.status.move(S.COMPLETED)
 
-    def _push(self, writer: StreamWriter) -> None:
-        """Send every needed page; requested pages first, then onward from the last request."""
-        run_pages = self.parameters.x_postcopy_run_pages or (
-            512 if self._preempt_writer is not None else 64
-        )
-        for index, block in enumerate(self.machine.ram):
-            while True:  # passes until nothing is needed: a jump can leave pages behind
-                with self._needed_lock:
-                    snapshot = self._needed[index].copy()
-                starts, lengths = split_runs(*runs(snapshot), run_pages)
-                if starts.size == 0:
-                    break
-                position = 0
-                while position < starts.size:
-                    self._check_cancel()
-                    self._serve_queued_requests(writer)
-                    jump, self._jump = self._jump, None
-                    if jump is not None and jump[0] == index:
-                        # continue the push from just after the last requested page
-                        position = max(int(np.searchsorted(starts, jump[1], side="right")) - 1, 0)
-                    start, length = int(starts[position]), int(lengths[position])
-                    position += 1
-                    for sub_start, sub_length in self._claim(index, start, length):
-                        self._send_pages(
-                            writer, index, block, sub_start, sub_length, phase="postcopy"
-                        )
-                        self.counters.pages_pushed += sub_length
-        self.counters.remaining = 0
-
-    def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
-        """Take the still-needed pages of a range (test and clear), as runs."""
-        with self._needed_lock:
-            window = self._needed[index][first : first + count]
-            wanted = window.copy()
-            window[:] = False
-        starts, lengths = runs(wanted)
-        return [(first + s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
-
-    def _serve_queued_requests(self, writer: StreamWriter) -> None:
-        while True:
-            try:
-                request = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            self._serve_request(writer, request)
-
-    def _serve_request(
-        self, writer: StreamWriter, request: PageRequest, *, urgent: bool = False
-    ) -> None:
-        """Send the requested pages that are still needed, and continue the push after them.
-
-        On the urgent channel the pages the push has already taken are sent again too: the
-        destination asked, so the push's copy has not arrived, and it may sit behind
-        megabytes of the main channel. Whichever copy comes second meets EEXIST there."""
-        block = self.machine.ram[request.block]
-        claimed = self._claim(request.block, request.first_page, request.page_count)
-        for start, length in claimed:
-            self._send_pages(writer, request.block, block, start, length, phase="requested")
-            self.counters.pages_requested += length
-        if urgent:
-            taken = np.ones(request.page_count, dtype=np.bool_)
-            for start, length in claimed:
-                taken[start - request.first_page : start - request.first_page + length] = False
-            starts, lengths = runs(taken)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                self._send_pages(
-                    writer,
-                    request.block,
-                    block,
-                    request.first_page + start,
-                    length,
-                    phase="requested",
-                )
-                self.counters.pages_resent += length
-        self._jump = (request.block, request.first_page + request.page_count)
-
-    # -- the return path -----------------------------------------------------------------------
-
-    def _return_path(self, reader: StreamReader) -> None:
-        prefer_this_thread()
-        try:
-            reader.read_stream_header()
-            while True:
-                message = reader.read()
-                if isinstance(message, ReqPages):
-                    self.counters.postcopy_requests += 1
-                    if self.status.value != S.POSTCOPY_ACTIVE:
-                        raise MigrationError("destination requested pages before postcopy")
-                    block = self.machine.ram[message.block]
-                    if message.first_page + message.page_count > block.pages:
-                        raise MigrationError(f"page request outside block {block.name!r}")
-                    request = PageRequest(message.block, message.first_page, message.page_count)
-                    if self._preempt_writer is not None:
-                        self._serve_request(self._preempt_writer, request, urgent=True)
-                    else:
-                        self._requests.put(request)
-                elif isinstance(message, Pong):
-                    with self._pong:
-                        self._pongs[message.value] = self._clock()
-                        self._pong.notify_all()
-                elif isinstance(message, Shut):
-                    self._shut = message
-                    self._shut_event.set()
-                    if message.error:
-                        log.error("destination gave up: %s", message.reason)
-                    return
-                else:
-                    raise MigrationError(f"unexpected {type(message).__name__} on the return path")
-        except Exception as error:
-            if self._shut is None:
-                self._shut = Shut(error=True, reason=f"return path: {error}")
-                self._shut_event.set()
-                with self._pong:
-                    self._pong.notify_all()
-
     def _wait_pong(self, value: int) -> None:
-        with self._pong:
-            while value not in self._pongs:
-                self._check_cancel()
-                if self._shut is not None:
-                    raise MigrationError(f"destination gave up: {self._shut.reason}")
-                self._pong.wait(0.1)
+        self._return_path.wait_pong(value, self._check_cancel)
 
     def _wait_shut(self) -> Shut:
-        while not self._shut_event.wait(0.1):
-            if self._cancel.is_set() and self.status.value != S.POSTCOPY_ACTIVE:
-                raise Cancelled("migration cancelled")
-        assert self._shut is not None
-        return self._shut
+        return self._return_path.wait_shut(
+            lambda: self._cancel.is_set() and self.status.value != S.POSTCOPY_ACTIVE
+        )

@@ -1,0 +1,133 @@
+"""Page placement on the destination: whole runs land in guest RAM atomically.
+
+Owns `PagePlacer`: from LISTEN on, the receiver and the preempt receiver hand it runs
+(read into the staging buffer, or into the side mapping at the pages' own offsets) and it
+places them with one UFFDIO_COPY / UFFDIO_MOVE / UFFDIO_ZEROPAGE per run, which wakes the
+vCPUs waiting there; then it records them in `received`, the request latency and the
+blocktime. QEMU's postcopy_place_page in migration/postcopy-ram.c.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
+from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
+from postcopy.ram import Bitmap, RamBlock, runs
+
+STAGING_BYTES = 4 << 20  # a receiver's staging buffer: the largest run's data fits
+
+
+class PagePlacer:
+    """Places runs atomically on a userfaultfd, records what arrived, wakes waiters."""
+
+    def __init__(
+        self,
+        uffd: UserfaultFd,
+        ram: list[RamBlock],
+        received: list[Bitmap],
+        latency: LatencyRecorder,
+        blocktime: BlocktimeTracker,
+    ) -> None:
+        self.uffd = uffd
+        self.ram = ram
+        self.received = received
+        self.latency = latency
+        self.blocktime = blocktime
+        self.duplicates = 0
+        self.placed_pages = 0
+        self._lock = threading.Lock()
+
+    def place(self, block_index: int, first_page: int, zero: Bitmap, staging_address: int) -> None:
+        block = self.ram[block_index]
+        page_size = block.page_size
+        normal_starts, normal_lengths = runs(~zero)
+        offset_in_staging = 0
+        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+            destination = block.host_address + (first_page + start) * page_size
+            self._copy(
+                destination, staging_address + offset_in_staging, length * page_size, page_size
+            )
+            offset_in_staging += length * page_size
+        self._place_zero_pages(block, first_page, zero)
+        self._record(block_index, first_page, int(zero.size))
+
+    def place_from_side(
+        self, block_index: int, first_page: int, zero: Bitmap, side_address: int
+    ) -> None:
+        """Like `place`, for a run whose normal pages were read into the block's side
+        mapping at their own offsets: they move into guest RAM (UFFDIO_MOVE, no copy and
+        no page to allocate), zero pages are filled as usual."""
+        block = self.ram[block_index]
+        page_size = block.page_size
+        normal_starts, normal_lengths = runs(~zero)
+        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+            offset = (first_page + start) * page_size
+            self._fill(
+                self.uffd.move,
+                block.host_address + offset,
+                side_address + offset,
+                length * page_size,
+                page_size,
+                fallback=self._copy,
+            )
+        self._place_zero_pages(block, first_page, zero)
+        self._record(block_index, first_page, int(zero.size))
+
+    def _place_zero_pages(self, block: RamBlock, first_page: int, zero: Bitmap) -> None:
+        page_size = block.page_size
+        zero_starts, zero_lengths = runs(zero)
+        for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+            destination = block.host_address + (first_page + start) * page_size
+            self._zeropage(destination, length * page_size, page_size)
+
+    def _record(self, block_index: int, first_page: int, count: int) -> None:
+        self.received[block_index][first_page : first_page + count] = True
+        with self._lock:
+            self.placed_pages += count
+        self.latency.placed(block_index, first_page, count)
+        self.blocktime.placed(block_index, first_page, count)
+
+    def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
+        self._fill(self.uffd.copy, destination, source, length, page_size)
+
+    def _fill(
+        self,
+        ioctl: Callable[[int, int, int], int],
+        destination: int,
+        source: int,
+        length: int,
+        page_size: int,
+        fallback: Callable[[int, int, int, int], None] | None = None,
+    ) -> None:
+        """Run UFFDIO_COPY or UFFDIO_MOVE over a range to its end. EEXIST: a request raced
+        the push and that page is already there (counted, skipped); EAGAIN: go on. Any
+        other error (e.g. EBUSY for a page the kernel cannot move now) hands the rest of
+        the range to `fallback`, if given."""
+        done = 0
+        while done < length:
+            try:
+                done += ioctl(destination + done, source + done, length - done)
+            except PageExistsError as error:
+                done += error.done + page_size
+                with self._lock:
+                    self.duplicates += 1
+            except RetryError as error:
+                done += error.done
+            except UffdError as error:
+                if fallback is None:
+                    raise
+                done += error.done
+                fallback(destination + done, source + done, length - done, page_size)
+                return
+
+    def _zeropage(self, destination: int, length: int, page_size: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                done += self.uffd.zeropage(destination + done, length - done)
+            except PageExistsError as error:
+                done += error.done + page_size
+            except RetryError as error:
+                done += error.done

@@ -1,0 +1,195 @@
+"""The RAM swap at LISTEN: the side mappings that keep the precopy pages, and the mover.
+
+Owns `RamSwap`: at LISTEN every RAM block's pages move out to a side mapping in one
+mremap(MREMAP_DONTUNMAP), which leaves guest RAM empty at the same address (KVM's memory
+slot is untouched); which of those pages are still valid (`_unmoved`); the `mover` thread
+that moves them back with UFFDIO_MOVE once the guest runs; and, at the end, freeing what is
+left in the side mappings. The fault thread moves the page a vCPU waits for itself
+(`move_pages(on_demand=True)`); the receiver reads pushed runs into the side mapping
+(`side`) so that they too move in instead of being copied.
+
+Why: discarding the stale pages in place (MADV_DONTNEED, the seed's way) costs ~0.25-0.5 s
+per GiB, all of it downtime; moving page tables costs ~0.5 ms per GiB. Without UFFDIO_MOVE
+(before Linux 6.8) or with shared RAM there is no swap (`can_swap_ram`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from postcopy.linux.memory import Mapping
+from postcopy.linux.userfaultfd import (
+    Feature,
+    Ioctl,
+    PageExistsError,
+    RegisterMode,
+    RetryError,
+    UserfaultFd,
+)
+from postcopy.ram import Bitmap, RamBlock, runs, split_runs
+
+log = logging.getLogger(__name__)
+
+MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
+MOVER_NICE = 5
+
+Trace = Callable[..., None]
+
+
+class RamSwap:
+    """The side mappings of one incoming migration's RAM, from LISTEN to completion."""
+
+    def __init__(
+        self, ram: list[RamBlock], received: list[Bitmap], uffd: UserfaultFd, trace: Trace
+    ) -> None:
+        """Move every block's pages out to a side mapping (guest RAM is left empty); the
+        pages `received` says are valid are the ones to move back."""
+        self._ram = ram
+        self._uffd = uffd
+        self._trace = trace
+        self._old_mappings: list[Mapping | None] = [None] * len(ram)
+        self._unmoved = [np.zeros(0, dtype=np.bool_) for _ in ram]
+        self._threads: list[threading.Thread] = []
+        self._moving_done = threading.Event()
+        self._guest_started = threading.Event()
+        self._quit_moving = threading.Event()
+        self.pages_moved = 0
+        for index, block in enumerate(ram):
+            self._old_mappings[index] = block.mapping.move_pages_out()
+            self._unmoved[index] = received[index].copy()
+
+    def side(self, block_index: int) -> Mapping | None:
+        """The block's side mapping (None once freed)."""
+        return self._old_mappings[block_index]
+
+    def is_unmoved(self, block_index: int, page: int) -> bool:
+        return bool(self._unmoved[block_index][page])
+
+    def start_mover(self) -> None:
+        mover = threading.Thread(target=self._mover, name="mover", daemon=True)
+        self._threads.append(mover)
+        mover.start()
+
+    def guest_started(self) -> None:
+        self._guest_started.set()
+
+    def stop(self) -> None:
+        """The mover stops after its current chunk (also if it still waits for RUN)."""
+        self._quit_moving.set()
+        self._guest_started.set()
+
+    def wait_moved(self, timeout: float) -> bool:
+        return self._moving_done.wait(timeout)
+
+    def _mover(self) -> None:
+        """Move every still-valid precopy page back into guest RAM, once the guest runs.
+
+        Its own thread at low priority, so that faults never wait behind it; the fault
+        thread moves the page a vCPU waits for itself. They need no lock between them:
+        UFFDIO_MOVE moves each page atomically (both page table locks held), so when both
+        move the same page one of them finds a hole and skips it; and `_unmoved` bits are
+        cleared only after the move, so a page the fault thread sees as moved is in guest
+        RAM before it zero-fills what it believes to be a hole. (A lock here made faults
+        wait for this thread, which at nice +5 is easily preempted mid-chunk.)"""
+        self._guest_started.wait()
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MOVER_NICE)
+        try:
+            for index, unmoved in enumerate(self._unmoved):
+                starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    if self._quit_moving.is_set():
+                        return
+                    self.move_pages(index, start, length, on_demand=False)
+            self._finish_moving()
+        except Exception as error:
+            log.error("moving precopy pages back: %s", error)
+
+    def move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> None:
+        """Move the still-unmoved pages of a range from the precopy mapping into guest RAM.
+        Safe to run in two threads at once on the same pages (see _mover).
+
+        Holes (zero pages never written) are skipped; they stay missing and a fault on one
+        is filled with a zero page by the fault thread.
+        """
+        old = self._old_mappings[block_index]
+        assert old is not None
+        block = self._ram[block_index]
+        page_size = block.page_size
+        window = self._unmoved[block_index][first : first + count]
+        starts, lengths = runs(window.copy())
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            offset = (first + start) * page_size
+            done, size = 0, length * page_size
+            while done < size:
+                try:
+                    done += self._uffd.move(
+                        block.host_address + offset + done,
+                        old.address + offset + done,
+                        size - done,
+                        dontwake=on_demand,
+                        allow_src_holes=True,
+                    )
+                except PageExistsError as error:
+                    done += error.done + page_size
+                except RetryError as error:
+                    done += error.done
+            self.pages_moved += length
+            # cleared only once landed: the fault thread reads these bits without the lock,
+            # and a page it sees as moved must really be in guest RAM
+            window[start : start + length] = False
+
+    def _finish_moving(self) -> None:
+        """Every valid page has moved back. The side mappings stay: the pushed pages land
+        there first (see the receiver); they go when postcopy completes."""
+        self._trace("moved", pages=self.pages_moved)
+        self._moving_done.set()
+
+    def free_side_mappings(self) -> None:
+        """What is left in the side mappings (stale pages a request overtook, pages
+        never asked for again) is freed on a thread: ~0.4 s per GiB when it is full."""
+        stale = [old for old in self._old_mappings if old is not None]
+        self._old_mappings = [None] * len(self._old_mappings)
+        if stale:
+            freer = threading.Thread(
+                target=_close_all, args=(stale,), name="free-stale", daemon=True
+            )
+            self._threads.append(freer)
+            freer.start()
+
+    def join(self, timeout: float) -> None:
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def close(self) -> None:
+        """Unmap the side mappings now (the threads have been joined)."""
+        for index, old in enumerate(self._old_mappings):
+            if old is not None:
+                old.close()
+                self._old_mappings[index] = None
+
+
+def _close_all(mappings: list[Mapping]) -> None:
+    for mapping in mappings:
+        mapping.close()
+
+
+def can_swap_ram(ram: list[RamBlock]) -> bool:
+    """RAM swap needs private anonymous RAM, MREMAP_DONTUNMAP and UFFDIO_MOVE (Linux 6.8)."""
+    if any(block.mapping.kind != "anonymous" or block.shared for block in ram):
+        return False
+    try:
+        with UserfaultFd.open(Feature.MOVE) as uffd, Mapping.anonymous(1 << 21) as probe:
+            allowed = uffd.register(probe.address, probe.length, RegisterMode.MISSING)
+            uffd.unregister(probe.address, probe.length)
+            probe.move_pages_out().close()
+            return bool(allowed & Ioctl.MOVE)
+    except OSError:
+        return False

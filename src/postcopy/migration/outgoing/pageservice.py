@@ -1,0 +1,137 @@
+"""The source's postcopy page service: the background push and the page requests.
+
+Owns `PageService`, from the switchover to completion: `needed` (the pages the destination
+does not have: never sent, or dirtied since), the queue of page requests, and where the
+push goes on after a request. The migration thread pushes every needed page on the main
+channel (`push`); requests overtake it: with postcopy-preempt the return-path thread serves
+them at once on the preempt channel, otherwise they queue and the push serves them before
+each run. Every page is claimed (test and clear of `needed` under a lock) before it is
+sent, so none is forgotten and none is pushed twice. QEMU's ram_save_queue_pages and
+postcopy's page request handling in ram.c.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from postcopy.migration.channel import StreamWriter
+from postcopy.migration.outgoing.sender import RamSender
+from postcopy.ram import Bitmap, RamList, runs, split_runs
+
+
+@dataclass
+class PageRequest:
+    block: int
+    first_page: int
+    page_count: int
+
+
+class PageService:
+    """Serves the pages a destination in postcopy still needs."""
+
+    def __init__(self, ram: RamList, sender: RamSender) -> None:
+        self._ram = ram
+        self._sender = sender
+        self._counters = sender.counters
+        self._urgent: StreamWriter | None = None  # the preempt channel's writer, if any
+        self._requests: queue.SimpleQueue[PageRequest] = queue.SimpleQueue()
+        self._needed: list[Bitmap] = []
+        self._needed_lock = threading.Lock()
+        self._jump: tuple[int, int] | None = None
+
+    def set_urgent_channel(self, writer: StreamWriter) -> None:
+        """With postcopy-preempt: requested pages go out at once on `writer`."""
+        self._urgent = writer
+
+    def set_needed(self, needed: list[Bitmap]) -> None:
+        with self._needed_lock:
+            self._needed = needed
+
+    def request(self, request: PageRequest) -> None:
+        """A page request from the return path: served at once on the preempt channel, or
+        queued for the push."""
+        if self._urgent is not None:
+            self._serve_request(self._urgent, request, urgent=True)
+        else:
+            self._requests.put(request)
+
+    def push(self, writer: StreamWriter, check_cancel: Callable[[], None]) -> None:
+        """Send every needed page; requested pages first, then onward from the last request."""
+        run_pages = self._sender.parameters.x_postcopy_run_pages or (
+            512 if self._urgent is not None else 64
+        )
+        for index, block in enumerate(self._ram):
+            while True:  # passes until nothing is needed: a jump can leave pages behind
+                with self._needed_lock:
+                    snapshot = self._needed[index].copy()
+                starts, lengths = split_runs(*runs(snapshot), run_pages)
+                if starts.size == 0:
+                    break
+                position = 0
+                while position < starts.size:
+                    check_cancel()
+                    self._serve_queued_requests(writer)
+                    jump, self._jump = self._jump, None
+                    if jump is not None and jump[0] == index:
+                        # continue the push from just after the last requested page
+                        position = max(int(np.searchsorted(starts, jump[1], side="right")) - 1, 0)
+                    start, length = int(starts[position]), int(lengths[position])
+                    position += 1
+                    for sub_start, sub_length in self._claim(index, start, length):
+                        self._sender.send_pages(
+                            writer, index, block, sub_start, sub_length, phase="postcopy"
+                        )
+                        self._counters.pages_pushed += sub_length
+        self._counters.remaining = 0
+
+    def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
+        """Take the still-needed pages of a range (test and clear), as runs."""
+        with self._needed_lock:
+            window = self._needed[index][first : first + count]
+            wanted = window.copy()
+            window[:] = False
+        starts, lengths = runs(wanted)
+        return [(first + s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+
+    def _serve_queued_requests(self, writer: StreamWriter) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self._serve_request(writer, request)
+
+    def _serve_request(
+        self, writer: StreamWriter, request: PageRequest, *, urgent: bool = False
+    ) -> None:
+        """Send the requested pages that are still needed, and continue the push after them.
+
+        On the urgent channel the pages the push has already taken are sent again too: the
+        destination asked, so the push's copy has not arrived, and it may sit behind
+        megabytes of the main channel. Whichever copy comes second meets EEXIST there."""
+        block = self._ram[request.block]
+        claimed = self._claim(request.block, request.first_page, request.page_count)
+        for start, length in claimed:
+            self._sender.send_pages(writer, request.block, block, start, length, phase="requested")
+            self._counters.pages_requested += length
+        if urgent:
+            taken = np.ones(request.page_count, dtype=np.bool_)
+            for start, length in claimed:
+                taken[start - request.first_page : start - request.first_page + length] = False
+            starts, lengths = runs(taken)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self._sender.send_pages(
+                    writer,
+                    request.block,
+                    block,
+                    request.first_page + start,
+                    length,
+                    phase="requested",
+                )
+                self._counters.pages_resent += length
+        self._jump = (request.block, request.first_page + request.page_count)

@@ -1,0 +1,114 @@
+"""The source's return path: the reader of the destination's messages.
+
+Owns `ReturnPath` (QEMU's source_return_path_thread): the `return-path` thread reads the
+destination's stream on the main connection: REQ_PAGES (checked, then handed to the page
+service), PONG (recorded with its arrival time, waited on by the migration thread), SHUT
+(the destination finished or gave up). It runs SCHED_FIFO: it is one of the three hops of
+a page request. A broken return path counts as the destination giving up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from postcopy.migration.channel import StreamReader
+from postcopy.migration.outgoing.errors import Cancelled, MigrationError
+from postcopy.migration.outgoing.pageservice import PageRequest
+from postcopy.migration.stats import Clock, RamCounters, prefer_this_thread
+from postcopy.migration.status import MigrationStatus, StatusHolder
+from postcopy.ram import RamList
+from postcopy.wire import Pong, ReqPages, Shut
+
+log = logging.getLogger(__name__)
+
+
+class ReturnPath:
+    """What the destination said: page requests, pongs, its final word."""
+
+    def __init__(
+        self,
+        ram: RamList,
+        status: StatusHolder,
+        counters: RamCounters,
+        on_request: Callable[[PageRequest], None],
+        clock: Clock,
+    ) -> None:
+        self._ram = ram
+        self._status = status
+        self._counters = counters
+        self._on_request = on_request
+        self._clock = clock
+        self._pong = threading.Condition()
+        self._pongs: dict[int, float] = {}
+        self.shut: Shut | None = None
+        self._shut_event = threading.Event()
+
+    def start(self, reader: StreamReader) -> None:
+        threading.Thread(target=self._run, args=(reader,), name="return-path", daemon=True).start()
+
+    def pong_time(self, value: int) -> float:
+        """When the PONG for `value` arrived (after `wait_pong(value)`)."""
+        return self._pongs[value]
+
+    def gave_up(self) -> Shut | None:
+        """The destination's SHUT if it (or the return path) failed, else None."""
+        shut = self.shut
+        if self._shut_event.is_set() and shut is not None and shut.error:
+            return shut
+        return None
+
+    def wait_shut_for(self, timeout: float) -> Shut | None:
+        self._shut_event.wait(timeout)
+        return self.shut
+
+    def wait_pong(self, value: int, check_cancel: Callable[[], None]) -> None:
+        with self._pong:
+            while value not in self._pongs:
+                check_cancel()
+                if self.shut is not None:
+                    raise MigrationError(f"destination gave up: {self.shut.reason}")
+                self._pong.wait(0.1)
+
+    def wait_shut(self, cancelled: Callable[[], bool]) -> Shut:
+        while not self._shut_event.wait(0.1):
+            if cancelled():
+                raise Cancelled("migration cancelled")
+        assert self.shut is not None
+        return self.shut
+
+    def _run(self, reader: StreamReader) -> None:
+        prefer_this_thread()
+        try:
+            reader.read_stream_header()
+            while True:
+                message = reader.read()
+                if isinstance(message, ReqPages):
+                    self._counters.postcopy_requests += 1
+                    if self._status.value != MigrationStatus.POSTCOPY_ACTIVE:
+                        raise MigrationError("destination requested pages before postcopy")
+                    block = self._ram[message.block]
+                    if message.first_page + message.page_count > block.pages:
+                        raise MigrationError(f"page request outside block {block.name!r}")
+                    self._on_request(
+                        PageRequest(message.block, message.first_page, message.page_count)
+                    )
+                elif isinstance(message, Pong):
+                    with self._pong:
+                        self._pongs[message.value] = self._clock()
+                        self._pong.notify_all()
+                elif isinstance(message, Shut):
+                    self.shut = message
+                    self._shut_event.set()
+                    if message.error:
+                        log.error("destination gave up: %s", message.reason)
+                    return
+                else:
+                    raise MigrationError(f"unexpected {type(message).__name__} on the return path")
+        except Exception as error:
+            if self.shut is None:
+                self.shut = Shut(error=True, reason=f"return path: {error}")
+                self._shut_event.set()
+                with self._pong:
+                    self._pong.notify_all()
