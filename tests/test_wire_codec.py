@@ -304,6 +304,24 @@ def test_every_message_type_has_a_round_trip_case() -> None:
     assert {t.__name__ for t in (*MAIN_MESSAGES, *RETURN_MESSAGES)} == set(CASES)
 
 
+def test_every_frame_type_has_a_spec_a_reader_and_a_writer() -> None:
+    """Adding a frame type means an entry in each table; both directions' messages are framed."""
+    from postcopy.wire.frames import SPECS
+    from postcopy.wire.messages import MAIN_MESSAGES, RETURN_MESSAGES
+    from postcopy.wire.readers import READERS
+    from postcopy.wire.writers import WRITERS
+
+    assert set(SPECS) == set(FrameType)
+    assert set(READERS) == set(FrameType)
+    assert set(WRITERS) == set(FrameType)
+    for direction, messages in (
+        (Direction.MAIN, MAIN_MESSAGES),
+        (Direction.RETURN, RETURN_MESSAGES),
+    ):
+        framed = [spec.message for spec in SPECS.values() if spec.direction is direction]
+        assert sorted(t.__name__ for t in framed) == sorted(t.__name__ for t in messages)
+
+
 def _is_valid_text(text: str) -> bool:
     try:
         text.encode("utf-8")

@@ -1,33 +1,36 @@
 """The migration stream as a sans-IO codec: messages in, bytes out; bytes in, messages out.
 
-`messages` holds the message dataclasses and the protocol's limits, `codec` the framing
-(Encoder, Decoder and the zero-copy receive functions), `state` the incoming postcopy state
-machine, `errors` the ProtocolError everything raises. No sockets here; the byte layout is
-in docs/PROTOCOL.md.
+Split h11's way, so that a new frame type touches one table per direction:
+
+- `messages`: the message dataclasses and the protocol's limits (each field checked);
+- `frames`: the frame specs (`SPECS`: type, message, direction, payload bounds) and the
+  stream and frame headers; `layout`: the struct formats;
+- `checks`: a message against the declared blocks and Handshake (both directions);
+- `readers` / `writers`: one payload reader and one payload writer per frame type;
+- `decoder`: the receive side (`StreamContext` for zero-copy receiving, the buffering
+  `Decoder`); `encoder`: the `Encoder`;
+- `state`: the incoming postcopy state machine; `errors`: the ProtocolError everything raises.
+
+No sockets here; the byte layout is in docs/PROTOCOL.md.
 """
 
-from postcopy.wire.codec import (
-    CLOSED,
+from postcopy.wire.decoder import CLOSED, NEED_DATA, Closed, Decoder, NeedData, StreamContext
+from postcopy.wire.encoder import Encoder
+from postcopy.wire.errors import ProtocolError
+from postcopy.wire.frames import (
     FLAG_BLOCK_NAMED,
     MAIN_MAGIC,
-    NEED_DATA,
     PROTOCOL_VERSION,
     RETURN_MAGIC,
     STREAM_HEADER_SIZE,
-    Closed,
-    Decoder,
     Direction,
-    Encoder,
     FrameHeader,
     FrameType,
-    NeedData,
-    StreamContext,
     max_frame_size,
     parse_frame_header,
     parse_stream_header,
     stream_header,
 )
-from postcopy.wire.errors import ProtocolError
 from postcopy.wire.messages import (
     FRAME_HEADER_SIZE,
     MAX_BLOCK_LENGTH,

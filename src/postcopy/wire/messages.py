@@ -3,7 +3,7 @@
 Each message checks its own fields when constructed (types, ranges, sizes that need no
 context), so an invalid message cannot exist: a decoder cannot yield one and an encoder is
 never handed one. Checks that need the declared RAM blocks (block index in range, pages
-inside the block, data length against the block's page size) live in `codec`.
+inside the block, data length against the block's page size) live in `checks`.
 
 Main stream (source -> destination): Handshake, Advise, RamRun, EndOfRound, DeviceState,
 PrecopyComplete, Discard, Listen, Run, Package, PostcopyComplete, ResumeRequest,

@@ -1,0 +1,111 @@
+"""The sending side of the codec: messages to bytes, checked first (no I/O).
+
+``encode(message)`` gives whole frames; ``ram_run_header(...)`` gives a RAM_RUN's frame
+header and payload without its page data, which the caller sends itself straight from guest
+RAM (zero-copy). The payload of each frame type is written by its entry in
+`writers.WRITERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from postcopy.wire import layout
+from postcopy.wire.checks import check_context, check_ram_run, own_blocks
+from postcopy.wire.errors import ProtocolError
+from postcopy.wire.frames import SPEC_OF_MESSAGE, Direction, FrameType, check_header, stream_header
+from postcopy.wire.messages import (
+    MAX_BLOCKS,
+    U64_MAX,
+    BlockInfo,
+    Handshake,
+    Message,
+    RamRun,
+    ReqPages,
+    is_page_size,
+    max_run_pages,
+)
+from postcopy.wire.writers import WRITERS, ram_run_payload
+
+
+class Encoder:
+    """Turns messages of one direction into bytes, checking them first.
+
+    It remembers the blocks (given, or from the Handshake it encodes) so it can check
+    RAM runs and ranges against them, and on the return path the last ReqPages block, so
+    a ReqPages names its block only when it changes. Not thread-safe: one per connection
+    writer (or guard it with the writer's lock).
+    """
+
+    def __init__(self, direction: Direction, *, blocks: Sequence[BlockInfo] | None = None) -> None:
+        self.direction = direction
+        self._blocks = own_blocks(blocks)
+        self._target_page_size: int | None = None
+        # The block of the last ReqPages on this stream: the next names its block if it differs.
+        self.last_req_block: int | None = None
+
+    @property
+    def blocks(self) -> tuple[BlockInfo, ...] | None:
+        return self._blocks
+
+    def stream_header(self) -> bytes:
+        """The 16 bytes opening a stream; a new stream starts ReqPages elision afresh."""
+        self.last_req_block = None
+        return stream_header(self.direction)
+
+    def encode(self, message: Message) -> bytes:
+        """One whole frame (for RamRun including its page data)."""
+        spec = SPEC_OF_MESSAGE.get(type(message))
+        if spec is None:
+            raise ProtocolError("message", type(message).__name__, "is not a wire message")
+        if spec.direction is not self.direction:
+            raise ProtocolError(
+                "message",
+                type(message).__name__,
+                f"belongs to the {spec.direction.value} stream, not the {self.direction.value}",
+            )
+        check_context(message, self._blocks, self._target_page_size)
+        flags, payload = WRITERS[spec.frame_type](self, message)
+        check_header(spec, flags, len(payload), None)
+        if isinstance(message, Handshake):
+            self._blocks = message.blocks
+            self._target_page_size = message.target_page_size
+        elif isinstance(message, ReqPages):
+            self.last_req_block = message.block
+        data = message.data if isinstance(message, RamRun) else b""
+        header = layout.FRAME_HEADER.pack(spec.frame_type, flags, 0, len(payload))
+        return b"".join((header, payload, data))
+
+    def ram_run_header(
+        self, block: int, first_page: int, zero: npt.NDArray[np.bool_], page_size: int
+    ) -> bytes:
+        """Frame header and payload of a RAM_RUN, without its data (zero-copy sending).
+
+        The caller then sends the normal pages (where ``zero`` is False), each page_size
+        bytes, contiguous and in order: ``count_nonzero(~zero) * page_size`` bytes.
+        """
+        if not isinstance(zero, np.ndarray) or zero.dtype != np.bool_ or zero.ndim != 1:
+            raise ProtocolError("RamRun.zero", type(zero).__name__, "must be a 1-D bool array")
+        count = zero.shape[0]
+        if not is_page_size(page_size):
+            raise ProtocolError("RamRun.page_size", page_size, "is not a valid page size")
+        if not 1 <= count <= max_run_pages(page_size):
+            raise ProtocolError(
+                "RamRun.page_count", count, f"out of range [1, {max_run_pages(page_size)}]"
+            )
+        if not 0 <= block < MAX_BLOCKS:
+            raise ProtocolError("RamRun.block", block, f"out of range [0, {MAX_BLOCKS - 1}]")
+        if not 0 <= first_page <= U64_MAX:
+            raise ProtocolError("RamRun.first_page", first_page, f"out of range [0, {U64_MAX}]")
+        info = check_ram_run(self._blocks, block, first_page, count)
+        if info is not None and info.page_size != page_size:
+            raise ProtocolError(
+                "RamRun.page_size",
+                page_size,
+                f"differs from block {info.name!r}'s {info.page_size}",
+            )
+        payload = ram_run_payload(block, first_page, zero)
+        return layout.FRAME_HEADER.pack(FrameType.RAM_RUN, 0, 0, len(payload)) + payload
