@@ -25,15 +25,12 @@ tools. The protocol follows QEMU's docs/interop/qmp-spec:
   ``id`` is echoed verbatim whenever the request was an object that had one. Structural
   and argument errors use QEMU's messages ("QMP input lacks member 'execute'",
   "Parameter 'x' is missing", "Invalid parameter type for 'x', expected: string", ...).
-* Input framing is QEMU's, not lines: a message ends where its outermost ``}`` closes
-  (qemu.qmp sends no newline after a command). Bad input of any kind gets an error
-  without ``id`` and the connection stays usable; a message over ``max_message_size``
-  bytes (1 MiB) or nested deeper than ``max_nesting`` is skipped to its end without being
-  buffered, so a client cannot make the server hold more than that. A control
-  character or a 0xFF byte resets the parser, as in QEMU ("the client should provoke a
-  lexical error"). Output lines end with CRLF like QEMU's.
+* Input framing is QEMU's, not lines (`framing`): a message ends where its outermost
+  ``}`` closes. Bad input of any kind gets an error without ``id`` and the connection
+  stays usable. Output lines end with CRLF like QEMU's.
 
-Registering commands (``args`` is the QAPI ``data`` of the command)::
+Registering commands (``args`` is the QAPI ``data`` of the command, written as `schema`
+describes)::
 
     server.register("migrate", handle_migrate,
                     args={"uri": str, "detach?": bool, "resume?": bool})
@@ -43,16 +40,9 @@ Registering commands (``args`` is the QAPI ``data`` of the command)::
                                             "state": bool}]})
     def set_caps(args: dict[str, Any]) -> None: ...
 
-Argument types: ``str``, ``int`` (QAPI int/uint: any integer in int64 or uint64 range, not
-a bool), ``float`` (QAPI number: int or float, handed over as float), ``bool``, ``dict``
-(any object), ``list`` (any array), ``object`` or ``typing.Any`` (anything), an
-``enum.Enum`` subclass with string values (the handler gets the member; use StrEnum so it
-still compares equal to the string), ``[T]`` (array of T) and ``{"name": T, ...}`` (a
-struct, checked member by member). A name ending in ``?`` (or QAPI's leading ``*``) is
-optional: when absent it is absent from the handler's dict too. Unknown arguments are
-refused. The handler gets a new dict of checked arguments and returns a JSON value;
-``None`` means ``{}``. It raises ``QmpError(desc, error_class)`` to answer an error; any
-other exception becomes a GenericError with its message and is logged.
+The handler gets a new dict of checked arguments and returns a JSON value; ``None`` means
+``{}``. It raises ``QmpError(desc, error_class)`` to answer an error; any other exception
+becomes a GenericError with its message and is logged.
 
 Threading. Each client has a reader thread, which parses and runs that client's commands
 one at a time (so its answers come in order), and a writer thread, which drains the
@@ -76,7 +66,6 @@ import errno
 import json
 import logging
 import os
-import re
 import selectors
 import socket
 import stat
@@ -89,6 +78,15 @@ from typing import Any
 
 from postcopy import __version__
 from postcopy.qmp.errors import ErrorClass, QmpError
+from postcopy.qmp.framing import (
+    MAX_MESSAGE_SIZE,
+    MAX_NESTING,
+    FrameError,
+    JsonStreamSplitter,
+    ParseError,
+    decode_text,
+)
+from postcopy.qmp.schema import NAME, Struct, compile_arguments
 
 __all__ = [
     "DEFAULT_QEMU_VERSION",
@@ -107,384 +105,12 @@ Handler = Callable[[dict[str, Any]], object]
 DEFAULT_QEMU_VERSION = (7, 2, 0)
 """The QEMU version we claim; libvirt refuses anything older than 7.2 today."""
 
-MAX_MESSAGE_SIZE = 1 << 20
-# Python's json decoder recurses per level; QMP messages nest a handful of levels, so a
-# limit far below the interpreter's recursion limit costs nothing and keeps decode safe.
-MAX_NESTING = 256
 MAX_PENDING_OUTPUT = 16 << 20
 MAX_CLIENTS = 32
 RECV_SIZE = 64 << 10
 
 NEGOTIATION_REQUIRED = "Expecting capabilities negotiation with 'qmp_capabilities'"
 NEGOTIATION_DONE = "Capabilities negotiation is already complete, command ignored"
-
-_COMMAND_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*\Z")
-_INT_MIN = -(1 << 63)
-_UINT_MAX = (1 << 64) - 1
-
-
-# --------------------------------------------------------------------------------------
-# Framing: QEMU's JSON streamer, sans I/O.
-
-# Bytes that cannot appear in JSON text (raw control characters, bytes never valid in
-# UTF-8). QEMU's lexer treats them as a lexical error that resets the parser, and the spec
-# tells clients to send one to get out of a half-sent message; we honour the same bytes.
-_RESET_CLASS = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xc0\xc1\xf5-\xff"
-_RESET_BYTES = frozenset(
-    [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0xC0, 0xC1, *range(0xF5, 0x100)]
-)
-_STRING_SPECIAL = re.compile(rb'["\\' + _RESET_CLASS + rb"]")
-_VALUE_SPECIAL = re.compile(rb'[{}\[\]"' + _RESET_CLASS + rb"]")
-_JUNK_END = re.compile(rb'[ \t\r\n{\["' + _RESET_CLASS + rb"]")
-_NOT_BLANK = re.compile(rb"[^ \t\r\n]")
-_OPEN = frozenset(b"{[")
-_CLOSE = frozenset(b"}]")
-_QUOTE = ord('"')
-_BACKSLASH = ord("\\")
-
-
-@dataclass(frozen=True)
-class FrameError:
-    """Input that could not become a message; ``desc`` is the client-facing error text."""
-
-    desc: str
-
-
-class JsonStreamSplitter:
-    """Cuts a byte stream into JSON texts the way QEMU's JSON streamer does.
-
-    A text is an object or array (ended by its matching outer bracket, whatever lines it
-    spans), a top-level string, or a run of other top-level bytes up to the next blank or
-    bracket (a number, a keyword or garbage: the decoder sorts them out). Only the bytes
-    of the current text are kept, at most ``max_message_size`` of them.
-    """
-
-    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_nesting: int = MAX_NESTING):
-        if max_message_size < 2 or max_nesting < 1:
-            raise ValueError("max_message_size must be >= 2 and max_nesting >= 1")
-        self.max_message_size = max_message_size
-        self.max_nesting = max_nesting
-        self._buf = bytearray()
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-        self._junk = False
-        self._discarding: str | None = None
-
-    @property
-    def pending(self) -> int:
-        """Bytes held for an unfinished text (0 between texts or while discarding)."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes | FrameError]:
-        """Consume ``data``; return the texts (and errors) it completes, in order."""
-        out: list[bytes | FrameError] = []
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._in_string:
-                pos = self._scan_string(data, view, pos, out)
-            elif self._depth:
-                pos = self._scan_value(data, view, pos, out)
-            elif self._junk:
-                match = _JUNK_END.search(data, pos)
-                stop = match.start() if match else end
-                self._keep(view, pos, stop)
-                if match:
-                    self._finish(out)
-                pos = stop
-            else:
-                pos = self._scan_top(data, view, pos, out)
-        return out
-
-    def _scan_top(
-        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
-    ) -> int:
-        match = _NOT_BLANK.search(data, pos)
-        if match is None:
-            return len(data)
-        pos = match.start()
-        byte = data[pos]
-        if byte in _OPEN:
-            self._depth = 1
-        elif byte == _QUOTE:
-            self._in_string = True
-        elif byte in _RESET_BYTES:
-            self._reset(byte, out)
-            return pos + 1
-        else:
-            self._junk = True
-            return pos
-        self._keep(view, pos, pos + 1)
-        return pos + 1
-
-    def _scan_string(
-        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
-    ) -> int:
-        if self._escaped:
-            self._escaped = False
-            if data[pos] in _RESET_BYTES:
-                self._reset(data[pos], out)
-            else:
-                self._keep(view, pos, pos + 1)
-            return pos + 1
-        match = _STRING_SPECIAL.search(data, pos)
-        if match is None:
-            self._keep(view, pos, len(data))
-            return len(data)
-        stop = match.start()
-        byte = data[stop]
-        if byte in _RESET_BYTES:
-            self._reset(byte, out)
-            return stop + 1
-        self._keep(view, pos, stop + 1)
-        if byte == _BACKSLASH:
-            self._escaped = True
-        else:
-            self._in_string = False
-            if not self._depth:
-                self._finish(out)
-        return stop + 1
-
-    def _scan_value(
-        self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
-    ) -> int:
-        match = _VALUE_SPECIAL.search(data, pos)
-        if match is None:
-            self._keep(view, pos, len(data))
-            return len(data)
-        stop = match.start()
-        byte = data[stop]
-        if byte in _RESET_BYTES:
-            self._reset(byte, out)
-            return stop + 1
-        self._keep(view, pos, stop + 1)
-        if byte in _OPEN:
-            self._depth += 1
-            if self._depth > self.max_nesting:
-                self._discard("JSON nesting depth limit exceeded")
-        elif byte in _CLOSE:
-            # Mismatched brackets ("{]") still close a level: the decoder reports the
-            # syntax error, and the stream stays in step with what the client meant.
-            self._depth -= 1
-            if not self._depth:
-                self._finish(out)
-        else:
-            self._in_string = True
-        return stop + 1
-
-    def _keep(self, view: memoryview, start: int, stop: int) -> None:
-        if self._discarding is not None or start == stop:
-            return
-        if len(self._buf) + (stop - start) > self.max_message_size:
-            self._discard(f"JSON message exceeds {self.max_message_size} bytes")
-        else:
-            self._buf += view[start:stop]
-
-    def _discard(self, reason: str) -> None:
-        if self._discarding is None:
-            self._discarding = reason
-            self._buf = bytearray()
-
-    def _finish(self, out: list[bytes | FrameError]) -> None:
-        if self._discarding is not None:
-            out.append(FrameError(self._discarding))
-        else:
-            out.append(bytes(self._buf))
-        self._clear()
-
-    def _reset(self, byte: int, out: list[bytes | FrameError]) -> None:
-        out.append(FrameError(f"JSON parse error, invalid byte 0x{byte:02x}"))
-        self._clear()
-
-    def _clear(self) -> None:
-        self._buf = bytearray()
-        self._depth = 0
-        self._in_string = self._escaped = self._junk = False
-        self._discarding = None
-
-
-class _ParseError(Exception):
-    pass
-
-
-def _reject_constant(name: str) -> object:
-    raise _ParseError(f"JSON parse error, invalid keyword '{name}'")
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _ParseError(f"JSON parse error, duplicate key '{key}'")
-        result[key] = value
-    return result
-
-
-def decode_text(text: bytes) -> object:
-    """Decode one framed JSON text strictly (UTF-8, no NaN, no duplicate keys)."""
-    try:
-        return json.loads(
-            text.decode("utf-8"),
-            parse_constant=_reject_constant,
-            object_pairs_hook=_object_without_duplicates,
-        )
-    except UnicodeDecodeError:
-        raise _ParseError("JSON parse error, invalid UTF-8 sequence") from None
-    except json.JSONDecodeError as exc:
-        raise _ParseError(f"JSON parse error, {exc.msg}") from None
-    except RecursionError:
-        raise _ParseError("JSON nesting depth limit exceeded") from None
-
-
-# --------------------------------------------------------------------------------------
-# Argument schemas.
-
-
-class _Check:
-    """Checks one value against one type of the schema and returns what the handler gets."""
-
-    def check(self, value: object, path: str) -> object:
-        raise NotImplementedError
-
-
-def _type_error(path: str, expected: str) -> QmpError:
-    return QmpError(f"Invalid parameter type for '{path}', expected: {expected}")
-
-
-class _Scalar(_Check):
-    def __init__(self, qapi_name: str, accepts: Callable[[object], bool]):
-        self.qapi_name = qapi_name
-        self.accepts = accepts
-
-    def check(self, value: object, path: str) -> object:
-        if not self.accepts(value):
-            raise _type_error(path, self.qapi_name)
-        return value
-
-
-class _Number(_Check):
-    def check(self, value: object, path: str) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _type_error(path, "number")
-        try:
-            return float(value)
-        except OverflowError:
-            raise _type_error(path, "number") from None
-
-
-class _Anything(_Check):
-    def check(self, value: object, path: str) -> object:
-        return value
-
-
-class _Enum(_Check):
-    def __init__(self, enum_type: type[enum.Enum]):
-        for member in enum_type:
-            if not isinstance(member.value, str):
-                raise ValueError(f"enum {enum_type.__name__} has a non-string value")
-        self.enum_type = enum_type
-
-    def check(self, value: object, path: str) -> object:
-        if not isinstance(value, str):
-            raise _type_error(path, "string")
-        try:
-            return self.enum_type(value)
-        except ValueError:
-            raise QmpError(f"Parameter '{path}' does not accept value '{value}'") from None
-
-
-class _Array(_Check):
-    def __init__(self, item: _Check):
-        self.item = item
-
-    def check(self, value: object, path: str) -> object:
-        if not isinstance(value, list):
-            raise _type_error(path, "array")
-        return [self.item.check(element, f"{path}[{index}]") for index, element in enumerate(value)]
-
-
-class _Struct(_Check):
-    def __init__(self, members: list[tuple[str, _Check, bool]]):
-        self.members = members
-        self.names = frozenset(name for name, _, _ in members)
-
-    def check(self, value: object, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise _type_error(path, "object")
-        prefix = f"{path}." if path else ""
-        result: dict[str, Any] = {}
-        # QEMU's visitor walks the schema's members first and complains about leftovers
-        # last; keep that order so the same input earns the same message.
-        for name, member, optional in self.members:
-            if name in value:
-                result[name] = member.check(value[name], prefix + name)
-            elif not optional:
-                raise QmpError(f"Parameter '{prefix}{name}' is missing")
-        for name in value:
-            if name not in self.names:
-                raise QmpError(f"Parameter '{prefix}{name}' is unexpected")
-        return result
-
-
-_STRING = _Scalar("string", lambda v: isinstance(v, str))
-_INTEGER = _Scalar(
-    "integer",
-    lambda v: isinstance(v, int) and not isinstance(v, bool) and _INT_MIN <= v <= _UINT_MAX,
-)
-_BOOLEAN = _Scalar("boolean", lambda v: isinstance(v, bool))
-_OBJECT = _Scalar("object", lambda v: isinstance(v, dict))
-_ARRAY = _Scalar("array", lambda v: isinstance(v, list))
-
-
-def _compile(spec: object, where: str) -> _Check:
-    if spec is str:
-        return _STRING
-    if spec is int:
-        return _INTEGER
-    if spec is float:
-        return _Number()
-    if spec is bool:
-        return _BOOLEAN
-    if spec is dict:
-        return _OBJECT
-    if spec is list:
-        return _ARRAY
-    if spec is object or spec is typing.Any:
-        return _Anything()
-    if isinstance(spec, type) and issubclass(spec, enum.Enum):
-        return _Enum(spec)
-    if isinstance(spec, list):
-        if len(spec) != 1:
-            raise ValueError(f"{where}: an array type is written [item_type]")
-        return _Array(_compile(spec[0], f"{where}[]"))
-    if isinstance(spec, Mapping):
-        return _compile_struct(spec, where)
-    raise ValueError(f"{where}: unsupported argument type {spec!r}")
-
-
-def _compile_struct(spec: Mapping[str, object], where: str) -> _Struct:
-    members: list[tuple[str, _Check, bool]] = []
-    seen: set[str] = set()
-    for raw_name, member_spec in spec.items():
-        if not isinstance(raw_name, str):
-            raise ValueError(f"{where}: member names are strings, not {raw_name!r}")
-        optional = raw_name.endswith("?") or raw_name.startswith("*")
-        name = raw_name.rstrip("?") if raw_name.endswith("?") else raw_name.lstrip("*")
-        if not _COMMAND_NAME.match(name) or name in seen:
-            raise ValueError(f"{where}: bad or repeated member name {raw_name!r}")
-        seen.add(name)
-        members.append((name, _compile(member_spec, f"{where}.{name}"), optional))
-    return _Struct(members)
-
-
-def compile_arguments(args: Mapping[str, object] | None, where: str = "arguments") -> _Struct:
-    """Turn an ``args=`` schema into its checker; raises ValueError for a bad schema."""
-    return _compile_struct(args or {}, where)
-
-
-# --------------------------------------------------------------------------------------
-# Commands, clients and the server.
 
 
 class _QmpCapability(enum.StrEnum):
@@ -494,7 +120,7 @@ class _QmpCapability(enum.StrEnum):
 @dataclass(frozen=True)
 class _Command:
     name: str
-    arguments: _Struct
+    arguments: Struct
     run: Callable[[_Client, dict[str, Any]], object]
     # Runs after the success reply has reached the socket (``quit`` must answer before
     # the process starts to go away).
@@ -742,7 +368,7 @@ class QmpServer:
             return len(self._clients)
 
     def _add(self, command: _Command) -> None:
-        if not _COMMAND_NAME.match(command.name):
+        if not NAME.match(command.name):
             raise ValueError(f"bad QMP command name {command.name!r}")
         with self._lock:
             if command.name in self._commands:
@@ -956,7 +582,7 @@ class QmpServer:
             return {"error": QmpError(text.desc).to_json()}, None
         try:
             request = decode_text(text)
-        except _ParseError as exc:
+        except ParseError as exc:
             return {"error": QmpError(str(exc)).to_json()}, None
         if not isinstance(request, dict):
             return {"error": QmpError("QMP input must be a JSON object").to_json()}, None
