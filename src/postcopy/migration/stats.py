@@ -69,10 +69,17 @@ class RamCounters:
     pages_pushed: int = 0  # after switchover: pages sent by the background push
     pages_requested: int = 0  # after switchover: pages sent because they were requested
     pages_resent: int = 0  # requested while the push's copy was still on its way
+    # rates of the last window (migration.accounting keeps them with QEMU's rules)
+    mbps: float = 0.0
+    pages_per_second: int = 0
 
-    def as_qmp(self, elapsed: float) -> dict[str, Any]:
-        mbps = self.transferred * 8 / 1e6 / elapsed if elapsed > 0 else 0.0
-        pages = self.normal + self.duplicate
+    def as_qmp(self, elapsed: float | None = None) -> dict[str, Any]:
+        """query-migrate's ram object; with `elapsed`, the rates are averages over it."""
+        mbps, pages_per_second = self.mbps, self.pages_per_second
+        if elapsed is not None:
+            mbps = self.transferred * 8 / 1e6 / elapsed if elapsed > 0 else 0.0
+            pages = self.normal + self.duplicate
+            pages_per_second = int(pages / elapsed) if elapsed > 0 else 0
         return {
             "transferred": self.transferred,
             "remaining": self.remaining,
@@ -81,9 +88,10 @@ class RamCounters:
             "normal": self.normal,
             "normal-bytes": self.normal * self.page_size,
             "mbps": round(mbps, 3),
-            "pages-per-second": int(pages / elapsed) if elapsed > 0 else 0,
+            "pages-per-second": pages_per_second,
             "dirty-pages-rate": self.dirty_pages_rate,
             "dirty-sync-count": self.dirty_sync_count,
+            "dirty-sync-missed-zero-copy": 0,
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
             "postcopy-bytes": self.postcopy_bytes,

@@ -1,0 +1,103 @@
+"""Zero pages of a RAM block found without reading the pages the guest never touched.
+
+A page of a private anonymous mapping that was never written has no memory behind it (or
+the kernel's shared zero page, after a read): it reads as zeros. Reading it to find that
+out faults it in, one minor fault per page: ~0.6 s per GiB, most of the bulk round of a
+guest that uses a tenth of its RAM. The kernel already knows, so we ask it: one
+PAGEMAP_SCAN per run of pages (Linux 6.7+; before that, the run's pagemap entries), and
+only the pages it reports as holding memory of their own are read and checked.
+
+Only private anonymous memory qualifies: a page of shared memory (memfd, shmem,
+hugetlbfs) can hold data in the page cache while this process has no mapping of it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from postcopy.linux.pagemap import (
+    PM_PRESENT,
+    PM_SWAPPED,
+    PageCategory,
+    Pagemap,
+    PagemapError,
+)
+from postcopy.ram.bitmap import Bitmap, zero_pages
+from postcopy.ram.block import RamBlock
+
+HELD = PageCategory.PRESENT | PageCategory.SWAPPED
+
+
+class ZeroPageFinder:
+    """`zero_pages(first, count)` of one block: which pages of the run are all zero.
+
+    The caller must guarantee that the pages it reads are present (the GIL rule), as for
+    `ram.zero_pages`; on the source they always are."""
+
+    def __init__(self, block: RamBlock, pagemap: Pagemap | None = None) -> None:
+        self.block = block
+        eligible = block.mapping.kind == "anonymous" and not block.shared
+        self._pagemap = pagemap if eligible else None
+        self._scan = True  # PAGEMAP_SCAN until the kernel says it has none
+        self.pages_skipped = 0  # never touched: not read at all
+
+    def zero_pages(self, first: int, count: int) -> Bitmap:
+        block = self.block
+        if self._pagemap is None:
+            return zero_pages(block.page_view(first, count), block.page_size)
+        held = self._held(first, count)
+        if held.all():
+            return zero_pages(block.page_view(first, count), block.page_size)
+        zero = ~held
+        self.pages_skipped += int(np.count_nonzero(zero))
+        rows = np.flatnonzero(held)
+        if rows.size:
+            words = block.page_size // 8
+            pages = np.frombuffer(block.page_view(first, count), dtype=np.uint64).reshape(
+                count, words
+            )
+            # fancy indexing reads only the rows asked for: the untouched pages stay untouched
+            zero[rows] = ~pages[rows].any(axis=1)
+        return zero
+
+    def _held(self, first: int, count: int) -> Bitmap:
+        """Pages with memory of their own (present or swapped, not the shared zero page)."""
+        assert self._pagemap is not None
+        start = self.block.host_address + first * self.block.page_size
+        end = start + count * self.block.page_size
+        if self._scan:
+            try:
+                return self._held_by_scan(start, end, count)
+            except PagemapError as error:
+                if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._scan = False  # a kernel before 6.7: read the entries instead
+        entries = self._pagemap.entries(start, end - start)
+        held = (entries & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
+        # as root the frame number shows the shared zero page too; else it reads 0 and a
+        # page that was only read counts as held (it is then read: correct, only slower)
+        return held
+
+    def _held_by_scan(self, start: int, end: int, count: int) -> Bitmap:
+        assert self._pagemap is not None
+        page_size = self.block.page_size
+        held = np.zeros(count, dtype=np.bool_)
+        position = start
+        while position < end:
+            regions, walk_end = self._pagemap.scan(
+                position,
+                end,
+                category_anyof_mask=HELD,
+                return_mask=HELD | PageCategory.PFNZERO,
+                max_regions=64,
+            )
+            for region_start, region_end, categories in regions.tolist():
+                if not categories & PageCategory.PFNZERO:
+                    low = (region_start - start) // page_size
+                    held[low : (region_end - start) // page_size] = True
+            if len(regions) < 64:
+                break
+            position = walk_end
+        return held

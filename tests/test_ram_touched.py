@@ -1,0 +1,87 @@
+"""Tests of ram.touched on the real kernel: zero pages found without touching the pages
+the process never touched, and the same answer as reading every page."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import numpy as np
+import pytest
+
+from postcopy.linux.memory import Mapping
+from postcopy.linux.pagemap import Pagemap
+from postcopy.ram import RamBlock, zero_pages
+from postcopy.ram.touched import ZeroPageFinder
+
+pytestmark = pytest.mark.timeout(60, method="thread")
+
+PAGE = mmap.PAGESIZE
+
+
+def test_untouched_pages_are_zero_and_stay_untouched() -> None:
+    with Mapping.anonymous(64 * PAGE) as mapping, Pagemap() as pagemap:
+        block = RamBlock("pc.ram", mapping)
+        ctypes.memset(mapping.address + 3 * PAGE, 7, PAGE)  # data
+        ctypes.memset(mapping.address + 10 * PAGE, 0, 2 * PAGE)  # written, but zeros
+        mapping.view[40 * PAGE + 100] = 1  # one byte of data
+        finder = ZeroPageFinder(block, pagemap)
+        zero = finder.zero_pages(0, 64)
+        expected = np.ones(64, dtype=np.bool_)
+        expected[[3, 40]] = False
+        assert zero.tolist() == expected.tolist()
+        present = pagemap.present(mapping.address, mapping.length)
+        assert np.flatnonzero(present).tolist() == [3, 10, 11, 40]
+        assert finder.pages_skipped == 60
+
+
+def test_pages_only_read_before_are_not_read_again() -> None:
+    with Mapping.anonymous(16 * PAGE) as mapping, Pagemap() as pagemap:
+        block = RamBlock("pc.ram", mapping)
+        assert mapping.view[5 * PAGE] == 0  # a read maps the shared zero page
+        mapping.view[6 * PAGE] = 9
+        finder = ZeroPageFinder(block, pagemap)
+        zero = finder.zero_pages(4, 4)
+        assert zero.tolist() == [True, True, False, True]
+        assert finder.pages_skipped == 3  # page 5 holds the zero page: not read either
+
+
+def test_same_answer_as_reading_every_page() -> None:
+    rng = np.random.default_rng(7)
+    pages = 512
+    with Mapping.anonymous(pages * PAGE) as mapping, Pagemap() as pagemap:
+        block = RamBlock("pc.ram", mapping)
+        written = rng.random(pages) < 0.3
+        for page in np.flatnonzero(written).tolist():
+            value = int(rng.integers(0, 3))  # some written pages hold only zeros
+            ctypes.memset(mapping.address + page * PAGE + int(rng.integers(0, PAGE)), value, 1)
+        finder = ZeroPageFinder(block, pagemap)
+        for first, count in ((0, 512), (17, 100), (300, 212)):
+            found = finder.zero_pages(first, count)
+            assert found.tolist() == zero_pages(block.page_view(first, count), PAGE).tolist()
+
+
+def test_shared_memory_is_read_page_by_page() -> None:
+    # a shared page can hold data in the page cache with no mapping in this process
+    with Mapping.memfd(8 * PAGE) as mapping, Pagemap() as pagemap:
+        alias = mmap.mmap(mapping.fd, 8 * PAGE)
+        try:
+            alias[2 * PAGE] = 1  # written through another mapping: absent from ours
+            block = RamBlock("pc.ram", mapping)
+            finder = ZeroPageFinder(block, pagemap)
+            zero = finder.zero_pages(0, 8)
+            assert zero.tolist() == [True, True, False, True, True, True, True, True]
+            assert finder.pages_skipped == 0
+        finally:
+            alias.close()
+
+
+def test_without_a_pagemap_every_page_is_read() -> None:
+    with Mapping.anonymous(8 * PAGE) as mapping:
+        block = RamBlock("pc.ram", mapping)
+        mapping.view[PAGE] = 1
+        assert ZeroPageFinder(block).zero_pages(0, 8).tolist() == [
+            True,
+            False,
+            *([True] * 6),
+        ]
