@@ -19,16 +19,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.unprivileged import ReadableInstall
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
 POSTCOPY = [sys.executable, "-m", "postcopy"]
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+REPO = Path(__file__).resolve().parents[1]
 
 needs_setpriv = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -36,12 +38,24 @@ needs_setpriv = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def nobody() -> Iterator[ReadableInstall]:
+    """The package where user nobody can read it: the checkout may be root's alone."""
+    install = ReadableInstall()
+    try:
+        if install.python is None:
+            pytest.skip(f"no python{sys.version_info[0]}.{sys.version_info[1]} that nobody can run")
+        yield install
+    finally:
+        install.close()
+
+
 def postcopy_cli(
-    *args: str, prefix: tuple[str, ...] = (), cwd: str | None = None
+    *args: str, as_user: ReadableInstall | None = None, cwd: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*prefix, *POSTCOPY, *args], capture_output=True, text=True, timeout=90, cwd=cwd
-    )
+    command = [*POSTCOPY, *args] if as_user is None else [*as_user.command(), *args]
+    env = None if as_user is None else as_user.env()
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=cwd, env=env)
 
 
 def one_line(result: subprocess.CompletedProcess[str], command: str) -> str:
@@ -151,10 +165,10 @@ def test_unusable_key_files_are_refused_before_anything_starts(
 
 
 @needs_setpriv
-def test_demo_as_a_user_without_kvm_or_userfaultfd(tmp_path: Path) -> None:
+def test_demo_as_a_user_without_kvm_or_userfaultfd(nobody: ReadableInstall) -> None:
     if stat.S_IMODE(os.stat("/dev/kvm").st_mode) & 0o006:
         pytest.skip("/dev/kvm is open to everybody here")
-    line = one_line(postcopy_cli("demo", "--ram", "64M", prefix=tuple(AS_NOBODY), cwd="/"), "demo")
+    line = one_line(postcopy_cli("demo", "--ram", "64M", as_user=nobody, cwd="/"), "demo")
     assert "postcopy migration is NOT possible" in line
     assert "userfaultfd: not available" in line
     assert "fix: run as root, or `sysctl vm.unprivileged_userfaultfd=1`" in line
@@ -163,7 +177,7 @@ def test_demo_as_a_user_without_kvm_or_userfaultfd(tmp_path: Path) -> None:
 
 
 @needs_setpriv
-def test_vm_run_as_a_user_without_kvm(tmp_path: Path) -> None:
+def test_vm_run_as_a_user_without_kvm(nobody: ReadableInstall) -> None:
     workdir = tempfile.mkdtemp(prefix="postcopy-nobody-")
     try:
         os.chmod(workdir, 0o777)
@@ -174,7 +188,7 @@ def test_vm_run_as_a_user_without_kvm(tmp_path: Path) -> None:
                 *memtouch(),
                 "--qmp",
                 f"{workdir}/vm.qmp",
-                prefix=tuple(AS_NOBODY),
+                as_user=nobody,
                 cwd="/",
             ),
             "vm run",
@@ -183,6 +197,43 @@ def test_vm_run_as_a_user_without_kvm(tmp_path: Path) -> None:
         assert "usermod -aG kvm" in line
     finally:
         shutil.rmtree(workdir)
+
+
+HIDE_SCRIPT = """
+set -e
+mount -t tmpfs -o mode=700 postcopy-test "$1"
+shift
+exec "$@"
+"""
+
+
+@needs_setpriv
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_the_unprivileged_runs_read_nothing_of_the_checkout(nobody: ReadableInstall) -> None:
+    # the checkout (with its .venv) behind a root-only directory, as in a clone under /root
+    result = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            HIDE_SCRIPT,
+            "sh",
+            str(REPO),
+            *nobody.command(),
+            "vm",
+            "guests",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env=nobody.env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "memtouch" in result.stdout
 
 
 NAMESPACE_SCRIPT = """
@@ -200,7 +251,9 @@ exec "$@"
     shutil.which("unshare") is None or shutil.which("mknod") is None,
     reason="needs unshare and mknod (util-linux, coreutils)",
 )
-def test_postcopy_to_a_destination_without_userfaultfd(vms: list[VmProcess]) -> None:
+def test_postcopy_to_a_destination_without_userfaultfd(
+    nobody: ReadableInstall, vms: list[VmProcess]
+) -> None:
     # the destination: user nobody, KVM reachable (a private copy of the device node), but
     # no userfaultfd: the kernel refuses it (vm.unprivileged_userfaultfd=0, /dev/userfaultfd
     # root-only), so the destination refuses postcopy at ADVISE
@@ -231,8 +284,7 @@ def test_postcopy_to_a_destination_without_userfaultfd(vms: list[VmProcess]) -> 
                     script,
                     "sh",
                     str(workdir / "dev"),
-                    *AS_NOBODY,
-                    *POSTCOPY,
+                    *nobody.command(),
                     "vm",
                     "run",
                     *memtouch(),
@@ -246,6 +298,7 @@ def test_postcopy_to_a_destination_without_userfaultfd(vms: list[VmProcess]) -> 
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 cwd="/",
+                env=nobody.env(),
             )
         deadline = time.monotonic() + 30
         while not qmp.exists():
