@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from postcopy.cli.report import load_run
+from tests.hold import HOLD_RATE, set_parameters
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -166,6 +167,12 @@ def test_demo_interrupted_removes_everything(
         if phase == "precopy":
             wait_for_status(tmp_path / "out" / "run.jsonl", {"active"})
         elif phase == "postcopy":
+            # the first round at 64 MiB/s lasts seconds: time to hold the postcopy phase
+            # that follows (the demo caps it at 64 MiB/s too, which a few dirty MiB outrun)
+            wait_for_status(tmp_path / "out" / "run.jsonl", {"active"})
+            set_parameters(
+                os.path.join(workdir, "source.qmp"), **{"max-postcopy-bandwidth": HOLD_RATE}
+            )
             wait_for_status(tmp_path / "out" / "run.jsonl", {"postcopy-active"})
         process.send_signal(sig)
         out, err = process.communicate(timeout=60)

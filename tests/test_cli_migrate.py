@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from postcopy.cli.report import load_run
+from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,17 +88,22 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
     source, destination, uri = start_pair(tmp_path, vms)
     wait_passes(source, 4)
     timeline = tmp_path / "run.jsonl"
-    result = postcopy_cli(
-        "migrate",
-        "--qmp",
+    result = migrate_holding_postcopy(
         source.qmp_path,
-        "--to",
-        uri,
-        "--postcopy",
-        "--dest-qmp",
-        destination.qmp_path,
-        "--timeline",
-        str(timeline),
+        [
+            *POSTCOPY,
+            "migrate",
+            "--qmp",
+            source.qmp_path,
+            "--to",
+            uri,
+            "--postcopy",
+            "--dest-qmp",
+            destination.qmp_path,
+            "--timeline",
+            str(timeline),
+        ],
+        timeline,
     )
     assert result.returncode == 0, result.stderr
     # the summary table, both sides
@@ -174,7 +180,7 @@ def test_ctrl_c_cancels_a_precopy_and_the_source_keeps_running(
             "--to",
             uri,
             "--max-bandwidth",
-            "16M",
+            "1M",  # the first round lasts minutes: still active when Ctrl-C comes
             "--json",
         ],
         stdout=subprocess.PIPE,

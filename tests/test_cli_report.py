@@ -15,6 +15,7 @@ import pytest
 
 from postcopy.cli.main import main
 from postcopy.cli.report import load_run, write_png
+from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,19 +54,25 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
         while source.console().count(b"B") < 4:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        result = postcopy_cli(
-            "migrate",
-            "--qmp",
+        # held in postcopy until a sample shows it: the report's phases must include it
+        result = migrate_holding_postcopy(
             source.qmp_path,
-            "--to",
-            uri,
-            "--postcopy",
-            "--preempt",
-            "--dest-qmp",
-            destination.qmp_path,
-            "--timeline",
-            str(found.run),
-            "--json",
+            [
+                *POSTCOPY,
+                "migrate",
+                "--qmp",
+                source.qmp_path,
+                "--to",
+                uri,
+                "--postcopy",
+                "--preempt",
+                "--dest-qmp",
+                destination.qmp_path,
+                "--timeline",
+                str(found.run),
+                "--json",
+            ],
+            found.run,
         )
         assert result.returncode == 0, result.stderr
         deadline = time.monotonic() + 30  # each VM writes its trace when its side ends

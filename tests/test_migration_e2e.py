@@ -130,7 +130,8 @@ def test_randwrite_digest_matches_on_a_paused_destination(
 
 def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms)
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": 32 << 20})
+    # 1 MiB/s: the first round of 256 MiB lasts minutes, so it is still active when we kill
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
     source.cmd("migrate", uri=uri)
     source.wait_migration({"active"})
     destination.process.kill()
@@ -145,7 +146,8 @@ def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmPr
 
 def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, _destination, uri = start_pair(tmp_path, vms, ram="64M")
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20, "downtime-limit": 1})
+    # downtime-limit 0: only a round in which the guest dirtied nothing at all could end it
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20, "downtime-limit": 0})
     source.cmd("migrate", uri=uri)
     deadline = time.monotonic() + 60
     while source.cmd("query-migrate")["ram"]["dirty-sync-count"] < 3:
@@ -181,7 +183,8 @@ def test_configuration_mismatch_is_refused_with_both_configurations(
 
 def test_migrate_while_migrating_is_refused(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, _destination, uri = start_pair(tmp_path, vms, ram="64M")
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    # 1 MiB/s: the first migration cannot have ended when the second migrate arrives
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
     source.cmd("migrate", uri=uri)
     with pytest.raises(QmpCommandError, match="in progress"):
         source.cmd("migrate", uri=uri)
