@@ -24,12 +24,10 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
 
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
@@ -42,15 +40,14 @@ from postcopy.transport.auth import (
     server_handshake,
 )
 from postcopy.transport.errors import (
-    ConnectError,
     ConnectionClosed,
     HandshakeError,
     InsecureListenError,
-    ListenError,
     TlsConfigError,
     TlsError,
     TransportError,
 )
+from postcopy.transport.sockets import bind_tcp, bind_unix, describe_peer, open_socket, tune
 from postcopy.transport.tls import (
     TlsClientConfig,
     TlsServerConfig,
@@ -367,8 +364,8 @@ class Listener:
             raise
 
     def _handshake(self, sock: socket.socket, address: object) -> Connection:
-        peer = _describe_peer(sock, self._uri, address)
-        _tune(sock, self._socket_buffer)
+        peer = describe_peer(sock, self._uri, address)
+        tune(sock, self._socket_buffer)
         sock.settimeout(self.handshake_timeout)
         stream: socket.socket = sock
         result: HandshakeResult
@@ -464,7 +461,7 @@ def listen(
     )
     tls_context = tls.context() if tls is not None else None
     if endpoint.scheme == "unix":
-        sock, identity = _bind_unix(endpoint, backlog, socket_buffer)
+        sock, identity = bind_unix(endpoint, backlog, socket_buffer)
         return Listener(
             sock,
             endpoint,
@@ -473,7 +470,7 @@ def listen(
             unix_identity=identity,
             socket_buffer=socket_buffer,
         )
-    sock = _bind_tcp(endpoint, backlog, socket_buffer)
+    sock = bind_tcp(endpoint, backlog, socket_buffer)
     bound = endpoint.with_port(sock.getsockname()[1])
     return Listener(
         sock,
@@ -537,7 +534,7 @@ def connect(
             )
     context = tls.context() if tls is not None else None
     deadline = time.monotonic() + timeout
-    sock, peer = _open(endpoint, timeout, socket_buffer)
+    sock, peer = open_socket(endpoint, timeout, socket_buffer)
     try:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         stream: socket.socket = sock
@@ -570,165 +567,3 @@ def connect(
         session=result.session,
         authenticated=result.authenticated,
     )
-
-
-def _tune(sock: socket.socket, socket_buffer: int | None) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        # The stream interleaves small commands and page requests with bulk data:
-        # never let Nagle hold a page request back.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if socket_buffer is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
-
-
-def _open(endpoint: Uri, timeout: float, socket_buffer: int | None) -> tuple[socket.socket, str]:
-    if endpoint.scheme == "unix":
-        assert endpoint.path is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        _tune(sock, socket_buffer)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(endpoint.path)
-        except OSError as error:
-            sock.close()
-            hint = (
-                " (is the destination listening?)"
-                if isinstance(error, FileNotFoundError | ConnectionRefusedError)
-                else ""
-            )
-            raise ConnectError(
-                f"cannot connect to {endpoint}: {error.strerror or error}{hint}"
-            ) from error
-        return sock, str(endpoint)
-
-    if not endpoint.host:
-        raise ConnectError(f"cannot connect to {endpoint}: no host given")
-    deadline = time.monotonic() + timeout
-    try:
-        addresses = socket.getaddrinfo(
-            endpoint.host, endpoint.port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP
-        )
-    except socket.gaierror as error:
-        raise ConnectError(f"cannot resolve {endpoint.host}: {error.strerror}") from error
-    last_error: OSError | None = None
-    for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
-        try:
-            _tune(sock, socket_buffer)  # before connect, so the window scale fits the buffer
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock.connect(address)
-        except OSError as error:
-            sock.close()
-            last_error = error
-            continue
-        host, port = sock.getpeername()[:2]
-        return sock, str(Uri("tcp", host, port))
-    assert last_error is not None
-    reason = (
-        "timed out"
-        if isinstance(last_error, TimeoutError)
-        else (last_error.strerror or str(last_error))
-    )
-    hint = (
-        " (is the destination listening?)" if isinstance(last_error, ConnectionRefusedError) else ""
-    )
-    raise ConnectError(f"cannot connect to {endpoint}: {reason}{hint}") from last_error
-
-
-def _bind_tcp(endpoint: Uri, backlog: int, socket_buffer: int | None) -> socket.socket:
-    candidates: list[tuple[socket.AddressFamily, Any]]
-    if endpoint.host == "":
-        if socket.has_dualstack_ipv6():
-            candidates = [(socket.AF_INET6, ("::", endpoint.port))]
-        else:
-            candidates = [(socket.AF_INET, ("0.0.0.0", endpoint.port))]
-    else:
-        try:
-            infos = socket.getaddrinfo(
-                endpoint.host,
-                endpoint.port,
-                socket.AF_UNSPEC,
-                socket.SOCK_STREAM,
-                socket.IPPROTO_TCP,
-                socket.AI_PASSIVE,
-            )
-        except socket.gaierror as error:
-            raise ListenError(
-                f"cannot listen on {endpoint}: cannot resolve {endpoint.host}: {error.strerror}"
-            ) from error
-        candidates = [(info[0], info[4]) for info in infos]
-    family, address = candidates[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if endpoint.host == "" and family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        _tune(sock, socket_buffer)  # accepted sockets inherit the options
-        sock.bind(address)
-        sock.listen(backlog)
-    except OSError as error:
-        sock.close()
-        raise ListenError(
-            error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
-        ) from error
-    return sock
-
-
-def _bind_unix(
-    endpoint: Uri, backlog: int, socket_buffer: int | None
-) -> tuple[socket.socket, tuple[int, int]]:
-    path = endpoint.path
-    assert path is not None
-    _remove_stale_socket(endpoint, path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        _tune(sock, socket_buffer)
-        sock.bind(path)
-        info = os.lstat(path)
-        sock.listen(backlog)
-    except OSError as error:
-        sock.close()
-        raise ListenError(
-            error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
-        ) from error
-    return sock, (info.st_dev, info.st_ino)
-
-
-def _remove_stale_socket(endpoint: Uri, path: str) -> None:
-    """Remove a socket file left by a dead listener; refuse to touch anything else."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ListenError(
-            errno.EEXIST, f"cannot listen on {endpoint}: {path} exists and is not a socket"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: a leftover from a process that died
-        return
-    except OSError:
-        return  # let bind report the real problem
-    finally:
-        probe.close()
-    raise ListenError(
-        errno.EADDRINUSE, f"cannot listen on {endpoint}: another process is listening there"
-    )
-
-
-def _describe_peer(sock: socket.socket, listen_uri: Uri, address: object) -> str:
-    if sock.family == socket.AF_UNIX:
-        try:
-            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            pid = int.from_bytes(credentials[:4], "little")
-            return f"{listen_uri} (pid {pid})"
-        except OSError:
-            return str(listen_uri)
-    if isinstance(address, tuple) and len(address) >= 2:
-        return str(Uri("tcp", str(address[0]), int(address[1])))
-    return str(address)
