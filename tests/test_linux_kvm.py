@@ -14,17 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from postcopy.linux import kvm
-from postcopy.linux.kvm import (
-    Capability,
-    IntrExit,
-    IoDirection,
-    IoExit,
-    Kvm,
-    KvmError,
-    KvmVcpu,
-    KvmVm,
-)
+from postcopy.linux import kvm, kvm_abi
+from postcopy.linux.kvm import Kvm, KvmError, KvmVcpu, KvmVm
+from postcopy.linux.kvm_abi import Capability, IntrExit, IoDirection, IoExit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,13 +113,13 @@ def make_guest(
     memory[CODE : CODE + len(GUEST)] = GUEST
     vm = system.create_vm()
     if manual_protect:
-        vm.enable_cap(Capability.MANUAL_DIRTY_LOG_PROTECT2, kvm.MANUAL_PROTECT_ENABLE)
+        vm.enable_cap(Capability.MANUAL_DIRTY_LOG_PROTECT2, kvm_abi.MANUAL_PROTECT_ENABLE)
     if dirty_ring_bytes:
         vm.enable_cap(Capability.DIRTY_LOG_RING, dirty_ring_bytes)
     vm.set_tss_addr(0xFFFBD000)
     guest = Guest(system, vm, None, memory, words)  # type: ignore[arg-type]
     vm.set_user_memory_region(
-        0, 0, MEMORY_SIZE, guest.address, kvm.MEM_LOG_DIRTY_PAGES if dirty_log else 0
+        0, 0, MEMORY_SIZE, guest.address, kvm_abi.MEM_LOG_DIRTY_PAGES if dirty_log else 0
     )
     guest.vcpu = vm.create_vcpu(0)
     guest.vcpu.set_cpuid2(system.supported_cpuid())
@@ -173,46 +165,46 @@ def run_to_first_three_exits(guest: Guest) -> tuple[IoExit, IoExit, IoExit]:
 
 
 STRUCT_OF_IOCTL = {
-    "KVM_GET_REGS": kvm.KvmRegs,
-    "KVM_SET_REGS": kvm.KvmRegs,
-    "KVM_GET_SREGS": kvm.KvmSregs,
-    "KVM_SET_SREGS": kvm.KvmSregs,
-    "KVM_GET_FPU": kvm.KvmFpu,
-    "KVM_SET_FPU": kvm.KvmFpu,
-    "KVM_GET_XSAVE": kvm.KvmXsave,
-    "KVM_SET_XSAVE": kvm.KvmXsave,
-    "KVM_GET_XCRS": kvm.KvmXcrs,
-    "KVM_SET_XCRS": kvm.KvmXcrs,
-    "KVM_GET_VCPU_EVENTS": kvm.KvmVcpuEvents,
-    "KVM_SET_VCPU_EVENTS": kvm.KvmVcpuEvents,
-    "KVM_GET_MP_STATE": kvm.KvmMpState,
-    "KVM_SET_MP_STATE": kvm.KvmMpState,
-    "KVM_SET_USER_MEMORY_REGION": kvm.KvmUserspaceMemoryRegion,
-    "KVM_GET_DIRTY_LOG": kvm.KvmDirtyLog,
-    "KVM_CLEAR_DIRTY_LOG": kvm.KvmClearDirtyLog,
-    "KVM_ENABLE_CAP": kvm.KvmEnableCap,
+    "KVM_GET_REGS": kvm_abi.KvmRegs,
+    "KVM_SET_REGS": kvm_abi.KvmRegs,
+    "KVM_GET_SREGS": kvm_abi.KvmSregs,
+    "KVM_SET_SREGS": kvm_abi.KvmSregs,
+    "KVM_GET_FPU": kvm_abi.KvmFpu,
+    "KVM_SET_FPU": kvm_abi.KvmFpu,
+    "KVM_GET_XSAVE": kvm_abi.KvmXsave,
+    "KVM_SET_XSAVE": kvm_abi.KvmXsave,
+    "KVM_GET_XCRS": kvm_abi.KvmXcrs,
+    "KVM_SET_XCRS": kvm_abi.KvmXcrs,
+    "KVM_GET_VCPU_EVENTS": kvm_abi.KvmVcpuEvents,
+    "KVM_SET_VCPU_EVENTS": kvm_abi.KvmVcpuEvents,
+    "KVM_GET_MP_STATE": kvm_abi.KvmMpState,
+    "KVM_SET_MP_STATE": kvm_abi.KvmMpState,
+    "KVM_SET_USER_MEMORY_REGION": kvm_abi.KvmUserspaceMemoryRegion,
+    "KVM_GET_DIRTY_LOG": kvm_abi.KvmDirtyLog,
+    "KVM_CLEAR_DIRTY_LOG": kvm_abi.KvmClearDirtyLog,
+    "KVM_ENABLE_CAP": kvm_abi.KvmEnableCap,
 }
 
 
 @pytest.mark.parametrize("name", sorted(STRUCT_OF_IOCTL))
 def test_structure_sizes_match_the_ioctl_numbers(name: str) -> None:
-    number = kvm._Ioctl[name]
+    number = kvm_abi.Ioctl[name]
     assert (number >> 16) & 0x3FFF == ctypes.sizeof(STRUCT_OF_IOCTL[name])
 
 
 def test_kvm_run_layout_matches_the_kernel() -> None:
-    assert kvm.KvmRun.immediate_exit.offset == 1
-    assert kvm.KvmRun.exit_reason.offset == 8
-    assert kvm.KvmRun.exit.offset == 32
-    assert kvm.KvmRun.kvm_valid_regs.offset == 0x120
-    assert ctypes.sizeof(kvm.KvmRun) == 0x930
-    assert ctypes.sizeof(kvm.KvmCpuidEntry2) == 40
-    assert ctypes.sizeof(kvm.KvmSegment) == 24
+    assert kvm_abi.KvmRun.immediate_exit.offset == 1
+    assert kvm_abi.KvmRun.exit_reason.offset == 8
+    assert kvm_abi.KvmRun.exit.offset == 32
+    assert kvm_abi.KvmRun.kvm_valid_regs.offset == 0x120
+    assert ctypes.sizeof(kvm_abi.KvmRun) == 0x930
+    assert ctypes.sizeof(kvm_abi.KvmCpuidEntry2) == 40
+    assert ctypes.sizeof(kvm_abi.KvmSegment) == 24
 
 
 def test_system_fd_answers_queries() -> None:
     with Kvm() as system:
-        assert system.api_version() == kvm.KVM_API_VERSION
+        assert system.api_version() == kvm_abi.KVM_API_VERSION
         assert system.check_extension(Capability.USER_MEMORY) >= 1
         assert system.check_extension(Capability.IMMEDIATE_EXIT) >= 1
         assert system.check_extension(Capability.NR_MEMSLOTS) > 1
@@ -306,7 +298,9 @@ def test_dirty_log_includes_page_tables_the_mmu_updates() -> None:
 def test_manual_protect_keeps_bits_until_cleared() -> None:
     guest = make_guest(dirty_log=False, manual_protect=True)
     try:
-        guest.vm.set_user_memory_region(0, 0, MEMORY_SIZE, guest.address, kvm.MEM_LOG_DIRTY_PAGES)
+        guest.vm.set_user_memory_region(
+            0, 0, MEMORY_SIZE, guest.address, kvm_abi.MEM_LOG_DIRTY_PAGES
+        )
         words = kvm.dirty_bitmap_words(MEMORY_SIZE)
         bitmap = np.zeros(words, dtype=np.uint64)
         run_to_first_three_exits(guest)  # maps the pages (see the test above)
@@ -341,17 +335,17 @@ def test_dirty_ring_lists_written_pages() -> None:
     with Kvm() as system:
         if not system.check_extension(Capability.DIRTY_LOG_RING):
             pytest.skip("no KVM dirty ring on this host")
-    ring_bytes = 4096 * ctypes.sizeof(kvm.KvmDirtyGfn)
+    ring_bytes = 4096 * ctypes.sizeof(kvm_abi.KvmDirtyGfn)
     guest = make_guest(dirty_log=True, dirty_ring_bytes=ring_bytes)
     try:
         ring = guest.vcpu.mmap_dirty_ring(ring_bytes)
 
         def harvest(cursor: int) -> tuple[int, list[tuple[int, int]]]:
             found = []
-            while ring[cursor % len(ring)].flags & kvm.DIRTY_GFN_F_DIRTY:
+            while ring[cursor % len(ring)].flags & kvm_abi.DIRTY_GFN_F_DIRTY:
                 entry = ring[cursor % len(ring)]
                 found.append((entry.slot, entry.offset))
-                entry.flags = kvm.DIRTY_GFN_F_RESET
+                entry.flags = kvm_abi.DIRTY_GFN_F_RESET
                 cursor += 1
             return cursor, found
 
@@ -436,7 +430,7 @@ def test_regs_and_sregs_round_trip(guest: Guest) -> None:
     guest.vcpu.set_sregs(sregs)
     back = guest.vcpu.get_sregs()
     assert back.to_dict() == sregs.to_dict()
-    assert kvm.KvmSregs.from_dict(back.to_dict()).to_dict() == back.to_dict()
+    assert kvm_abi.KvmSregs.from_dict(back.to_dict()).to_dict() == back.to_dict()
 
 
 def test_fpu_xsave_msrs_events_round_trip(guest: Guest) -> None:
@@ -445,7 +439,7 @@ def test_fpu_xsave_msrs_events_round_trip(guest: Guest) -> None:
     assert int.from_bytes(area[24:28], "little") == 0x1F80  # MXCSR at reset
     area[160 + 3 * 16] = 0x5A  # XMM3, byte 0
     area[512] |= 2  # XSTATE_BV: SSE state present
-    vcpu.set_xsave(kvm.KvmXsave.from_buffer_copy(area))
+    vcpu.set_xsave(kvm_abi.KvmXsave.from_buffer_copy(area))
     assert bytes(vcpu.get_xsave())[160 + 3 * 16] == 0x5A
     fpu = vcpu.get_fpu()
     assert fpu.xmm[3][0] == 0x5A

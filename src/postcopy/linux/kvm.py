@@ -9,15 +9,14 @@ Every pointer-taking ioctl goes through ctypes, which releases the GIL for the c
 vCPU thread sits in KVM_RUN for a long time, and a guest that touches a userfaultfd-missing
 page blocks inside KVM_RUN until another Python thread places the page.
 
-Numbers and layouts are those of <linux/kvm.h> for x86-64; tests/test_linux_kvm.py checks
-each structure's size against the size encoded in its ioctl number.
+The numbers, structures and exit types of <linux/kvm.h> (x86-64) are in `kvm_abi`; this
+module re-exports the public ones, so callers import everything from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import enum
 import errno
 import mmap
 import os
@@ -26,186 +25,51 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeAlias
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from postcopy.linux._libc import libc
+from postcopy.linux.kvm_abi import (
+    DIRTY_LOG_PAGE_OFFSET,
+    DIRTY_LOG_PAGE_SIZE,
+    KVM_API_VERSION,
+    KVM_DEVICE,
+    Capability,
+    Exit,
+    ExitReason,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    Ioctl,
+    IoDirection,
+    IoExit,
+    KvmClearDirtyLog,
+    KvmCpuidEntry2,
+    KvmDirtyGfn,
+    KvmDirtyLog,
+    KvmEnableCap,
+    KvmFpu,
+    KvmMpState,
+    KvmRegs,
+    KvmRun,
+    KvmSregs,
+    KvmUserspaceMemoryRegion,
+    KvmVcpuEvents,
+    KvmXcrs,
+    KvmXsave,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+    UnknownExit,
+    cpuid2_struct,
+    msr_list_struct,
+    msrs_struct,
+)
 
-__all__ = [
-    "KVM_API_VERSION",
-    "MEM_LOG_DIRTY_PAGES",
-    "MEM_READONLY",
-    "Capability",
-    "Exit",
-    "ExitReason",
-    "FailEntryExit",
-    "HltExit",
-    "InternalErrorExit",
-    "IntrExit",
-    "IoDirection",
-    "IoExit",
-    "Kvm",
-    "KvmCpuidEntry2",
-    "KvmDirtyGfn",
-    "KvmDtable",
-    "KvmError",
-    "KvmFpu",
-    "KvmMpState",
-    "KvmRegs",
-    "KvmRun",
-    "KvmSegment",
-    "KvmSregs",
-    "KvmVcpu",
-    "KvmVcpuEvents",
-    "KvmVm",
-    "KvmXcrs",
-    "KvmXsave",
-    "MmioExit",
-    "ShutdownExit",
-    "SystemEventExit",
-    "UnknownExit",
-    "dirty_bitmap_words",
-]
-
-KVM_API_VERSION = 12
-KVM_DEVICE = "/dev/kvm"
-
-# Memory slot flags (kvm_userspace_memory_region.flags).
-MEM_LOG_DIRTY_PAGES = 1 << 0
-MEM_READONLY = 1 << 1
-
-# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 argument bits.
-MANUAL_PROTECT_ENABLE = 1 << 0
-DIRTY_LOG_INITIALLY_SET = 1 << 1
-
-# Dirty ring entry flags and the page offset of the ring in the vCPU mapping.
-DIRTY_GFN_F_DIRTY = 1 << 0
-DIRTY_GFN_F_RESET = 1 << 1
-DIRTY_LOG_PAGE_OFFSET = 64
-
-# The page size dirty logging counts in, whatever the backing of the slot.
-DIRTY_LOG_PAGE_SIZE = 4096
-
-
-class _Ioctl(enum.IntEnum):
-    """ioctl request numbers (from <linux/kvm.h>, x86-64)."""
-
-    # system fd
-    KVM_GET_API_VERSION = 0xAE00
-    KVM_CREATE_VM = 0xAE01
-    KVM_GET_MSR_INDEX_LIST = 0xC004AE02
-    KVM_CHECK_EXTENSION = 0xAE03
-    KVM_GET_VCPU_MMAP_SIZE = 0xAE04
-    KVM_GET_SUPPORTED_CPUID = 0xC008AE05
-    KVM_GET_EMULATED_CPUID = 0xC008AE09
-    KVM_GET_MSR_FEATURE_INDEX_LIST = 0xC004AE0A
-    # VM fd
-    KVM_CREATE_VCPU = 0xAE41
-    KVM_GET_DIRTY_LOG = 0x4010AE42
-    KVM_SET_USER_MEMORY_REGION = 0x4020AE46
-    KVM_SET_TSS_ADDR = 0xAE47
-    KVM_SET_IDENTITY_MAP_ADDR = 0x4008AE48
-    KVM_CREATE_IRQCHIP = 0xAE60
-    KVM_ENABLE_CAP = 0x4068AEA3
-    KVM_CLEAR_DIRTY_LOG = 0xC018AEC0
-    KVM_RESET_DIRTY_RINGS = 0xAEC7
-    # vCPU fd
-    KVM_RUN = 0xAE80
-    KVM_GET_REGS = 0x8090AE81
-    KVM_SET_REGS = 0x4090AE82
-    KVM_GET_SREGS = 0x8138AE83
-    KVM_SET_SREGS = 0x4138AE84
-    KVM_GET_MSRS = 0xC008AE88
-    KVM_SET_MSRS = 0x4008AE89
-    KVM_SET_SIGNAL_MASK = 0x4004AE8B
-    KVM_GET_FPU = 0x81A0AE8C
-    KVM_SET_FPU = 0x41A0AE8D
-    KVM_SET_CPUID2 = 0x4008AE90
-    KVM_GET_CPUID2 = 0xC008AE91
-    KVM_GET_MP_STATE = 0x8004AE98
-    KVM_SET_MP_STATE = 0x4004AE99
-    KVM_GET_VCPU_EVENTS = 0x8040AE9F
-    KVM_SET_VCPU_EVENTS = 0x4040AEA0
-    KVM_GET_XSAVE = 0x9000AEA4
-    KVM_SET_XSAVE = 0x5000AEA5
-    KVM_GET_XCRS = 0x8188AEA6
-    KVM_SET_XCRS = 0x4188AEA7
-    KVM_GET_TSC_KHZ = 0xAEA3
-    KVM_SET_TSC_KHZ = 0xAEA2
-
-
-class Capability(enum.IntEnum):
-    """KVM_CAP_* numbers the project asks about (KVM_CHECK_EXTENSION / KVM_ENABLE_CAP)."""
-
-    IRQCHIP = 0
-    HLT = 1
-    USER_MEMORY = 3
-    SET_TSS_ADDR = 4
-    EXT_CPUID = 7
-    NR_VCPUS = 9
-    NR_MEMSLOTS = 10
-    PIT = 11
-    MP_STATE = 14
-    SYNC_MMU = 16
-    PIT2 = 33
-    SET_IDENTITY_MAP_ADDR = 37
-    ADJUST_CLOCK = 39
-    INTERNAL_ERROR_DATA = 40
-    VCPU_EVENTS = 41
-    DEBUGREGS = 50
-    ENABLE_CAP = 54
-    XSAVE = 55
-    XCRS = 56
-    TSC_CONTROL = 60
-    GET_TSC_KHZ = 61
-    MAX_VCPUS = 66
-    SYNC_REGS = 74
-    READONLY_MEM = 81
-    ENABLE_CAP_VM = 98
-    CHECK_EXTENSION_VM = 105
-    MAX_VCPU_ID = 128
-    IMMEDIATE_EXIT = 136
-    MANUAL_DIRTY_LOG_PROTECT2 = 168
-    DIRTY_LOG_RING = 192
-    XSAVE2 = 208
-    DIRTY_LOG_RING_ACQ_REL = 223
-    USER_MEMORY2 = 231
-
-
-class ExitReason(enum.IntEnum):
-    """kvm_run.exit_reason values (KVM_EXIT_*)."""
-
-    UNKNOWN = 0
-    EXCEPTION = 1
-    IO = 2
-    HYPERCALL = 3
-    DEBUG = 4
-    HLT = 5
-    MMIO = 6
-    IRQ_WINDOW_OPEN = 7
-    SHUTDOWN = 8
-    FAIL_ENTRY = 9
-    INTR = 10
-    SET_TPR = 11
-    TPR_ACCESS = 12
-    NMI = 16
-    INTERNAL_ERROR = 17
-    SYSTEM_EVENT = 24
-    IOAPIC_EOI = 26
-    HYPERV = 27
-    X86_RDMSR = 29
-    X86_WRMSR = 30
-    DIRTY_RING_FULL = 31
-    X86_BUS_LOCK = 33
-    NOTIFY = 37
-    MEMORY_FAULT = 39
-
-
-class IoDirection(enum.IntEnum):
-    IN = 0
-    OUT = 1
+__all__ = ["Kvm", "KvmError", "KvmVcpu", "KvmVm", "MemorySlot", "dirty_bitmap_words"]
 
 
 class KvmError(OSError):
@@ -219,453 +83,12 @@ class KvmError(OSError):
         self.ioctl = ioctl
 
 
-# --- structures -------------------------------------------------------------------------
-
-
-class _Struct(ctypes.Structure):
-    """A ctypes structure that converts to and from plain (JSON-able) data."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            name: _plain(getattr(self, name))
-            for name, *_ in self._fields_
-            if not name.startswith("pad")
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        value = cls()
-        value.update(data)
-        return value
-
-    def update(self, data: Mapping[str, Any]) -> None:
-        fields = {name: kind for name, kind, *_ in self._fields_}
-        for name, item in data.items():
-            if name not in fields:
-                raise ValueError(f"{type(self).__name__} has no field {name!r}")
-            current = getattr(self, name)
-            if isinstance(current, _Struct):
-                current.update(item)
-            elif isinstance(current, ctypes.Array):
-                if len(item) != len(current):
-                    raise ValueError(
-                        f"{type(self).__name__}.{name}: {len(item)} items, expected {len(current)}"
-                    )
-                for position, element in enumerate(item):
-                    if isinstance(current[position], _Struct):
-                        current[position].update(element)
-                    else:
-                        current[position] = element
-            else:
-                setattr(self, name, item)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.to_dict()!r})"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, _Struct):
-        return value.to_dict()
-    if isinstance(value, ctypes.Array):
-        return [_plain(item) for item in value]
-    return value
-
-
-class KvmRegs(_Struct):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "rax",
-            "rbx",
-            "rcx",
-            "rdx",
-            "rsi",
-            "rdi",
-            "rsp",
-            "rbp",
-            "r8",
-            "r9",
-            "r10",
-            "r11",
-            "r12",
-            "r13",
-            "r14",
-            "r15",
-            "rip",
-            "rflags",
-        )
-    ]
-
-
-class KvmSegment(_Struct):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint32),
-        ("selector", ctypes.c_uint16),
-        ("type", ctypes.c_uint8),
-        ("present", ctypes.c_uint8),
-        ("dpl", ctypes.c_uint8),
-        ("db", ctypes.c_uint8),
-        ("s", ctypes.c_uint8),
-        ("l", ctypes.c_uint8),
-        ("g", ctypes.c_uint8),
-        ("avl", ctypes.c_uint8),
-        ("unusable", ctypes.c_uint8),
-        ("padding", ctypes.c_uint8),
-    ]
-
-
-class KvmDtable(_Struct):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint16),
-        ("padding", ctypes.c_uint16 * 3),
-    ]
-
-
-class KvmSregs(_Struct):
-    _fields_ = [
-        ("cs", KvmSegment),
-        ("ds", KvmSegment),
-        ("es", KvmSegment),
-        ("fs", KvmSegment),
-        ("gs", KvmSegment),
-        ("ss", KvmSegment),
-        ("tr", KvmSegment),
-        ("ldt", KvmSegment),
-        ("gdt", KvmDtable),
-        ("idt", KvmDtable),
-        ("cr0", ctypes.c_uint64),
-        ("cr2", ctypes.c_uint64),
-        ("cr3", ctypes.c_uint64),
-        ("cr4", ctypes.c_uint64),
-        ("cr8", ctypes.c_uint64),
-        ("efer", ctypes.c_uint64),
-        ("apic_base", ctypes.c_uint64),
-        ("interrupt_bitmap", ctypes.c_uint64 * 4),
-    ]
-
-
-class KvmFpu(_Struct):
-    _fields_ = [
-        ("fpr", (ctypes.c_uint8 * 16) * 8),
-        ("fcw", ctypes.c_uint16),
-        ("fsw", ctypes.c_uint16),
-        ("ftwx", ctypes.c_uint8),
-        ("pad1", ctypes.c_uint8),
-        ("last_opcode", ctypes.c_uint16),
-        ("last_ip", ctypes.c_uint64),
-        ("last_dp", ctypes.c_uint64),
-        ("xmm", (ctypes.c_uint8 * 16) * 16),
-        ("mxcsr", ctypes.c_uint32),
-        ("pad2", ctypes.c_uint32),
-    ]
-
-
-class KvmMsrEntry(_Struct):
-    _fields_ = [
-        ("index", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-        ("data", ctypes.c_uint64),
-    ]
-
-
-class KvmCpuidEntry2(_Struct):
-    _fields_ = [
-        ("function", ctypes.c_uint32),
-        ("index", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("eax", ctypes.c_uint32),
-        ("ebx", ctypes.c_uint32),
-        ("ecx", ctypes.c_uint32),
-        ("edx", ctypes.c_uint32),
-        ("padding", ctypes.c_uint32 * 3),
-    ]
-
-
-class KvmUserspaceMemoryRegion(_Struct):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64),
-        ("userspace_addr", ctypes.c_uint64),
-    ]
-
-
-class KvmDirtyLog(_Struct):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("padding1", ctypes.c_uint32),
-        ("dirty_bitmap", ctypes.c_uint64),
-    ]
-
-
-class KvmClearDirtyLog(_Struct):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("num_pages", ctypes.c_uint32),
-        ("first_page", ctypes.c_uint64),
-        ("dirty_bitmap", ctypes.c_uint64),
-    ]
-
-
-class KvmEnableCap(_Struct):
-    _fields_ = [
-        ("cap", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("args", ctypes.c_uint64 * 4),
-        ("pad", ctypes.c_uint8 * 64),
-    ]
-
-
-class KvmXsave(_Struct):
-    """The legacy 4 KiB XSAVE area (KVM_GET_XSAVE / KVM_SET_XSAVE)."""
-
-    _fields_ = [("region", ctypes.c_uint32 * 1024)]
-
-
-class KvmXcr(_Struct):
-    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("value", ctypes.c_uint64)]
-
-
-class KvmXcrs(_Struct):
-    _fields_ = [
-        ("nr_xcrs", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("xcrs", KvmXcr * 16),
-        ("padding", ctypes.c_uint64 * 16),
-    ]
-
-
-class KvmMpState(_Struct):
-    _fields_ = [("mp_state", ctypes.c_uint32)]
-
-
-class _EventException(_Struct):
-    _fields_ = [
-        ("injected", ctypes.c_uint8),
-        ("nr", ctypes.c_uint8),
-        ("has_error_code", ctypes.c_uint8),
-        ("pending", ctypes.c_uint8),
-        ("error_code", ctypes.c_uint32),
-    ]
-
-
-class _EventInterrupt(_Struct):
-    _fields_ = [
-        ("injected", ctypes.c_uint8),
-        ("nr", ctypes.c_uint8),
-        ("soft", ctypes.c_uint8),
-        ("shadow", ctypes.c_uint8),
-    ]
-
-
-class _EventNmi(_Struct):
-    _fields_ = [
-        ("injected", ctypes.c_uint8),
-        ("pending", ctypes.c_uint8),
-        ("masked", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-    ]
-
-
-class _EventSmi(_Struct):
-    _fields_ = [
-        ("smm", ctypes.c_uint8),
-        ("pending", ctypes.c_uint8),
-        ("smm_inside_nmi", ctypes.c_uint8),
-        ("latched_init", ctypes.c_uint8),
-    ]
-
-
-class KvmVcpuEvents(_Struct):
-    _fields_ = [
-        ("exception", _EventException),
-        ("interrupt", _EventInterrupt),
-        ("nmi", _EventNmi),
-        ("sipi_vector", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("smi", _EventSmi),
-        ("triple_fault_pending", ctypes.c_uint8),
-        ("reserved", ctypes.c_uint8 * 26),
-        ("exception_has_payload", ctypes.c_uint8),
-        ("exception_payload", ctypes.c_uint64),
-    ]
-
-
-class KvmDirtyGfn(_Struct):
-    _fields_ = [("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32), ("offset", ctypes.c_uint64)]
-
-
-class _RunIo(ctypes.Structure):
-    _fields_ = [
-        ("direction", ctypes.c_uint8),
-        ("size", ctypes.c_uint8),
-        ("port", ctypes.c_uint16),
-        ("count", ctypes.c_uint32),
-        ("data_offset", ctypes.c_uint64),
-    ]
-
-
-class _RunMmio(ctypes.Structure):
-    _fields_ = [
-        ("phys_addr", ctypes.c_uint64),
-        ("data", ctypes.c_uint8 * 8),
-        ("len", ctypes.c_uint32),
-        ("is_write", ctypes.c_uint8),
-    ]
-
-
-class _RunFailEntry(ctypes.Structure):
-    _fields_ = [("hardware_entry_failure_reason", ctypes.c_uint64), ("cpu", ctypes.c_uint32)]
-
-
-class _RunInternal(ctypes.Structure):
-    _fields_ = [
-        ("suberror", ctypes.c_uint32),
-        ("ndata", ctypes.c_uint32),
-        ("data", ctypes.c_uint64 * 16),
-    ]
-
-
-class _RunSystemEvent(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("ndata", ctypes.c_uint32),
-        ("data", ctypes.c_uint64 * 16),
-    ]
-
-
-class _RunHw(ctypes.Structure):
-    _fields_ = [("hardware_exit_reason", ctypes.c_uint64)]
-
-
-class _RunExit(ctypes.Union):
-    _fields_ = [
-        ("hw", _RunHw),
-        ("fail_entry", _RunFailEntry),
-        ("io", _RunIo),
-        ("mmio", _RunMmio),
-        ("internal", _RunInternal),
-        ("system_event", _RunSystemEvent),
-        ("padding", ctypes.c_char * 256),
-    ]
-
-
-class KvmRun(ctypes.Structure):
-    """The head of the kvm_run page shared with the kernel (mmap of the vCPU fd)."""
-
-    _fields_ = [
-        ("request_interrupt_window", ctypes.c_uint8),
-        ("immediate_exit", ctypes.c_uint8),
-        ("padding1", ctypes.c_uint8 * 6),
-        ("exit_reason", ctypes.c_uint32),
-        ("ready_for_interrupt_injection", ctypes.c_uint8),
-        ("if_flag", ctypes.c_uint8),
-        ("flags", ctypes.c_uint16),
-        ("cr8", ctypes.c_uint64),
-        ("apic_base", ctypes.c_uint64),
-        ("exit", _RunExit),
-        ("kvm_valid_regs", ctypes.c_uint64),
-        ("kvm_dirty_regs", ctypes.c_uint64),
-        ("s", ctypes.c_char * 2048),
-    ]
-
-
-# --- exits ------------------------------------------------------------------------------
-# Read-only by convention, not frozen: a frozen dataclass costs twice as much to build,
-# and one is built per exit.
-
-
-@dataclass(slots=True)
-class IoExit:
-    """Port I/O. For OUT, `data` holds the bytes written (size * count); for IN it is
-    empty and the answer goes in with `KvmVcpu.write_io_data` before the next KVM_RUN."""
-
-    direction: IoDirection
-    size: int
-    port: int
-    count: int
-    data_offset: int
-    data: bytes
-    reason: ExitReason = ExitReason.IO
-
-
-@dataclass(slots=True)
-class MmioExit:
-    phys_addr: int
-    data: bytes
-    is_write: bool
-    reason: ExitReason = ExitReason.MMIO
-
-
-@dataclass(slots=True)
-class HltExit:
-    reason: ExitReason = ExitReason.HLT
-
-
-@dataclass(slots=True)
-class ShutdownExit:
-    """The guest triple-faulted (or otherwise asked for a shutdown the CPU way)."""
-
-    reason: ExitReason = ExitReason.SHUTDOWN
-
-
-@dataclass(slots=True)
-class IntrExit:
-    """KVM_RUN returned EINTR: a signal or immediate_exit took the vCPU out."""
-
-    reason: ExitReason = ExitReason.INTR
-
-
-@dataclass(slots=True)
-class InternalErrorExit:
-    suberror: int
-    data: tuple[int, ...]
-    reason: ExitReason = ExitReason.INTERNAL_ERROR
-
-
-@dataclass(slots=True)
-class FailEntryExit:
-    hardware_entry_failure_reason: int
-    cpu: int
-    reason: ExitReason = ExitReason.FAIL_ENTRY
-
-
-@dataclass(slots=True)
-class SystemEventExit:
-    type: int
-    data: tuple[int, ...]
-    reason: ExitReason = ExitReason.SYSTEM_EVENT
-
-
-@dataclass(slots=True)
-class UnknownExit:
-    """An exit this module does not decode; `reason` is the raw exit_reason."""
-
-    reason: int
-    hardware_exit_reason: int = 0
-
-
 _INTR_EXIT = IntrExit()
 _DIRECTIONS = (IoDirection.IN, IoDirection.OUT)
 _U32 = struct.Struct("<I")
 _RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _EXIT_REASON_OFFSET = 8
 _EXIT_OFFSET = 32
-
-Exit: TypeAlias = (
-    IoExit
-    | MmioExit
-    | HltExit
-    | ShutdownExit
-    | IntrExit
-    | InternalErrorExit
-    | FailEntryExit
-    | SystemEventExit
-    | UnknownExit
-)
 
 
 # --- ioctl plumbing ---------------------------------------------------------------------
@@ -691,7 +114,7 @@ _munmap.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _call(fd: int, request: _Ioctl, arg: int | None = None, detail: str = "") -> int:
+def _call(fd: int, request: Ioctl, arg: int | None = None, detail: str = "") -> int:
     """ioctl(fd, request, arg) with arg a pointer or plain integer; raises KvmError."""
     result = _ioctl(fd, request, arg)
     if result < 0:
@@ -700,7 +123,7 @@ def _call(fd: int, request: _Ioctl, arg: int | None = None, detail: str = "") ->
 
 
 def _call_struct(
-    fd: int, request: _Ioctl, struct: ctypes.Structure | ctypes.Array[Any], detail: str = ""
+    fd: int, request: Ioctl, struct: ctypes.Structure | ctypes.Array[Any], detail: str = ""
 ) -> int:
     return _call(fd, request, ctypes.addressof(struct), detail)
 
@@ -715,35 +138,6 @@ def dirty_bitmap_words(memory_size: int) -> int:
     """The number of u64 words a dirty bitmap of a slot of `memory_size` bytes needs."""
     pages = (memory_size + DIRTY_LOG_PAGE_SIZE - 1) // DIRTY_LOG_PAGE_SIZE
     return (pages + 63) // 64
-
-
-def _msrs_struct(count: int) -> type[ctypes.Structure]:
-    class KvmMsrs(ctypes.Structure):
-        _fields_ = [
-            ("nmsrs", ctypes.c_uint32),
-            ("pad", ctypes.c_uint32),
-            ("entries", KvmMsrEntry * count),
-        ]
-
-    return KvmMsrs
-
-
-def _cpuid2_struct(count: int) -> type[ctypes.Structure]:
-    class KvmCpuid2(ctypes.Structure):
-        _fields_ = [
-            ("nent", ctypes.c_uint32),
-            ("padding", ctypes.c_uint32),
-            ("entries", KvmCpuidEntry2 * count),
-        ]
-
-    return KvmCpuid2
-
-
-def _msr_list_struct(count: int) -> type[ctypes.Structure]:
-    class KvmMsrList(ctypes.Structure):
-        _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * count)]
-
-    return KvmMsrList
 
 
 class _Fd:
@@ -784,7 +178,7 @@ class _Fd:
             self.close()
 
     def _check_extension(self, cap: Capability | int) -> int:
-        return _call(self.fd, _Ioctl.KVM_CHECK_EXTENSION, int(cap), f"capability {int(cap)}")
+        return _call(self.fd, Ioctl.KVM_CHECK_EXTENSION, int(cap), f"capability {int(cap)}")
 
     def _enable_cap(self, cap: Capability | int, args: Sequence[int], flags: int) -> None:
         if len(args) > 4:
@@ -792,7 +186,7 @@ class _Fd:
         request = KvmEnableCap(cap=int(cap), flags=flags)
         for position, value in enumerate(args):
             request.args[position] = value
-        _call_struct(self.fd, _Ioctl.KVM_ENABLE_CAP, request, f"capability {int(cap)}")
+        _call_struct(self.fd, Ioctl.KVM_ENABLE_CAP, request, f"capability {int(cap)}")
 
 
 # --- system -----------------------------------------------------------------------------
@@ -831,47 +225,47 @@ class Kvm(_Fd):
             )
 
     def api_version(self) -> int:
-        return _call(self.fd, _Ioctl.KVM_GET_API_VERSION, 0)
+        return _call(self.fd, Ioctl.KVM_GET_API_VERSION, 0)
 
     def check_extension(self, cap: Capability | int) -> int:
         """KVM_CHECK_EXTENSION: 0 when absent, else 1 or a capability-specific value."""
         return self._check_extension(cap)
 
     def vcpu_mmap_size(self) -> int:
-        return _call(self.fd, _Ioctl.KVM_GET_VCPU_MMAP_SIZE, 0)
+        return _call(self.fd, Ioctl.KVM_GET_VCPU_MMAP_SIZE, 0)
 
     def supported_cpuid(self, max_entries: int = 256) -> list[KvmCpuidEntry2]:
         """KVM_GET_SUPPORTED_CPUID; E2BIG when `max_entries` is too small."""
-        return self._cpuid(_Ioctl.KVM_GET_SUPPORTED_CPUID, max_entries)
+        return self._cpuid(Ioctl.KVM_GET_SUPPORTED_CPUID, max_entries)
 
     def emulated_cpuid(self, max_entries: int = 256) -> list[KvmCpuidEntry2]:
-        return self._cpuid(_Ioctl.KVM_GET_EMULATED_CPUID, max_entries)
+        return self._cpuid(Ioctl.KVM_GET_EMULATED_CPUID, max_entries)
 
-    def _cpuid(self, request: _Ioctl, max_entries: int) -> list[KvmCpuidEntry2]:
-        table = _cpuid2_struct(max_entries)()
+    def _cpuid(self, request: Ioctl, max_entries: int) -> list[KvmCpuidEntry2]:
+        table = cpuid2_struct(max_entries)()
         table.nent = max_entries
         _call_struct(self.fd, request, table, f"room for {max_entries} entries")
         return [KvmCpuidEntry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
 
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
-        return self._msr_list(_Ioctl.KVM_GET_MSR_INDEX_LIST)
+        return self._msr_list(Ioctl.KVM_GET_MSR_INDEX_LIST)
 
     def get_msr_feature_index_list(self) -> list[int]:
-        return self._msr_list(_Ioctl.KVM_GET_MSR_FEATURE_INDEX_LIST)
+        return self._msr_list(Ioctl.KVM_GET_MSR_FEATURE_INDEX_LIST)
 
-    def _msr_list(self, request: _Ioctl) -> list[int]:
-        probe = _msr_list_struct(0)()
+    def _msr_list(self, request: Ioctl) -> list[int]:
+        probe = msr_list_struct(0)()
         result = _ioctl(self.fd, request, ctypes.addressof(probe))
         if result < 0 and ctypes.get_errno() != errno.E2BIG:
             raise KvmError(ctypes.get_errno(), request.name)
-        listing = _msr_list_struct(probe.nmsrs)()
+        listing = msr_list_struct(probe.nmsrs)()
         listing.nmsrs = probe.nmsrs
         _call_struct(self.fd, request, listing)
         return list(listing.indices[: listing.nmsrs])
 
     def create_vm(self, machine_type: int = 0) -> KvmVm:
-        fd = _call(self.fd, _Ioctl.KVM_CREATE_VM, machine_type)
+        fd = _call(self.fd, Ioctl.KVM_CREATE_VM, machine_type)
         try:
             return KvmVm(fd, self.vcpu_mmap_size())
         except BaseException:
@@ -924,7 +318,7 @@ class KvmVm(_Fd):
         )
         _call_struct(
             self.fd,
-            _Ioctl.KVM_SET_USER_MEMORY_REGION,
+            Ioctl.KVM_SET_USER_MEMORY_REGION,
             region,
             f"slot {slot}, guest {guest_phys:#x}+{size:#x}, host {userspace_addr:#x}",
         )
@@ -934,17 +328,17 @@ class KvmVm(_Fd):
             self._slots.pop(slot, None)
 
     def set_tss_addr(self, address: int) -> None:
-        _call(self.fd, _Ioctl.KVM_SET_TSS_ADDR, address, f"address {address:#x}")
+        _call(self.fd, Ioctl.KVM_SET_TSS_ADDR, address, f"address {address:#x}")
 
     def set_identity_map_addr(self, address: int) -> None:
         value = ctypes.c_uint64(address)
-        _call_struct(self.fd, _Ioctl.KVM_SET_IDENTITY_MAP_ADDR, value)  # type: ignore[arg-type]
+        _call_struct(self.fd, Ioctl.KVM_SET_IDENTITY_MAP_ADDR, value)  # type: ignore[arg-type]
 
     def create_irqchip(self) -> None:
-        _call(self.fd, _Ioctl.KVM_CREATE_IRQCHIP, 0)
+        _call(self.fd, Ioctl.KVM_CREATE_IRQCHIP, 0)
 
     def create_vcpu(self, index: int) -> KvmVcpu:
-        fd = _call(self.fd, _Ioctl.KVM_CREATE_VCPU, index, f"vCPU {index}")
+        fd = _call(self.fd, Ioctl.KVM_CREATE_VCPU, index, f"vCPU {index}")
         try:
             return KvmVcpu(fd, index, self._vcpu_mmap_size)
         except BaseException:
@@ -968,7 +362,7 @@ class KvmVm(_Fd):
         words = self._slot_words(slot)
         _check_bitmap(bitmap, words, "KVM_GET_DIRTY_LOG")
         log = KvmDirtyLog(slot=slot, dirty_bitmap=bitmap.ctypes.data)
-        _call_struct(self.fd, _Ioctl.KVM_GET_DIRTY_LOG, log, f"slot {slot}")
+        _call_struct(self.fd, Ioctl.KVM_GET_DIRTY_LOG, log, f"slot {slot}")
 
     def clear_dirty_log(
         self, slot: int, first_page: int, num_pages: int, bitmap: npt.NDArray[np.uint64]
@@ -984,12 +378,12 @@ class KvmVm(_Fd):
             slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=bitmap.ctypes.data
         )
         _call_struct(
-            self.fd, _Ioctl.KVM_CLEAR_DIRTY_LOG, log, f"slot {slot}, pages {first_page}+{num_pages}"
+            self.fd, Ioctl.KVM_CLEAR_DIRTY_LOG, log, f"slot {slot}, pages {first_page}+{num_pages}"
         )
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: re-protect harvested ring entries; returns their count."""
-        return _call(self.fd, _Ioctl.KVM_RESET_DIRTY_RINGS, 0)
+        return _call(self.fd, Ioctl.KVM_RESET_DIRTY_RINGS, 0)
 
 
 def _check_bitmap(bitmap: npt.NDArray[np.uint64], words: int, ioctl: str) -> None:
@@ -1061,7 +455,7 @@ class KvmVcpu(_Fd):
     def run(self) -> Exit:
         """KVM_RUN (GIL released) and the decoded exit. EINTR gives an `IntrExit`."""
         # self._fd, not self.fd: once closed it is -1 and the ioctl fails with EBADF.
-        if _ioctl(self._fd, _Ioctl.KVM_RUN, 0) < 0:
+        if _ioctl(self._fd, Ioctl.KVM_RUN, 0) < 0:
             error = ctypes.get_errno()
             if error == errno.EINTR:
                 return _INTR_EXIT
@@ -1119,68 +513,68 @@ class KvmVcpu(_Fd):
 
     def get_regs(self) -> KvmRegs:
         regs = KvmRegs()
-        _call_struct(self.fd, _Ioctl.KVM_GET_REGS, regs)
+        _call_struct(self.fd, Ioctl.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: KvmRegs) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_REGS, regs)
+        _call_struct(self.fd, Ioctl.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> KvmSregs:
         sregs = KvmSregs()
-        _call_struct(self.fd, _Ioctl.KVM_GET_SREGS, sregs)
+        _call_struct(self.fd, Ioctl.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: KvmSregs) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_SREGS, sregs)
+        _call_struct(self.fd, Ioctl.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> KvmFpu:
         fpu = KvmFpu()
-        _call_struct(self.fd, _Ioctl.KVM_GET_FPU, fpu)
+        _call_struct(self.fd, Ioctl.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: KvmFpu) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_FPU, fpu)
+        _call_struct(self.fd, Ioctl.KVM_SET_FPU, fpu)
 
     def get_xsave(self) -> KvmXsave:
         xsave = KvmXsave()
-        _call_struct(self.fd, _Ioctl.KVM_GET_XSAVE, xsave)
+        _call_struct(self.fd, Ioctl.KVM_GET_XSAVE, xsave)
         return xsave
 
     def set_xsave(self, xsave: KvmXsave) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_XSAVE, xsave)
+        _call_struct(self.fd, Ioctl.KVM_SET_XSAVE, xsave)
 
     def get_xcrs(self) -> KvmXcrs:
         xcrs = KvmXcrs()
-        _call_struct(self.fd, _Ioctl.KVM_GET_XCRS, xcrs)
+        _call_struct(self.fd, Ioctl.KVM_GET_XCRS, xcrs)
         return xcrs
 
     def set_xcrs(self, xcrs: KvmXcrs) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_XCRS, xcrs)
+        _call_struct(self.fd, Ioctl.KVM_SET_XCRS, xcrs)
 
     def get_vcpu_events(self) -> KvmVcpuEvents:
         events = KvmVcpuEvents()
-        _call_struct(self.fd, _Ioctl.KVM_GET_VCPU_EVENTS, events)
+        _call_struct(self.fd, Ioctl.KVM_GET_VCPU_EVENTS, events)
         return events
 
     def set_vcpu_events(self, events: KvmVcpuEvents) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_VCPU_EVENTS, events)
+        _call_struct(self.fd, Ioctl.KVM_SET_VCPU_EVENTS, events)
 
     def get_mp_state(self) -> int:
         state = KvmMpState()
-        _call_struct(self.fd, _Ioctl.KVM_GET_MP_STATE, state)
+        _call_struct(self.fd, Ioctl.KVM_GET_MP_STATE, state)
         return int(state.mp_state)
 
     def set_mp_state(self, mp_state: int) -> None:
-        _call_struct(self.fd, _Ioctl.KVM_SET_MP_STATE, KvmMpState(mp_state=mp_state))
+        _call_struct(self.fd, Ioctl.KVM_SET_MP_STATE, KvmMpState(mp_state=mp_state))
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS; raises KvmError naming the first MSR KVM would not read."""
         wanted = list(indices)
-        table = _msrs_struct(len(wanted))()
+        table = msrs_struct(len(wanted))()
         table.nmsrs = len(wanted)
         for position, index in enumerate(wanted):
             table.entries[position].index = index
-        done = _call_struct(self.fd, _Ioctl.KVM_GET_MSRS, table)
+        done = _call_struct(self.fd, Ioctl.KVM_GET_MSRS, table)
         if done < len(wanted):
             raise KvmError(errno.EINVAL, "KVM_GET_MSRS", f"MSR {wanted[done]:#x} not readable")
         return {entry.index: int(entry.data) for entry in table.entries}
@@ -1188,27 +582,27 @@ class KvmVcpu(_Fd):
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
         items = list(values.items())
-        table = _msrs_struct(len(items))()
+        table = msrs_struct(len(items))()
         table.nmsrs = len(items)
         for position, (index, value) in enumerate(items):
             table.entries[position].index = index
             table.entries[position].data = value
-        done = _call_struct(self.fd, _Ioctl.KVM_SET_MSRS, table)
+        done = _call_struct(self.fd, Ioctl.KVM_SET_MSRS, table)
         if done < len(items):
             index, value = items[done]
             raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"MSR {index:#x} refused value {value:#x}")
 
     def set_cpuid2(self, entries: Sequence[KvmCpuidEntry2]) -> None:
-        table = _cpuid2_struct(len(entries))()
+        table = cpuid2_struct(len(entries))()
         table.nent = len(entries)
         for position, entry in enumerate(entries):
             table.entries[position] = entry
-        _call_struct(self.fd, _Ioctl.KVM_SET_CPUID2, table)
+        _call_struct(self.fd, Ioctl.KVM_SET_CPUID2, table)
 
     def get_cpuid2(self, max_entries: int = 256) -> list[KvmCpuidEntry2]:
-        table = _cpuid2_struct(max_entries)()
+        table = cpuid2_struct(max_entries)()
         table.nent = max_entries
-        _call_struct(self.fd, _Ioctl.KVM_GET_CPUID2, table)
+        _call_struct(self.fd, Ioctl.KVM_GET_CPUID2, table)
         return [KvmCpuidEntry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
 
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
@@ -1217,7 +611,7 @@ class KvmVcpu(_Fd):
         None removes the mask (the thread's own mask applies in KVM_RUN too).
         """
         if signals is None:
-            _call(self.fd, _Ioctl.KVM_SET_SIGNAL_MASK, None)
+            _call(self.fd, Ioctl.KVM_SET_SIGNAL_MASK, None)
             return
         mask = 0
         for signal_number in signals:
@@ -1228,10 +622,10 @@ class KvmVcpu(_Fd):
             _pack_ = 4
             _fields_ = [("len", ctypes.c_uint32), ("sigset", ctypes.c_uint64)]
 
-        _call_struct(self.fd, _Ioctl.KVM_SET_SIGNAL_MASK, KvmSignalMask(len=8, sigset=mask))
+        _call_struct(self.fd, Ioctl.KVM_SET_SIGNAL_MASK, KvmSignalMask(len=8, sigset=mask))
 
     def get_tsc_khz(self) -> int:
-        return _call(self.fd, _Ioctl.KVM_GET_TSC_KHZ, 0)
+        return _call(self.fd, Ioctl.KVM_GET_TSC_KHZ, 0)
 
     def mmap_dirty_ring(self, size_bytes: int) -> ctypes.Array[KvmDirtyGfn]:
         """Map this vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING enabled with `size_bytes`)."""

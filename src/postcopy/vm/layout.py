@@ -61,7 +61,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from postcopy.linux.kvm import KvmCpuidEntry2, KvmRegs, KvmSregs
+from postcopy.linux.kvm_abi import KvmCpuidEntry2, KvmRegs, KvmSregs
 
 KiB = 1 << 10
 MiB = 1 << 20

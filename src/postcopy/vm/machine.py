@@ -32,8 +32,9 @@ from typing import Any, Self
 
 import numpy as np
 
-from postcopy.linux import kvm
-from postcopy.linux.kvm import Capability, Kvm, KvmVcpu, KvmVm
+from postcopy.linux import kvm_abi
+from postcopy.linux.kvm import Kvm, KvmVcpu, KvmVm, dirty_bitmap_words
+from postcopy.linux.kvm_abi import Capability
 from postcopy.linux.memory import Mapping
 from postcopy.ram import Bitmap, RamBlock, RamList
 from postcopy.vm import layout
@@ -138,13 +139,13 @@ class MicroVM:
         layout.check_config(self._ram_size, self._vcpu_count, max_vcpus)
         self._vm = self._kvm.create_vm()
         manual = self._vm.check_extension(Capability.MANUAL_DIRTY_LOG_PROTECT2)
-        self._manual_protect = bool(manual & kvm.MANUAL_PROTECT_ENABLE)
+        self._manual_protect = bool(manual & kvm_abi.MANUAL_PROTECT_ENABLE)
         if self._manual_protect:
             # With INITIALLY_SET, enabling the log write-protects nothing up front; the
             # first clear (in start_dirty_log) protects what it clears.
             self._vm.enable_cap(
                 Capability.MANUAL_DIRTY_LOG_PROTECT2,
-                manual & (kvm.MANUAL_PROTECT_ENABLE | kvm.DIRTY_LOG_INITIALLY_SET),
+                manual & (kvm_abi.MANUAL_PROTECT_ENABLE | kvm_abi.DIRTY_LOG_INITIALLY_SET),
             )
         self._vm.set_tss_addr(layout.TSS_ADDRESS)
         self._mapping = Mapping.anonymous(self._ram_size)
@@ -270,9 +271,9 @@ class MicroVM:
         with self._dirty_lock:
             vm, mapping = self._require_vm()
             vm.set_user_memory_region(
-                RAM_SLOT, 0, self._ram_size, mapping.address, kvm.MEM_LOG_DIRTY_PAGES
+                RAM_SLOT, 0, self._ram_size, mapping.address, kvm_abi.MEM_LOG_DIRTY_PAGES
             )
-            self._dirty_words = np.zeros(kvm.dirty_bitmap_words(self._ram_size), dtype=np.uint64)
+            self._dirty_words = np.zeros(dirty_bitmap_words(self._ram_size), dtype=np.uint64)
             self._dirty_logging = True
             self._collect_dirty()
 
@@ -393,16 +394,16 @@ class MicroVM:
             raise ValueError("state has no XSAVE area, this VM needs one")
 
     def _load_vcpu(self, vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
-        vcpu.set_sregs(kvm.KvmSregs.from_dict(saved["sregs"]))
-        vcpu.set_regs(kvm.KvmRegs.from_dict(saved["regs"]))
+        vcpu.set_sregs(kvm_abi.KvmSregs.from_dict(saved["sregs"]))
+        vcpu.set_regs(kvm_abi.KvmRegs.from_dict(saved["regs"]))
         if "xsave" in saved:
-            vcpu.set_xsave(kvm.KvmXsave.from_buffer_copy(base64.b64decode(saved["xsave"])))
+            vcpu.set_xsave(kvm_abi.KvmXsave.from_buffer_copy(base64.b64decode(saved["xsave"])))
         elif "fpu" in saved:
-            vcpu.set_fpu(kvm.KvmFpu.from_dict(saved["fpu"]))
+            vcpu.set_fpu(kvm_abi.KvmFpu.from_dict(saved["fpu"]))
         if self._xcrs and "xcrs" in saved:
-            vcpu.set_xcrs(kvm.KvmXcrs.from_dict(saved["xcrs"]))
+            vcpu.set_xcrs(kvm_abi.KvmXcrs.from_dict(saved["xcrs"]))
         vcpu.set_msrs({int(index, 16): int(value) for index, value in saved["msrs"].items()})
-        vcpu.set_vcpu_events(kvm.KvmVcpuEvents.from_dict(saved["events"]))
+        vcpu.set_vcpu_events(kvm_abi.KvmVcpuEvents.from_dict(saved["events"]))
         vcpu.set_mp_state(int(saved["mp_state"]))
 
     def vcpu_thread_ids(self) -> list[int]:

@@ -24,13 +24,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from postcopy.linux.kvm import (
-    IntrExit,
-    IoDirection,
-    IoExit,
-    KvmError,
-    KvmVcpu,
-)
+from postcopy.linux.kvm import KvmError, KvmVcpu
+from postcopy.linux.kvm_abi import IntrExit, IoDirection, IoExit
 from postcopy.vm.layout import (
     CONSOLE_LINE_STATUS_PORT,
     CONSOLE_LINE_STATUS_READY,
