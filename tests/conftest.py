@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hugepages import hugetlbfs_mount
 from tests.vmprocess import VmProcess, vm_processes
 
 
@@ -15,3 +16,10 @@ def vms(tmp_path: Path) -> Iterator[list[VmProcess]]:
     """A list to put started VM processes in; every one is closed when the test ends."""
     with vm_processes(tmp_path) as started:
         yield started
+
+
+@pytest.fixture
+def hugetlbfs_2m() -> Iterator[str]:
+    """A private hugetlbfs mount with 4 more 2 MiB pages in the pool; undone afterwards."""
+    with hugetlbfs_mount(4) as directory:
+        yield directory

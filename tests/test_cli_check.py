@@ -19,12 +19,6 @@ from postcopy.linux import userfaultfd
 from postcopy.migration import hostcheck as check
 from postcopy.migration.hostcheck import CheckItem, HostReport, check_host
 
-# The huge page pool + hugetlbfs mount fixture; tests/ may or may not be a package.
-try:
-    from tests.test_linux_memory import hugetlbfs_2m
-except ImportError:
-    from test_linux_memory import hugetlbfs_2m  # type: ignore[no-redef]  # noqa: F401
-
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 POSTCOPY = os.path.join(os.path.dirname(sys.executable), "postcopy")
@@ -213,8 +207,8 @@ def test_shared_ram_and_large_target_pages_are_refused() -> None:
 
 
 def test_huge_page_ram_needs_a_pool_and_a_mount(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(check.memory, "hugetlbfs_mounts", lambda: [])
-    monkeypatch.setattr(check.memory, "hugepages_reserved", lambda size=0: (0, 0))
+    monkeypatch.setattr(check.hugepages, "hugetlbfs_mounts", lambda: [])
+    monkeypatch.setattr(check.hugepages, "hugepages_reserved", lambda size=0: (0, 0))
     report = check_host(ram_page_sizes=(4096, 2 * MiB))
     assert not report.postcopy_possible
     item = report.item("huge pages")
@@ -234,7 +228,7 @@ def test_huge_page_ram_is_fine_with_a_pool_and_a_mount(hugetlbfs_2m: str) -> Non
 def test_command_line_hugepages_option(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(check.memory, "hugetlbfs_mounts", lambda: [])
+    monkeypatch.setattr(check.hugepages, "hugetlbfs_mounts", lambda: [])
     assert run_check(["--hugepages", "2M"]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "fix huge pages:" in out

@@ -6,69 +6,16 @@ from __future__ import annotations
 import mmap
 import os
 import select
-import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
 
 import pytest
 
-from postcopy.linux import memory
+from postcopy.linux import hugepages, memory
 from postcopy.linux.memory import HUGE_PAGE_2M, Advice, EventFd, Mapping, MappingError
 
 pytestmark = pytest.mark.timeout(60, method="thread")
 
 PAGE = mmap.PAGESIZE
-
-
-@pytest.fixture
-def hugetlbfs_2m() -> Iterator[str]:
-    """A private hugetlbfs mount with 4 more 2 MiB pages in the pool; undone afterwards."""
-    yield from reserve_and_mount_hugetlbfs(4)
-
-
-def reserve_and_mount_hugetlbfs(pages: int) -> Iterator[str]:
-    """Grow the 2 MiB pool by `pages` and mount hugetlbfs in a temporary directory.
-
-    The pool is changed relative to its current size, so that other users of huge pages
-    on the machine keep theirs. Skips only if the kernel refuses, saying why.
-    """
-    before, _ = memory.hugepages_reserved(HUGE_PAGE_2M)
-    try:
-        reached = memory.set_hugepages(before + pages, HUGE_PAGE_2M)
-    except MappingError as error:
-        pytest.skip(f"the kernel refused to grow the 2 MiB huge page pool: {error}")
-    directory = tempfile.mkdtemp(prefix="postcopy-hugetlbfs-")
-    mounted = False
-    try:
-        if reached < before + pages:
-            pytest.skip(f"the kernel gave only {reached - before} of {pages} 2 MiB huge pages")
-        result = subprocess.run(
-            ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", directory],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"mount -t hugetlbfs refused: {result.stderr.strip()}")
-        mounted = True
-        yield directory
-    finally:
-        try:
-            if mounted:
-                unmount(directory)
-        finally:
-            os.rmdir(directory)
-            current, _ = memory.hugepages_reserved(HUGE_PAGE_2M)
-            memory.set_hugepages(max(current - (reached - before), 0), HUGE_PAGE_2M)
-
-
-def unmount(directory: str) -> None:
-    """Unmount; if something still uses the mount, detach it anyway and fail loudly."""
-    result = subprocess.run(["umount", directory], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        subprocess.run(["umount", "-l", directory], check=True)
-        raise AssertionError(f"hugetlbfs mount still in use at teardown: {result.stderr.strip()}")
 
 
 def smaps_kib(address: int, field: str) -> int:
@@ -208,18 +155,18 @@ def test_alias_and_punch_hole_refuse_private_anonymous_memory() -> None:
 
 def test_host_page_size_reports() -> None:
     assert memory.page_size() == PAGE
-    assert memory.transparent_hugepage_mode() in {"always", "madvise", "never", None}
-    sizes = memory.huge_page_sizes()
+    assert hugepages.transparent_hugepage_mode() in {"always", "madvise", "never", None}
+    sizes = hugepages.huge_page_sizes()
     assert HUGE_PAGE_2M in sizes and sizes == sorted(sizes)
-    total, free = memory.hugepages_reserved(HUGE_PAGE_2M)
+    total, free = hugepages.hugepages_reserved(HUGE_PAGE_2M)
     assert 0 <= free <= total
-    assert memory.hugepages_reserved(3 * 4096) == (0, 0)  # no such size
-    assert memory.default_huge_page_size() == HUGE_PAGE_2M
+    assert hugepages.hugepages_reserved(3 * 4096) == (0, 0)  # no such size
+    assert hugepages.default_huge_page_size() == HUGE_PAGE_2M
 
 
 def test_hugetlbfs_mapping_uses_the_mount_and_its_pool(hugetlbfs_2m: str) -> None:
-    assert (hugetlbfs_2m, HUGE_PAGE_2M) in memory.hugetlbfs_mounts()
-    assert memory.mount_hugetlbfs_path(HUGE_PAGE_2M) is not None
+    assert (hugetlbfs_2m, HUGE_PAGE_2M) in hugepages.hugetlbfs_mounts()
+    assert hugepages.mount_hugetlbfs_path(HUGE_PAGE_2M) is not None
     with Mapping.hugetlbfs(2 * HUGE_PAGE_2M, directory=hugetlbfs_2m) as mapping:
         assert (mapping.kind, mapping.page_size, mapping.shared) == (
             "hugetlbfs",
@@ -256,7 +203,7 @@ def test_hugetlbfs_without_a_mount_says_so(monkeypatch: pytest.MonkeyPatch) -> N
         Mapping.hugetlbfs(HUGE_PAGE_2M, directory="/nonexistent-hugetlbfs")
     assert raised.value.errno == 2 and "/nonexistent-hugetlbfs" in str(raised.value)
     with monkeypatch.context() as patch:
-        patch.setattr(memory, "hugetlbfs_mounts", lambda: [])
+        patch.setattr(memory, "mount_hugetlbfs_path", lambda size: None)
         with pytest.raises(MappingError, match="no hugetlbfs mount"):
             Mapping.hugetlbfs(HUGE_PAGE_2M)
 

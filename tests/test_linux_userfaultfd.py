@@ -37,12 +37,6 @@ from postcopy.linux.userfaultfd import (
     UserfaultFd,
 )
 
-# The huge page pool + hugetlbfs mount fixture; tests/ may or may not be a package.
-try:
-    from tests.test_linux_memory import hugetlbfs_2m
-except ImportError:
-    from test_linux_memory import hugetlbfs_2m  # type: ignore[no-redef]  # noqa: F401
-
 pytestmark = pytest.mark.timeout(60, method="thread")
 
 PAGE = mmap.PAGESIZE

@@ -1,11 +1,13 @@
 """Memory the migration moves and the small kernel objects around it.
 
-`Mapping` is one mmap of anonymous memory, of a memfd, or of a file on hugetlbfs, made
-with libc's mmap through ctypes: its address never moves and `close()` always unmaps,
-even while memoryviews or numpy arrays still point into it (Python's `mmap.mmap` refuses
-to close then). `madvise`, `mlock` and `punch_hole` act on ranges of it. Module
-functions report the host's page sizes and huge page reservations; `EventFd` wraps
-eventfd(2), which the fault thread polls next to the userfaultfd to be told to quit.
+`Mapping` is one mmap of anonymous memory, of a memfd (shmem or hugetlb), or of a file
+(on hugetlbfs, tmpfs or any file system), made with libc's mmap through ctypes: its
+address never moves and `close()` always unmaps, even while memoryviews or numpy arrays
+still point into it (Python's `mmap.mmap` refuses to close then). `madvise`, `mlock`,
+`punch_hole` and `allocate` act on ranges of it. Module functions report the host's page
+size and file systems (the huge page pools and mounts are in `postcopy.linux.hugepages`).
+`EventFd` wraps eventfd(2), which the fault thread polls next to the userfaultfd to be
+told to quit.
 
 Thin bindings, no policy: every failure is a `MappingError` naming the call, the range
 and the errno.
@@ -18,10 +20,10 @@ import ctypes
 import enum
 import errno
 import os
-from pathlib import Path
 from types import TracebackType
 
 from postcopy.linux._libc import libc
+from postcopy.linux.hugepages import HUGE_PAGE_2M, mount_hugetlbfs_path
 
 PROT_READ = 0x1
 PROT_WRITE = 0x2
@@ -39,11 +41,10 @@ MREMAP_DONTUNMAP = 4
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-MiB = 1 << 20
-HUGE_PAGE_2M = 2 * MiB
+# statfs(2) f_type of the file systems whose mappings userfaultfd serves (linux/magic.h)
+HUGETLBFS_MAGIC = 0x958458F6
+TMPFS_MAGIC = 0x01021994
 
-_SYS_HUGEPAGES = Path("/sys/kernel/mm/hugepages")
-_SYS_THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 # Private prototypes, so that other bindings declaring different argtypes on the shared
 # libc handle cannot change how these are called.
@@ -81,6 +82,10 @@ _munlock = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_
 _fallocate = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, use_errno=True
 )(("fallocate", libc))
+# fstatfs(2) into a buffer as large as struct statfs (120 bytes on 64-bit); f_type first
+_fstatfs = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, use_errno=True)(
+    ("fstatfs", libc)
+)
 
 
 class Advice(enum.IntEnum):
@@ -129,106 +134,20 @@ def page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def transparent_hugepage_mode() -> str | None:
-    """The THP mode selected in sysfs ("always", "madvise" or "never"), None if absent."""
-    try:
-        text = _SYS_THP_ENABLED.read_text()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.startswith("[") and word.endswith("]"):
-            return word[1:-1]
-    return None
+def filesystem_type(fd: int) -> int:
+    """The statfs f_type of the file system holding `fd` (HUGETLBFS_MAGIC, TMPFS_MAGIC...)."""
+    buffer = (ctypes.c_long * 32)()
+    if _fstatfs(fd, ctypes.addressof(buffer)) != 0:
+        raise MappingError(ctypes.get_errno(), "fstatfs")
+    return int(buffer[0]) & 0xFFFFFFFF
 
 
-def huge_page_sizes() -> list[int]:
-    """The huge page sizes this kernel offers (from /sys/kernel/mm/hugepages), ascending."""
-    sizes = []
-    try:
-        entries = list(_SYS_HUGEPAGES.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        name = entry.name  # "hugepages-2048kB"
-        if name.startswith("hugepages-") and name.endswith("kB"):
-            sizes.append(int(name[len("hugepages-") : -2]) * 1024)
-    return sorted(sizes)
-
-
-def _hugepages_dir(size: int) -> Path:
-    return _SYS_HUGEPAGES / f"hugepages-{size // 1024}kB"
-
-
-def hugepages_reserved(size: int = HUGE_PAGE_2M) -> tuple[int, int]:
-    """(total, free) huge pages of `size` in the kernel's pool; (0, 0) if the size is absent."""
-    directory = _hugepages_dir(size)
-    try:
-        total = int((directory / "nr_hugepages").read_text())
-        free = int((directory / "free_hugepages").read_text())
-    except (OSError, ValueError):
-        return (0, 0)
-    return (total, free)
-
-
-def set_hugepages(total: int, size: int = HUGE_PAGE_2M) -> int:
-    """Ask the kernel for a pool of `total` huge pages of `size` (root); returns the total
-    it reached, which is lower when memory is too fragmented."""
-    path = _hugepages_dir(size) / "nr_hugepages"
-    try:
-        path.write_text(f"{total}\n")
-        return int(path.read_text())
-    except OSError as error:
-        raise MappingError(error.errno or errno.EINVAL, f"write {path} = {total}") from None
-
-
-def _parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
-def default_huge_page_size() -> int | None:
-    """Hugepagesize from /proc/meminfo: the size of a hugetlbfs mount without pagesize=."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("Hugepagesize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def hugetlbfs_mounts() -> list[tuple[str, int]]:
-    """Every hugetlbfs mount in /proc/mounts as (mount point, page size)."""
-    mounts = []
-    default = default_huge_page_size() or HUGE_PAGE_2M
-    try:
-        with open("/proc/mounts") as table:
-            lines = table.readlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 4 or fields[2] != "hugetlbfs":
-            continue
-        size = default
-        for option in fields[3].split(","):
-            if option.startswith("pagesize="):
-                size = _parse_size(option.split("=", 1)[1])
-        # /proc/mounts escapes spaces in paths as \040.
-        mounts.append((fields[1].replace("\\040", " "), size))
-    return mounts
-
-
-def mount_hugetlbfs_path(page_size: int = HUGE_PAGE_2M) -> str | None:
-    """The first hugetlbfs mount point serving `page_size` pages, or None."""
-    for path, size in hugetlbfs_mounts():
-        if size == page_size:
-            return path
-    return None
+def file_page_size(fd: int) -> int:
+    """The page size a mapping of `fd` uses: the huge page size on hugetlbfs (its
+    st_blksize, QEMU's qemu_fd_getpagesize), the base page size anywhere else."""
+    if filesystem_type(fd) == HUGETLBFS_MAGIC:
+        return os.fstat(fd).st_blksize
+    return page_size()
 
 
 def _map(length: int, prot: int, flags: int, fd: int, what: str) -> int:
@@ -239,11 +158,13 @@ def _map(length: int, prot: int, flags: int, fd: int, what: str) -> int:
 
 
 class Mapping:
-    """One mmap'ed region of memory: anonymous, memfd or hugetlbfs. Create with the classmethods.
+    """One mmap'ed region of memory: anonymous, memfd or a file. Create with the classmethods.
 
-    `view` is a writable memoryview (format "B") over the whole region. It and anything
-    built from it (slices, numpy arrays) must not be used after `close()`: the memory is
-    unmapped regardless, and touching it then crashes the process.
+    `kind` is "anonymous", "memfd", "hugetlbfs" (a file on a hugetlbfs mount) or "file"
+    (any other file); `hugetlb` says whether its pages are huge (`page_size`); `shared`
+    whether it is MAP_SHARED. `view` is a writable memoryview (format "B") over the whole
+    region. It and anything built from it (slices, numpy arrays) must not be used after
+    `close()`: the memory is unmapped regardless, and touching it then crashes the process.
     """
 
     address: int
@@ -254,18 +175,33 @@ class Mapping:
     fd: int | None
 
     def __init__(
-        self, address: int, length: int, *, page_size: int, kind: str, shared: bool, fd: int | None
+        self,
+        address: int,
+        length: int,
+        *,
+        page_size: int,
+        kind: str,
+        shared: bool,
+        fd: int | None,
+        remove_on_close: str | None = None,
     ) -> None:
-        """Adopt an existing mapping (its munmap and the fd's close become ours)."""
+        """Adopt an existing mapping (its munmap and the fd's close become ours, and the
+        removal of the file `remove_on_close`, one this mapping created)."""
         self.address = address
         self.length = length
         self.page_size = page_size
         self.kind = kind
         self.shared = shared
         self.fd = fd
+        self.remove_on_close = remove_on_close
         self._array = (ctypes.c_ubyte * length).from_address(address)
         self._view: memoryview | None = memoryview(self._array).cast("B")
         self._closed = False
+
+    @property
+    def hugetlb(self) -> bool:
+        """Its pages are huge pages (hugetlbfs or a hugetlb memfd), not base pages."""
+        return self.page_size > page_size()
 
     # -- constructors ----------------------------------------------------------------
 
@@ -288,11 +224,14 @@ class Mapping:
         *,
         hugetlb: bool = False,
         huge_page_size: int = HUGE_PAGE_2M,
+        shared: bool = True,
     ) -> Mapping:
-        """A MAP_SHARED mapping of a new memfd (shmem, or hugetlb pages with `hugetlb`).
+        """A mapping of a new memfd (shmem, or hugetlb pages with `hugetlb`), MAP_SHARED
+        unless `shared` is False (QEMU's memory-backend-memfd share=off).
 
         The fd stays open (`.fd`) so the same memory can be mapped again (`alias()`),
-        passed to another process, or have holes punched in it.
+        passed to another process, or have holes punched in it. A hugetlb memfd takes its
+        pages from the pool at mmap (ENOMEM there, not SIGBUS later, when it is too small).
         """
         size = huge_page_size if hugetlb else page_size()
         _check_length(length, size, "memfd")
@@ -305,7 +244,13 @@ class Mapping:
             raise MappingError(error.errno or errno.EINVAL, f"memfd_create {name!r}") from None
         try:
             os.ftruncate(fd, length)
-            address = _map(length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, f"memfd {name!r}")
+            address = _map(
+                length,
+                PROT_READ | PROT_WRITE,
+                MAP_SHARED if shared else MAP_PRIVATE,
+                fd,
+                f"memfd {name!r}",
+            )
         except OSError as error:
             os.close(fd)
             if isinstance(error, MappingError):
@@ -313,7 +258,65 @@ class Mapping:
             raise MappingError(
                 error.errno or errno.EINVAL, f"ftruncate memfd {name!r}", None, length
             ) from None
-        return cls(address, length, page_size=size, kind="memfd", shared=True, fd=fd)
+        return cls(address, length, page_size=size, kind="memfd", shared=shared, fd=fd)
+
+    @classmethod
+    def file(cls, path: str, length: int, *, shared: bool = False) -> Mapping:
+        """A mapping of the file `path`, QEMU's memory-backend-file mem-path.
+
+        If `path` is a directory (e.g. a hugetlbfs mount), a new file is made there and
+        unlinked once mapped; a file that does not exist is created, sized, and removed
+        again by `close()`; an existing file must be empty (it is sized) or hold at least
+        `length` bytes. The page size is the file system's: huge pages on hugetlbfs.
+        Private (MAP_PRIVATE) unless `shared` (QEMU's share=on).
+        """
+        remove: str | None = None
+        unlink_now = os.path.isdir(path)
+        if unlink_now:
+            path = os.path.join(path, f"postcopy-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if not unlink_now:
+                remove = path
+        except FileExistsError:
+            if unlink_now:
+                raise MappingError(errno.EEXIST, f"open {path}") from None
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as error:
+                raise MappingError(error.errno or errno.EINVAL, f"open {path}") from None
+        except OSError as error:
+            raise MappingError(error.errno or errno.EINVAL, f"open {path}") from None
+        try:
+            on_hugetlbfs = filesystem_type(fd) == HUGETLBFS_MAGIC
+            size = file_page_size(fd)
+            _check_length(length, size, f"file {path}")
+            current = os.fstat(fd).st_size
+            if current == 0:
+                os.ftruncate(fd, length)
+            elif current < length:
+                raise MappingError(
+                    errno.EINVAL,
+                    f"file {path} holds {current} bytes, less than the {length} needed",
+                )
+            flags = MAP_SHARED if shared else MAP_PRIVATE
+            address = _map(length, PROT_READ | PROT_WRITE, flags, fd, f"file {path}")
+        except BaseException as error:
+            os.close(fd)
+            if remove is not None:
+                os.unlink(remove)
+            if isinstance(error, OSError) and not isinstance(error, MappingError):
+                raise MappingError(
+                    error.errno or errno.EINVAL, f"ftruncate {path}", None, length
+                ) from None
+            raise
+        finally:
+            if unlink_now:
+                os.unlink(path)
+        kind = "hugetlbfs" if on_hugetlbfs else "file"
+        return cls(
+            address, length, page_size=size, kind=kind, shared=shared, fd=fd, remove_on_close=remove
+        )
 
     @classmethod
     def hugetlbfs(
@@ -324,7 +327,7 @@ class Mapping:
         page_size: int = HUGE_PAGE_2M,
         shared: bool = False,
     ) -> Mapping:
-        """Huge pages from a file on a hugetlbfs mount; the file is unlinked once mapped.
+        """Huge pages from a new file on a hugetlbfs mount, unlinked once mapped.
 
         `directory` defaults to the first hugetlbfs mount serving `page_size` pages (see
         `mount_hugetlbfs_path`). Private by default, like QEMU's file-backed RAM without
@@ -337,25 +340,15 @@ class Mapping:
                 raise MappingError(
                     errno.ENOENT, f"hugetlbfs: no hugetlbfs mount with {page_size} byte pages"
                 )
-        path = os.path.join(directory, f"postcopy-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise MappingError(error.errno or errno.EINVAL, f"open {path}") from None
-        try:
-            os.ftruncate(fd, length)
-            flags = MAP_SHARED if shared else MAP_PRIVATE
-            address = _map(length, PROT_READ | PROT_WRITE, flags, fd, f"hugetlbfs {path}")
-        except OSError as error:
-            os.close(fd)
-            if isinstance(error, MappingError):
-                raise
+        if not os.path.isdir(directory):
+            raise MappingError(errno.ENOENT, f"open {directory}")
+        mapping = cls.file(directory, length, shared=shared)
+        if mapping.kind != "hugetlbfs" or mapping.page_size != page_size:
+            mapping.close()
             raise MappingError(
-                error.errno or errno.EINVAL, f"ftruncate {path}", None, length
-            ) from None
-        finally:
-            os.unlink(path)
-        return cls(address, length, page_size=page_size, kind="hugetlbfs", shared=shared, fd=fd)
+                errno.EINVAL, f"hugetlbfs: {directory} is not a mount of {page_size} byte pages"
+            )
+        return mapping
 
     def alias(self) -> Mapping:
         """A second MAP_SHARED mapping of the same memfd/hugetlbfs file, at another address.
@@ -450,6 +443,16 @@ class Mapping:
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             raise MappingError(ctypes.get_errno(), "fallocate PUNCH_HOLE", address, length)
 
+    def allocate(self, offset: int = 0, length: int | None = None) -> None:
+        """Give the backing file zeroed pages in the range where it has holes (fallocate
+        KEEP_SIZE), without mapping them here: the way to fill a page with zeros behind a
+        mapping registered for MINOR faults, which then needs only UFFDIO_CONTINUE."""
+        address, length = self._range(offset, length)
+        if self.fd is None:
+            raise MappingError(errno.EINVAL, "fallocate on anonymous memory", address, length)
+        if _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            raise MappingError(ctypes.get_errno(), "fallocate", address, length)
+
     def close(self) -> None:
         """Unmap and close the fd. Idempotent; views into the mapping become invalid."""
         if self._closed:
@@ -465,6 +468,10 @@ class Mapping:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.remove_on_close is not None:
+            path, self.remove_on_close = self.remove_on_close, None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if result != 0:
             raise MappingError(err, "munmap", self.address, self.length)
 

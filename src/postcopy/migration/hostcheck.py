@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from postcopy.linux import memory
+from postcopy.linux import hugepages, memory
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import (
     DEV_USERFAULTFD,
@@ -278,9 +278,9 @@ def _huge_pages(
     available: Feature, ram_page_sizes: tuple[int, ...], facts: dict[str, Any]
 ) -> CheckItem:
     base = memory.page_size()
-    huge_sizes = memory.huge_page_sizes()
-    mounts = memory.hugetlbfs_mounts()
-    pools = {size: memory.hugepages_reserved(size) for size in huge_sizes}
+    huge_sizes = hugepages.huge_page_sizes()
+    mounts = hugepages.hugetlbfs_mounts()
+    pools = {size: hugepages.hugepages_reserved(size) for size in huge_sizes}
     facts["huge_page_pools"] = [
         {
             "size": size,
@@ -352,11 +352,11 @@ def _page_checks(
     report: HostReport, ram_page_sizes: tuple[int, ...], target_page_size: int, shared_ram: bool
 ) -> None:
     base = memory.page_size()
-    thp = memory.transparent_hugepage_mode()
+    thp = hugepages.transparent_hugepage_mode()
     report.facts.update(
         base_page_size=base,
         transparent_hugepage=thp,
-        huge_page_sizes=memory.huge_page_sizes(),
+        huge_page_sizes=hugepages.huge_page_sizes(),
         ram_page_sizes=list(ram_page_sizes),
         target_page_size=target_page_size,
     )
@@ -365,7 +365,7 @@ def _page_checks(
             "page sizes",
             True,
             f"base page {base} B; THP {thp or 'absent'}; huge page sizes "
-            + (", ".join(_describe_size(size) for size in memory.huge_page_sizes()) or "none")
+            + (", ".join(_describe_size(size) for size in hugepages.huge_page_sizes()) or "none")
             + f"; RAM page sizes {', '.join(_describe_size(size) for size in ram_page_sizes)}",
             None,
             False,

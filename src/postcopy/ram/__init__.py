@@ -1,26 +1,34 @@
-"""RAM blocks, the RAM list and page bitmaps (numpy)."""
+"""RAM blocks, the RAM list, their backends and page bitmaps (numpy)."""
 
+from postcopy.ram.backend import BackendError, MemoryBackend, discard_range
 from postcopy.ram.bitmap import (
     Bitmap,
     all_set,
     clear_range,
+    fold,
     new_bitmap,
     runs,
     set_range,
     split_runs,
+    unfold,
     zero_pages,
 )
 from postcopy.ram.block import RamBlock, RamList
 
 __all__ = [
+    "BackendError",
     "Bitmap",
+    "MemoryBackend",
     "RamBlock",
     "RamList",
     "all_set",
     "clear_range",
+    "discard_range",
+    "fold",
     "new_bitmap",
     "runs",
     "set_range",
     "split_runs",
+    "unfold",
     "zero_pages",
 ]

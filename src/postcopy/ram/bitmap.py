@@ -51,6 +51,25 @@ def split_runs(
     return new_starts.astype(np.int64), new_lengths.astype(np.int64)
 
 
+def fold(bitmap: Bitmap, factor: int) -> Bitmap:
+    """A bitmap of small pages as one of pages `factor` times larger: a large page is set
+    if any of its small pages is (a partly dirty huge page is wholly dirty)."""
+    if factor == 1:
+        return bitmap
+    if factor <= 0 or bitmap.size % factor:
+        raise ValueError(f"{bitmap.size} pages do not fold into groups of {factor}")
+    return np.asarray(bitmap.reshape(-1, factor).any(axis=1), dtype=np.bool_)
+
+
+def unfold(bitmap: Bitmap, factor: int) -> Bitmap:
+    """The inverse view: each page repeated `factor` times (large pages to small ones)."""
+    if factor == 1:
+        return bitmap
+    if factor <= 0:
+        raise ValueError(f"cannot unfold by {factor}")
+    return np.repeat(bitmap, factor)
+
+
 def set_range(bitmap: Bitmap, first: int, count: int) -> None:
     _check_range(bitmap, first, count)
     bitmap[first : first + count] = True

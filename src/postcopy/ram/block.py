@@ -1,8 +1,10 @@
 """Named RAM blocks and the RAM list: the guest memory that migration moves.
 
 A RamBlock is one contiguous host mapping with a name (QEMU's idstr, e.g. "pc.ram"), a
-guest physical base address and a page size (4 KiB, or the huge page size of its backing).
-Offsets are bytes from the block's start; page numbers count the block's pages.
+guest physical base address, a backend (ram, memfd, memfd-hugetlb, file: see ram.backend)
+and a page size (4 KiB, or the huge page size of its backing: QEMU's host page size, the
+unit migration sends, discards and places). Offsets are bytes from the block's start;
+page numbers count the block's pages.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from postcopy.linux.memory import Mapping
+from postcopy.ram.backend import backend_name, describe, discard_range
 
 
 @dataclass(eq=False)
@@ -49,6 +52,25 @@ class RamBlock:
     @property
     def shared(self) -> bool:
         return self.mapping.shared
+
+    @property
+    def backend(self) -> str:
+        """ram, memfd, memfd-hugetlb or file (ram.backend)."""
+        return backend_name(self.mapping)
+
+    @property
+    def hugetlb(self) -> bool:
+        return self.mapping.hugetlb
+
+    def describe(self) -> str:
+        """ "pc.ram: memfd-hugetlb (2 MiB pages, shared)", for messages."""
+        return f"{self.name}: {describe(self.mapping)}"
+
+    def discard(self, first_page: int, count: int) -> None:
+        """Empty the pages so that their next touch faults (ram.backend.discard_range)."""
+        if first_page < 0 or count < 0 or first_page + count > self.pages:
+            raise IndexError(f"pages {first_page}+{count} outside RAM block {self.name!r}")
+        discard_range(self.mapping, first_page * self.page_size, count * self.page_size)
 
     @property
     def view(self) -> memoryview:
