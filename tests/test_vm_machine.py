@@ -478,3 +478,43 @@ def test_stop_waits_for_a_missing_page_table_page(
     wait_until(lambda: read_u64(destination, vcpu_page(0)) > saved + COUNTS_PER_PRINT)
     destination.stop()
     assert destination.vcpu_states() == ["parked"]
+
+
+# -- memory backends -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memfd", "memfd-hugetlb", "file"])
+def test_a_vm_runs_on_each_memory_backend_and_logs_dirty_pages_in_its_pages(
+    make_vm: VmFactory, backend: str, tmp_path: Any
+) -> None:
+    from postcopy.ram import MemoryBackend
+    from tests.hugepages import huge_pages, hugetlbfs_mount
+
+    pages = 2 * (RAM >> 21)  # source and destination
+    with hugetlbfs_mount(pages) if backend == "file" else huge_pages(pages) as pool_or_mount:
+        text = f"file:{pool_or_mount}" if backend == "file" else backend
+        vm, recorder = make_vm(vcpus=2, memory_backend=MemoryBackend.parse(text))
+        block = vm.ram[0]
+        huge = backend != "memfd"
+        assert block.backend == backend and block.page_size == (2 << 20 if huge else 4096)
+        assert vm.memory_backend == MemoryBackend.parse(text)
+        vm.start_dirty_log()
+        vm.cont()
+        wait_until(lambda: len(recorder.output()) >= 4)
+        vm.stop()
+        dirty = vm.sync_dirty_log()["pc.ram"]
+        assert dirty.size == block.pages
+        # the counters live in the second MiB: one huge page of the block, or two pages
+        written = {vcpu_page(0) // block.page_size, vcpu_page(1) // block.page_size}
+        assert written <= set(np.flatnonzero(dirty).tolist())
+        assert vm.save_state()["ram_blocks"] == [
+            {"name": "pc.ram", "size": RAM, "page_size": block.page_size, "backend": backend}
+        ]
+        destination, _ = make_vm(vcpus=2, incoming=True, memory_backend=MemoryBackend.parse(text))
+        copy_ram(vm, destination)
+        destination.load_state(vm.save_state())
+        stored = read_u64(vm, vcpu_page(0))
+        destination.cont()
+        wait_until(lambda: read_u64(destination, vcpu_page(0)) > stored)
+        destination.close()
+        vm.close()

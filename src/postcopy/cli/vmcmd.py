@@ -3,6 +3,7 @@
     postcopy vm run --guest memtouch --ram 1G --vcpus 2 --qmp /tmp/src.sock
     postcopy vm run --guest memtouch --ram 1G --vcpus 2 --qmp /tmp/dst.sock \\
         --incoming tcp:127.0.0.1:4444
+    postcopy vm run --guest memtouch --ram 1G --memory-backend memfd-hugetlb --qmp /tmp/h.sock
 
 The process lives until QMP `quit`, SIGTERM or Ctrl-C. A destination whose incoming
 migration fails exits with status 1 and the reason on stderr, freeing its RAM.
@@ -39,6 +40,21 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--ram", default="256M", help="RAM size, e.g. 256M, 1G (default 256M)")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument(
+        "--memory-backend",
+        default="ram",
+        metavar="BACKEND",
+        help="what RAM is made of, as QEMU's memory backends: ram (anonymous memory, the "
+        "default), memfd, memfd-hugetlb (2 MiB pages from the huge page pool), or file:PATH "
+        "(a file, or a new file in the directory PATH, e.g. a hugetlbfs mount)",
+    )
+    run.add_argument(
+        "--share",
+        nargs="?",
+        const="on",
+        choices=("on", "off"),
+        help="QEMU's share=on|off: map RAM shared (default: on for memfd backends, else off)",
+    )
     run.add_argument(
         "--guest-cpl",
         type=int,
@@ -156,12 +172,16 @@ def run_vm(args: argparse.Namespace) -> int:
     )
     from postcopy.qmp.monitor import VmMonitor
     from postcopy.qmp.server import QmpServer
+    from postcopy.ram import MemoryBackend
     from postcopy.transport import AuthConfig
     from postcopy.vm.machine import MicroVM
 
     try:
         image, params, guest_name = _guest_params(args)
         ram_size = parse_size(args.ram)
+        backend = MemoryBackend.parse(
+            args.memory_backend, None if args.share is None else args.share == "on"
+        )
         auth = AuthConfig.from_file(args.key) if args.key else None
         tls_server, tls_client = _tls_configs(args)
     except (ValueError, OSError) as error:
@@ -187,6 +207,7 @@ def run_vm(args: argparse.Namespace) -> int:
             params=params,
             incoming=args.incoming is not None,
             cpl=args.guest_cpl,
+            memory_backend=backend,
             console=console,
             on_event=lambda name, data: server.emit_event(name, data or None),
         )

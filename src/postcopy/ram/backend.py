@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from postcopy.linux.hugepages import HUGE_PAGE_2M, hugepages_reserved
-from postcopy.linux.memory import Advice, Mapping, MappingError
+from postcopy.linux.memory import TMPFS_MAGIC, Advice, Mapping, MappingError, filesystem_type
 
 BACKEND_KINDS = ("ram", "memfd", "memfd-hugetlb", "file")
 
@@ -134,6 +134,24 @@ def backend_name(mapping: Mapping) -> str:
     if mapping.kind == "memfd":
         return "memfd-hugetlb" if mapping.hugetlb else "memfd"
     return "file"
+
+
+MEMORY_TYPES = ("anonymous", "shmem", "hugetlb", "other")
+
+
+def memory_type(mapping: Mapping) -> str:
+    """What the kernel's userfaultfd sees: "anonymous" (private anonymous memory), "shmem"
+    (a memfd, shared anonymous memory, a file on tmpfs), "hugetlb" (a hugetlb memfd, a
+    file on hugetlbfs) or "other" (a file elsewhere, which userfaultfd cannot serve)."""
+    if mapping.hugetlb:
+        return "hugetlb"
+    if mapping.kind == "anonymous":
+        return "shmem" if mapping.shared else "anonymous"
+    if mapping.kind == "memfd":
+        return "shmem"
+    if mapping.fd is not None and filesystem_type(mapping.fd) == TMPFS_MAGIC:
+        return "shmem"
+    return "other"
 
 
 def describe(mapping: Mapping) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from postcopy.linux.memory import Mapping
-from postcopy.ram.backend import backend_name, describe, discard_range
+from postcopy.ram.backend import backend_name, describe, discard_range, memory_type
 
 
 @dataclass(eq=False)
@@ -61,6 +61,11 @@ class RamBlock:
     @property
     def hugetlb(self) -> bool:
         return self.mapping.hugetlb
+
+    @property
+    def memory_type(self) -> str:
+        """anonymous, shmem, hugetlb or other: what userfaultfd sees (ram.backend)."""
+        return memory_type(self.mapping)
 
     def describe(self) -> str:
         """ "pc.ram: memfd-hugetlb (2 MiB pages, shared)", for messages."""

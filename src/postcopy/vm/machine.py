@@ -2,8 +2,10 @@
 
 `MicroVM` implements `postcopy.migration.machine.Machine`, the whole of what migration needs
 of a VM. Its guest ABI (where the image goes, what the registers hold, the ports) is in
-`postcopy.vm.layout`. RAM is one RamBlock "pc.ram" at guest physical 0: private anonymous
-memory in KVM memory slot 0.
+`postcopy.vm.layout`. RAM is one RamBlock "pc.ram" at guest physical 0 in KVM memory slot 0,
+made by its memory backend (postcopy.ram.backend: private anonymous memory by default, or a
+memfd, a hugetlb memfd, a file). KVM logs dirty pages at 4 KiB; `sync_dirty_log` reports
+them in the block's pages, so a partly dirty huge page is wholly dirty.
 
 Statuses are QEMU's RunState names: "prelaunch" (created, not started), "running",
 "paused", "inmigrate" (incoming, waiting for state), "postmigrate" (source after a
@@ -36,7 +38,7 @@ from postcopy.linux import kvm_abi
 from postcopy.linux.kvm import Kvm, KvmVcpu, KvmVm, dirty_bitmap_words
 from postcopy.linux.kvm_abi import Capability
 from postcopy.linux.memory import Mapping
-from postcopy.ram import Bitmap, RamBlock, RamList
+from postcopy.ram import Bitmap, MemoryBackend, RamBlock, RamList, fold
 from postcopy.vm import layout
 from postcopy.vm.vcpu import VcpuState, VcpuThread
 
@@ -92,6 +94,7 @@ class MicroVM:
         params: Sequence[int] = (),
         incoming: bool = False,
         cpl: int = 3,
+        memory_backend: MemoryBackend | None = None,
         console: ConsoleCallback | None = None,
         on_event: EventCallback | None = None,
     ) -> None:
@@ -104,6 +107,7 @@ class MicroVM:
                 raise ValueError("a VM that is not incoming needs a guest image")
             layout.check_image(image, params)
         self._ram_size = ram_size
+        self._backend = memory_backend or MemoryBackend()
         self._vcpu_count = vcpus
         self._incoming = incoming
         self._console_callback = console
@@ -148,7 +152,7 @@ class MicroVM:
                 manual & (kvm_abi.MANUAL_PROTECT_ENABLE | kvm_abi.DIRTY_LOG_INITIALLY_SET),
             )
         self._vm.set_tss_addr(layout.TSS_ADDRESS)
-        self._mapping = Mapping.anonymous(self._ram_size)
+        self._mapping = self._backend.allocate(self._ram_size, RAM_BLOCK_NAME)
         self._ram = RamList(
             [RamBlock(RAM_BLOCK_NAME, self._mapping, guest_physical=0, kvm_slot=RAM_SLOT)]
         )
@@ -192,6 +196,10 @@ class MicroVM:
     @property
     def ram_size(self) -> int:
         return self._ram_size
+
+    @property
+    def memory_backend(self) -> MemoryBackend:
+        return self._backend
 
     @property
     def running(self) -> bool:
@@ -286,7 +294,9 @@ class MicroVM:
             self._collect_dirty(rearm)
             pages = self._ram_size // layout.PAGE_SIZE
             bits = np.unpackbits(self._dirty_words.view(np.uint8), bitorder="little", count=pages)
-            return {RAM_BLOCK_NAME: bits.view(np.bool_)}
+            block = self._ram.by_name(RAM_BLOCK_NAME)
+            # KVM logs 4 KiB pages; the block's page (a huge page) is dirty if any part is
+            return {RAM_BLOCK_NAME: fold(bits.view(np.bool_), block.page_size // layout.PAGE_SIZE)}
 
     def stop_dirty_log(self) -> None:
         with self._dirty_lock:
@@ -325,7 +335,12 @@ class MicroVM:
             "ram_size": self._ram_size,
             "vcpus": self._vcpu_count,
             "ram_blocks": [
-                {"name": block.name, "size": block.length, "page_size": block.page_size}
+                {
+                    "name": block.name,
+                    "size": block.length,
+                    "page_size": block.page_size,
+                    "backend": block.backend,
+                }
                 for block in self._ram
             ],
             "console": console,
