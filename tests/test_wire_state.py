@@ -33,7 +33,6 @@ from postcopy.wire import (
 )
 from postcopy.wire.messages import MAIN_MESSAGES
 
-S = IncomingState
 HANDSHAKE = Handshake(frozenset(), (BlockInfo("ram", 1 << 20, 4096),), 1)
 
 SAMPLES: dict[type, Message] = {
@@ -55,30 +54,56 @@ SAMPLES: dict[type, Message] = {
 }
 
 PATHS: dict[IncomingState, tuple[type, ...]] = {
-    S.NONE: (),
-    S.ADVISE: (Advise,),
-    S.DISCARD: (Advise, Discard),
-    S.LISTENING: (Advise, Listen),
-    S.RUNNING: (Advise, Listen, Run),
-    S.END: (Advise, Listen, Run, PostcopyComplete),
+    IncomingState.NONE: (),
+    IncomingState.ADVISE: (Advise,),
+    IncomingState.DISCARD: (Advise, Discard),
+    IncomingState.LISTENING: (Advise, Listen),
+    IncomingState.RUNNING: (Advise, Listen, Run),
+    IncomingState.END: (Advise, Listen, Run, PostcopyComplete),
 }
 
 # The specification, written independently of the table in state.py.
-LIVE = (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING, S.RUNNING)
+LIVE = (
+    IncomingState.NONE,
+    IncomingState.ADVISE,
+    IncomingState.DISCARD,
+    IncomingState.LISTENING,
+    IncomingState.RUNNING,
+)
 SPEC: dict[type, dict[IncomingState, IncomingState]] = {
-    RamRun: {S.NONE: S.NONE, S.ADVISE: S.ADVISE, S.LISTENING: S.LISTENING, S.RUNNING: S.RUNNING},
-    EndOfRound: {S.NONE: S.NONE, S.ADVISE: S.ADVISE},
-    DeviceState: {S.NONE: S.NONE, S.ADVISE: S.ADVISE},
-    PrecopyComplete: {S.NONE: S.END, S.ADVISE: S.END},
-    Advise: {S.NONE: S.ADVISE},
-    Discard: {S.ADVISE: S.DISCARD, S.DISCARD: S.DISCARD},
-    Listen: {S.ADVISE: S.LISTENING, S.DISCARD: S.LISTENING},
-    Package: {S.LISTENING: S.RUNNING},
-    Run: {S.LISTENING: S.RUNNING},
-    PostcopyComplete: {S.RUNNING: S.END},
-    ResumeRequest: {S.RUNNING: S.RUNNING},
-    RecvBitmapRequest: {S.RUNNING: S.RUNNING},
-    PostcopyResume: {S.RUNNING: S.RUNNING},
+    RamRun: {
+        IncomingState.NONE: IncomingState.NONE,
+        IncomingState.ADVISE: IncomingState.ADVISE,
+        IncomingState.LISTENING: IncomingState.LISTENING,
+        IncomingState.RUNNING: IncomingState.RUNNING,
+    },
+    EndOfRound: {
+        IncomingState.NONE: IncomingState.NONE,
+        IncomingState.ADVISE: IncomingState.ADVISE,
+    },
+    DeviceState: {
+        IncomingState.NONE: IncomingState.NONE,
+        IncomingState.ADVISE: IncomingState.ADVISE,
+    },
+    PrecopyComplete: {
+        IncomingState.NONE: IncomingState.END,
+        IncomingState.ADVISE: IncomingState.END,
+    },
+    Advise: {IncomingState.NONE: IncomingState.ADVISE},
+    Discard: {
+        IncomingState.ADVISE: IncomingState.DISCARD,
+        IncomingState.DISCARD: IncomingState.DISCARD,
+    },
+    Listen: {
+        IncomingState.ADVISE: IncomingState.LISTENING,
+        IncomingState.DISCARD: IncomingState.LISTENING,
+    },
+    Package: {IncomingState.LISTENING: IncomingState.RUNNING},
+    Run: {IncomingState.LISTENING: IncomingState.RUNNING},
+    PostcopyComplete: {IncomingState.RUNNING: IncomingState.END},
+    ResumeRequest: {IncomingState.RUNNING: IncomingState.RUNNING},
+    RecvBitmapRequest: {IncomingState.RUNNING: IncomingState.RUNNING},
+    PostcopyResume: {IncomingState.RUNNING: IncomingState.RUNNING},
     Ping: {state: state for state in LIVE},
 }
 
@@ -103,7 +128,7 @@ def test_table_is_the_specification() -> None:
     }
     assert table == SPEC
     assert set(TRANSITIONS) == set(IncomingState)
-    assert TRANSITIONS[S.END] == {}
+    assert TRANSITIONS[IncomingState.END] == {}
 
 
 @pytest.mark.parametrize(
@@ -126,9 +151,9 @@ def test_every_state_and_event(state: IncomingState, event: type) -> None:
 
 def test_error_lists_the_states_where_the_event_is_legal() -> None:
     with pytest.raises(ProtocolError, match=r"\(legal in: ADVISE, DISCARD\)$"):
-        machine_in(S.NONE).process(SAMPLES[Discard])
+        machine_in(IncomingState.NONE).process(SAMPLES[Discard])
     with pytest.raises(ProtocolError, match=r"\(legal in: no state\)$"):
-        machine_in(S.NONE).process(RunLike())  # type: ignore[arg-type]
+        machine_in(IncomingState.NONE).process(RunLike())  # type: ignore[arg-type]
 
 
 class RunLike:
@@ -140,7 +165,7 @@ def test_handshake_only_first() -> None:
     assert not machine.handshake_seen
     with pytest.raises(ProtocolError, match="must begin with a Handshake"):
         machine.process(SAMPLES[RamRun])
-    assert machine.process(HANDSHAKE) is S.NONE
+    assert machine.process(HANDSHAKE) is IncomingState.NONE
     assert machine.handshake_seen
     for state in IncomingState:
         with pytest.raises(ProtocolError, match=r"^Handshake is illegal .* one Handshake"):
@@ -149,16 +174,16 @@ def test_handshake_only_first() -> None:
 
 def test_ram_run_header_counts_as_ram_run() -> None:
     header = RamRunHeader(0, 0, np.ones(1, dtype=bool), 0)
-    assert machine_in(S.LISTENING).process(header) is S.LISTENING
+    assert machine_in(IncomingState.LISTENING).process(header) is IncomingState.LISTENING
     with pytest.raises(ProtocolError, match=r"^RamRun is illegal"):
-        machine_in(S.DISCARD).process(header)
+        machine_in(IncomingState.DISCARD).process(header)
 
 
 def test_full_paths() -> None:
     precopy = IncomingStateMachine()
     for message in (HANDSHAKE, SAMPLES[RamRun], EndOfRound(1), DeviceState(b""), PrecopyComplete()):
         precopy.process(message)
-    assert precopy.state is S.END
+    assert precopy.state is IncomingState.END
     hybrid = IncomingStateMachine()
     path: list[Message] = [
         HANDSHAKE,
@@ -178,6 +203,10 @@ def test_full_paths() -> None:
         PostcopyComplete(),
     ]
     states = [hybrid.process(message) for message in path]
-    assert states[-1] is S.END
-    assert S.DISCARD in states and S.LISTENING in states and S.RUNNING in states
+    assert states[-1] is IncomingState.END
+    assert (
+        IncomingState.DISCARD in states
+        and IncomingState.LISTENING in states
+        and IncomingState.RUNNING in states
+    )
     assert repr(hybrid) == "<IncomingStateMachine END>"

@@ -22,7 +22,7 @@ from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
 from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig
-from postcopy.vm.machine import MicroVM
+from postcopy.vm.machine import MicroVM, RunState
 from postcopy.vm.verify import verify
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class VmMonitor:
     # -- run state -------------------------------------------------------------------------------
 
     def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"status": self.vm.status, "running": self.vm.running, "singlestep": False}
+        return {"status": self.vm.status.value, "running": self.vm.running, "singlestep": False}
 
     def stop(self, args: dict[str, Any]) -> None:
         if self._postcopy_incoming_active():
@@ -174,7 +174,7 @@ class VmMonitor:
                 # A VM that arrived by migration is a VM like any other once its incoming
                 # migration has completed: it can move on (chains A -> B -> C).
                 raise QmpError("Guest is waiting for an incoming migration")
-            if self.vm.status in ("shutdown", "internal-error"):
+            if self.vm.status in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise QmpError(f"the VM is in state {self.vm.status} and cannot migrate")
             auth = self.auth
             if self.parameters.x_key_file:
@@ -202,7 +202,7 @@ class VmMonitor:
         with self._lock:
             if self.incoming is not None:
                 raise QmpError("The incoming migration has already been started")
-            if self.vm.status != "inmigrate":
+            if self.vm.status != RunState.INMIGRATE:
                 raise QmpError(
                     "migrate-incoming is only allowed on a VM started with --incoming defer"
                 )

@@ -7,10 +7,11 @@ made by its memory backend (postcopy.ram.backend: private anonymous memory by de
 memfd, a hugetlb memfd, a file). KVM logs dirty pages at 4 KiB; `sync_dirty_log` reports
 them in the block's pages, so a partly dirty huge page is wholly dirty.
 
-Statuses are QEMU's RunState names: "prelaunch" (created, not started), "running",
-"paused", "inmigrate" (incoming, waiting for state), "postmigrate" (source after a
-completed migration, see `mark_postmigrate`), "shutdown" (every vCPU said it was done)
-and "internal-error" (a vCPU triple-faulted or KVM failed; the others are stopped).
+The status is a `RunState`, named as QEMU's RunState (what query-status reports): prelaunch
+(created, not started), running, paused, inmigrate (incoming, waiting for state),
+postmigrate (source after a completed migration, see `mark_postmigrate`), shutdown (every
+vCPU said it was done) and internal-error (a vCPU triple-faulted or KVM failed; the others
+are stopped).
 `on_event(name, data)` receives QEMU's events: "STOP" and "RESUME" (data {}), and
 "SHUTDOWN" ({"guest": True, "reason": "guest-shutdown"}). After an internal error "STOP"
 is emitted too and `error` says what happened. Callbacks (`console`, `on_event`) run on
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import enum
 import logging
 import threading
 import time
@@ -67,15 +69,24 @@ SAVED_MSRS = (
     0xC0000103,
 )
 
-STATUSES = (
-    "prelaunch",
-    "running",
-    "paused",
-    "inmigrate",
-    "postmigrate",
-    "shutdown",
-    "internal-error",
-)
+
+class RunState(enum.StrEnum):
+    """The VM's status, by QEMU's RunState names (a StrEnum: query-status sends the name).
+
+    Only the states this VM reaches: it has no finish-migrate (a source stopped for the
+    switchover is paused until `mark_postmigrate`), no save-vm or restore-vm, no suspend.
+    """
+
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"
+    POSTMIGRATE = "postmigrate"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
+
+
+_STOPPED_FOR_GOOD = frozenset({RunState.SHUTDOWN, RunState.INTERNAL_ERROR})
 
 ConsoleCallback = Callable[[bytes], None]
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -117,7 +128,7 @@ class MicroVM:
         self._dirty_lock = threading.Lock()
         self._console_bytes = 0
         self._console_tail = bytearray()
-        self._status = "inmigrate" if incoming else "prelaunch"
+        self._status = RunState.INMIGRATE if incoming else RunState.PRELAUNCH
         self._error = ""
         self._closed = False
         self._has_run = False
@@ -203,10 +214,10 @@ class MicroVM:
 
     @property
     def running(self) -> bool:
-        return self._status == "running"
+        return self._status == RunState.RUNNING
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunState:
         return self._status
 
     @property
@@ -246,8 +257,8 @@ class MicroVM:
                     f"vCPUs {stuck} still in KVM_RUN after {timeout} s "
                     "(waiting for a missing page?)"
                 )
-            if self._status == "running":
-                self._status = "paused"
+            if self._status == RunState.RUNNING:
+                self._status = RunState.PAUSED
                 events.append(("STOP", {}))
         self._emit_all(events)
         return time.perf_counter() - started
@@ -256,21 +267,21 @@ class MicroVM:
         """Start or resume every vCPU that is not done."""
         with self._condition:
             self._check_open()
-            if self._status == "running":
+            if self._status == RunState.RUNNING:
                 # Withdraw what a timed-out stop() asked of vCPUs that have not parked yet.
                 for thread in self._threads:
                     thread.request_run()
                 return
-            if self._status in ("shutdown", "internal-error"):
+            if self._status in _STOPPED_FOR_GOOD:
                 raise RuntimeError(
-                    f"cannot resume a VM in status {self._status!r}"
+                    f"cannot resume a VM in status '{self._status}'"
                     + (f": {self._error}" if self._error else "")
                 )
-            if self._status == "inmigrate":
+            if self._status == RunState.INMIGRATE:
                 raise RuntimeError("an incoming VM runs only after load_state()")
             for thread in self._threads:
                 thread.request_run()
-            self._status = "running"
+            self._status = RunState.RUNNING
             self._has_run = True
         self._emit("RESUME", {})
 
@@ -322,7 +333,7 @@ class MicroVM:
         """vCPU and VM state of a stopped VM as JSON-able plain data."""
         with self._condition:
             self._check_open()
-            if self._status == "running" or any(t.active for t in self._threads):
+            if self._status == RunState.RUNNING or any(t.active for t in self._threads):
                 raise RuntimeError("save_state() needs a stopped VM: call stop() first")
             cpus = [
                 self._save_vcpu(vcpu, thread)
@@ -373,9 +384,9 @@ class MicroVM:
             self._check_open()
             if not self._incoming:
                 raise RuntimeError("load_state() needs a VM created with incoming=True")
-            if self._has_run or self._status not in ("inmigrate", "paused"):
+            if self._has_run or self._status not in (RunState.INMIGRATE, RunState.PAUSED):
                 raise RuntimeError(
-                    f"load_state() on a VM in status {self._status!r} that has already run"
+                    f"load_state() on a VM in status '{self._status}' that has already run"
                 )
             self._check_state_matches(state)
             for vcpu, saved in zip(self._vcpus, state["cpus"], strict=True):
@@ -384,7 +395,9 @@ class MicroVM:
                 if saved["done"]:
                     thread.mark_done()
             self._status = (
-                "shutdown" if all(t.state is VcpuState.DONE for t in self._threads) else "paused"
+                RunState.SHUTDOWN
+                if all(t.state is VcpuState.DONE for t in self._threads)
+                else RunState.PAUSED
             )
         with self._console_lock:
             self._console_bytes = int(state.get("console", {}).get("bytes", 0))
@@ -429,17 +442,17 @@ class MicroVM:
     def mark_postmigrate(self) -> None:
         """The source's status after a completed migration (QEMU's "postmigrate")."""
         with self._condition:
-            if self._status == "running":
+            if self._status == RunState.RUNNING:
                 raise RuntimeError("postmigrate needs a stopped VM")
-            self._status = "postmigrate"
+            self._status = RunState.POSTMIGRATE
 
     def wait_shutdown(self, timeout: float | None = None) -> bool:
         """Wait until every vCPU is done; False on timeout or after an internal error."""
         with self._condition:
             self._condition.wait_for(
-                lambda: self._status in ("shutdown", "internal-error") or self._closed, timeout
+                lambda: self._status in _STOPPED_FOR_GOOD or self._closed, timeout
             )
-            return self._status == "shutdown"
+            return self._status == RunState.SHUTDOWN
 
     def vcpu_states(self) -> list[str]:
         with self._condition:
@@ -504,7 +517,7 @@ class MicroVM:
 
     def __repr__(self) -> str:
         return (
-            f"MicroVM(ram_size={self._ram_size}, vcpus={self._vcpu_count}, status={self._status!r})"
+            f"MicroVM(ram_size={self._ram_size}, vcpus={self._vcpu_count}, status='{self._status}')"
         )
 
     # -- internals ---------------------------------------------------------------------
@@ -526,18 +539,18 @@ class MicroVM:
     def _on_final_state(self, index: int, state: VcpuState, detail: str) -> Events:
         """A vCPU thread ended as DONE or FAILED (called with the condition held)."""
         if state is VcpuState.FAILED:
-            if self._status == "internal-error":
+            if self._status == RunState.INTERNAL_ERROR:
                 return []
             self._error = detail or f"vCPU {index} failed"
             log.error("internal error: %s", self._error)
             for thread in self._threads:
                 if thread.index != index and thread.state in (VcpuState.PARKED, VcpuState.RUNNING):
                     thread.request_park()
-            was_running = self._status == "running"
-            self._status = "internal-error"
+            was_running = self._status == RunState.RUNNING
+            self._status = RunState.INTERNAL_ERROR
             return [("STOP", {})] if was_running else []
         if all(thread.state is VcpuState.DONE for thread in self._threads):
-            self._status = "shutdown"
+            self._status = RunState.SHUTDOWN
             return [("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})]
         return []
 
@@ -572,4 +585,4 @@ def copy_ram(source: MicroVM, destination: MicroVM) -> None:
         ctypes.memmove(theirs.host_address, mine.host_address, mine.length)
 
 
-__all__ = ["STATUSES", "MicroVM", "copy_ram"]
+__all__ = ["MicroVM", "RunState", "copy_ram"]

@@ -58,50 +58,48 @@ class IncomingState(enum.Enum):
     """The migration is over (postcopy complete, or precopy-only switchover done)."""
 
 
-_S = IncomingState
-
 TRANSITIONS: Final[Mapping[IncomingState, Mapping[type, IncomingState]]] = MappingProxyType(
     {
-        _S.NONE: {
-            RamRun: _S.NONE,
-            EndOfRound: _S.NONE,
-            DeviceState: _S.NONE,
-            PrecopyComplete: _S.END,
-            Advise: _S.ADVISE,
-            Ping: _S.NONE,
+        IncomingState.NONE: {
+            RamRun: IncomingState.NONE,
+            EndOfRound: IncomingState.NONE,
+            DeviceState: IncomingState.NONE,
+            PrecopyComplete: IncomingState.END,
+            Advise: IncomingState.ADVISE,
+            Ping: IncomingState.NONE,
         },
-        _S.ADVISE: {
-            RamRun: _S.ADVISE,
-            EndOfRound: _S.ADVISE,
-            DeviceState: _S.ADVISE,
-            PrecopyComplete: _S.END,
-            Discard: _S.DISCARD,
-            Listen: _S.LISTENING,
-            Ping: _S.ADVISE,
+        IncomingState.ADVISE: {
+            RamRun: IncomingState.ADVISE,
+            EndOfRound: IncomingState.ADVISE,
+            DeviceState: IncomingState.ADVISE,
+            PrecopyComplete: IncomingState.END,
+            Discard: IncomingState.DISCARD,
+            Listen: IncomingState.LISTENING,
+            Ping: IncomingState.ADVISE,
         },
-        _S.DISCARD: {
-            Discard: _S.DISCARD,
-            Listen: _S.LISTENING,
-            Ping: _S.DISCARD,
+        IncomingState.DISCARD: {
+            Discard: IncomingState.DISCARD,
+            Listen: IncomingState.LISTENING,
+            Ping: IncomingState.DISCARD,
         },
-        _S.LISTENING: {
-            RamRun: _S.LISTENING,
-            Package: _S.RUNNING,
-            Run: _S.RUNNING,
-            Ping: _S.LISTENING,
+        IncomingState.LISTENING: {
+            RamRun: IncomingState.LISTENING,
+            Package: IncomingState.RUNNING,
+            Run: IncomingState.RUNNING,
+            Ping: IncomingState.LISTENING,
         },
-        _S.RUNNING: {
-            RamRun: _S.RUNNING,
-            PostcopyComplete: _S.END,
+        IncomingState.RUNNING: {
+            RamRun: IncomingState.RUNNING,
+            PostcopyComplete: IncomingState.END,
             # Recovery after a broken connection: the source reconnects and these arrive
             # while the guest keeps running on the destination (QEMU's postcopy-paused is a
             # migration status, not a PostcopyState). Their order is the migration's concern.
-            ResumeRequest: _S.RUNNING,
-            RecvBitmapRequest: _S.RUNNING,
-            PostcopyResume: _S.RUNNING,
-            Ping: _S.RUNNING,
+            ResumeRequest: IncomingState.RUNNING,
+            RecvBitmapRequest: IncomingState.RUNNING,
+            PostcopyResume: IncomingState.RUNNING,
+            Ping: IncomingState.RUNNING,
         },
-        _S.END: {},
+        IncomingState.END: {},
     }
 )
 """(state, message type) -> next state. A pair not listed is a protocol error.
