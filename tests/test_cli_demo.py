@@ -221,7 +221,7 @@ def test_demo_with_a_vm_that_cannot_start_is_one_line_and_clean(tmp_path: Path) 
 def test_bad_arguments_are_one_line() -> None:
     for args, text in (
         (["--ram", "lots"], "lots"),
-        (["--max-bandwidth", "x"], "'x'"),
+        (["--max-bandwidth", "x"], '"x" is not a size'),
         (["--guest", "nosuch"], "unknown guest"),
         (["--vcpus", "0"], "--vcpus"),
     ):

@@ -1,16 +1,14 @@
 """Test helper: a `postcopy vm run` process driven over QMP with qemu.qmp's sync client.
 
-Every process started here is ended by its PID when the test ends, even on failure.
+The process is started and awaited by the package's own toolkit (postcopy.tools.vmchild,
+as the demo and the bench do); the tests then drive it with a third-party client, as a
+user's management code would. Every process started here is ended by its PID when the
+test ends, even on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,52 +17,30 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from postcopy.tools.vmchild import VmChild, VmChildError, free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["QmpCommandError", "VmProcess", "free_port", "vm_processes"]
 
 
 class VmProcess:
     def __init__(self, workdir: Path, name: str, *args: str) -> None:
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.stderr_path = workdir / f"{name}.stderr"
-        self.console_path = workdir / f"{name}.console"
-        command = [
-            sys.executable,
-            "-m",
-            "postcopy",
-            "vm",
-            "run",
-            "--qmp",
-            self.qmp_path,
-            "--console",
-            str(self.console_path),
-            *args,
-        ]
-        self._stderr = self.stderr_path.open("wb")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        self.child = VmChild(name, workdir, args)
+        self.process = self.child.process
+        self.qmp_path = str(self.child.qmp_path)
+        self.stderr_path = self.child.stderr_path
+        self.console_path = self.child.console_path
+        try:
+            self.child.wait_until_ready()
+        except VmChildError as error:
+            raise RuntimeError(f"{error}\nstderr: {self.stderr()}") from None
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited {self.process.returncode}: {self.stderr()}")
-            if os.path.exists(self.qmp_path):
-                try:
-                    self.qmp.connect(negotiate=True)
-                    break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: no QMP socket after 30 s: {self.stderr()}")
-            time.sleep(0.05)
+        self.qmp.connect(negotiate=True)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.child.stderr_tail(100_000)
 
     def console(self) -> bytes:
-        return self.console_path.read_bytes() if self.console_path.exists() else b""
+        return self.child.console()
 
     def cmd(self, name: str, **args: Any) -> Any:
         response = self.qmp.cmd_raw(name, args or None)
@@ -88,14 +64,7 @@ class VmProcess:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.qmp.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._stderr.close()
+        self.child.end()
 
 
 class QmpCommandError(RuntimeError):

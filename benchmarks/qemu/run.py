@@ -33,6 +33,9 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from postcopy.tools.signals import handling
+from postcopy.units import parse_size
+
 HERE = Path(__file__).resolve().parent
 GiB = 1 << 30
 FOUR_GIB = 4 * GiB
@@ -78,14 +81,6 @@ interrupted_by: int | None = None
 def check_interrupted() -> None:
     if interrupted_by is not None:
         raise Interrupted(f"signal {interrupted_by}")
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def guest_ram_ranges(ram_bytes: int) -> tuple[int, int]:
@@ -467,13 +462,8 @@ def cleanup_on_signals() -> Iterator[None]:
             if process.poll() is None:
                 process.terminate()
 
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
+    with handling(handler, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def main() -> int:

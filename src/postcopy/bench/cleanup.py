@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-log = logging.getLogger(__name__)
+from postcopy.tools.signals import signals_ignored
+from postcopy.tools.vmchild import end_process
 
-TERMINATE_GRACE = 10.0
+log = logging.getLogger(__name__)
 
 
 class Cleanup:
@@ -62,55 +60,6 @@ class Cleanup:
                     release()
                 except Exception as error:
                     log.warning("cleanup of %s failed: %s", what, error)
-
-
-def end_process(process: subprocess.Popen[bytes], grace: float = TERMINATE_GRACE) -> None:
-    """SIGTERM the process by its PID, then SIGKILL if it does not exit within `grace`."""
-    if process.poll() is not None:
-        return
-    try:
-        process.send_signal(signal.SIGTERM)
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        log.warning("pid %d ignored SIGTERM for %.0f s: killing it", process.pid, grace)
-        process.kill()
-        process.wait(grace)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-@contextmanager
-def _handling(handler: signal.Handlers | Callable[[int, FrameType | None], None]) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` while inside; the previous handlers after."""
-    previous = {
-        signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-@contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGTERM (and SIGINT) raise KeyboardInterrupt in the main thread while inside."""
-    with _handling(_interrupt):
-        yield
-
-
-@contextmanager
-def signals_ignored() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM while releasing resources (only possible in the main thread)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    with _handling(signal.SIG_IGN):
-        yield
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,8 +16,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from postcopy.bench.cleanup import Cleanup, end_process
+from postcopy.bench.cleanup import Cleanup
 from postcopy.bench.link import Link, Side
+from postcopy.tools.vmchild import end_process
 
 PROBE = (sys.executable, "-m", "postcopy.bench.probe")
 

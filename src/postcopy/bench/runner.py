@@ -18,16 +18,13 @@ derives the figures, ratios and target verdicts from it.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.bench.analysis import analyse
-from postcopy.bench.cleanup import Cleanup, end_process
+from postcopy.bench.cleanup import Cleanup
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
 from postcopy.bench.procinfo import (
@@ -48,14 +45,20 @@ from postcopy.bench.procinfo import (
     wait_for_quiet_host,
 )
 from postcopy.bench.profile import Profiler
-from postcopy.bench.qmpclient import QmpClient, QmpError
 from postcopy.bench.scenarios import Scenario
+from postcopy.tools.qmpclient import QmpClientError
+from postcopy.tools.vmchild import VmChild, VmChildError, free_port
+from postcopy.tools.watch import (
+    FINAL_STATUSES,
+    Poll,
+    WatchTimeout,
+    query_migrate,
+    watch_until_final,
+)
 from postcopy.transport import AuthConfig
 
 SCHEMA = 2  # 2: limits.fill_rate is the first (fresh-memory) pass; warm_fill_rate added
-FINAL = frozenset({"completed", "failed", "cancelled"})
 WARMUP_TIMEOUT = 300.0
-VM_COMMAND = (sys.executable, "-m", "postcopy", "vm", "run")
 
 
 class RunError(RuntimeError):
@@ -101,69 +104,23 @@ def host_info() -> dict[str, Any]:
     return info
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class VmHandle:
-    """A `postcopy vm run` process on one side of the link, with its files and QMP."""
+class VmHandle(VmChild):
+    """A `postcopy vm run` process on one side of the link, with its files and QMP; its
+    end is on the run's Cleanup from the moment it exists."""
 
     def __init__(
         self, cleanup: Cleanup, side: Side, directory: Path, name: str, args: list[str]
     ) -> None:
-        self.name = name
-        self.qmp_path = directory / f"{name}.qmp"
-        self.console_path = directory / f"{name}.console"
-        self.stderr_path = directory / f"{name}.stderr"
-        stderr = self.stderr_path.open("wb")
-        cleanup.push(f"{name} stderr file", stderr.close)
-        argv = [
-            *VM_COMMAND,
-            "--qmp",
-            str(self.qmp_path),
-            "--console",
-            str(self.console_path),
-            *args,
-        ]
-        self.process = cleanup.spawn(side.command(argv), stderr=stderr, name=name)
+        super().__init__(name, directory, args, wrap=side.command)
+        cleanup.push(f"process {name} (pid {self.pid})", self.end)
         try:
-            self.qmp = QmpClient.connect(str(self.qmp_path), process=self.process)
-        except (ConnectionError, TimeoutError) as error:
-            raise RunError(f"{name}: {error}: {self.stderr_tail()}") from error
-        cleanup.push(f"{name} QMP connection", self.qmp.close)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def console(self) -> bytes:
-        try:
-            return self.console_path.read_bytes()
-        except FileNotFoundError:
-            return b""
-
-    def stderr_tail(self, limit: int = 3000) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-limit:]
-        except FileNotFoundError:
-            return ""
+            self.qmp = self.connect(60.0, client_timeout=30.0)
+        except VmChildError as error:
+            raise RunError(f"{error}: {self.stderr_tail()}") from None
 
     def query(self) -> dict[str, Any] | None:
         """query-migrate, or None once the process or its QMP connection is gone."""
-        try:
-            return dict(self.qmp.cmd("query-migrate"))
-        except (OSError, ConnectionError, QmpError):
-            return None
-
-    def quit(self) -> None:
-        with contextlib.suppress(OSError, ConnectionError, QmpError):
-            self.qmp.cmd("quit")
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            end_process(self.process)
+        return query_migrate(self.qmp)
 
 
 def _wait_for(
@@ -226,9 +183,9 @@ class Series:
         for key, field in SERIES_DESTINATION.items():
             self.columns[key].append(dst.get(field))
         # each side's own clock starts at its migration start; total-time places it on ours
-        if src.get("status") not in FINAL | {None, "none"} and "total-time" in src:
+        if src.get("status") not in FINAL_STATUSES | {None, "none"} and "total-time" in src:
             self._src_starts.append(t - src["total-time"] / 1000)
-        if dst.get("status") not in FINAL | {None, "none"} and "total-time" in dst:
+        if dst.get("status") not in FINAL_STATUSES | {None, "none"} and "total-time" in dst:
             self._dst_starts.append(t - dst["total-time"] / 1000)
 
     def add_cpu(self, side: str, now: dict[int, float], before: dict[int, float]) -> None:
@@ -336,7 +293,7 @@ def _migrate(
     record["pids"] = {"source": source.pid, "destination": destination.pid}
     vms = [source, destination]
     try:
-        source.qmp.cmd("migrate-set-parameters", **scenario.migration_parameters)
+        source.qmp.execute("migrate-set-parameters", scenario.migration_parameters)
         _wait_for(lambda: "status" in (destination.query() or {}), 30, "listening destination", vms)
         marker, count = scenario.warmup
         _wait_for(
@@ -360,7 +317,8 @@ def _migrate(
             profiler.start()
         vcpu_threads = {
             vm.name: {
-                cpu["thread-id"]: f"vcpu{cpu['cpu-index']}" for cpu in vm.qmp.cmd("query-cpus-fast")
+                cpu["thread-id"]: f"vcpu{cpu['cpu-index']}"
+                for cpu in vm.qmp.execute("query-cpus-fast")
             }
             for vm in vms
         }
@@ -374,30 +332,29 @@ def _migrate(
         timeout = _migration_timeout(scenario, link)
         started = time.monotonic()
         record["migrate_monotonic"] = started  # timeline entries carry the same clock ("mono")
-        source.qmp.cmd("migrate", uri=uri)
-        next_poll = started
-        while True:
-            now = time.monotonic()
-            src, dst = source.query(), destination.query()
-            series.add(now - started, src, dst)
+        source.qmp.execute("migrate", {"uri": uri})
+
+        def on_poll(poll: Poll) -> None:
+            series.add(poll.t, poll.source, poll.destination)
             for vm in vms:
                 for tid, comm in thread_comms(vm.pid).items():
                     vcpu_threads[vm.name].setdefault(tid, comm)
                 now_cpu = thread_cpu(vm.pid)
                 cpu_seen[vm.name].update(now_cpu)
                 series.add_cpu(vm.name, now_cpu, cpu_before[vm.name])
-            src_done = src is None or src.get("status") in FINAL
-            dst_done = dst is None or dst.get("status") in FINAL
-            if src_done and dst_done:
-                break
-            if now - started > timeout:
-                raise RunError(
-                    f"migration not finished after {timeout:.0f} s: "
-                    f"source {src and src.get('status')}, "
-                    f"destination {dst and dst.get('status')}"
-                )
-            next_poll += options.poll_interval
-            time.sleep(max(next_poll - time.monotonic(), 0.0))
+
+        try:
+            last = watch_until_final(
+                source.qmp,
+                destination.qmp,
+                started=started,
+                interval=options.poll_interval,
+                on_poll=on_poll,
+                timeout=timeout,
+            )
+        except WatchTimeout as error:
+            raise RunError(str(error)) from None
+        src, dst = last.source, last.destination
         record["wall_seconds"] = round(time.monotonic() - started, 4)
         record["cpu"] = _cpu_usage(
             vms,
@@ -420,15 +377,15 @@ def _migrate(
             record["destination_memory"] = memory_figures(destination.pid, scenario.ram)
         for vm in vms:
             try:
-                record.setdefault("timelines", {})[vm.name] = vm.qmp.cmd("x-migration-timeline")
-            except (OSError, ConnectionError, QmpError) as error:
+                record.setdefault("timelines", {})[vm.name] = vm.qmp.execute("x-migration-timeline")
+            except QmpClientError as error:
                 record.setdefault("timelines", {})[vm.name] = []
                 record.setdefault("warnings", []).append(f"{vm.name} timeline: {error}")
         if options.verify and (record["destination"] or {}).get("status") == "completed":
             try:
-                destination.qmp.cmd("stop")
-                record["verify"] = destination.qmp.cmd("x-verify")
-            except (OSError, ConnectionError, QmpError) as error:
+                destination.qmp.execute("stop")
+                record["verify"] = destination.qmp.execute("x-verify")
+            except QmpClientError as error:
                 record["verify"] = {"ok": False, "detail": f"x-verify: {error}"}
     finally:
         record["stderr"] = {vm.name: vm.stderr_tail(1500) for vm in vms if vm.stderr_tail()}

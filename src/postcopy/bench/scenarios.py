@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postcopy.cli.units import parse_size
+from postcopy.units import parse_size
 from postcopy.vm.guests import GUESTS
 
 GRID_GUESTS = ("memtouch", "randwrite", "scan")

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postcopy.bench.cleanup import Cleanup, interruptible
+from postcopy.bench.cleanup import Cleanup
 from postcopy.bench.link import open_link
 from postcopy.bench.runner import RunOptions, run_scenario
 from postcopy.bench.scenarios import Scenario
+from postcopy.tools.signals import interruptible
 
 DEFAULT_OUT_DIR = Path("runs")
 

@@ -11,6 +11,7 @@ import json
 
 from postcopy.linux import memory
 from postcopy.migration.hostcheck import HostReport, check_host
+from postcopy.units import parse_size
 
 # -- the command ------------------------------------------------------------------------
 
@@ -40,16 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def run(args: argparse.Namespace) -> int:
-    sizes = (memory.page_size(), *(_parse_size(size) for size in getattr(args, "hugepages", [])))
+    sizes = (memory.page_size(), *(parse_size(size) for size in getattr(args, "hugepages", [])))
     report = check_host(ram_page_sizes=sizes, shared_ram=getattr(args, "shared_ram", False))
     if args.json:
         print(json.dumps(report.to_dict(), indent=None, sort_keys=False))

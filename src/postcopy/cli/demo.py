@@ -15,144 +15,27 @@ Exit status 0 only when the migration completed and the verification passed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from postcopy.cli.migrate import MigrateError, MigrateOptions, Migration, failure_line
-from postcopy.cli.qmpclient import QmpClient, QmpClientError
 from postcopy.cli.report import ReportError, RunWriter, load_run, summary_table, write_png
-from postcopy.cli.units import format_bytes, parse_rate, parse_size
+from postcopy.tools.qmpclient import QmpClientError
+from postcopy.tools.signals import interruptible, signals_ignored
+from postcopy.tools.vmchild import VmChild, VmChildError, free_port
+from postcopy.units import format_bytes, parse_rate, parse_size
 
 DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
-START_TIMEOUT = 30.0  # seconds for a VM process to offer its QMP socket
 PASSES_TIMEOUT = 60.0  # seconds for the guest to make the passes we wait for
-STOP_TIMEOUT = 10.0  # seconds for a VM process to exit after SIGTERM
 
 
 class DemoError(Exception):
     """The demo cannot go on; the message is the user's one line."""
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class VmChild:
-    """One `postcopy vm run` process of the demo, in its own session so that Ctrl-C on
-    the terminal reaches the demo only and the demo ends it in order, by PID."""
-
-    def __init__(self, name: str, workdir: Path, args: list[str]) -> None:
-        self.name = name
-        self.qmp_path = workdir / f"{name}.qmp"
-        self.console_path = workdir / f"{name}.console"
-        self.stderr_path = workdir / f"{name}.stderr"
-        self.trace_path = workdir / f"{name}.trace.jsonl"
-        self.client: QmpClient | None = None
-        command = [
-            sys.executable,
-            "-m",
-            "postcopy",
-            "vm",
-            "run",
-            "--qmp",
-            str(self.qmp_path),
-            "--console",
-            str(self.console_path),
-            "--trace",
-            str(self.trace_path),
-            *args,
-        ]
-        with self.stderr_path.open("wb") as stderr:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def last_error(self) -> str:
-        try:
-            lines = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "no error output"
-        return lines[-1] if lines else "no error output"
-
-    def connect(self) -> QmpClient:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise DemoError(
-                    f"the {self.name} VM exited with status "
-                    f"{self.process.returncode}: {self.last_error()}"
-                )
-            if self.qmp_path.exists():
-                try:
-                    self.client = QmpClient.connect_to(str(self.qmp_path), name=f"{self.name} QMP")
-                    return self.client
-                except QmpClientError:
-                    pass
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"the {self.name} VM offered no QMP socket within "
-                    f"{START_TIMEOUT:g} s: {self.last_error()}"
-                )
-            time.sleep(0.05)
-
-    def passes(self, guest: str) -> int:
-        """Pass markers the guest wrote on this VM's console (its --console file)."""
-        from postcopy.vm.guests import pass_count
-
-        try:
-            return pass_count(guest, self.console_path.read_bytes())
-        except FileNotFoundError:
-            return 0
-
-    def end(self) -> None:
-        """Close QMP, SIGTERM the process by its PID, SIGKILL it if it does not go."""
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()  # a VM that was killed leaves its socket behind
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the demo like Ctrl-C does: through the cleanup."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -219,25 +102,23 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
     children: list[VmChild] = []
     try:
-        with _terminate_as_interrupt():
+        # SIGTERM and SIGHUP end the demo like Ctrl-C does: through the cleanup below
+        with interruptible((signal.SIGTERM, signal.SIGHUP)):
             return _demo(args, ram, bandwidth, workdir, children)
     except KeyboardInterrupt:
         print("postcopy demo: interrupted; everything it started is removed", file=sys.stderr)
         return 130
-    except (DemoError, MigrateError, QmpClientError) as error:
+    except (DemoError, MigrateError, QmpClientError, VmChildError) as error:
         print(f"postcopy demo: {error}", file=sys.stderr)
         return 1
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        try:
+        with signals_ignored((signal.SIGINT,)):  # let the cleanup finish
             for child in reversed(children):
                 child.end()
             if args.keep_dir:
                 print(f"working directory kept: {workdir}", file=sys.stderr)
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _demo(
@@ -259,12 +140,14 @@ def _demo(
         "precopy round, then postcopy."
     )
     console.print(f"working directory: {workdir}")
-    uri = f"tcp:127.0.0.1:{free_loopback_port()}"
+    uri = f"tcp:127.0.0.1:{free_port()}"
     common = ["--guest", args.guest, "--ram", str(ram), "--vcpus", str(args.vcpus)]
     capabilities = [arg for name in DEMO_CAPABILITIES for arg in ("--migrate-capability", name)]
-    destination = VmChild("destination", workdir, [*common, "--incoming", uri, *capabilities])
+    destination = VmChild(
+        "destination", workdir, [*common, "--incoming", uri, *capabilities], trace=True
+    )
     children.append(destination)
-    source = VmChild("source", workdir, common)
+    source = VmChild("source", workdir, common, trace=True)
     children.append(source)
     console.print(
         f"started the source VM (PID {source.pid}) and the destination VM "

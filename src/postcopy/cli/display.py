@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from postcopy.cli.units import format_bytes
+from postcopy.units import format_bytes
 
 PHASE_TEXT = {
     "none": "not started",

@@ -22,25 +22,20 @@ import collections
 import contextlib
 import datetime
 import json
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from postcopy.cli.qmpclient import QmpClient, QmpClientError, QmpCommandError
 from postcopy.cli.report import RUN_FORMAT, RunWriter, summary_table
-from postcopy.cli.units import parse_rate
+from postcopy.tools.qmpclient import QmpClient, QmpClientError, QmpCommandError
+from postcopy.tools.signals import InterruptCounter
+from postcopy.tools.watch import FINAL_STATUSES, Poll, watch_until_final
+from postcopy.units import parse_rate
 
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 CANCELLABLE_STATUSES = frozenset({"setup", "active", "device"})
-# How long the destination may take to report its end after the source has finished.
-DESTINATION_GRACE = 15.0
 
 SampleSink = Callable[[dict[str, Any]], None]
 NoteSink = Callable[[str], None]
@@ -102,32 +97,6 @@ class MigrationOutcome:
         return None if desc is None else " ".join(str(desc).split())
 
 
-class _Interrupts:
-    """Counts Ctrl-C (and SIGTERM) instead of raising, so a QMP exchange is never cut in
-    half; the watch loop decides what an interrupt means in the current phase."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    @contextmanager
-    def catching(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            self.count += 1
-            if self.count >= 3:  # the user insists: stop watching at once
-                raise KeyboardInterrupt
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
 class Migration:
     """One migration driven over QMP: the source's client, optionally the destination's."""
 
@@ -155,7 +124,7 @@ class Migration:
         # True: Ctrl-C cancels a precopy and is refused in postcopy (`postcopy migrate`);
         # False: KeyboardInterrupt goes straight to the caller (the demo tears all down)
         self.catch_interrupts = catch_interrupts
-        self._interrupts = _Interrupts()
+        self._interrupts = InterruptCounter()
 
     # -- before the start ----------------------------------------------------------------------
 
@@ -288,44 +257,54 @@ class Migration:
         with catching:
             self.start_time = time.monotonic()
             self._execute(self.source, "migrate", {"uri": self.options.uri}, "source")
-            status, info, interrupted = self._watch()
-        destination = self._destination_result() if self.destination is not None else None
-        self._record_end(status, info, destination)
-        return MigrationOutcome(status, info, destination, self.samples, interrupted)
+            self._cancel_sent = False
+            self._postcopy_warned = False
+            self._destination_info: dict[str, Any] | None = None
+            last = watch_until_final(
+                self.source,
+                self.destination,
+                started=self.start_time,
+                interval=self.options.poll_interval,
+                on_poll=self._on_poll,
+            )
+        if last.source is None:
+            raise MigrateError(
+                f"the source VM at {self.source.path} went away during the migration"
+            )
+        status = last.status
+        destination = self._destination_info if self.destination is not None else None
+        self._record_end(status, last.source, destination)
+        return MigrationOutcome(status, last.source, destination, self.samples, self._cancel_sent)
 
-    def _watch(self) -> tuple[str, dict[str, Any], bool]:
-        options = self.options
-        switch_noted = not options.uses_postcopy
-        cancel_sent = False
-        postcopy_warned = False
-        while True:
-            info = self.source.execute("query-migrate")
-            status = str(info.get("status", "none"))
-            sample = self._sample(info)
-            self.samples.append(sample)
-            if self.recorder is not None:
-                self.recorder.write(sample)
-            self.on_sample(sample)
-            if status in FINAL_STATUSES:
-                return status, info, cancel_sent
-            if not switch_noted and status == "postcopy-active":
-                switch_noted = True
-                self.on_note("switched to postcopy")
-            if self._interrupts.count and not cancel_sent and status in CANCELLABLE_STATUSES:
-                cancel_sent = True
-                self.on_note("interrupted: cancelling the migration (the source keeps running)")
-                try:
-                    self.source.execute("migrate_cancel")
-                except QmpCommandError as error:
-                    self.on_note(f"could not cancel: {error.desc}")
-            elif self._interrupts.count and status.startswith("postcopy") and not postcopy_warned:
-                postcopy_warned = True
-                self.on_note(
-                    "interrupted, but postcopy cannot be cancelled: the guest already "
-                    "runs on the destination; waiting for the last pages "
-                    "(Ctrl-C twice more to stop watching)"
-                )
-            time.sleep(options.poll_interval)
+    def _on_poll(self, poll: Poll) -> None:
+        if poll.destination is not None:
+            # a destination whose incoming migration failed exits: keep its last word
+            self._destination_info = poll.destination
+        if poll.source is None:
+            return
+        status = poll.status
+        sample = self._sample(poll.source)
+        self.samples.append(sample)
+        if self.recorder is not None:
+            self.recorder.write(sample)
+        self.on_sample(sample)
+        if status in FINAL_STATUSES:
+            return
+        interrupted = self._interrupts.count > 0
+        if interrupted and not self._cancel_sent and status in CANCELLABLE_STATUSES:
+            self._cancel_sent = True
+            self.on_note("interrupted: cancelling the migration (the source keeps running)")
+            try:
+                self.source.execute("migrate_cancel")
+            except QmpCommandError as error:
+                self.on_note(f"could not cancel: {error.desc}")
+        elif interrupted and status.startswith("postcopy") and not self._postcopy_warned:
+            self._postcopy_warned = True
+            self.on_note(
+                "interrupted, but postcopy cannot be cancelled: the guest already "
+                "runs on the destination; waiting for the last pages "
+                "(Ctrl-C twice more to stop watching)"
+            )
 
     def _sample(self, info: dict[str, Any]) -> dict[str, Any]:
         now = time.monotonic() - self.start_time
@@ -364,20 +343,6 @@ class Migration:
         }
 
     # -- after ---------------------------------------------------------------------------------
-
-    def _destination_result(self) -> dict[str, Any] | None:
-        assert self.destination is not None
-        deadline = time.monotonic() + DESTINATION_GRACE
-        info: dict[str, Any] = {}
-        while True:
-            try:
-                info = self.destination.execute("query-migrate")
-            except QmpClientError:
-                # a destination whose incoming migration failed exits: its last word is gone
-                return info or None
-            if info.get("status") in FINAL_STATUSES or time.monotonic() > deadline:
-                return info
-            time.sleep(0.05)
 
     def _record_end(
         self, status: str, source: dict[str, Any], destination: dict[str, Any] | None

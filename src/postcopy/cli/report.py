@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from postcopy.cli.units import format_bytes
+from postcopy.units import format_bytes
 
 RUN_FORMAT = "postcopy-run/1"
 

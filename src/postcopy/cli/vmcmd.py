@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from postcopy.cli.units import parse_size
+from postcopy.units import parse_size
 
 SWITCH_INTERVAL = 0.0002  # seconds
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from postcopy.units import parse_size
+
 MiB = 1 << 20
 HUGE_PAGE_2M = 2 * MiB
 
@@ -152,14 +154,6 @@ class HugePagePool:
         self.release()
 
 
-def _parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(text[:-1]) * units[text[-1]]
-    return int(text)
-
-
 def default_huge_page_size() -> int | None:
     """Hugepagesize from /proc/meminfo: the size of a hugetlbfs mount without pagesize=."""
     try:
@@ -188,7 +182,7 @@ def hugetlbfs_mounts() -> list[tuple[str, int]]:
         size = default
         for option in fields[3].split(","):
             if option.startswith("pagesize="):
-                size = _parse_size(option.split("=", 1)[1])
+                size = parse_size(option.split("=", 1)[1])
         # /proc/mounts escapes spaces in paths as \040.
         mounts.append((fields[1].replace("\\040", " "), size))
     return mounts

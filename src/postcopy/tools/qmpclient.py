@@ -1,18 +1,23 @@
-"""A small synchronous QMP client for the user's commands (migrate, demo).
+"""A small synchronous QMP client for the commands, the bench and the tests' helpers.
 
-The commands must run from a plain install (`make demo` installs no dev extras), so they
-cannot lean on qemu.qmp; this is the few lines of QMP they need: the greeting, the
-capabilities negotiation, `execute` with answers matched in order, and events kept aside
-for whoever asks. Any QMP server works, ours or QEMU's. Errors are one sentence each, fit
-to print as the command's single line of failure.
+The commands must run from a plain install (`make demo` installs qemu.qmp for the README's
+tour, but the package does not depend on it); this is the few lines of QMP they need: the
+greeting, the capabilities negotiation, `execute` with answers matched by id, and events
+kept aside for whoever asks. Any QMP server works, ours or QEMU's. Errors are one sentence
+each, fit to print as a command's single line of failure.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
+import subprocess
 import time
 from typing import Any
+
+# how long `connect_to` waits by default for a socket that is about to appear
+DEFAULT_WAIT = 0.0
 
 
 class QmpClientError(Exception):
@@ -37,27 +42,45 @@ class QmpClient:
     """
 
     def __init__(self, path: str, *, timeout: float = 10.0, name: str = "QMP") -> None:
-        self.path = path
+        self.path = str(path)
         self.name = name
         self.timeout = timeout
         self.events: list[dict[str, Any]] = []
         self.greeting: dict[str, Any] = {}
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._ids = itertools.count(1)
 
     @classmethod
     def connect_to(
-        cls, path: str, *, timeout: float = 10.0, name: str = "QMP", wait: float = 0.0
+        cls,
+        path: str,
+        *,
+        timeout: float = 10.0,
+        name: str = "QMP",
+        wait: float = DEFAULT_WAIT,
+        process: subprocess.Popen[bytes] | None = None,
     ) -> QmpClient:
-        """Connect and negotiate; `wait` seconds are allowed for the socket to appear."""
+        """Connect and negotiate. Up to `wait` seconds are allowed for a socket that is not
+        there yet or not accepting yet (a VM that is still starting); with `process`, the
+        wait ends as soon as that process has exited."""
         client = cls(path, timeout=timeout, name=name)
         deadline = time.monotonic() + wait
         while True:
             try:
                 client.connect()
                 return client
-            except QmpClientError:
+            except QmpCommandError:
+                raise
+            except QmpClientError as error:
+                if process is not None and process.poll() is not None:
+                    raise QmpClientError(
+                        f"the process serving the {name} socket {path} exited "
+                        f"(status {process.returncode})"
+                    ) from None
                 if time.monotonic() >= deadline:
+                    if wait > 0:
+                        raise QmpClientError(f"{error}; waited {wait:g} s for it") from None
                     raise
                 time.sleep(0.05)
 
@@ -85,9 +108,11 @@ class QmpClient:
         self._sock = sock
         self._buffer = b""
         greeting = self._read_message()
-        if "QMP" not in greeting:
+        if not isinstance(greeting.get("QMP"), dict):
             self.close()
-            raise QmpClientError(f"{self.path} does not speak QMP (greeting {greeting!r})")
+            raise QmpClientError(
+                f"{self.path} does not speak QMP (its first message is not a QMP greeting)"
+            )
         self.greeting = greeting["QMP"]
         self.execute("qmp_capabilities")
 
@@ -107,7 +132,8 @@ class QmpClient:
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if self._sock is None:
             raise QmpClientError(f"the {self.name} connection is closed")
-        request: dict[str, Any] = {"execute": command}
+        request_id = next(self._ids)
+        request: dict[str, Any] = {"execute": command, "id": request_id}
         if arguments:
             request["arguments"] = arguments
         try:
@@ -120,10 +146,14 @@ class QmpClient:
             message = self._read_message()
             if "event" in message:
                 self.events.append(message)
+            elif message.get("id", request_id) != request_id:
+                continue  # the answer to a command that timed out before
             elif "return" in message:
                 return message["return"]
             elif "error" in message:
                 answer = message["error"]
+                if not isinstance(answer, dict):
+                    answer = {"desc": str(answer)}
                 raise QmpCommandError(
                     command, str(answer.get("class", "GenericError")), str(answer.get("desc", ""))
                 )
@@ -154,9 +184,7 @@ class QmpClient:
         try:
             message = json.loads(line)
         except ValueError:
-            raise QmpClientError(
-                f"{self.name} sent something that is not JSON: {line[:80]!r}"
-            ) from None
+            raise QmpClientError(f"{self.name} sent a line that is not JSON") from None
         if not isinstance(message, dict):
             raise QmpClientError(f"{self.name} sent a JSON value that is not an object")
         return message

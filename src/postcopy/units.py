@@ -1,4 +1,9 @@
-"""Sizes and rates as people write them: 256M, 1G, 4GiB, 100MB/s."""
+"""Sizes and rates as people write them (256M, 1G, 4GiB, 100MB/s) and as we print them.
+
+The one parser for every size the project reads: command-line options (`--ram`,
+`--max-bandwidth`, `check --hugepages`), bench scenario names, and the kernel's own
+`pagesize=2M` in /proc/mounts. It imports nothing of the project, so every layer may use it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ def parse_size(text: str) -> int:
     """Bytes in `text`; suffixes K, M, G, T (powers of 1024), optional 'B' or 'iB'."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 256M, 1G)")
+        raise ValueError(f'"{text}" is not a size (examples: 4096, 256M, 1G)')
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -22,6 +27,7 @@ def parse_rate(text: str) -> int:
 
 
 def format_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'; whole bytes below 1 KiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
