@@ -128,6 +128,32 @@ def test_randwrite_digest_matches_on_a_paused_destination(
     assert source.cmd("x-verify")["digest"] == destination.cmd("x-verify")["digest"]
 
 
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_a_paused_source_arrives_paused(
+    tmp_path: Path, vms: list[VmProcess], postcopy: bool
+) -> None:
+    """QEMU's global state: a guest the user stopped on the source stays stopped on the
+    destination (no -S there), whole, until `cont`; in postcopy too."""
+    caps = ("postcopy-ram",) if postcopy else ()
+    source, destination, uri = start_pair(tmp_path, vms, ram="64M", caps=caps)
+    if postcopy:
+        source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0})
+    wait_passes(source, b"B", 1)
+    source.cmd("stop")
+    source.cmd("migrate", uri=uri)
+    assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.wait_migration({"completed"})
+    assert destination.cmd("query-status") == {
+        "status": "paused",
+        "running": False,
+        "singlestep": False,
+    }
+    assert destination.cmd("x-verify")["ok"]
+    before = destination.console().count(b"B")
+    destination.cmd("cont")
+    wait_passes(destination, b"B", before + 1)
+
+
 def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms)
     # 1 MiB/s: the first round of 256 MiB lasts minutes, so it is still active when we kill

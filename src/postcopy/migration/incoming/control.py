@@ -29,6 +29,7 @@ import numpy as np
 
 from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import Feature, Ioctl, RegisterMode, UserfaultFd
+from postcopy.migration import globalstate
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
@@ -472,11 +473,22 @@ class IncomingMigration(MigrationBase):
         if self._faults is not None:
             self._faults.set_vcpu_threads(self.machine.vcpu_thread_ids())
         self.status.move(S.POSTCOPY_ACTIVE)
-        if self.autostart:
-            self.machine.cont()
+        self._resume_as_on_the_source()
         if self._swap is not None:
             self._swap.guest_started()
         self._trace("run")
+
+    def _resume_as_on_the_source(self) -> None:
+        """Start the guest if it ran on the source and -S was not given (globalstate.py);
+        a guest stopped on the source stays stopped here until `cont`."""
+        assert self._device_state is not None
+        try:
+            runstate = globalstate.target_runstate(self._device_state)
+        except globalstate.GlobalStateError as error:
+            raise IncomingError(str(error)) from None
+        self._trace("runstate", source=runstate, autostart=self.autostart)
+        if globalstate.starts_guest(runstate, self.autostart):
+            self.machine.cont()
 
     def _preempt_receiver(self) -> None:
         assert self._listener is not None and self._main is not None
@@ -521,8 +533,7 @@ class IncomingMigration(MigrationBase):
             raise IncomingError("precopy completed without device state")
         self._stop_prefaulting()
         self.machine.load_state(self._device_state)
-        if self.autostart:
-            self.machine.cont()
+        self._resume_as_on_the_source()
         assert self._return is not None
         self._return.send(Shut(error=False))
         self.status.move(S.COMPLETED)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from postcopy.migration import globalstate
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
@@ -106,7 +107,8 @@ class OutgoingMigration(MigrationBase):
         self._main: Connection | None = None
         self._preempt: Connection | None = None
         self._thread: threading.Thread | None = None
-        self._stopped_vm = False
+        self._stopped_vm = False  # the migration stopped a running guest
+        self._runstate = globalstate.RUNNING  # what the guest was before the migration stopped it
 
     # -- control (any thread) --------------------------------------------------------------
 
@@ -368,10 +370,18 @@ class OutgoingMigration(MigrationBase):
         self._trace("drained")
 
     def _stop_vm(self) -> float:
+        """Stop the guest for the switchover, remembering its run state (QEMU's
+        global_state_store): it travels with the device state, and only a guest that
+        ran before is resumed here if the migration fails."""
         self.stop_time = self._clock()
-        self._stopped_vm = True
+        self._stopped_vm = self.machine.running
+        self._runstate = globalstate.RUNNING if self._stopped_vm else "paused"
         self.machine.stop()
         return self.stop_time
+
+    def _device_state(self) -> DeviceState:
+        state = globalstate.attach(self.machine.save_state(), self._runstate)
+        return DeviceState(json.dumps(state).encode())
 
     def _complete_precopy(self, writer: StreamWriter, pending: list[Bitmap]) -> None:
         """Stop, then send what the last round left dirty plus what was dirtied since."""
@@ -386,8 +396,7 @@ class OutgoingMigration(MigrationBase):
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                 self._sender.send_pages(writer, index, block, start, length, phase="downtime")
         self.counters.remaining = 0
-        state = json.dumps(self.machine.save_state()).encode()
-        writer.send(DeviceState(state))
+        writer.send(self._device_state())
         writer.send(PrecopyComplete())
         shut = self._wait_shut()
         if shut.error:
@@ -428,8 +437,7 @@ class OutgoingMigration(MigrationBase):
         self._pages.set_needed(needed)
         self._trace("discards-sent")
         writer.send(Listen())
-        state = json.dumps(self.machine.save_state()).encode()
-        writer.send(Package((DeviceState(state), Run())))
+        writer.send(Package((self._device_state(), Run())))
         writer.send(Ping(RUN_PING))
         # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
         # until the destination confirms the guest runs, comes with the Pong
