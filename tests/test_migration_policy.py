@@ -119,6 +119,17 @@ def test_parameters_and_capabilities_use_qemu_names_and_check_values() -> None:
         capabilities.set("warp-drive", True)
 
 
+def test_zero_page_detection_takes_qemus_values() -> None:
+    parameters = Parameters()
+    assert parameters.query()["zero-page-detection"] == "multifd"  # QEMU's default
+    parameters.set("zero-page-detection", "none")
+    assert parameters.zero_page_detection == "none"
+    with pytest.raises(ParameterError, match="'zero-page-detection' does not accept value 'x'"):
+        parameters.set("zero-page-detection", "x")
+    with pytest.raises(ParameterError, match="expected: string"):
+        parameters.set("zero-page-detection", 0)
+
+
 def test_urgent_threads_run_real_time_and_bulk_threads_at_their_nice() -> None:
     """As root (these machines) the page-request path gets SCHED_FIFO: a woken thread runs
     at once instead of after a busy thread's time slice."""

@@ -51,7 +51,10 @@ class RamSender:
         *,
         phase: str,
     ) -> int:
-        zero = zero_pages(block.page_view(first, count), block.page_size)
+        if self.parameters.zero_page_detection == "none":
+            zero = np.zeros(count, dtype=np.bool_)
+        else:
+            zero = zero_pages(block.page_view(first, count), block.page_size)
         size = writer.send_ram_run(index, block, first, zero)
         zeros = int(np.count_nonzero(zero))
         with self._counters_lock:
