@@ -322,14 +322,6 @@ def test_every_frame_type_has_a_spec_a_reader_and_a_writer() -> None:
         assert sorted(t.__name__ for t in framed) == sorted(t.__name__ for t in messages)
 
 
-def _is_valid_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())

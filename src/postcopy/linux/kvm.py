@@ -238,9 +238,6 @@ class Kvm(_Fd):
         """KVM_GET_SUPPORTED_CPUID; E2BIG when `max_entries` is too small."""
         return self._cpuid(Ioctl.KVM_GET_SUPPORTED_CPUID, max_entries)
 
-    def emulated_cpuid(self, max_entries: int = 256) -> list[KvmCpuidEntry2]:
-        return self._cpuid(Ioctl.KVM_GET_EMULATED_CPUID, max_entries)
-
     def _cpuid(self, request: Ioctl, max_entries: int) -> list[KvmCpuidEntry2]:
         table = cpuid2_struct(max_entries)()
         table.nent = max_entries
@@ -250,9 +247,6 @@ class Kvm(_Fd):
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
         return self._msr_list(Ioctl.KVM_GET_MSR_INDEX_LIST)
-
-    def get_msr_feature_index_list(self) -> list[int]:
-        return self._msr_list(Ioctl.KVM_GET_MSR_FEATURE_INDEX_LIST)
 
     def _msr_list(self, request: Ioctl) -> list[int]:
         probe = msr_list_struct(0)()
@@ -295,10 +289,6 @@ class KvmVm(_Fd):
         self._vcpu_mmap_size = vcpu_mmap_size
         self._slots: dict[int, MemorySlot] = {}
 
-    @property
-    def memory_slots(self) -> dict[int, MemorySlot]:
-        return dict(self._slots)
-
     def check_extension(self, cap: Capability | int) -> int:
         return self._check_extension(cap)
 
@@ -329,13 +319,6 @@ class KvmVm(_Fd):
 
     def set_tss_addr(self, address: int) -> None:
         _call(self.fd, Ioctl.KVM_SET_TSS_ADDR, address, f"address {address:#x}")
-
-    def set_identity_map_addr(self, address: int) -> None:
-        value = ctypes.c_uint64(address)
-        _call_struct(self.fd, Ioctl.KVM_SET_IDENTITY_MAP_ADDR, value)  # type: ignore[arg-type]
-
-    def create_irqchip(self) -> None:
-        _call(self.fd, Ioctl.KVM_CREATE_IRQCHIP, 0)
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         fd = _call(self.fd, Ioctl.KVM_CREATE_VCPU, index, f"vCPU {index}")
@@ -599,12 +582,6 @@ class KvmVcpu(_Fd):
             table.entries[position] = entry
         _call_struct(self.fd, Ioctl.KVM_SET_CPUID2, table)
 
-    def get_cpuid2(self, max_entries: int = 256) -> list[KvmCpuidEntry2]:
-        table = cpuid2_struct(max_entries)()
-        table.nent = max_entries
-        _call_struct(self.fd, Ioctl.KVM_GET_CPUID2, table)
-        return [KvmCpuidEntry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
-
     def set_signal_mask(self, signals: Iterable[int] | None) -> None:
         """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is in KVM_RUN.
 
@@ -623,9 +600,6 @@ class KvmVcpu(_Fd):
             _fields_ = [("len", ctypes.c_uint32), ("sigset", ctypes.c_uint64)]
 
         _call_struct(self.fd, Ioctl.KVM_SET_SIGNAL_MASK, KvmSignalMask(len=8, sigset=mask))
-
-    def get_tsc_khz(self) -> int:
-        return _call(self.fd, Ioctl.KVM_GET_TSC_KHZ, 0)
 
     def mmap_dirty_ring(self, size_bytes: int) -> ctypes.Array[KvmDirtyGfn]:
         """Map this vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING enabled with `size_bytes`)."""

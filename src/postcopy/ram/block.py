@@ -81,13 +81,6 @@ class RamBlock:
     def view(self) -> memoryview:
         return self.mapping.view
 
-    def host_address_of(self, offset: int) -> int:
-        if not 0 <= offset < self.length:
-            raise IndexError(
-                f"offset {offset:#x} outside RAM block {self.name!r} ({self.length:#x})"
-            )
-        return self.mapping.address + offset
-
     def contains_host(self, address: int) -> bool:
         return self.mapping.address <= address < self.mapping.address + self.length
 
@@ -166,10 +159,6 @@ class RamList(Sequence[RamBlock]):
             if block.contains_guest(guest_address):
                 return block, guest_address - block.guest_physical
         raise LookupError(f"guest physical address {guest_address:#x} is in no RAM block")
-
-    def guest_to_host(self, guest_address: int) -> int:
-        block, offset = self.find_guest(guest_address)
-        return block.host_address + offset
 
     def close(self) -> None:
         for block in self._blocks:

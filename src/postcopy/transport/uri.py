@@ -72,14 +72,6 @@ class Uri:
             return address.ipv4_mapped.is_loopback
         return address.is_loopback
 
-    @property
-    def is_wildcard(self) -> bool:
-        """True when the host means "every local address" ("", 0.0.0.0 or ::)."""
-        if self.scheme != "tcp":
-            return False
-        address = _ip_address(self.host or "")
-        return self.host == "" or (address is not None and address.is_unspecified)
-
     def with_port(self, port: int) -> Uri:
         """The same TCP endpoint with another port (a listener reports its real port so)."""
         if self.scheme != "tcp":

@@ -317,10 +317,6 @@ class MicroVM:
             vm.set_user_memory_region(RAM_SLOT, 0, self._ram_size, mapping.address)
             self._dirty_logging = False
 
-    @property
-    def dirty_logging(self) -> bool:
-        return self._dirty_logging
-
     def _collect_dirty(self, rearm: bool = True) -> None:
         vm, _mapping = self._require_vm()
         vm.get_dirty_log(RAM_SLOT, self._dirty_words)
@@ -457,10 +453,6 @@ class MicroVM:
     def vcpu_states(self) -> list[str]:
         with self._condition:
             return [thread.state.value for thread in self._threads]
-
-    @property
-    def vcpu_io_exits(self) -> list[int]:
-        return [thread.io_exits for thread in self._threads]
 
     @property
     def console_bytes(self) -> int:

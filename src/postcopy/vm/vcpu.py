@@ -88,8 +88,6 @@ class VcpuThread:
         self._quit = False
         self._pending_console = bytearray()
         self._console_since = 0.0
-        self.io_exits = 0
-        self.kicks = 0
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # -- control (owner side) ----------------------------------------------------------
@@ -205,7 +203,6 @@ class VcpuThread:
             except KvmError as error:
                 return Outcome.FAILED, str(error)
             if type(exit) is IoExit:
-                self.io_exits += 1
                 if exit.direction is IoDirection.OUT:
                     if exit.port == CONSOLE_PORT:
                         self._console_out(exit.data[:: exit.size])
@@ -247,7 +244,7 @@ class VcpuThread:
 
     def _eat_kicks(self) -> None:
         while signal.sigtimedwait([KICK_SIGNAL], 0) is not None:
-            self.kicks += 1
+            pass
 
     def _console_out(self, data: bytes) -> None:
         if not self._pending_console:
