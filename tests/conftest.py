@@ -1,13 +1,16 @@
-"""Fixtures shared by the test modules that start VM processes."""
+"""Fixtures shared by test modules: VM processes, huge pages, threads and things to close."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.handshakes import Closing
 from tests.hugepages import hugetlbfs_mount
+from tests.test_linux_userfaultfd import Scene
 from tests.vmprocess import VmProcess, vm_processes
 
 
@@ -23,3 +26,29 @@ def hugetlbfs_2m() -> Iterator[str]:
     """A private hugetlbfs mount with 4 more 2 MiB pages in the pool; undone afterwards."""
     with hugetlbfs_mount(4) as directory:
         yield directory
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads for the other end of a connection (the accepting side, a peer)."""
+    with ThreadPoolExecutor(4) as executor:
+        yield executor
+
+
+@pytest.fixture
+def closing() -> Iterator[Closing]:
+    """Everything appended here is closed at the end of the test, whatever happened."""
+    things: Closing = []
+    yield things
+    for thing in reversed(things):
+        thing.close()
+
+
+@pytest.fixture
+def scene() -> Iterator[Scene]:
+    """Userfaultfds, handlers, touching threads and mappings, cleaned up in a safe order."""
+    scene = Scene()
+    try:
+        yield scene
+    finally:
+        scene.close()

@@ -13,7 +13,7 @@ import errno
 import mmap
 import select
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -170,15 +170,6 @@ class Scene:
             mapping.close()
         if errors:
             raise errors[0]
-
-
-@pytest.fixture
-def scene() -> Iterator[Scene]:
-    scene = Scene()
-    try:
-        yield scene
-    finally:
-        scene.close()
 
 
 def require(features: Feature) -> None:

@@ -12,7 +12,6 @@ import ctypes
 import mmap
 import os
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -34,15 +33,6 @@ from tests.test_linux_userfaultfd import WAIT, Scene, read_at
 pytestmark = pytest.mark.timeout(60, method="thread")
 
 PAGE = mmap.PAGESIZE
-
-
-@pytest.fixture
-def scene() -> Iterator[Scene]:
-    scene = Scene()
-    try:
-        yield scene
-    finally:
-        scene.close()
 
 
 # -- names ---------------------------------------------------------------------------------

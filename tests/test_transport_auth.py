@@ -25,7 +25,6 @@ from postcopy.transport import (
     HandshakeError,
     InsecureListenError,
     KeyFileError,
-    Listener,
     connect,
     listen,
     new_session,
@@ -33,28 +32,12 @@ from postcopy.transport import (
 )
 from postcopy.transport.auth import HELLO_SIZE, client_handshake, server_handshake
 from postcopy.transport.connection import check_listen_security
+from tests.handshakes import Closing, handshake_both_ends
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = AuthConfig(b"k" * 32)
 OTHER_KEY = AuthConfig(b"o" * 32)
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4) as executor:
-        yield executor
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Connection | Listener | socket.socket]]:
-    things: list[Connection | Listener | socket.socket] = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
-
-
-Closing = list[Connection | Listener | socket.socket]
 
 
 def attempt(
@@ -64,19 +47,9 @@ def attempt(
     closing: Closing,
 ) -> tuple[Connection | BaseException, Connection | BaseException]:
     """Run one handshake; each side's connection or exception."""
-    listener = listen("tcp:127.0.0.1:0", auth=destination_auth)
-    closing.append(listener)
-    accepted = pool.submit(listener.accept, 10)
-    source: Connection | BaseException
-    try:
-        source = connect(listener.uri, auth=source_auth, timeout=10)
-        closing.append(source)
-    except Exception as error:
-        source = error
-    destination = accepted.exception(10) or accepted.result()
-    if isinstance(destination, Connection):
-        closing.append(destination)
-    return source, destination
+    return handshake_both_ends(
+        pool, closing, destination_auth=destination_auth, source_auth=source_auth
+    )
 
 
 def test_no_key_on_either_side_works_on_loopback(

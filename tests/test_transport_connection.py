@@ -8,7 +8,6 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,21 +29,6 @@ from postcopy.transport import connection as connection_module
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4) as executor:
-        yield executor
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Connection | Listener]]:
-    """Everything appended here is closed at the end of the test, whatever happened."""
-    things: list[Connection | Listener] = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
 
 
 def short_tmp(tmp_path: Path) -> Path:

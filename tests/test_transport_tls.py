@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from postcopy.transport import (
     AuthenticationError,
     Connection,
     HandshakeError,
-    Listener,
     TlsClientConfig,
     TlsConfigError,
     TlsError,
@@ -26,6 +24,7 @@ from postcopy.transport import (
     connect,
     listen,
 )
+from tests.handshakes import Closing, handshake_both_ends
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -52,10 +51,10 @@ def openssl(*args: str | Path, cwd: Path) -> None:
     subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
 
 
-def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    openssl(
+def new_key_request(name: str) -> tuple[str, ...]:
+    """openssl req arguments: a new P-256 key in name.key, unencrypted, subject CN=name."""
+    return (
         "req",
-        "-x509",
         "-newkey",
         "ec",
         "-pkeyopt",
@@ -63,10 +62,17 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
         "-nodes",
         "-keyout",
         f"{name}.key",
-        "-out",
-        f"{name}.pem",
         "-subj",
         f"/CN={name}",
+    )
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    openssl(
+        *new_key_request(name),
+        "-x509",
+        "-out",
+        f"{name}.pem",
         "-days",
         "2",
         "-addext",
@@ -79,21 +85,7 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 def make_leaf(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> None:
-    openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={name}",
-        cwd=directory,
-    )
+    openssl(*new_key_request(name), "-out", f"{name}.csr", cwd=directory)
     (directory / f"{name}.ext").write_text(
         extensions + "\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
@@ -140,23 +132,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(4) as executor:
-        yield executor
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Connection | Listener]]:
-    things: list[Connection | Listener] = []
-    yield things
-    for thing in reversed(things):
-        thing.close()
-
-
-Closing = list[Connection | Listener]
-
-
 def attempt(
     uri: str,
     pool: ThreadPoolExecutor,
@@ -166,19 +141,15 @@ def attempt(
     client_tls: TlsClientConfig | None,
     auth: AuthConfig | None = None,
 ) -> tuple[Connection | BaseException, Connection | BaseException]:
-    listener = listen(uri, auth=auth, tls=server_tls)
-    closing.append(listener)
-    accepted = pool.submit(listener.accept, 10)
-    source: Connection | BaseException
-    try:
-        source = connect(listener.uri, auth=auth, tls=client_tls, timeout=10)
-        closing.append(source)
-    except Exception as error:
-        source = error
-    destination = accepted.exception(10) or accepted.result()
-    if isinstance(destination, Connection):
-        closing.append(destination)
-    return source, destination
+    return handshake_both_ends(
+        pool,
+        closing,
+        uri,
+        destination_auth=auth,
+        source_auth=auth,
+        server_tls=server_tls,
+        client_tls=client_tls,
+    )
 
 
 def server(pki: Pki, **options: object) -> TlsServerConfig:

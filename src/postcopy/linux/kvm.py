@@ -24,12 +24,12 @@ import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from postcopy.closing import Closing
 from postcopy.linux._libc import libc
 from postcopy.linux.kvm_abi import (
     DIRTY_LOG_PAGE_OFFSET,
@@ -68,6 +68,7 @@ from postcopy.linux.kvm_abi import (
     msr_list_struct,
     msrs_struct,
 )
+from postcopy.linux.memory import map_shared_fd, unmap
 
 __all__ = ["Kvm", "KvmError", "KvmVcpu", "KvmVm", "MemorySlot", "dirty_bitmap_words"]
 
@@ -93,25 +94,11 @@ _EXIT_OFFSET = 32
 
 # --- ioctl plumbing ---------------------------------------------------------------------
 
-# Private function objects (libc[...] is not cached) so that our argtypes cannot clash
+# A private function object (libc[...] is not cached) so that our argtypes cannot clash
 # with another module's use of the shared CDLL.
 _ioctl = libc["ioctl"]
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
-_mmap = libc["mmap"]
-_mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_mmap.restype = ctypes.c_void_p
-_munmap = libc["munmap"]
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_munmap.restype = ctypes.c_int
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _call(fd: int, request: Ioctl, arg: int | None = None, detail: str = "") -> int:
@@ -140,7 +127,7 @@ def dirty_bitmap_words(memory_size: int) -> int:
     return (pages + 63) // 64
 
 
-class _Fd:
+class _Fd(Closing):
     """Owns one file descriptor; close() is idempotent."""
 
     _what = "fd"
@@ -160,17 +147,6 @@ class _Fd:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Best effort only: objects are meant to be closed explicitly.
@@ -404,17 +380,8 @@ class KvmVcpu(_Fd):
         self._close_lock = threading.Lock()
 
     def _map(self, length: int, page_offset: int) -> int:
-        address = _mmap(
-            None,
-            length,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-            mmap.MAP_SHARED,
-            self.fd,
-            page_offset * mmap.PAGESIZE,
-        )
-        if address is None or address == _MAP_FAILED:
-            raise KvmError(ctypes.get_errno(), "mmap vCPU fd", f"offset page {page_offset}")
-        return int(address)
+        what = f"vCPU {self.index} fd at page {page_offset}"
+        return map_shared_fd(self.fd, length, page_offset * mmap.PAGESIZE, what)
 
     @property
     def run_struct(self) -> KvmRun:
@@ -617,12 +584,12 @@ class KvmVcpu(_Fd):
         """
         with self._close_lock:
             if self._ring_address:
-                _munmap(self._ring_address, self._ring_size)
+                unmap(self._ring_address, self._ring_size)
                 self._ring_address = 0
             if self._run_address:
                 if self._run_view is not None:
                     self._run_view.release()
                     self._run_view = None
-                _munmap(self._run_address, self._run_size)
+                unmap(self._run_address, self._run_size)
                 self._run_address = 0
             super().close()

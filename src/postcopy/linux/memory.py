@@ -20,8 +20,8 @@ import ctypes
 import enum
 import errno
 import os
-from types import TracebackType
 
+from postcopy.closing import Closing
 from postcopy.linux._libc import libc
 from postcopy.linux.hugepages import HUGE_PAGE_2M, mount_hugetlbfs_path
 
@@ -150,14 +150,29 @@ def file_page_size(fd: int) -> int:
     return page_size()
 
 
-def _map(length: int, prot: int, flags: int, fd: int, what: str) -> int:
-    address = _mmap(None, length, prot, flags, fd, 0)
+def _map(length: int, prot: int, flags: int, fd: int, what: str, offset: int = 0) -> int:
+    address = _mmap(None, length, prot, flags, fd, offset)
     if address is None or address == MAP_FAILED:
         raise MappingError(ctypes.get_errno(), f"mmap {what}", None, length)
     return int(address)
 
 
-class Mapping:
+def map_shared_fd(fd: int, length: int, offset: int, what: str) -> int:
+    """The address of a shared read-write mapping of length bytes of fd from offset.
+
+    For pages a kernel object exports (a vCPU's kvm_run, its dirty ring); guest RAM is a
+    `Mapping`. Undo with `unmap`.
+    """
+    return _map(length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, what, offset)
+
+
+def unmap(address: int, length: int) -> None:
+    """munmap(address, length); MappingError if the kernel refuses."""
+    if _munmap(address, length) != 0:
+        raise MappingError(ctypes.get_errno(), "munmap", address, length)
+
+
+class Mapping(Closing):
     """One mmap'ed region of memory: anonymous, memfd or a file. Create with the classmethods.
 
     `kind` is "anonymous", "memfd", "hugetlbfs" (a file on a hugetlbfs mount) or "file"
@@ -475,17 +490,6 @@ class Mapping:
         if result != 0:
             raise MappingError(err, "munmap", self.address, self.length)
 
-    def __enter__(self) -> Mapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"at {self.address:#x}"
         return (
@@ -499,7 +503,7 @@ def _check_length(length: int, unit: int, what: str) -> None:
         raise ValueError(f"{what} mapping length {length} must be a positive multiple of {unit}")
 
 
-class EventFd:
+class EventFd(Closing):
     """An eventfd(2) counter: `write(n)` adds n, `read()` takes the whole count (or 1).
 
     Non-blocking by default; `read()` on a non-blocking, empty counter returns 0 (a real
@@ -538,14 +542,3 @@ class EventFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> EventFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -19,11 +19,11 @@ import ctypes
 import enum
 import errno
 import os
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
+from postcopy.closing import Closing
 from postcopy.linux._libc import ioctl_struct
 
 PAGEMAP_SCAN = 0xC0606610
@@ -94,7 +94,7 @@ class PagemapError(OSError):
         self.end = end
 
 
-class Pagemap:
+class Pagemap(Closing):
     """An open /proc/PID/pagemap (default: this process)."""
 
     def __init__(self, pid: int | str = "self") -> None:
@@ -173,14 +173,3 @@ class Pagemap:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-    def __enter__(self) -> Pagemap:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -44,8 +44,8 @@ import platform
 import struct
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 
+from postcopy.closing import Closing
 from postcopy.linux._libc import libc
 
 # -- constants (include/uapi/linux/userfaultfd.h) ---------------------------------------
@@ -346,7 +346,7 @@ def _why(error: OSError, via: str) -> str:
     return f"{via}: {error.strerror or os.strerror(err)}"
 
 
-class UserfaultFd:
+class UserfaultFd(Closing):
     """One userfaultfd: open with `UserfaultFd.open()`; every ioctl is a method."""
 
     fd: int
@@ -632,17 +632,6 @@ class UserfaultFd:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-    def __enter__(self) -> UserfaultFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<UserfaultFd fd={self.fd} via={self.opened_via} features={int(self.features):#x}>"

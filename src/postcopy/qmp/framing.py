@@ -123,37 +123,21 @@ class JsonStreamSplitter:
             else:
                 self._keep(view, pos, pos + 1)
             return pos + 1
-        match = _STRING_SPECIAL.search(data, pos)
-        if match is None:
-            self._keep(view, pos, len(data))
-            return len(data)
-        stop = match.start()
-        byte = data[stop]
-        if byte in _RESET_BYTES:
-            self._reset(byte, out)
-            return stop + 1
-        self._keep(view, pos, stop + 1)
+        pos, byte = self._to_special(_STRING_SPECIAL, data, view, pos, out)
         if byte == _BACKSLASH:
             self._escaped = True
-        else:
+        elif byte is not None:
             self._in_string = False
             if not self._depth:
                 self._finish(out)
-        return stop + 1
+        return pos
 
     def _scan_value(
         self, data: bytes, view: memoryview, pos: int, out: list[bytes | FrameError]
     ) -> int:
-        match = _VALUE_SPECIAL.search(data, pos)
-        if match is None:
-            self._keep(view, pos, len(data))
-            return len(data)
-        stop = match.start()
-        byte = data[stop]
-        if byte in _RESET_BYTES:
-            self._reset(byte, out)
-            return stop + 1
-        self._keep(view, pos, stop + 1)
+        pos, byte = self._to_special(_VALUE_SPECIAL, data, view, pos, out)
+        if byte is None:
+            return pos
         if byte in _OPEN:
             self._depth += 1
             if self._depth > self.max_nesting:
@@ -166,7 +150,32 @@ class JsonStreamSplitter:
                 self._finish(out)
         else:
             self._in_string = True
-        return stop + 1
+        return pos
+
+    def _to_special(
+        self,
+        special: re.Pattern[bytes],
+        data: bytes,
+        view: memoryview,
+        pos: int,
+        out: list[bytes | FrameError],
+    ) -> tuple[int, int | None]:
+        """Keep the bytes up to and including the next one `special` matches.
+
+        Returns where to go on and that byte, or None for the byte when there was none (all
+        of data kept) or it was a reset byte (the text dropped, an error in out).
+        """
+        match = special.search(data, pos)
+        if match is None:
+            self._keep(view, pos, len(data))
+            return len(data), None
+        stop = match.start()
+        byte = data[stop]
+        if byte in _RESET_BYTES:
+            self._reset(byte, out)
+            return stop + 1, None
+        self._keep(view, pos, stop + 1)
+        return stop + 1, byte
 
     def _keep(self, view: memoryview, start: int, stop: int) -> None:
         if self._discarding is not None or start == stop:

@@ -27,8 +27,8 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 
+from postcopy.closing import Closing
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
     AuthConfig,
@@ -95,7 +95,7 @@ def _byte_view(buffer: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-class Connection:
+class Connection(Closing):
     """A connected, handshaken socket carrying one channel of one migration session."""
 
     def __init__(
@@ -238,17 +238,6 @@ class Connection:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (
@@ -257,7 +246,7 @@ class Connection:
         )
 
 
-class Listener:
+class Listener(Closing):
     """A listening socket that hands out handshaken connections; see `listen()`."""
 
     def __init__(
@@ -424,17 +413,6 @@ class Listener:
                     os.unlink(self._uri.path)
             except FileNotFoundError:
                 pass
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Listener {self._uri}{' closed' if self._closed else ''}>"

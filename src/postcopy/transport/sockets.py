@@ -8,11 +8,13 @@ peer's name for messages. Errors are `ConnectError` and `ListenError` naming the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from postcopy.transport.errors import ConnectError, ListenError
@@ -112,18 +114,13 @@ def bind_tcp(endpoint: Uri, backlog: int, socket_buffer: int | None) -> socket.s
         candidates = [(info[0], info[4]) for info in infos]
     family, address = candidates[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+    with _listen_errors(endpoint, sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if endpoint.host == "" and family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         tune(sock, socket_buffer)  # accepted sockets inherit the options
         sock.bind(address)
         sock.listen(backlog)
-    except OSError as error:
-        sock.close()
-        raise ListenError(
-            error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
-        ) from error
     return sock
 
 
@@ -135,17 +132,24 @@ def bind_unix(
     assert path is not None
     _remove_stale_socket(endpoint, path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    with _listen_errors(endpoint, sock):
         tune(sock, socket_buffer)
         sock.bind(path)
         info = os.lstat(path)
         sock.listen(backlog)
+    return sock, (info.st_dev, info.st_ino)
+
+
+@contextlib.contextmanager
+def _listen_errors(endpoint: Uri, sock: socket.socket) -> Iterator[None]:
+    """Close sock and raise ListenError naming the endpoint if setting it up fails."""
+    try:
+        yield
     except OSError as error:
         sock.close()
         raise ListenError(
             error.errno, f"cannot listen on {endpoint}: {error.strerror or error}"
         ) from error
-    return sock, (info.st_dev, info.st_ino)
 
 
 def _remove_stale_socket(endpoint: Uri, path: str) -> None:

@@ -31,11 +31,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
+from postcopy.closing import Closing
 from postcopy.linux import kvm_abi
 from postcopy.linux.kvm import Kvm, KvmVcpu, KvmVm, dirty_bitmap_words
 from postcopy.linux.kvm_abi import Capability
@@ -93,7 +93,7 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 Events = list[tuple[str, dict[str, object]]]
 
 
-class MicroVM:
+class MicroVM(Closing):
     """A KVM virtual machine running a flat CPL3 guest image; see the module docstring."""
 
     def __init__(
@@ -495,17 +495,6 @@ class MicroVM:
             self._kvm.close()
         if self._mapping is not None:
             self._mapping.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
