@@ -13,12 +13,8 @@ from hypothesis import strategies as st
 
 from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_ranges
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
-from postcopy.migration.stats import (
-    BlocktimeTracker,
-    LatencyRecorder,
-    prefer_this_thread,
-    set_thread_nice,
-)
+from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
+from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
 
 

@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from postcopy.linux.memory import Advice, MappingError
-from postcopy.migration.stats import set_thread_nice
+from postcopy.migration.scheduling import set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,6 @@ monotonic) so the accounting can be tested deterministically.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,36 +16,6 @@ import numpy as np
 import numpy.typing as npt
 
 Clock = Callable[[], float]
-
-URGENT_NICE = -10
-URGENT_RT_PRIORITY = 1  # the lowest real-time priority: above every normal thread, no more
-
-
-def set_thread_nice(nice: int) -> None:
-    """Set the calling thread's nice value (the bulk-transfer threads use this).
-
-    Needs CAP_SYS_NICE for a negative value; without it, nothing."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-
-
-def prefer_this_thread(realtime: bool = True) -> None:
-    """Give the calling thread priority over the bulk-transfer threads.
-
-    The threads on a page request's path (fault thread, return path, urgent channel) wake
-    for a few microseconds of work, then sleep again. With a busy host, a woken normal
-    thread may wait for the running one's time slice to end (milliseconds under EEVDF)
-    at each of the three hops; a SCHED_FIFO thread runs at once. They never spin (each
-    blocks in poll or recv), and the kernel's real-time throttling keeps 5% of every CPU
-    for normal threads whatever happens. Without CAP_SYS_NICE, or with `realtime` off,
-    nice -10 instead."""
-    if realtime:
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(
-                threading.get_native_id(), os.SCHED_FIFO, os.sched_param(URGENT_RT_PRIORITY)
-            )
-            return
-    set_thread_nice(URGENT_NICE)
 
 
 @dataclass

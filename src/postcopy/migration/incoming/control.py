@@ -40,13 +40,8 @@ from postcopy.migration.incoming.swap import RamSwap, can_swap_ram
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.prefault import Prefaulter
-from postcopy.migration.stats import (
-    BlocktimeTracker,
-    Clock,
-    LatencyRecorder,
-    prefer_this_thread,
-    set_thread_nice,
-)
+from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
+from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import runs
 from postcopy.transport import AuthConfig, Connection, Listener, TlsServerConfig, listen

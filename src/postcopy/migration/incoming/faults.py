@@ -22,7 +22,8 @@ from postcopy.linux.userfaultfd import PageExistsError, PageFault, UserfaultFd
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.swap import RamSwap
-from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder, prefer_this_thread
+from postcopy.migration.scheduling import prefer_this_thread
+from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.ram import Bitmap, RamBlock
 from postcopy.wire import ReqPages
 

@@ -15,9 +15,7 @@ per GiB, all of it downtime; moving page tables costs ~0.5 ms per GiB. Without U
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 
@@ -32,12 +30,12 @@ from postcopy.linux.userfaultfd import (
     RetryError,
     UserfaultFd,
 )
+from postcopy.migration.scheduling import BACKGROUND_NICE, set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 
 log = logging.getLogger(__name__)
 
 MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
-MOVER_NICE = 5
 
 Trace = Callable[..., None]
 
@@ -98,8 +96,7 @@ class RamSwap:
         RAM before it zero-fills what it believes to be a hole. (A lock here made faults
         wait for this thread, which at nice +5 is easily preempted mid-chunk.)"""
         self._guest_started.wait()
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MOVER_NICE)
+        set_thread_nice(BACKGROUND_NICE)
         try:
             for index, unmoved in enumerate(self._unmoved):
                 starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)

@@ -29,7 +29,8 @@ from postcopy.migration.outgoing.pageservice import PageService
 from postcopy.migration.outgoing.returnpath import ReturnPath
 from postcopy.migration.outgoing.sender import RamSender
 from postcopy.migration.parameters import Capabilities, Parameters
-from postcopy.migration.stats import Clock, set_thread_nice
+from postcopy.migration.scheduling import set_thread_nice
+from postcopy.migration.stats import Clock
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import Bitmap, runs, split_runs
 from postcopy.transport import (

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from postcopy.migration.channel import StreamReader
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageRequest
-from postcopy.migration.stats import Clock, RamCounters, prefer_this_thread
+from postcopy.migration.scheduling import prefer_this_thread
+from postcopy.migration.stats import Clock, RamCounters
 from postcopy.migration.status import MigrationStatus, StatusHolder
 from postcopy.ram import RamList
 from postcopy.wire import Pong, ReqPages, Shut
