@@ -184,6 +184,15 @@ def test_without_kvm_the_fix_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch)
     assert report.facts["kvm_api_version"] is None
 
 
+def test_the_destinations_check_at_advise_needs_no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration uses only userfaultfd: a destination (or the in-process harness) on a
+    host without /dev/kvm may still take postcopy."""
+    monkeypatch.setattr(check, "KVM_DEVICE", "/nonexistent/kvm")
+    report = check_host(kvm=False)
+    assert report.postcopy_possible, report.summary()
+    assert all(item.name != "KVM" for item in report.items)
+
+
 def test_kvm_permission_denied_suggests_the_kvm_group(monkeypatch: pytest.MonkeyPatch) -> None:
     real_open = os.open
 

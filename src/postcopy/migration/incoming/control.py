@@ -373,6 +373,7 @@ class IncomingMigration(MigrationBase):
         report = check_host(
             ram_page_sizes=tuple(sorted({b.page_size for b in self._ram})),
             shared_ram=any(b.shared for b in self._ram),
+            kvm=False,  # the machine exists already; the migration needs only userfaultfd
         )
         if not report.postcopy_possible:
             raise IncomingError("postcopy is not possible on the destination: " + report.summary())
