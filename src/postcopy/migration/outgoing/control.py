@@ -86,7 +86,7 @@ class OutgoingMigration(MigrationBase):
         self.parameters = parameters
         self.auth = auth
         self.tls = tls
-        self._sender = RamSender(machine.ram, parameters, clock)
+        self._sender = RamSender(machine.ram, parameters, clock, self._should_stop_waiting)
         self.counters = self._sender.counters
         self._pages = PageService(machine.ram, self._sender)
         self._return_path = ReturnPath(
@@ -137,6 +137,7 @@ class OutgoingMigration(MigrationBase):
                 f"(status {self.status.value.value})"
             )
         self._postcopy_requested.set()
+        self._sender.interrupt_wait()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -216,6 +217,9 @@ class OutgoingMigration(MigrationBase):
             self.machine.stop_dirty_log()
         except Exception:
             log.exception("stopping dirty logging")
+
+    def _should_stop_waiting(self) -> bool:
+        return self._cancel.is_set() or self._return_path.gave_up() is not None
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -352,6 +356,7 @@ class OutgoingMigration(MigrationBase):
         for index, block in enumerate(self.machine.ram):
             starts, lengths = split_runs(*runs(dirty[index]), run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self._sender.wait_for_bandwidth("precopy")
                 self._check_cancel()
                 if self._postcopy_requested.is_set():
                     return True
@@ -422,6 +427,9 @@ class OutgoingMigration(MigrationBase):
                 writer.send(Discard(index, group))
                 discarded += sum(count for _, count in group)
         needed = [~sent[i] | dirty[i] for i in range(len(ram))]
+        # counted now, while the guest runs, and in the downtime only what the final sync
+        # adds: once the page service has `needed`, requests clear it as they are served
+        needed_pages = [int(np.count_nonzero(n)) for n in needed]
         self._drain(writer)
         self.status.move(S.POSTCOPY_ACTIVE)
         stop_time = self._stop_vm()
@@ -435,6 +443,9 @@ class OutgoingMigration(MigrationBase):
                 writer.send(Discard(index, group))
                 discarded += sum(count for _, count in group)
             needed[index] |= final[index]
+            needed_pages[index] += newly_stale.size
+        self.needed_at_switchover = sum(needed_pages)
+        self.discarded_pages = discarded
         self._pages.set_needed(needed)
         self._trace("discards-sent")
         writer.send(Listen())
@@ -443,10 +454,8 @@ class OutgoingMigration(MigrationBase):
         # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
         # until the destination confirms the guest runs, comes with the Pong
         self.downtime = self._clock() - stop_time
-        self.needed_at_switchover = sum(int(np.count_nonzero(n)) for n in needed)
-        self.discarded_pages = discarded
         self.counters.remaining = sum(
-            int(np.count_nonzero(n)) * b.page_size for n, b in zip(needed, ram, strict=True)
+            count * b.page_size for count, b in zip(needed_pages, ram, strict=True)
         )
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         # not needed any more, and re-registering the memory slot takes a while: after RUN

@@ -59,6 +59,7 @@ class PageService:
             self._serve_request(self._urgent, request, urgent=True)
         else:
             self._requests.put(request)
+            self._sender.interrupt_wait()
 
     def push(self, writer: StreamWriter, check_cancel: Callable[[], None]) -> None:
         """Send every needed page; requested pages first, then onward from the last request."""
@@ -76,6 +77,8 @@ class PageService:
                 while position < starts.size:
                     check_cancel()
                     self._serve_queued_requests(writer)
+                    if not self._sender.wait_for_bandwidth("postcopy"):
+                        continue  # a request came (or the end): serve it first
                     jump, self._jump = self._jump, None
                     if jump is not None and jump[0] == index:
                         # continue the push from just after the last requested page

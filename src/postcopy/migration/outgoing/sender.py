@@ -10,7 +10,7 @@ ram_save_host_page and the migration rate limit).
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,18 +19,30 @@ from postcopy.migration.parameters import Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter
 from postcopy.ram import RamBlock, RamList, zero_pages
 
+THROTTLE_SLICE = 0.05  # seconds: the longest a new bandwidth limit waits to take effect
+
 
 class RamSender:
     """Sends runs of one machine's RAM and accounts for them."""
 
-    def __init__(self, ram: RamList, parameters: Parameters, clock: Clock) -> None:
+    def __init__(
+        self,
+        ram: RamList,
+        parameters: Parameters,
+        clock: Clock,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`give_up` says when a wait for the bandwidth limit should end at once (the
+        migration was cancelled or the destination gave up)."""
         self.parameters = parameters
         self._clock = clock
+        self._give_up = give_up
         self.counters = RamCounters(total=ram.total_bytes, page_size=min(b.page_size for b in ram))
         self._rate = RateMeter(clock)
         self._counters_lock = threading.Lock()
         self._throttle_start = 0.0
         self._throttle_bytes = 0
+        self._wake = threading.Event()
 
     def restart_throttle(self) -> None:
         """The bandwidth limit counts from now (start of precopy, start of the push)."""
@@ -51,6 +63,9 @@ class RamSender:
         *,
         phase: str,
     ) -> int:
+        """Send one run of `phase`: "precopy", "downtime", "postcopy" (the push) or
+        "requested". Precopy and push runs count against their bandwidth limit (see
+        `wait_for_bandwidth`); the others are never held back."""
         if self.parameters.zero_page_detection == "none":
             zero = np.zeros(count, dtype=np.bool_)
         else:
@@ -60,7 +75,8 @@ class RamSender:
         with self._counters_lock:
             self._count_sent(count, zeros, size, phase, block.page_size)
         self._rate.add(size)
-        self._throttle(size, phase)
+        if phase in ("precopy", "postcopy"):
+            self._throttle_bytes += size
         return size
 
     def _count_sent(self, count: int, zeros: int, size: int, phase: str, page_size: int) -> None:
@@ -75,21 +91,40 @@ class RamSender:
             self.counters.postcopy_bytes += size
         self.counters.remaining = max(self.counters.remaining - count * page_size, 0)
 
-    def _throttle(self, size: int, phase: str) -> None:
-        """Keep to max-bandwidth (precopy) or max-postcopy-bandwidth (the background push).
-        Pages in the downtime and pages a vCPU is waiting for are never held back."""
-        limit = (
-            self.parameters.max_postcopy_bandwidth
-            if phase == "postcopy"
-            else self.parameters.max_bandwidth
-        )
-        if phase in ("downtime", "requested") or limit <= 0:
-            return
-        self._throttle_bytes += size
-        due = self._throttle_start + self._throttle_bytes / limit
-        delay = due - self._clock()
-        if delay > 0:
-            time.sleep(delay)
-        elif delay < -1.0:  # fell far behind (a slow link): don't burst to catch up
-            self._throttle_start = self._clock()
-            self._throttle_bytes = 0
+    def interrupt_wait(self) -> None:
+        """End a `wait_for_bandwidth` now: a page request was queued, or postcopy was asked
+        for (QEMU kicks its rate-limit wait the same way)."""
+        self._wake.set()
+
+    def wait_for_bandwidth(self, phase: str) -> bool:
+        """Before a run of `phase` ("precopy" or "postcopy"): wait until the bytes sent so
+        far keep to max-bandwidth or max-postcopy-bandwidth. False if the wait ended early
+        (`interrupt_wait`, or the migration is ending): look at what came first.
+
+        The wait goes in slices and reads the limit again after each one, so that a limit
+        set during the migration (migrate-set-parameters) takes effect at once, also to
+        lift a very low one: a test holds precopy or the push with 1 byte/s."""
+        limit = self._limit(phase)
+        if limit <= 0:
+            self.restart_throttle()  # a limit set later counts from then
+            return True
+        while True:
+            delay = self._throttle_start + self._throttle_bytes / limit - self._clock()
+            if delay <= 0:
+                if delay < -1.0:  # fell far behind (a slow link): don't burst to catch up
+                    self.restart_throttle()
+                return True
+            if self._wake.wait(min(delay, THROTTLE_SLICE)):
+                self._wake.clear()
+                return False
+            if self._give_up():
+                return False
+            limit = self._limit(phase)
+            if limit <= 0:
+                self.restart_throttle()
+                return True
+
+    def _limit(self, phase: str) -> int:
+        if phase == "postcopy":
+            return self.parameters.max_postcopy_bandwidth
+        return self.parameters.max_bandwidth
