@@ -1,0 +1,88 @@
+"""The real migration code, both ends in this process, without KVM (tests/harness.py).
+
+Each test migrates 16 MiB between two FakeMachines over a unix: socket, with real
+userfaultfd on the destination, and checks every page: whole, in place, current. States
+are held, not raced: a bandwidth of 1 byte/s holds precopy or the postcopy push where it
+is, and a `Proxy` holds or cuts the connection.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import Migration
+
+PAGES = 4096  # 16 MiB
+TOP = range(PAGES - 256, PAGES)  # the guest's working set: the last MiB, which the push
+# (from page 0 on) reaches last
+
+
+def test_precopy() -> None:
+    with Migration(pages=PAGES, working_set=TOP) as pair:
+        pair.start()
+        pair.finish()
+        pair.verify()
+        assert pair.incoming.postcopy_start is None
+        assert pair.outgoing.query()["ram"]["duplicate"] > 0  # the zero pages crossed as such
+
+
+@pytest.mark.parametrize("rounds", [0, 1], ids=["from-the-start", "after-one-round"])
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt"])
+def test_postcopy_serves_the_guest_while_the_push_is_held(rounds: int, preempt: bool) -> None:
+    """The push is held at 1 byte/s after its first run, away from the guest's working set
+    (every page of which the guest dirtied after precopy sent it): the destination's guest
+    gets those pages by request only, and runs on. Then the push is let go and finishes."""
+    capabilities = ["postcopy-ram", "postcopy-preempt"] if preempt else ["postcopy-ram"]
+    with Migration(
+        pages=PAGES,
+        working_set=TOP,
+        capabilities=capabilities,
+        parameters={
+            "x-postcopy-after-rounds": rounds,
+            "max-postcopy-bandwidth": 1,
+            "x-postcopy-run-pages": 64,
+        },
+    ) as pair:
+        pair.start()
+        pair.wait_destination("postcopy-active")
+        pair.destination.wait_passes(pair.destination.passes() + 2)
+        assert pair.incoming.status.value.value == "postcopy-active"  # the push is held
+        assert pair.incoming.query()["x-postcopy-requests-sent"] > 0
+        source = pair.outgoing.query()["x-postcopy"]
+        assert source["requested-pages"] > 0
+        if rounds:
+            assert source["needed-pages"] >= len(TOP)  # the whole working set went stale
+        pair.set_parameter("max-postcopy-bandwidth", 0)
+        pair.finish()
+        pair.verify()
+        assert pair.outgoing.rounds == rounds
+
+
+def test_two_vcpus_through_a_proxy() -> None:
+    with Migration(
+        pages=PAGES,
+        vcpus=2,
+        working_set=TOP,
+        capabilities=["postcopy-ram", "postcopy-preempt"],
+        parameters={"x-postcopy-after-rounds": 1},
+        proxy=True,
+    ) as pair:
+        pair.start()
+        pair.finish()
+        pair.verify()
+        assert pair.proxy is not None and len(pair.proxy.links) == 2  # main and preempt
+        assert len(pair.incoming.query()["postcopy-vcpu-blocktime"]) == 2
+
+
+def test_a_cut_in_precopy_fails_both_ends_and_the_source_runs_on() -> None:
+    with Migration(
+        pages=PAGES, working_set=TOP, parameters={"max-bandwidth": 1}, proxy=True
+    ) as pair:
+        pair.start()
+        pair.wait_source("active")
+        assert pair.proxy is not None
+        pair.proxy.cut()
+        assert pair.wait_source("failed", "completed") == "failed"
+        assert pair.wait_destination("failed", "completed") == "failed"
+        assert pair.source.running  # precopy failed: the guest goes on where it was
+        assert pair.outgoing.error and pair.incoming.error
