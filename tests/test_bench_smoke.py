@@ -23,6 +23,8 @@ from postcopy.bench.cleanup import pid_alive
 from postcopy.bench.link import our_namespaces
 from postcopy.bench.scenarios import ScenarioError, load_catalogue, parse_name
 from postcopy.cli.main import main
+from postcopy.migration import trace_points as tp
+from postcopy.tools.runfile import RUN_FORMAT, Run
 
 SMOKE = "memtouch-256m-1cpu-postcopy1"
 
@@ -125,11 +127,17 @@ def test_smoke_run_on_loopback_reports_every_figure_and_ratio(tmp_path: Path) ->
     }
     # the bulk round is the first part of what crossed, and it carried page data
     assert 0 < figures["bulk_round_bytes"] <= figures["precopy_bytes"]
-    # both sides' full query-migrate are kept, and the series the plot is drawn from
-    assert record["source"]["ram"]["postcopy-requests"] == figures["postcopy_requests"]
-    assert "x-request-latency" in record["destination"]
-    assert len(record["series"]["t"]) >= 2
-    assert any(e["event"] == "stop" for e in record["timelines"]["source"])
+    # the migration is kept as a run record, the format `postcopy report` reads: both
+    # sides' full query-migrate, the samples the plot is drawn from, both timelines
+    run = Run.from_records(record["run"])
+    assert run.header["format"] == RUN_FORMAT and run.header["command"] == "bench"
+    assert run.source["ram"]["postcopy-requests"] == figures["postcopy_requests"]
+    assert "x-request-latency" in run.destination
+    assert len(run.samples) >= 2 and "bytes-received" in run.samples[-1]
+    assert run.first("source", tp.STOP) is not None
+    assert len(record["cpu_series"]["source"][next(iter(record["cpu_series"]["source"]))]) == len(
+        run.samples
+    )
     assert list(tmp_path.glob("smoke-loopback-*.png"))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.cli.report import load_run
+from postcopy.tools.runfile import load_run
 from tests.hold import HOLD_RATE, set_parameters
 
 pytestmark = pytest.mark.timeout(150)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from postcopy.cli.report import load_run
+from postcopy.tools.runfile import load_run
 from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
 

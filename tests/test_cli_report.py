@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from postcopy.cli.main import main
-from postcopy.cli.report import load_run, write_png
+from postcopy.cli.report import write_png
+from postcopy.tools.runfile import load_run
 from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
 
@@ -129,7 +130,7 @@ def test_run_file_png(files: Files, tmp_path: Path) -> None:
 
 def test_run_file_contents(files: Files) -> None:
     run = load_run(files.run)
-    assert run.header["format"] == "postcopy-run/1"
+    assert run.header["format"] == "postcopy-run/2"
     assert run.header["options"]["preempt"] is True
     phases = [status for status, _, _ in run.phases()]
     assert "active" in phases and "postcopy-active" in phases

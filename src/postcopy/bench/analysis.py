@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from postcopy.migration import trace_points as tp
+from postcopy.tools.runfile import Run
+
 DOWNTIME_TARGET_US = 5000.0
 TARGETS: dict[str, tuple[str, float]] = {
     "throughput_vs_limit": (">=", 0.70),
@@ -36,53 +39,29 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 4)
 
 
-def event_times(record: dict[str, Any], side: str) -> list[tuple[float, dict[str, Any]]]:
-    """A side's timeline entries with their time in seconds after `migrate` was sent.
-
-    Entries with "mono" (the host's CLOCK_MONOTONIC, the bench's clock too) are placed
-    exactly; others by their "t" from that side's start plus the start's estimate from
-    the polled total-time. An entry stamped before its side's clock was set has a
-    meaningless t and is left out."""
-    timeline = (record.get("timelines") or {}).get(side) or []
-    migrate_at = record.get("migrate_monotonic")
-    offset = (record.get("clock_offsets") or {}).get(side, 0.0)
-    horizon = float(record.get("wall_seconds") or 1e9) + 1.0
-    placed = []
-    for entry in timeline:
-        if "mono" in entry and migrate_at is not None:
-            when = float(entry["mono"]) - migrate_at
-        elif "t" in entry:
-            when = offset + float(entry["t"])
-        else:
-            continue
-        if -1.0 <= when <= horizon:
-            placed.append((when, entry))
-    return placed
+def bench_run(record: dict[str, Any]) -> Run:
+    """The migration of a bench record: its run records (schema 3), on one clock."""
+    return Run.from_records(record.get("run") or [])
 
 
-def _event_time(record: dict[str, Any], side: str, event: str) -> float | None:
-    return next(
-        (when for when, entry in event_times(record, side) if entry.get("event") == event), None
-    )
-
-
-def bulk_round(record: dict[str, Any]) -> tuple[int, float] | None:
+def bulk_round(run: Run) -> tuple[int, float] | None:
     """Bytes sent in the first precopy round (all of RAM) and its seconds, from the
     source's round-start/round-end timeline entries."""
     start = end = None
-    for when, entry in event_times(record, "source"):
-        if entry.get("round") == 1 and entry.get("event") == "round-start":
-            start = (when, entry.get("transferred"))
-        elif entry.get("round") == 1 and entry.get("event") == "round-end":
-            end = (when, entry.get("transferred"))
+    for entry in run.events_of("source", tp.ROUND_START):
+        if entry.get("round") == 1:
+            start = (float(entry["t"]), entry.get("transferred"))
+    for entry in run.events_of("source", tp.ROUND_END):
+        if entry.get("round") == 1:
+            end = (float(entry["t"]), entry.get("transferred"))
     if start is None or end is None or start[1] is None or end[1] is None or end[0] <= start[0]:
         return None
     return int(end[1]) - int(start[1]), end[0] - start[0]
 
 
 def figures(record: dict[str, Any]) -> dict[str, Any]:
-    src = record.get("source") or {}
-    dst = record.get("destination") or {}
+    run = bench_run(record)
+    src, dst = run.source, run.destination
     ram = src.get("ram") or {}
     latency = dst.get("x-request-latency") or {}
     total_ms = src.get("total-time")
@@ -93,11 +72,11 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         downtime_us = float(src["downtime"]) * 1000
     memory = record.get("destination_memory") or {}
     source_memory = record.get("source_memory") or {}
-    switchover = _event_time(record, "source", "stop")
-    run_at = _event_time(record, "destination", "run")
+    switchover = run.first("source", tp.STOP)
+    run_at = run.first("destination", tp.RUN)
     postcopy = src.get("x-postcopy") or {}
     verify = record.get("verify") or {}
-    bulk = bulk_round(record)
+    bulk = bulk_round(run)
     migration_overhead = None
     if memory.get("overhead") is not None and source_memory.get("overhead") is not None:
         migration_overhead = memory["overhead"] - source_memory["overhead"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,19 @@ def wait_for_quiet_host(
         waited = time.monotonic() - started
         if busy <= busy_limit or waited >= max_wait:
             return {"busy_cores": busy, "waited_s": round(waited, 1), "quiet": busy <= busy_limit}
+
+
+def cores_used(
+    times: Sequence[float], seconds: Sequence[float | None], window: float = 0.1
+) -> list[float | None]:
+    """Cores a thread used at each sample: its CPU seconds over a sliding `window` of
+    wall seconds (one poll interval alone is too jumpy); None where it did not exist."""
+    cores: list[float | None] = []
+    start = 0
+    for index, now in enumerate(times):
+        while times[start] < now - window:
+            start += 1
+        first, last = seconds[start], seconds[index]
+        span = now - times[start]
+        cores.append(None if first is None or last is None or span <= 0 else (last - first) / span)
+    return cores

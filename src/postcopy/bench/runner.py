@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postcopy.bench.analysis import analyse
+from postcopy.bench.analysis import analyse, bench_run
 from postcopy.bench.cleanup import Cleanup
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
@@ -47,9 +46,9 @@ from postcopy.bench.procinfo import (
 from postcopy.bench.profile import Profiler
 from postcopy.bench.scenarios import Scenario
 from postcopy.tools.qmpclient import QmpClientError
+from postcopy.tools.runfile import RunWriter, Sampler, end_records, header_record
 from postcopy.tools.vmchild import VmChild, VmChildError, free_port
 from postcopy.tools.watch import (
-    FINAL_STATUSES,
     Poll,
     WatchTimeout,
     query_migrate,
@@ -57,7 +56,10 @@ from postcopy.tools.watch import (
 )
 from postcopy.transport import AuthConfig
 
-SCHEMA = 2  # 2: limits.fill_rate is the first (fresh-memory) pass; warm_fill_rate added
+# 2: limits.fill_rate is the first (fresh-memory) pass; warm_fill_rate added
+# 3: the migration as a run record ("run", postcopy/tools/runfile.py) instead of "series",
+#    "timelines", "source" and "destination"
+SCHEMA = 3
 WARMUP_TIMEOUT = 300.0
 
 
@@ -139,71 +141,23 @@ def _wait_for(
         time.sleep(0.05)
 
 
-SERIES_SOURCE = {
-    "src_transferred": ("ram", "transferred"),
-    "src_remaining": ("ram", "remaining"),
-    "src_precopy_bytes": ("ram", "precopy-bytes"),
-    "src_postcopy_bytes": ("ram", "postcopy-bytes"),
-    "src_postcopy_requests": ("ram", "postcopy-requests"),
-    "src_pages_pushed": ("ram", "x-pages-pushed"),
-    "src_pages_requested": ("ram", "x-pages-requested"),
-}
-SERIES_DESTINATION = {
-    "dst_bytes_received": "x-bytes-received",
-    "dst_requests_sent": "x-postcopy-requests-sent",
-    "dst_vcpu_faults": "x-postcopy-vcpu-faults",
-    "dst_pages_placed": "x-pages-placed",
-    "dst_local_zero_faults": "x-local-zero-faults",
-}
-
-
-class Series:
-    """query-migrate of both sides sampled over time, kept as columns."""
+class CpuSeries:
+    """CPU seconds each thread of both VMs used since `migrate`, one value per poll (the
+    run's samples): {side: {thread id: [...]}}."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {
-            "t": [],
-            "src_status": [],
-            "dst_status": [],
-            **{k: [] for k in SERIES_SOURCE},
-            **{k: [] for k in SERIES_DESTINATION},
-        }
-        # CPU seconds each thread used since `migrate`, per poll: {side: {tid: [...]}}
         self.cpu: dict[str, dict[str, list[float | None]]] = {}
-        self._src_starts: list[float] = []
-        self._dst_starts: list[float] = []
+        self.polls = 0
 
-    def add(self, t: float, src: dict[str, Any] | None, dst: dict[str, Any] | None) -> None:
-        src, dst = src or {}, dst or {}
-        self.columns["t"].append(round(t, 4))
-        self.columns["src_status"].append(src.get("status"))
-        self.columns["dst_status"].append(dst.get("status"))
-        for key, (group, field) in SERIES_SOURCE.items():
-            self.columns[key].append(src.get(group, {}).get(field))
-        for key, field in SERIES_DESTINATION.items():
-            self.columns[key].append(dst.get(field))
-        # each side's own clock starts at its migration start; total-time places it on ours
-        if src.get("status") not in FINAL_STATUSES | {None, "none"} and "total-time" in src:
-            self._src_starts.append(t - src["total-time"] / 1000)
-        if dst.get("status") not in FINAL_STATUSES | {None, "none"} and "total-time" in dst:
-            self._dst_starts.append(t - dst["total-time"] / 1000)
-
-    def add_cpu(self, side: str, now: dict[int, float], before: dict[int, float]) -> None:
+    def add(self, side: str, now: dict[int, float], before: dict[int, float]) -> None:
         threads = self.cpu.setdefault(side, {})
-        index = len(self.columns["t"]) - 1
+        index = self.polls - 1
         for tid, used in now.items():
             column = threads.setdefault(str(tid), [])
             column.extend([None] * (index - len(column)))  # a thread born mid-run
             column.append(round(used - before.get(tid, 0.0), 3))
         for column in threads.values():
             column.extend([None] * (index + 1 - len(column)))  # a thread that ended
-
-    def offsets(self) -> dict[str, float]:
-        """When each side's migration clock started, in seconds after `migrate` was sent."""
-        return {
-            "source": statistics.median(self._src_starts) if self._src_starts else 0.0,
-            "destination": statistics.median(self._dst_starts) if self._dst_starts else 0.0,
-        }
 
 
 def _migration_timeout(scenario: Scenario, link: Link) -> float:
@@ -328,20 +282,33 @@ def _migrate(
         cpu_seen = {vm.name: dict(cpu_before[vm.name]) for vm in vms}
         host_before = host_cpu_times()
         bench_before = time.process_time()
-        series = Series()
+        cpu_series = CpuSeries()
+        sampler = Sampler()
+        recorder = RunWriter()
         timeout = _migration_timeout(scenario, link)
+        options_record = {"scenario": scenario.name, "link": link.name}
         started = time.monotonic()
-        record["migrate_monotonic"] = started  # timeline entries carry the same clock ("mono")
+        recorder.write(
+            header_record(
+                "bench",
+                uri,
+                options_record,
+                source.qmp,
+                destination.qmp,
+                **{"migrate-mono": started},
+            )
+        )
         source.qmp.execute("migrate", {"uri": uri})
 
         def on_poll(poll: Poll) -> None:
-            series.add(poll.t, poll.source, poll.destination)
+            recorder.write(sampler.sample(poll))
+            cpu_series.polls += 1
             for vm in vms:
                 for tid, comm in thread_comms(vm.pid).items():
                     vcpu_threads[vm.name].setdefault(tid, comm)
                 now_cpu = thread_cpu(vm.pid)
                 cpu_seen[vm.name].update(now_cpu)
-                series.add_cpu(vm.name, now_cpu, cpu_before[vm.name])
+                cpu_series.add(vm.name, now_cpu, cpu_before[vm.name])
 
         try:
             last = watch_until_final(
@@ -354,7 +321,6 @@ def _migrate(
             )
         except WatchTimeout as error:
             raise RunError(str(error)) from None
-        src, dst = last.source, last.destination
         record["wall_seconds"] = round(time.monotonic() - started, 4)
         record["cpu"] = _cpu_usage(
             vms,
@@ -367,21 +333,24 @@ def _migrate(
         )
         if profiler is not None:
             record["profile"] = profiler.stop()
-        record["source"] = source.query() or src
-        record["destination"] = destination.query() or dst
-        record["series"] = series.columns
-        record["cpu_series"] = series.cpu
-        record["clock_offsets"] = series.offsets()
+        final = {
+            "source": source.query() or last.source,
+            "destination": destination.query() or last.destination,
+        }
+        statuses = {side: (info or {}).get("status") for side, info in final.items()}
+        end_records(
+            recorder,
+            {"source": source.qmp, "destination": destination.qmp},
+            final,
+            "completed" if set(statuses.values()) == {"completed"} else "failed",
+            record["wall_seconds"],
+        )
+        record["run"] = recorder.records
+        record["cpu_series"] = cpu_series.cpu
         record["destination_console_passes"] = destination.console().count(marker)
         if destination.process.poll() is None:
             record["destination_memory"] = memory_figures(destination.pid, scenario.ram)
-        for vm in vms:
-            try:
-                record.setdefault("timelines", {})[vm.name] = vm.qmp.execute("x-migration-timeline")
-            except QmpClientError as error:
-                record.setdefault("timelines", {})[vm.name] = []
-                record.setdefault("warnings", []).append(f"{vm.name} timeline: {error}")
-        if options.verify and (record["destination"] or {}).get("status") == "completed":
+        if options.verify and statuses["destination"] == "completed":
             try:
                 destination.qmp.execute("stop")
                 record["verify"] = destination.qmp.execute("x-verify")
@@ -418,15 +387,13 @@ def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> di
         limits = measure_limits(options.link, scenario.ram, cleanup, faults=options.fault_probes)
         record["limits"] = limits.as_json()
         _migrate(scenario, options, directory, cleanup, record)
-        statuses = (
-            (record.get("source") or {}).get("status"),
-            (record.get("destination") or {}).get("status"),
-        )
+        run = bench_run(record)
+        statuses = (run.source.get("status"), run.destination.get("status"))
         record["status"] = "completed" if statuses == ("completed", "completed") else "failed"
         if record["status"] == "failed":
             record["error"] = (
                 f"source {statuses[0]}, destination {statuses[1]}: "
-                f"{(record.get('source') or {}).get('error-desc', '')}"
+                f"{run.source.get('error-desc') or run.destination.get('error-desc') or ''}"
             )
     except KeyboardInterrupt:
         record["status"] = "interrupted"

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from postcopy.cli.migrate import MigrateError, MigrateOptions, Migration, failure_line
-from postcopy.cli.report import ReportError, RunWriter, load_run, summary_table, write_png
+from postcopy.cli.report import ReportError, summary_table, write_png
 from postcopy.tools.qmpclient import QmpClientError
+from postcopy.tools.runfile import RunFileError, RunWriter, load_run
 from postcopy.tools.signals import interruptible, signals_ignored
 from postcopy.tools.vmchild import VmChild, VmChildError, free_port
 from postcopy.units import format_bytes, parse_rate, parse_size
@@ -274,7 +275,7 @@ def _demo(
     try:
         png = write_png(load_run(run_path), args.out / "timeline.png")
         console.print(f"timeline written to {png}")
-    except ReportError as error:
+    except (ReportError, RunFileError) as error:
         console.print(f"no timeline PNG: {error}")
     if not verdict["ok"]:
         print(

@@ -18,9 +18,7 @@ callback per progress sample.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import datetime
 import json
 import sys
 import time
@@ -29,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postcopy.cli.report import RUN_FORMAT, RunWriter, summary_table
+from postcopy.cli.report import summary_table
 from postcopy.tools.qmpclient import QmpClient, QmpClientError, QmpCommandError
+from postcopy.tools.runfile import RunWriter, Sampler, end_records, header_record
 from postcopy.tools.signals import InterruptCounter
 from postcopy.tools.watch import FINAL_STATUSES, Poll, watch_until_final
 from postcopy.units import parse_rate
@@ -120,7 +119,7 @@ class Migration:
         self.recorder = recorder
         self.command = command
         self.samples: list[dict[str, Any]] = []
-        self._history: collections.deque[tuple[float, int]] = collections.deque()
+        self._sampler = Sampler()
         # True: Ctrl-C cancels a precopy and is refused in postcopy (`postcopy migrate`);
         # False: KeyboardInterrupt goes straight to the caller (the demo tears all down)
         self.catch_interrupts = catch_interrupts
@@ -210,8 +209,6 @@ class Migration:
             str(Path(options.key_file).resolve()) if options.key_file is not None else ""
         )
         self._execute(self.source, "migrate-set-parameters", parameters, "source")
-        if self.recorder is not None:
-            self.recorder.write(self._header())
 
     def _execute(
         self, client: QmpClient, command: str, arguments: dict[str, Any], side: str
@@ -221,32 +218,6 @@ class Migration:
         except QmpCommandError as error:
             raise MigrateError(f"the {side} refused {command}: {error.desc}") from None
 
-    def _header(self) -> dict[str, Any]:
-        def describe(client: QmpClient | None) -> dict[str, Any] | None:
-            if client is None:
-                return None
-            caps = client.execute("query-migrate-capabilities")
-            return {
-                "qmp": client.path,
-                "capabilities": [c["capability"] for c in caps if c["state"]],
-                "parameters": client.execute("query-migrate-parameters"),
-            }
-
-        source = describe(self.source)
-        assert source is not None
-        source["parameters"].pop("x-key-file", None)  # a path, but still nobody's business
-        options = {k: v for k, v in asdict(self.options).items() if k != "uri"}
-        return {
-            "event": "header",
-            "format": RUN_FORMAT,
-            "command": self.command,
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "uri": self.options.uri,
-            "options": options,
-            "source": source,
-            "destination": describe(self.destination),
-        }
-
     # -- while it runs -------------------------------------------------------------------------
 
     def run(self) -> MigrationOutcome:
@@ -255,6 +226,18 @@ class Migration:
             self._interrupts.catching() if self.catch_interrupts else contextlib.nullcontext()
         )
         with catching:
+            if self.recorder is not None:
+                options = {k: v for k, v in asdict(self.options).items() if k != "uri"}
+                self.recorder.write(
+                    header_record(
+                        self.command,
+                        self.options.uri,
+                        options,
+                        self.source,
+                        self.destination,
+                        **{"migrate-mono": round(time.monotonic(), 6)},
+                    )
+                )
             self.start_time = time.monotonic()
             self._execute(self.source, "migrate", {"uri": self.options.uri}, "source")
             self._cancel_sent = False
@@ -283,7 +266,7 @@ class Migration:
         if poll.source is None:
             return
         status = poll.status
-        sample = self._sample(poll.source)
+        sample = self._sampler.sample(poll)
         self.samples.append(sample)
         if self.recorder is not None:
             self.recorder.write(sample)
@@ -306,79 +289,17 @@ class Migration:
                 "(Ctrl-C twice more to stop watching)"
             )
 
-    def _sample(self, info: dict[str, Any]) -> dict[str, Any]:
-        now = time.monotonic() - self.start_time
-        ram = info.get("ram", {})
-        status = str(info.get("status", "none"))
-        transferred = int(ram.get("transferred", 0))
-        remaining = int(ram.get("remaining", 0))
-        history = self._history
-        history.append((now, transferred))
-        while len(history) > 2 and now - history[1][0] >= 1.0:
-            history.popleft()  # the rate is over the last second or so
-        rate: float | None = None
-        if len(history) >= 2 and now > history[0][0]:
-            rate = (transferred - history[0][1]) / (now - history[0][0])
-        eta: float | None = None
-        if status in ("active", "postcopy-active", "device") and rate and rate > 0:
-            eta = remaining / rate
-        elif status == "completed":
-            eta = 0.0
-        return {
-            "event": "sample",
-            "t": round(now, 3),
-            "status": status,
-            "transferred": transferred,
-            "remaining": remaining,
-            "total": int(ram.get("total", 0)),
-            "rate": None if rate is None else round(rate),
-            "mbps": ram.get("mbps"),
-            "dirty-pages-rate": int(ram.get("dirty-pages-rate", 0)),
-            "page-size": int(ram.get("page-size", 4096)),
-            "rounds": int(info.get("x-rounds", 0)),
-            "dirty-sync-count": int(ram.get("dirty-sync-count", 0)),
-            "postcopy-requests": int(ram.get("postcopy-requests", 0)),
-            "expected-downtime": info.get("expected-downtime"),
-            "eta": None if eta is None else round(eta, 2),
-        }
-
-    # -- after ---------------------------------------------------------------------------------
-
     def _record_end(
         self, status: str, source: dict[str, Any], destination: dict[str, Any] | None
     ) -> None:
-        recorder = self.recorder
-        if recorder is None:
-            return
-        for side, client in (("source", self.source), ("destination", self.destination)):
-            if client is None:
-                continue
-            try:
-                timeline = client.execute("x-migration-timeline")
-            except QmpClientError:
-                continue
-            for entry in timeline:
-                recorder.write({**entry, "side": side})
-        recorder.write({"event": "summary", "side": "source", **source})
-        if destination:
-            recorder.write({"event": "summary", "side": "destination", **destination})
-            latency = latency_samples(self.destination)
-            if latency:
-                recorder.write({"event": "latency-samples", "side": "destination", "us": latency})
-        recorder.write(
-            {"event": "end", "status": status, "t": round(time.monotonic() - self.start_time, 3)}
-        )
-
-
-def latency_samples(client: QmpClient | None) -> list[float]:
-    """The destination's raw request latencies in µs, if its QMP offers them."""
-    if client is None:
-        return []
-    try:
-        result = client.execute("x-request-latency-samples")
-    except QmpClientError:
-        return []
-    return [float(value) for value in result.get("us", [])]
+        if self.recorder is not None:
+            end_records(
+                self.recorder,
+                {"source": self.source, "destination": self.destination},
+                {"source": source, "destination": destination},
+                status,
+                time.monotonic() - self.start_time,
+            )
 
 
 def connect(path: str, name: str) -> QmpClient:
