@@ -101,6 +101,13 @@ LISTEN = TracePoint(
 RUN = TracePoint(
     "run", DESTINATION, (), "the guest runs on the destination: the downtime ends", (PLOT, BENCH)
 )
+RUNSTATE = TracePoint(
+    "runstate",
+    DESTINATION,
+    ("source", "autostart"),
+    "the run state the guest had on the source (QEMU's global state), and whether the "
+    "destination starts it (not with -S)",
+)
 MOVED = TracePoint(
     "moved", DESTINATION, ("pages",), "every still-valid precopy page is back in guest RAM"
 )
@@ -124,6 +131,7 @@ TRACE_POINTS: tuple[TracePoint, ...] = (
     DISCARDS_DONE,
     LISTEN,
     RUN,
+    RUNSTATE,
     MOVED,
     COMPLETED,
 )
