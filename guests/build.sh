@@ -1,7 +1,8 @@
 #!/bin/sh
 # Rebuild the built-in guest images (flat x86-64 binaries, loaded at guest physical 0x10000)
-# from guests/*.S with binutils. The output is deterministic: the committed images in
-# src/postcopy/vm/images/ must be byte-identical to a rebuild (tests/test_vm_guests.py).
+# from guests/*.S with binutils and guests/*.c with gcc (freestanding, linked by guest.ld).
+# The output is deterministic: the committed images in src/postcopy/vm/images/ must be
+# byte-identical to a rebuild (tests/test_vm_guests.py).
 #
 # usage: guests/build.sh [output-directory]     (default: src/postcopy/vm/images)
 set -eu
@@ -10,20 +11,40 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-"$here/../src/postcopy/vm/images"}
 load_address=0x10000
 max_bytes=458752        # 448 KiB: the image must end below the stacks and page tables
+# A C guest runs at CPL3 with no libc, no red zone guarantees from an OS, no PIC loader:
+# code and constants only, at the load address (guest.ld), general registers only in C.
+cflags="-std=gnu11 -O2 -ffreestanding -fno-builtin -nostdlib -fno-pic -fno-pie
+        -mno-red-zone -mgeneral-regs-only -fno-stack-protector -fno-asynchronous-unwind-tables
+        -fno-tree-loop-distribute-patterns -fno-ident -Wall -Wextra -Werror"
 
 for tool in as ld objcopy nm; do
     command -v "$tool" >/dev/null 2>&1 || { echo "build.sh: $tool (binutils) not found" >&2; exit 1; }
 done
+if ls "$here"/*.c >/dev/null 2>&1; then
+    command -v gcc >/dev/null 2>&1 || { echo "build.sh: gcc not found (C guests)" >&2; exit 1; }
+fi
 
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
 
-for source in "$here"/*.S; do
-    name=$(basename "$source" .S)
-    as --64 -I "$here" -o "$work/$name.o" "$source"
-    ld -m elf_x86_64 -static --build-id=none -e _start -Ttext="$load_address" \
-        -o "$work/$name.elf" "$work/$name.o"
+for source in "$here"/*.S "$here"/*.c; do
+    [ -e "$source" ] || continue
+    case "$source" in
+    *.S)
+        name=$(basename "$source" .S)
+        as --64 -I "$here" -o "$work/$name.o" "$source"
+        ld -m elf_x86_64 -static --build-id=none -e _start -Ttext="$load_address" \
+            -o "$work/$name.elf" "$work/$name.o"
+        ;;
+    *.c)
+        name=$(basename "$source" .c)
+        # shellcheck disable=SC2086  # cflags is a list of words
+        gcc $cflags -c -o "$work/$name.o" "$source"
+        ld -m elf_x86_64 -static --build-id=none -T "$here/guest.ld" \
+            -o "$work/$name.elf" "$work/$name.o"
+        ;;
+    esac
     # The guest is entered at its first byte, so _start must be the image's first byte.
     entry=$(nm "$work/$name.elf" | awk '$3 == "_start" { print $1 }')
     if [ "$((0x$entry))" -ne "$((load_address))" ]; then

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "postcopy.cli.demo",
     "postcopy.cli.report",
     "postcopy.cli.bench",
+    "postcopy.cli.service",
 )
 
 

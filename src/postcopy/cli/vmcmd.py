@@ -109,6 +109,13 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="do not start the guest (a destination stays paused after migration)",
     )
+    run.add_argument(
+        "--service",
+        metavar="URI",
+        help="give the VM a request device connected to the service front at URI "
+        "(unix:PATH or tcp:HOST:PORT; see `postcopy service front`); a kvstore guest "
+        "always has the device",
+    )
     run.add_argument("--console", type=Path, help="append the guest's console output to FILE")
     run.add_argument("--trace", help="append the migration timeline as JSON lines to FILE")
     run.add_argument("-v", "--verbose", action="store_true")
@@ -175,9 +182,11 @@ def run_vm(args: argparse.Namespace) -> int:
     from postcopy.ram import MemoryBackend
     from postcopy.transport import AuthConfig
     from postcopy.vm.machine import MicroVM
+    from postcopy.vm.requestdev import RequestDevice
 
     try:
         image, params, guest_name = _guest_params(args)
+        devices = [RequestDevice(args.service)] if args.service or guest_name == "kvstore" else []
         ram_size = parse_size(args.ram)
         backend = MemoryBackend.parse(
             args.memory_backend, None if args.share is None else args.share == "on"
@@ -210,6 +219,7 @@ def run_vm(args: argparse.Namespace) -> int:
             memory_backend=backend,
             console=console,
             on_event=lambda name, data: server.emit_event(name, data or None),
+            devices=devices,
         )
     except Exception as error:
         print(f"postcopy vm run: cannot create the VM: {error}", file=sys.stderr)

@@ -100,6 +100,7 @@ class VmMonitor:
         register("x-console", self.x_console)
         register("x-migration-timeline", self.x_migration_timeline)
         register("x-request-latency-samples", self.x_request_latency_samples)
+        register("x-request-device", self.x_request_device)
         self.server.on_quit(self._quit)
 
     # -- run state -------------------------------------------------------------------------------
@@ -337,6 +338,15 @@ class VmMonitor:
         if count > self.LATENCY_SAMPLES_MAX:
             samples = samples[:: -(-count // self.LATENCY_SAMPLES_MAX)]
         return {"us": [round(value * 1e6, 1) for value in samples.tolist()], "count": count}
+
+    def x_request_device(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The request device's state and counters (postcopy.vm.requestdev)."""
+        stats: list[dict[str, Any]] = [
+            getattr(device, "stats", dict)() for device in self.vm.devices
+        ]
+        if not stats:
+            raise QmpError("this VM has no request device (start it with --service)")
+        return dict(stats[0])
 
     def _quit(self) -> None:
         if self._on_quit is not None:

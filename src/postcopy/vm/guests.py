@@ -11,6 +11,8 @@ says "this vCPU is done" with OUT to DONE_PORT, repeated if the vCPU is resumed.
   vCPU's share, pass after pass; 'A' at start, 'B' after each pass.
 - randwrite: random 64-bit writes at full speed over a working set; 'W' per 2**20 writes.
 - scan: reads all RAM and checksums it; vCPU 0 prints the checksum as a hex line per pass.
+- kvstore: a key-value service (C, guests/kvstore.c) answering GET/PUT/DELETE through the
+  request device (postcopy.vm.requestdev); 'R' once its table is filled.
 
 Their verifiers are in postcopy.vm.verify.
 """
@@ -138,6 +140,32 @@ GUESTS: dict[str, GuestInfo] = {
             ),
             pass_marker=b"\n",
             pass_help="one checksum line per pass of vCPU 0",
+        ),
+        GuestInfo(
+            name="kvstore",
+            description=(
+                "A key-value service: GET/PUT/DELETE on a hash table spread over RAM above "
+                "1 MiB (linear probing, 64-byte slots), filled at start with keys 1..P, served "
+                "by vCPU 0 through the request device (vm run --service URI); the other "
+                "vCPUs are done at once."
+            ),
+            params=(
+                GuestParam(
+                    "table_ppm",
+                    0,
+                    900_000,
+                    "table size, parts per million of the RAM above 1 MiB (0 = 900000)",
+                ),
+                GuestParam(
+                    "fill_ppm",
+                    1,
+                    250_000,
+                    "keys preloaded at start, parts per million of the slots (0 = 250000)",
+                ),
+            ),
+            pass_marker=b"R",
+            pass_help="'R' once the table is filled and the service is up, "
+            "then '.' per 65536 requests answered",
         ),
     )
 }

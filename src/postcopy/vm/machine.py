@@ -31,14 +31,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from postcopy.closing import Closing
 from postcopy.linux import kvm_abi
 from postcopy.linux.kvm import Kvm, KvmVcpu, KvmVm, dirty_bitmap_words
-from postcopy.linux.kvm_abi import Capability
+from postcopy.linux.kvm_abi import Capability, IoExit
 from postcopy.linux.memory import Mapping
 from postcopy.ram import Bitmap, MemoryBackend, RamBlock, RamList, fold
 from postcopy.vm import layout
@@ -93,6 +93,23 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 Events = list[tuple[str, dict[str, object]]]
 
 
+class PortDevice(Protocol):
+    """A device on I/O ports (postcopy.vm.requestdev.RequestDevice is one). It does I/O
+    outside the VM only between resume() (cont) and pause() (stop), and its state moves
+    with the vCPUs' in save_state/load_state."""
+
+    name: str
+    ports: tuple[int, ...]
+
+    def io(self, vcpu: KvmVcpu, exit: IoExit) -> bytes: ...
+    def start(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def save(self) -> dict[str, Any]: ...
+    def load(self, state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
 class MicroVM(Closing):
     """A KVM virtual machine running a flat CPL3 guest image; see the module docstring."""
 
@@ -108,8 +125,11 @@ class MicroVM(Closing):
         memory_backend: MemoryBackend | None = None,
         console: ConsoleCallback | None = None,
         on_event: EventCallback | None = None,
+        devices: Sequence[PortDevice] = (),
     ) -> None:
         layout.check_config(ram_size, vcpus)
+        self._devices = list(devices)
+        self._ports = _port_map(self._devices)
         if cpl not in layout.GUEST_CPLS:
             raise ValueError(f"guest CPL {cpl!r} must be one of {layout.GUEST_CPLS}")
         self._cpl = cpl
@@ -190,9 +210,12 @@ class MicroVM(Closing):
                 console=self._on_console,
                 on_final_state=self._on_final_state,
                 emit=self._emit,
+                ports=self._ports,
             )
             self._threads.append(thread)
             thread.start()
+        for device in self._devices:
+            device.start()
 
     # -- Machine protocol --------------------------------------------------------------
 
@@ -249,6 +272,8 @@ class MicroVM(Closing):
             for thread in self._threads:
                 if thread.state in (VcpuState.PARKED, VcpuState.RUNNING):
                     thread.request_park()
+            for device in self._devices:  # no more I/O outside; waits inside end now
+                device.pause()
             if not self._condition.wait_for(
                 lambda: not any(t.active for t in self._threads), timeout
             ):
@@ -271,6 +296,8 @@ class MicroVM(Closing):
                 # Withdraw what a timed-out stop() asked of vCPUs that have not parked yet.
                 for thread in self._threads:
                     thread.request_run()
+                for device in self._devices:
+                    device.resume()
                 return
             if self._status in _STOPPED_FOR_GOOD:
                 raise RuntimeError(
@@ -281,6 +308,8 @@ class MicroVM(Closing):
                 raise RuntimeError("an incoming VM runs only after load_state()")
             for thread in self._threads:
                 thread.request_run()
+            for device in self._devices:
+                device.resume()
             self._status = RunState.RUNNING
             self._has_run = True
         self._emit("RESUME", {})
@@ -337,6 +366,7 @@ class MicroVM(Closing):
             ]
         with self._console_lock:
             console = {"bytes": self._console_bytes}
+        devices = {"devices": {d.name: d.save() for d in self._devices}} if self._devices else {}
         return {
             "format": STATE_FORMAT,
             "ram_size": self._ram_size,
@@ -352,6 +382,7 @@ class MicroVM(Closing):
             ],
             "console": console,
             "cpus": cpus,
+            **devices,
         }
 
     def _save_vcpu(self, vcpu: KvmVcpu, thread: VcpuThread) -> dict[str, Any]:
@@ -385,6 +416,8 @@ class MicroVM(Closing):
                     f"load_state() on a VM in status '{self._status}' that has already run"
                 )
             self._check_state_matches(state)
+            for device in self._devices:
+                device.load(state["devices"][device.name])
             for vcpu, saved in zip(self._vcpus, state["cpus"], strict=True):
                 self._load_vcpu(vcpu, saved)
             for thread, saved in zip(self._threads, state["cpus"], strict=True):
@@ -416,6 +449,14 @@ class MicroVM(Closing):
             )
         if self._xsave and any("xsave" not in cpu for cpu in cpus):
             raise ValueError("state has no XSAVE area, this VM needs one")
+        theirs = state.get("devices", {})
+        ours = sorted(d.name for d in self._devices)
+        if not isinstance(theirs, dict) or sorted(theirs) != ours:
+            found = sorted(theirs) if isinstance(theirs, dict) else theirs
+            raise ValueError(
+                f"state has devices {found or 'none'}, this VM has {ours or 'none'} "
+                "(a kvstore guest needs --service on both sides)"
+            )
 
     def _load_vcpu(self, vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
         vcpu.set_sregs(kvm_abi.KvmSregs.from_dict(saved["sregs"]))
@@ -455,6 +496,10 @@ class MicroVM(Closing):
             return [thread.state.value for thread in self._threads]
 
     @property
+    def devices(self) -> list[PortDevice]:
+        return list(self._devices)
+
+    @property
     def console_bytes(self) -> int:
         """How many console bytes the guest has written (carried across migration)."""
         return self._console_bytes
@@ -480,6 +525,8 @@ class MicroVM(Closing):
             for thread in self._threads:
                 thread.request_quit()
             self._condition.notify_all()
+        for device in self._devices:  # also ends a vCPU's wait inside the device
+            device.close()
         stuck = [t.index for t in self._threads if not t.join(THREAD_JOIN_SECONDS)]
         if stuck:
             # Unmapping kvm_run or RAM under a thread still in KVM_RUN would crash the
@@ -555,6 +602,18 @@ class MicroVM(Closing):
     def _emit_all(self, events: Events) -> None:
         for event, data in events:
             self._emit(event, data)
+
+
+def _port_map(devices: Sequence[PortDevice]) -> dict[int, Any]:
+    taken = {layout.CONSOLE_PORT: "the console", layout.DONE_PORT: "the done port"}
+    ports: dict[int, Any] = {}
+    for device in devices:
+        for port in device.ports:
+            if port in taken or port in ports:
+                owner = taken.get(port) or next(d.name for d in devices if port in d.ports)
+                raise ValueError(f"{device.name}: port {port:#x} is already {owner}'s")
+            ports[port] = device.io
+    return ports
 
 
 def copy_ram(source: MicroVM, destination: MicroVM) -> None:

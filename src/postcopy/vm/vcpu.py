@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from postcopy.linux.kvm import KvmError, KvmVcpu
 from postcopy.linux.kvm_abi import IntrExit, IoDirection, IoExit
@@ -60,6 +60,9 @@ class Outcome(enum.Enum):
 StateHook = Callable[[int, VcpuState, str], list[tuple[str, dict[str, object]]]]
 EventSink = Callable[[str, dict[str, object]], None]
 ConsoleSink = Callable[[int, bytes], None]
+# A device's port handler: gets the exit (on the vCPU's own thread, which may read the
+# vCPU's registers), returns the bytes an IN reads (ignored for an OUT).
+PortHandler = Callable[[KvmVcpu, IoExit], bytes]
 
 
 class VcpuThread:
@@ -73,8 +76,10 @@ class VcpuThread:
         console: ConsoleSink,
         on_final_state: StateHook,
         emit: EventSink,
+        ports: Mapping[int, PortHandler] | None = None,
     ) -> None:
         self.vcpu = vcpu
+        self._ports = dict(ports or {})
         self.index = vcpu.index
         self._condition = condition
         self._console = console
@@ -208,6 +213,10 @@ class VcpuThread:
                         self._console_out(exit.data[:: exit.size])
                     elif exit.port == DONE_PORT:
                         return Outcome.DONE, ""
+                    elif (handler := self._ports.get(exit.port)) is not None:
+                        handler(vcpu, exit)
+                elif (handler := self._ports.get(exit.port)) is not None:
+                    vcpu.write_io_data(exit, handler(vcpu, exit))
                 else:
                     vcpu.write_io_data(exit, self._in_data(exit.port, exit.size * exit.count))
             elif type(exit) is IntrExit:

@@ -10,6 +10,7 @@ deadlock; see the GIL rule in docs/ARCHITECTURE.md).
 - randwrite: every non-zero word sits where its own value sends it (verify_randwrite),
   valid for a VM whose RAM above 1 MiB was zero when the guest started.
 - scan: the checksum lines it printed equal the host's checksum (verify_scan_console).
+- kvstore: its hash table's integrity (postcopy.vm.kvstore.verify_kvstore).
 - all: `ram_digest` for comparing the source's RAM with the destination's.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from postcopy.vm.guests import GUEST_PAGE_SIZE, USABLE_BASE, guest_info
+from postcopy.vm.kvstore import verify_kvstore
 
 RamBuffer = memoryview | bytes | bytearray | np.ndarray
 U64Array = npt.NDArray[np.uint64]
@@ -300,6 +302,9 @@ def verify(
         result = verify_memtouch(ram, ram_size, vcpus)
     elif guest_name == "randwrite":
         result = verify_randwrite(ram, ram_size, params[0] if params else 0)
+    elif guest_name == "kvstore":
+        report = verify_kvstore(_ram_bytes(ram, ram_size), ram_size, params)
+        result = VerifyResult(report.ok, report.detail)
     else:
         result = VerifyResult(True, f"scan: checksum {scan_checksum(ram, ram_size):016x}")
     return VerifyResult(result.ok, f"{result.detail}; digest {digest[:16]}", digest)
