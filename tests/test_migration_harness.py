@@ -43,6 +43,7 @@ def test_postcopy_serves_the_guest_while_the_push_is_held(rounds: int, preempt: 
             "x-postcopy-run-pages": 64,
         },
     ) as pair:
+        received = list(pair.incoming.received)
         pair.start()
         pair.wait_destination("postcopy-active")
         pair.destination.wait_passes(pair.destination.passes() + 2)
@@ -56,6 +57,9 @@ def test_postcopy_serves_the_guest_while_the_push_is_held(rounds: int, preempt: 
         pair.finish()
         pair.verify()
         assert pair.outgoing.rounds == rounds
+        # one set of `received` bitmaps, cleared in place at ADVISE: the prefaulter, the
+        # placer, the fault thread and the swap all hold these arrays
+        assert all(a is b for a, b in zip(received, pair.incoming.received, strict=True))
 
 
 def test_two_vcpus_through_a_proxy() -> None:

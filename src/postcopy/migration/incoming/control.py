@@ -382,7 +382,10 @@ class IncomingMigration(MigrationBase):
             # no MADV_HUGEPAGE: with THP defrag "madvise", huge page faults stall on
             # compaction here and made the precopy receive erratic (0.3-1.2 GB/s)
             block.mapping.madvise(Advice.DONTNEED)
-        self.received = [np.zeros(block.pages, dtype=np.bool_) for block in self._ram]
+        for received in self.received:
+            # in place: the prefaulter (and later the placer, the fault thread and the
+            # swap) hold these same arrays; a new list would leave them a stale one
+            received[:] = False
         self._swap_ram = can_swap_ram(self._ram)
         self._trace("advise", swap_ram=self._swap_ram)
 
