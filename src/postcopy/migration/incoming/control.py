@@ -442,7 +442,7 @@ class IncomingMigration(MigrationBase):
         assert self._return is not None
         self._faults = FaultThread(
             uffd,
-            self._ram,
+            self.machine.ram,
             self.received,
             self._return,
             latency=self.latency,

@@ -5,7 +5,9 @@ the userfaultfd and a quit eventfd, reads faults in batches, and for each one ei
 resolves it locally (moving back the still-valid precopy page a vCPU waits for and the 63
 after it, zero-filling a page known to be zero, waking a vCPU whose page was placed after
 the fault was raised) or sends REQ_PAGES on the return path, once per page (`requested`).
-It runs SCHED_FIFO: it is one of the three hops of a page request.
+It runs SCHED_FIFO: it is one of the three hops of a page request, and it never waits or
+spins: a fault the kernel cannot resolve now (EAGAIN) is deferred to its next poll, a
+millisecond later at most (eagain.py).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import threading
 import numpy as np
 
 from postcopy.linux.memory import EventFd
-from postcopy.linux.userfaultfd import PageExistsError, PageFault, UserfaultFd
+from postcopy.linux.userfaultfd import PageExistsError, PageFault, RetryError, UserfaultFd
 from postcopy.migration.channel import StreamWriter
+from postcopy.migration.incoming.eagain import DEFER_SECONDS
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.swap import RamSwap
 from postcopy.migration.scheduling import prefer_this_thread
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
-from postcopy.ram import Bitmap, RamBlock
+from postcopy.ram import Bitmap, RamList
 from postcopy.wire import ReqPages
 
 FAULT_BATCH = 64
@@ -37,7 +40,7 @@ class FaultThread:
     def __init__(
         self,
         uffd: UserfaultFd,
-        ram: list[RamBlock],
+        ram: RamList,
         received: list[Bitmap],
         return_path: StreamWriter,
         *,
@@ -48,6 +51,7 @@ class FaultThread:
     ) -> None:
         self._uffd = uffd
         self._ram = ram
+        self._block_index = {block: index for index, block in enumerate(ram)}
         self._received = received
         self._return = return_path
         self._latency = latency
@@ -83,18 +87,26 @@ class FaultThread:
         poller = select.poll()
         poller.register(uffd.fileno(), select.POLLIN)
         poller.register(self._quit.fileno(), select.POLLIN)
+        deferred: list[tuple[int, int]] = []  # faults to try again: the kernel said EAGAIN
         while True:
-            ready = poller.poll()
+            # with deferred faults, come back to them soon; never spin (this is SCHED_FIFO)
+            ready = poller.poll(DEFER_SECONDS * 1000 if deferred else None)
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
-            try:
-                events = uffd.read_events(FAULT_BATCH)
-            except OSError as error:
-                if error.errno == errno.EBADF:
-                    return
-                raise
+            events = []
+            if any(fd == uffd.fileno() for fd, _ in ready):
+                try:
+                    events = uffd.read_events(FAULT_BATCH)
+                except OSError as error:
+                    if error.errno == errno.EBADF:
+                        return
+                    raise
             now = self._clock()
             requests: list[ReqPages] = []
+            retry, deferred = deferred, []
+            for block_index, page in retry:
+                if not self._handle(block_index, page, now, requests):
+                    deferred.append((block_index, page))
             for event in events:
                 if not isinstance(event, PageFault):
                     continue
@@ -102,31 +114,45 @@ class FaultThread:
                 vcpu = self._tid_to_vcpu.get(event.thread_id)
                 if vcpu is not None:
                     self._blocktime.fault(vcpu, block_index, page, now)
-                swap = self._swap
-                if swap is not None and swap.is_unmoved(block_index, page):
-                    # and the valid pages after it: a guest that touched this one is likely
-                    # to touch those next, and each fault costs a trip through this thread
-                    # (no lock with the mover: see RamSwap._mover)
-                    swap.move_pages(block_index, page, FAULT_MOVE_PAGES, on_demand=True)
-                if self._received[block_index][page]:
-                    self._resolve_locally(block_index, page)
-                elif not self._requested[block_index][page]:
-                    self._requested[block_index][page] = True
-                    self._latency.asked(block_index, page, 1, now)
-                    requests.append(ReqPages(block_index, page, 1))
+                if not self._handle(block_index, page, now, requests):
+                    deferred.append((block_index, page))
             for request in coalesce(requests):
                 self._return.send(request)
                 self.requests_sent += 1
 
-    def _locate(self, address: int) -> tuple[int, int]:
-        for index, block in enumerate(self._ram):
-            if block.contains_host(address):
-                return index, (address - block.host_address) // block.page_size
-        raise IncomingError(f"fault at {address:#x} outside guest RAM")
+    def _handle(self, block_index: int, page: int, now: float, requests: list[ReqPages]) -> bool:
+        """One fault: resolved here, or asked for (in `requests`), or False: the kernel
+        answered EAGAIN, try again later (the vCPU sleeps on until then)."""
+        swap = self._swap
+        if swap is not None and swap.is_unmoved(block_index, page):
+            # and the valid pages after it: a guest that touched this one is likely to
+            # touch those next, and each fault costs a trip through this thread (no lock
+            # with the mover: see RamSwap._mover)
+            swap.move_pages(block_index, page, FAULT_MOVE_PAGES, on_demand=True)
+            if swap.is_unmoved(block_index, page):
+                return False  # not known to be in guest RAM: a ZEROPAGE now would lose it
+        # `received` is set only after a page is placed (PagePlacer._record): a page seen
+        # here as received is in guest RAM or a known zero page, and a page placed after
+        # this read is asked for once more at worst (the source sends it again; EEXIST)
+        if self._received[block_index][page]:
+            return self._resolve_locally(block_index, page)
+        if not self._requested[block_index][page]:
+            self._requested[block_index][page] = True
+            self._latency.asked(block_index, page, 1, now)
+            requests.append(ReqPages(block_index, page, 1))
+        return True
 
-    def _resolve_locally(self, block_index: int, page: int) -> None:
+    def _locate(self, address: int) -> tuple[int, int]:
+        try:
+            block, offset = self._ram.find_host(address)
+        except LookupError:
+            raise IncomingError(f"fault at {address:#x} outside guest RAM") from None
+        return self._block_index[block], offset // block.page_size
+
+    def _resolve_locally(self, block_index: int, page: int) -> bool:
         """A fault on a page we already know: a zero page never populated, or one placed
-        after the fault was raised. ZEROPAGE fills the first; EEXIST means the second."""
+        after the fault was raised. ZEROPAGE fills the first; EEXIST means the second.
+        False on EAGAIN: try again later."""
         block = self._ram[block_index]
         address = block.host_address + page * block.page_size
         try:
@@ -134,7 +160,10 @@ class FaultThread:
             self.local_zero_faults += 1
         except PageExistsError:
             self._uffd.wake(address, block.page_size)
+        except RetryError:
+            return False
         self._blocktime.placed(block_index, page, 1)
+        return True
 
 
 def coalesce(requests: list[ReqPages]) -> list[ReqPages]:

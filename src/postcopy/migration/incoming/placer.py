@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
+from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import Bitmap, RamBlock, runs
 
@@ -65,6 +66,7 @@ class PagePlacer:
         for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
             offset = (first_page + start) * page_size
             self._fill(
+                "UFFDIO_MOVE",
                 self.uffd.move,
                 block.host_address + offset,
                 side_address + offset,
@@ -90,10 +92,11 @@ class PagePlacer:
         self.blocktime.placed(block_index, first_page, count)
 
     def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
-        self._fill(self.uffd.copy, destination, source, length, page_size)
+        self._fill("UFFDIO_COPY", self.uffd.copy, destination, source, length, page_size)
 
     def _fill(
         self,
+        name: str,
         ioctl: Callable[[int, int, int], int],
         destination: int,
         source: int,
@@ -102,9 +105,11 @@ class PagePlacer:
         fallback: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         """Run UFFDIO_COPY or UFFDIO_MOVE over a range to its end. EEXIST: a request raced
-        the push and that page is already there (counted, skipped); EAGAIN: go on. Any
-        other error (e.g. EBUSY for a page the kernel cannot move now) hands the rest of
-        the range to `fallback`, if given."""
+        the push and that page is already there (counted, skipped); EAGAIN: go on, with
+        a pause if it made no progress, and not forever (eagain.py). Any other error
+        (e.g. EBUSY for a page the kernel cannot move now) hands the rest of the range to
+        `fallback`, if given."""
+        retry = Retrier(name)
         done = 0
         while done < length:
             try:
@@ -115,6 +120,7 @@ class PagePlacer:
                     self.duplicates += 1
             except RetryError as error:
                 done += error.done
+                retry.again(error)
             except UffdError as error:
                 if fallback is None:
                     raise
@@ -123,6 +129,7 @@ class PagePlacer:
                 return
 
     def _zeropage(self, destination: int, length: int, page_size: int) -> None:
+        retry = Retrier("UFFDIO_ZEROPAGE")
         done = 0
         while done < length:
             try:
@@ -131,3 +138,4 @@ class PagePlacer:
                 done += error.done + page_size
             except RetryError as error:
                 done += error.done
+                retry.again(error)

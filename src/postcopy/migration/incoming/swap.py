@@ -30,6 +30,7 @@ from postcopy.linux.userfaultfd import (
     RetryError,
     UserfaultFd,
 )
+from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.scheduling import BACKGROUND_NICE, set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 
@@ -57,7 +58,8 @@ class RamSwap:
         self._moving_done = threading.Event()
         self._guest_started = threading.Event()
         self._quit_moving = threading.Event()
-        self.pages_moved = 0
+        self._moved_on_demand = 0  # written by the fault thread only
+        self._moved_in_background = 0  # written by the mover only
         for index, block in enumerate(ram):
             self._old_mappings[index] = block.mapping.move_pages_out()
             self._unmoved[index] = received[index].copy()
@@ -108,12 +110,15 @@ class RamSwap:
         except Exception as error:
             log.error("moving precopy pages back: %s", error)
 
-    def move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> None:
+    def move_pages(self, block_index: int, first: int, count: int, *, on_demand: bool) -> bool:
         """Move the still-unmoved pages of a range from the precopy mapping into guest RAM.
         Safe to run in two threads at once on the same pages (see _mover).
 
         Holes (zero pages never written) are skipped; they stay missing and a fault on one
-        is filled with a zero page by the fault thread.
+        is filled with a zero page by the fault thread. On the fault thread's behalf
+        (`on_demand`) an EAGAIN is not waited out: False, and the pages not known to have
+        moved keep their `_unmoved` bit (moving them again later is harmless: a page that
+        did move left a hole, which is skipped). The mover retries (eagain.py).
         """
         old = self._old_mappings[block_index]
         assert old is not None
@@ -124,6 +129,7 @@ class RamSwap:
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             offset = (first + start) * page_size
             done, size = 0, length * page_size
+            retry = Retrier("UFFDIO_MOVE")
             while done < size:
                 try:
                     done += self._uffd.move(
@@ -137,10 +143,24 @@ class RamSwap:
                     done += error.done + page_size
                 except RetryError as error:
                     done += error.done
-            self.pages_moved += length
+                    if on_demand:
+                        return False
+                    retry.again(error)
+            # each thread counts in its own counter: a shared `+=` from two threads loses
+            # updates. (When both move the same chunk at once, both count it.)
+            if on_demand:
+                self._moved_on_demand += length
+            else:
+                self._moved_in_background += length
             # cleared only once landed: the fault thread reads these bits without the lock,
             # and a page it sees as moved must really be in guest RAM
             window[start : start + length] = False
+        return True
+
+    @property
+    def pages_moved(self) -> int:
+        """Valid precopy pages moved back (or found to be holes), by both threads."""
+        return self._moved_on_demand + self._moved_in_background
 
     def _finish_moving(self) -> None:
         """Every valid page has moved back. The side mappings stay: the pushed pages land

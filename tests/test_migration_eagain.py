@@ -1,0 +1,184 @@
+"""EAGAIN on the destination: bounded where a thread may wait, deferred on the fault thread.
+
+The kernel answers UFFDIO_COPY with EAGAIN for as long as a non-cooperative event (here a
+MADV_DONTNEED under Feature.EVENT_REMOVE) waits to be read: the real way to hold EAGAIN.
+The fault thread's deferral is a policy, tested with a uffd stand-in that answers EAGAIN
+a few times.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from postcopy.linux.memory import Advice, EventFd, Mapping
+from postcopy.linux.userfaultfd import (
+    Feature,
+    PageFault,
+    PageFaultFlags,
+    RegisterMode,
+    Remove,
+    RetryError,
+    UserfaultFd,
+)
+from postcopy.migration.incoming import eagain
+from postcopy.migration.incoming.eagain import Retrier
+from postcopy.migration.incoming.errors import IncomingError
+from postcopy.migration.incoming.faults import FaultThread
+from postcopy.migration.incoming.placer import PagePlacer
+from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
+from postcopy.ram import RamBlock, RamList
+
+PAGE = 4096
+PAGES = 16
+
+
+@pytest.fixture
+def ram() -> Iterator[RamList]:
+    ram = RamList([RamBlock("pc.ram", Mapping.anonymous(PAGES * PAGE))])
+    yield ram
+    ram.close()
+
+
+def test_a_retrier_pauses_longer_each_time_and_gives_up() -> None:
+    pauses: list[float] = []
+    retry = Retrier("UFFDIO_COPY", attempts=10, sleep=pauses.append)
+    retry.again(RetryError(errno.EAGAIN, "UFFDIO_COPY", 0, PAGE, done=PAGE))  # progress
+    assert pauses == []
+    for _ in range(10):
+        retry.again(RetryError(errno.EAGAIN, "UFFDIO_COPY", 0, PAGE))
+    assert pauses == sorted(pauses) and pauses[0] == eagain.FIRST_PAUSE
+    assert max(pauses) == eagain.LONGEST_PAUSE
+    with pytest.raises(IncomingError, match="UFFDIO_COPY answered EAGAIN 10 times in a row"):
+        retry.again(RetryError(errno.EAGAIN, "UFFDIO_COPY", 0, PAGE))
+
+
+def test_a_placement_that_keeps_meeting_eagain_fails_instead_of_spinning(
+    ram: RamList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a MADV_DONTNEED waits for its REMOVE event to be read, every UFFDIO_COPY on the
+    uffd answers EAGAIN: the placer gives up after MAX_ATTEMPTS, and once the event is read
+    the same placement succeeds."""
+    monkeypatch.setattr(eagain, "MAX_ATTEMPTS", 5)
+    block = ram[0]
+    staging = Mapping.anonymous(PAGES * PAGE)
+    with UserfaultFd.open(Feature.EVENT_REMOVE) as uffd:
+        uffd.register(block.host_address, block.length, RegisterMode.MISSING)
+        received = [np.zeros(PAGES, dtype=np.bool_)]
+        placer = PagePlacer(
+            uffd, list(ram), received, LatencyRecorder([PAGES]), BlocktimeTracker(1)
+        )
+        # the event is queued and blocks the madvise until it is read
+        remover = threading.Thread(
+            target=block.mapping.madvise, args=(Advice.DONTNEED, (PAGES - 1) * PAGE, PAGE)
+        )
+        remover.start()
+        try:
+            assert _wait_readable(uffd)  # the REMOVE event is queued, the madvise waits
+
+            outcome: list[BaseException | None] = []
+
+            def place() -> None:
+                try:
+                    placer.place(0, 0, np.zeros(4, dtype=np.bool_), staging.address)
+                    outcome.append(None)
+                except BaseException as error:
+                    outcome.append(error)
+
+            placing = threading.Thread(target=place, daemon=True)
+            placing.start()
+            placing.join(10)
+            assert not placing.is_alive(), "the placer is still retrying an EAGAIN"
+            assert isinstance(outcome[0], IncomingError)
+            assert "UFFDIO_COPY answered EAGAIN 5 times" in str(outcome[0])
+            assert not received[0].any()
+        finally:
+            events = uffd.read_events(8)  # completes the madvise
+            remover.join(10)
+        assert [type(event) for event in events] == [Remove]
+        placer.place(0, 0, np.zeros(4, dtype=np.bool_), staging.address)  # EAGAIN has ended
+        assert received[0][:4].all()
+    staging.close()
+
+
+class _FlakyUffd:
+    """A stand-in for the fault thread's userfaultfd: hands out queued faults through an
+    eventfd, and answers ZEROPAGE with EAGAIN `refusals` times before it succeeds."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.attempts = 0
+        self.resolved = threading.Event()
+        self._ready = EventFd()
+        self._faults: list[PageFault] = []
+
+    def fault(self, address: int) -> None:
+        self._faults.append(PageFault(address, PageFaultFlags.WRITE, 0))
+        self._ready.write(1)
+
+    def fileno(self) -> int:
+        return self._ready.fileno()
+
+    def read_events(self, max_events: int) -> list[PageFault]:
+        self._ready.read()
+        faults, self._faults = self._faults, []
+        return faults
+
+    def zeropage(self, start: int, length: int) -> int:
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            raise RetryError(errno.EAGAIN, "UFFDIO_ZEROPAGE", start, length)
+        self.resolved.set()
+        return length
+
+    def wake(self, start: int, length: int) -> None:
+        self.resolved.set()
+
+    def close(self) -> None:
+        self._ready.close()
+
+
+def test_the_fault_thread_defers_a_fault_that_meets_eagain(ram: RamList) -> None:
+    """EAGAIN on the fault thread (SCHED_FIFO) is neither spun on nor fatal: the fault is
+    tried again at the next poll until it is resolved, and the thread lives on."""
+    uffd = _FlakyUffd(refusals=3)
+    received = [np.ones(PAGES, dtype=np.bool_)]  # known pages: resolved locally
+    faults = FaultThread(
+        cast(UserfaultFd, uffd),
+        ram,
+        received,
+        cast(Any, None),  # no request is ever sent: every page is known
+        latency=LatencyRecorder([PAGES]),
+        blocktime=BlocktimeTracker(1),
+        swap=None,
+        clock=time.monotonic,
+    )
+    faults.start()
+    try:
+        uffd.fault(ram[0].host_address + 5 * PAGE)
+        assert uffd.resolved.wait(10), f"unresolved after {uffd.attempts} attempts"
+        assert uffd.attempts == 4
+        assert faults.local_zero_faults == 1
+        uffd.fault(ram[0].host_address + 6 * PAGE)  # and it serves the next one
+        deadline = time.monotonic() + 10
+        while faults.local_zero_faults < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert faults.local_zero_faults == 2
+    finally:
+        faults.stop()
+        faults.close()
+        uffd.close()
+
+
+def _wait_readable(uffd: UserfaultFd) -> bool:
+    """Until an event is pending on `uffd` (without reading it, which would complete it)."""
+    poller = select.poll()
+    poller.register(uffd.fileno(), select.POLLIN)
+    return bool(poller.poll(10_000))
