@@ -75,7 +75,7 @@ class RamSender:
         with self._counters_lock:
             self._count_sent(count, zeros, size, phase, block.page_size)
         self._rate.add(size)
-        if phase in ("precopy", "postcopy"):
+        if phase in ("precopy", "postcopy") and self._limit(phase) > 0:
             self._throttle_bytes += size
         return size
 
@@ -106,7 +106,6 @@ class RamSender:
         lift a very low one: a test holds precopy or the push with 1 byte/s."""
         limit = self._limit(phase)
         if limit <= 0:
-            self.restart_throttle()  # a limit set later counts from then
             return True
         while True:
             delay = self._throttle_start + self._throttle_bytes / limit - self._clock()
@@ -121,7 +120,6 @@ class RamSender:
                 return False
             limit = self._limit(phase)
             if limit <= 0:
-                self.restart_throttle()
                 return True
 
     def _limit(self, phase: str) -> int:
