@@ -400,3 +400,73 @@ def test_non_postcopy_peer_is_refused(closing: list[Connection | Listener]) -> N
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 60)
         with pytest.raises(HandshakeError, match="not a postcopy peer"):
             listener.accept(5)
+
+
+def test_a_silent_peer_does_not_hold_back_the_source_behind_it(
+    pool: ThreadPoolExecutor, closing: list[Connection | Listener]
+) -> None:
+    listener = listen("tcp:127.0.0.1:0", auth=None)
+    closing.append(listener)
+    listener.handshake_timeout = 60.0  # the silent peer's handshake outlives the test
+    with contextlib.closing(socket.create_connection(("127.0.0.1", listener.uri.port))):
+        accepted = pool.submit(listener.accept, 30)
+        source = connect(listener.uri, timeout=30)
+        closing.append(source)
+        destination = accepted.result(30)
+        closing.append(destination)
+        source.send_all([b"ping"])
+        assert destination.recv_exact(4) == b"ping"
+
+
+def test_a_crowd_of_silent_peers_cannot_lock_the_door(
+    pool: ThreadPoolExecutor, closing: list[Connection | Listener]
+) -> None:
+    """More silent peers than handshakes in flight: each newcomer drops the oldest."""
+    from postcopy.transport.acceptor import MAX_HANDSHAKES
+
+    refused: list[Exception] = []
+    listener = listen("tcp:127.0.0.1:0", auth=None, on_refused=refused.append)
+    closing.append(listener)
+    listener.handshake_timeout = 60.0
+    accepted = pool.submit(listener.accept, 30)
+    with contextlib.ExitStack() as stack:
+        for _ in range(2 * MAX_HANDSHAKES):
+            peer = socket.create_connection(("127.0.0.1", listener.uri.port))
+            stack.enter_context(contextlib.closing(peer))
+        source = connect(listener.uri, timeout=30)
+        closing.append(source)
+        closing.append(accepted.result(30))
+        # the first MAX_HANDSHAKES + 1 silent peers were dropped to make room, with a
+        # reason (reported from their own threads: give the last one a moment); the
+        # others are still waiting, held open here
+        pause = threading.Event()
+        for _ in range(200):
+            if len(refused) >= MAX_HANDSHAKES + 1:
+                break
+            pause.wait(0.05)
+        dropped = list(refused)
+    assert len(dropped) == MAX_HANDSHAKES + 1
+    assert all("newer peers were in their handshake" in str(e) for e in dropped), dropped
+
+
+def test_refusals_go_to_on_refused_and_accept_returns_only_sources(
+    pool: ThreadPoolExecutor, closing: list[Connection | Listener]
+) -> None:
+    refused: list[Exception] = []
+    listener = listen("tcp:127.0.0.1:0", auth=None, on_refused=refused.append)
+    closing.append(listener)
+    accepted = pool.submit(listener.accept, 30)
+    with socket.create_connection(("127.0.0.1", listener.uri.port)) as scan:
+        scan.close()  # a port scan: connect and close
+    with socket.create_connection(("127.0.0.1", listener.uri.port)) as junk:
+        junk.sendall(os.urandom(200))
+    source = connect(listener.uri, timeout=30)
+    closing.append(source)
+    closing.append(accepted.result(30))
+    pause = threading.Event()
+    for _ in range(200):  # the two handshakes fail on their own threads
+        if len(refused) == 2:
+            break
+        pause.wait(0.05)
+    assert len(refused) == 2
+    assert any("not a postcopy peer" in str(e) for e in refused)

@@ -6,7 +6,10 @@
     postcopy vm run --guest memtouch --ram 1G --memory-backend memfd-hugetlb --qmp /tmp/h.sock
 
 The process lives until QMP `quit`, SIGTERM or Ctrl-C. A destination whose incoming
-migration fails exits with status 1 and the reason on stderr, freeing its RAM.
+migration fails exits with status 1 and the reason on stderr, freeing its RAM (QEMU's
+exit-on-error; `migrate-incoming` can say false). Peers that fail the handshake before
+that (a port scan, garbage, a wrong key) are dropped with one line each, and the
+destination keeps waiting for its source.
 """
 
 from __future__ import annotations
@@ -254,7 +257,12 @@ def run_vm(args: argparse.Namespace) -> int:
             vm.cont()
         while not quit_event.wait(0.2):
             incoming = monitor.incoming
-            if incoming is not None and incoming.finished and incoming.error:
+            if (
+                incoming is not None
+                and incoming.finished
+                and incoming.error
+                and incoming.exit_on_error
+            ):
                 print(
                     f"postcopy vm run: incoming migration failed: {incoming.error}", file=sys.stderr
                 )

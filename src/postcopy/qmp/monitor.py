@@ -80,7 +80,9 @@ class VmMonitor:
             self.migrate,
             args={"uri": str, "detach?": bool, "blk?": bool, "inc?": bool, "resume?": bool},
         )
-        register("migrate-incoming", self.migrate_incoming, args={"uri": str})
+        register(
+            "migrate-incoming", self.migrate_incoming, args={"uri": str, "exit-on-error?": bool}
+        )
         register("migrate_cancel", self.migrate_cancel)
         register("migrate-start-postcopy", self.migrate_start_postcopy)
         register("query-migrate", self.query_migrate)
@@ -197,9 +199,13 @@ class VmMonitor:
         threading.Thread(target=self._watch_outgoing, args=(migration,), daemon=True).start()
 
     def migrate_incoming(self, args: dict[str, Any]) -> None:
-        self.start_incoming(args["uri"])
+        self.start_incoming(args["uri"], exit_on_error=args.get("exit-on-error", True))
 
-    def start_incoming(self, uri: str) -> IncomingMigration:
+    def start_incoming(self, uri: str, *, exit_on_error: bool = True) -> IncomingMigration:
+        """Wait for a source on `uri`. Peers that fail the handshake are dropped and
+        counted; a failure after it ends the process if `exit_on_error` (QEMU 9.1's
+        migrate-incoming argument, true by default and for --incoming), else leaves it
+        up with the migration failed and the reason in query-migrate."""
         with self._lock:
             if self.incoming is not None:
                 raise QmpError("The incoming migration has already been started")
@@ -218,6 +224,7 @@ class VmMonitor:
                     tls=self.tls_server,
                     allow_insecure_network=self.allow_insecure_network,
                     autostart=self.autostart,
+                    exit_on_error=exit_on_error,
                 )
                 migration.start()
             except Exception as error:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 
 from postcopy.closing import Closing
+from postcopy.transport.acceptor import Acceptor, RefusalSink
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
     AuthConfig,
@@ -247,7 +248,10 @@ class Connection(Closing):
 
 
 class Listener(Closing):
-    """A listening socket that hands out handshaken connections; see `listen()`."""
+    """A listening socket that hands out handshaken connections; see `listen()`.
+
+    Peers are accepted and handshaken concurrently (`acceptor.Acceptor`): a peer that
+    connects and says nothing cannot hold back the source behind it."""
 
     def __init__(
         self,
@@ -258,6 +262,7 @@ class Listener(Closing):
         tls_context: ssl.SSLContext | None,
         unix_identity: tuple[int, int] | None,
         socket_buffer: int | None,
+        on_refused: RefusalSink | None = None,
     ) -> None:
         self._sock = sock
         self._uri = uri
@@ -274,6 +279,9 @@ class Listener(Closing):
         self._verifies_clients = (
             tls_context is not None and tls_context.verify_mode == ssl.CERT_REQUIRED
         )
+        self._acceptor = Acceptor(
+            sock, self._handshake_accepted, name=str(uri), on_refused=on_refused
+        )
 
     @property
     def uri(self) -> Uri:
@@ -287,9 +295,11 @@ class Listener(Closing):
         """Wait for a source and return its connection once TLS and authentication passed.
 
         `timeout` bounds the wait for a connection; the handshake of a connected peer has
-        its own limit (`handshake_timeout`, 10 s). A refused peer is told why and closed,
-        and the refusal is raised here (`AuthenticationError`, `TlsError` or
-        `HandshakeError`). Connections queued by `accept_channel` come out first.
+        its own limit (`handshake_timeout`, 10 s), and several run at once. A refused peer
+        is told why and closed, and the refusal is raised here (`AuthenticationError`,
+        `TlsError`, `HandshakeError`, `ConnectionClosed`, or the OSError of a peer that
+        reset), unless the listener was given `on_refused`, which then gets it instead.
+        Connections queued by `accept_channel` come out first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._accept_lock:
@@ -323,6 +333,11 @@ class Listener(Closing):
                 except (HandshakeError, ConnectionClosed) as error:
                     log.warning("skipping a refused connection to %s: %s", self._uri, error)
                     continue
+                except TransportError:
+                    raise  # closed
+                except OSError as error:  # a peer that reset during its handshake
+                    log.warning("skipping a refused connection to %s: %s", self._uri, error)
+                    continue
                 if connection.session == session and connection.channel == channel:
                     return connection
                 with self._pending_lock:
@@ -336,16 +351,9 @@ class Listener(Closing):
     def _accept_one(self, deadline: float | None, timeout: float | None) -> Connection:
         if self._closed:
             raise TransportError(f"listener on {self._uri} is closed")
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        self._sock.settimeout(remaining)
-        try:
-            sock, address = self._sock.accept()
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: timeout 0 means "poll"
-            raise TimeoutError(f"no source connected to {self._uri} within {timeout} s") from None
-        except OSError as error:
-            if self._closed:
-                raise TransportError(f"listener on {self._uri} was closed") from error
-            raise
+        return self._acceptor.next(deadline, timeout)
+
+    def _handshake_accepted(self, sock: socket.socket, address: object) -> Connection:
         try:
             return self._handshake(sock, address)
         except BaseException:
@@ -398,8 +406,9 @@ class Listener(Closing):
         if self._closed:
             return
         self._closed = True
+        self._acceptor.close()
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._sock.close()
         with self._pending_lock:
             unclaimed = list(self._pending)
@@ -426,8 +435,12 @@ def listen(
     allow_insecure_network: bool = False,
     backlog: int = 16,
     socket_buffer: int | None = DEFAULT_SOCKET_BUFFER,
+    on_refused: RefusalSink | None = None,
 ) -> Listener:
     """Listen on `uri` for sources; `auth` is required knowingly (pass None for no key).
+
+    `on_refused` gets the refusal of every peer that fails its handshake (from the
+    handshake's thread), and `accept` then returns only sources that passed.
 
     A TCP address that is not loopback needs a key or TLS client verification, unless
     `allow_insecure_network` says the network is trusted: whoever connects to a
@@ -447,6 +460,7 @@ def listen(
             tls_context=tls_context,
             unix_identity=identity,
             socket_buffer=socket_buffer,
+            on_refused=on_refused,
         )
     sock = bind_tcp(endpoint, backlog, socket_buffer)
     bound = endpoint.with_port(sock.getsockname()[1])
@@ -457,6 +471,7 @@ def listen(
         tls_context=tls_context,
         unix_identity=None,
         socket_buffer=socket_buffer,
+        on_refused=on_refused,
     )
 
 

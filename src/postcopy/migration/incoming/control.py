@@ -44,7 +44,15 @@ from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import runs
-from postcopy.transport import AuthConfig, Connection, Listener, TlsServerConfig, listen
+from postcopy.transport import (
+    MAIN_CHANNEL,
+    AuthConfig,
+    Connection,
+    Listener,
+    TlsServerConfig,
+    TransportError,
+    listen,
+)
 from postcopy.wire import (
     MAX_SHUT_REASON_BYTES,
     Advise,
@@ -60,6 +68,7 @@ from postcopy.wire import (
     Pong,
     PostcopyComplete,
     PrecopyComplete,
+    ProtocolError,
     RamRunHeader,
     Run,
     Shut,
@@ -86,6 +95,7 @@ class IncomingMigration(MigrationBase):
         tls: TlsServerConfig | None = None,
         allow_insecure_network: bool = False,
         autostart: bool = True,
+        exit_on_error: bool = True,
         clock: Clock = time.monotonic,
     ) -> None:
         super().__init__(capabilities, on_event, clock)
@@ -96,6 +106,11 @@ class IncomingMigration(MigrationBase):
         self.tls = tls
         self.allow_insecure_network = allow_insecure_network
         self.autostart = autostart
+        # QEMU's migrate-incoming exit-on-error: once a source has passed the handshake, a
+        # failure ends the process (True) or leaves it up with status failed (False)
+        self.exit_on_error = exit_on_error
+        self.refused_connections = 0  # peers dropped in their handshake (x-refused-connections)
+        self._refused_lock = threading.Lock()
         self.peer_capabilities: frozenset[str] = frozenset()
         ram = list(machine.ram)
         self._ram = ram
@@ -133,6 +148,7 @@ class IncomingMigration(MigrationBase):
             auth=self.auth,
             tls=self.tls,
             allow_insecure_network=self.allow_insecure_network,
+            on_refused=self._refused,
         )
         self.bound_uri = str(self._listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)
@@ -151,6 +167,7 @@ class IncomingMigration(MigrationBase):
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
+        info["x-refused-connections"] = self.refused_connections
         if self.status.value == S.NONE:
             return info
         now = self.end_time if self.end_time is not None else self._clock()
@@ -195,11 +212,10 @@ class IncomingMigration(MigrationBase):
 
     def _run(self) -> None:
         try:
-            assert self._listener is not None
-            self._main = self._listener.accept(None)
+            reader, handshake = self._wait_for_source()
             self.start_time = self._clock()
             self.status.move(S.SETUP)
-            self._receive()
+            self._receive(reader, handshake)
         except Exception as error:
             self._fail(error)
         finally:
@@ -234,18 +250,63 @@ class IncomingMigration(MigrationBase):
                 self.status.move(S.SETUP)
             self.status.move(S.FAILED)
 
-    def _receive(self) -> None:
-        assert self._main is not None
-        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
-        reader = StreamReader(
-            self._main, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks)
-        )
-        self._return = StreamWriter(self._main, Direction.RETURN)
-        self._return.send_stream_header()
-        reader.read_stream_header()
-        handshake = reader.read()
-        if not isinstance(handshake, Handshake):
-            raise IncomingError(f"expected a handshake, got {type(handshake).__name__}")
+    def _wait_for_source(self) -> tuple[StreamReader, Handshake]:
+        """Accept until a peer passes the whole handshake, and return its stream.
+
+        The transport's part (hello, key, TLS) runs in the listener, several peers at once,
+        so a silent one cannot hold back the source behind it; the stream's part (its
+        header and the Handshake frame) runs here within the same time limit. A peer that
+        fails either before any RAM is written (a port scan, a health check, garbage, a
+        wrong key) is a stranger: dropped with one log line, counted, and the destination
+        goes on waiting. What comes after is the migration's, and ends it."""
+        assert self._listener is not None
+        while True:
+            connection = self._listener.accept(None)
+            try:
+                if connection.channel != MAIN_CHANNEL:
+                    raise IncomingError(
+                        f"{connection.peer} opened a {connection.channel} channel of a "
+                        "migration that is not running here"
+                    )
+                connection.set_timeout(self._listener.handshake_timeout)
+                writer = StreamWriter(connection, Direction.RETURN)
+                writer.send_stream_header()
+                # no blocks of ours in the context: a source whose Handshake declares other
+                # blocks is not a stranger but the wrong VM, a failed migration
+                # (_check_configuration); the context takes the blocks from the Handshake
+                reader = StreamReader(connection, Direction.MAIN, StreamContext(Direction.MAIN))
+                reader.read_stream_header()
+                handshake = reader.read()
+                if not isinstance(handshake, Handshake):
+                    raise IncomingError(
+                        f"{connection.peer} began its stream with {type(handshake).__name__}, "
+                        "not a handshake"
+                    )
+                connection.set_timeout(None)
+            except TimeoutError:
+                connection.close()
+                self._refused(
+                    IncomingError(
+                        f"source {connection.peer} sent no stream header and handshake within "
+                        f"{self._listener.handshake_timeout} s"
+                    )
+                )
+                continue
+            except (IncomingError, ProtocolError, OSError, TransportError) as error:
+                connection.close()
+                self._refused(error)
+                continue
+            self._main, self._return = connection, writer
+            return reader, handshake
+
+    def _refused(self, error: Exception) -> None:
+        """A peer failed the handshake: one line, one count, and we go on waiting."""
+        with self._refused_lock:
+            self.refused_connections += 1
+        log.warning("refused a connection to %s: %s", self.bound_uri or self.uri, error)
+
+    def _receive(self, reader: StreamReader, handshake: Handshake) -> None:
+        assert self._main is not None and self._return is not None
         self._check_configuration(handshake)
         self.peer_capabilities = handshake.capabilities
         if "postcopy-preempt" in handshake.capabilities:
