@@ -172,9 +172,12 @@ def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmPr
 
 
 def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProcess]) -> None:
-    source, _destination, uri = start_pair(tmp_path, vms, ram="64M")
-    # downtime-limit 0: only a round in which the guest dirtied nothing at all could end it
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20, "downtime-limit": 0})
+    # The cap must be well below the guest's dirty rate, or precopy converges after all:
+    # memtouch dirties ~40-70 MB/s here (each first write after a sync is a protection
+    # fault), so at 16 MiB/s its 16 MiB are all dirty again within each one-second round;
+    # downtime-limit 0: only a round in which the guest wrote nothing could end it.
+    source, _destination, uri = start_pair(tmp_path, vms, ram="16M")
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20, "downtime-limit": 0})
     source.cmd("migrate", uri=uri)
     deadline = time.monotonic() + 60
     while source.cmd("query-migrate")["ram"]["dirty-sync-count"] < 3:
