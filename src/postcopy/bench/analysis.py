@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from postcopy.bench.service import service_figures
 from postcopy.migration import trace_points as tp
 from postcopy.tools.runfile import Run
 
@@ -148,6 +149,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "destination_console_passes": record.get("destination_console_passes"),
         "verify_ok": verify.get("ok"),
         **_cpu_figures(record, dst.get("x-bytes-received")),
+        **service_figures(record),
     }
 
 

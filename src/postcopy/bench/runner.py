@@ -45,6 +45,7 @@ from postcopy.bench.procinfo import (
 )
 from postcopy.bench.profile import Profiler
 from postcopy.bench.scenarios import Scenario
+from postcopy.bench.service import ServiceRun
 from postcopy.tools.qmpclient import QmpClientError
 from postcopy.tools.runfile import RunWriter, Sampler, end_records, header_record
 from postcopy.tools.vmchild import VmChild, VmChildError, free_port
@@ -230,19 +231,27 @@ def _migrate(
     key = directory / "key"
     AuthConfig.generate().write(key)
     uri = f"tcp:{link.destination.address}:{free_port()}"
+    # a kvstore guest serves clients through the migration (postcopy.bench.service)
+    service = ServiceRun(scenario.load, directory, cleanup) if scenario.load else None
+    service_args = service.vm_args() if service else []
     destination = VmHandle(
         cleanup,
         link.destination,
         directory,
         "destination",
-        [*_vm_args(scenario, key, directory / "destination.trace"), "--incoming", uri],
+        [
+            *_vm_args(scenario, key, directory / "destination.trace"),
+            *service_args,
+            "--incoming",
+            uri,
+        ],
     )
     source = VmHandle(
         cleanup,
         link.source,
         directory,
         "source",
-        _vm_args(scenario, key, directory / "source.trace"),
+        [*_vm_args(scenario, key, directory / "source.trace"), *service_args],
     )
     record["pids"] = {"source": source.pid, "destination": destination.pid}
     vms = [source, destination]
@@ -257,6 +266,8 @@ def _migrate(
             vms,
         )
         record["source_memory"] = memory_figures(source.pid, scenario.ram)
+        if service is not None:
+            service.start_load()
 
         profiler = None
         if options.profile_prefix is not None:
@@ -346,6 +357,8 @@ def _migrate(
             record["wall_seconds"],
         )
         record["run"] = recorder.records
+        if service is not None:  # before x-verify: a guest idle between batches verifies
+            record["service"] = service.finish(bench_run(record))
         record["cpu_series"] = cpu_series.cpu
         record["destination_console_passes"] = destination.console().count(marker)
         if destination.process.poll() is None:

@@ -5,7 +5,9 @@ A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt][-cpl0]`, for example
 precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the start),
 `postcopyN` (postcopy after N precopy rounds); `-preempt` adds the postcopy-preempt
 channel; `-cpl0` runs the guest at CPL0, emulated on this host like QEMU's own test guest
-(a guest that touches memory ~200x slower). Any name of that form is a scenario; the grid
+(a guest that touches memory ~200x slower). A kvstore scenario also runs the service under
+load through the migration (postcopy.bench.service.DEFAULT_LOAD; a TOML `load` table
+changes it). Any name of that form is a scenario; the grid
 of the issue (three guests, 1 GiB and 4 GiB, 1 and 2 vCPUs, three modes) is the set `all`,
 and `default` is a subset that runs in a few minutes. Files benchmarks/*.toml add named
 sets and scenarios with their own guest parameters or migration parameters (see
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from postcopy.bench.service import DEFAULT_LOAD, check_load
 from postcopy.units import parse_size
 from postcopy.vm.guests import GUESTS
 
@@ -58,6 +61,7 @@ class Scenario:
     guest_params: Mapping[str, int] = field(default_factory=dict)
     parameters: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    load: Mapping[str, Any] = field(default_factory=dict)  # kvstore: the service's load
 
     @property
     def mode(self) -> str:
@@ -86,7 +90,7 @@ class Scenario:
         """The console marker and count that say the guest has written its memory once:
         memtouch and randwrite a pass (2**20 writes) per vCPU, scan one checksum line."""
         marker = GUESTS[self.guest].pass_marker
-        return marker, (1 if self.guest == "scan" else self.vcpus)
+        return marker, (1 if self.guest in ("scan", "kvstore") else self.vcpus)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +106,7 @@ class Scenario:
             "guest_params": dict(self.guest_params),
             "parameters": self.migration_parameters,
             "description": self.description,
+            **({"load": dict(self.load)} if self.load else {}),
         }
 
 
@@ -133,6 +138,7 @@ def parse_name(name: str) -> Scenario:
         preempt=preempt,
         cpl=0 if match.group("cpl0") else 3,
         guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})),
+        load=dict(DEFAULT_LOAD) if guest == "kvstore" else {},
     )
 
 
@@ -224,6 +230,14 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         raise ScenarioError(f"{path}: scenario {entry.get('name')!r}: {error}") from error
     guest_params = {**base.guest_params, **entry.get("guest_params", {})}
     parameters = {**base.parameters, **entry.get("parameters", {})}
+    load = base.load
+    if "load" in entry:
+        if base.guest != "kvstore":
+            raise ScenarioError(f"{path}: scenario {name!r}: a load table needs the kvstore guest")
+        try:
+            load = check_load(entry["load"], f"{path}: scenario {name!r}")
+        except ValueError as error:
+            raise ScenarioError(str(error)) from None
     return Scenario(
         name=name,
         guest=base.guest,
@@ -235,6 +249,7 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         guest_params=guest_params,
         parameters=parameters,
         description=str(entry.get("description", "")),
+        load=load,
     )
 
 

@@ -241,6 +241,13 @@ def print_summary(records: Sequence[dict[str, Any]], console: Console | None = N
     medians = medians_table(records)
     if medians is not None:
         console.print(medians)
+    from postcopy.bench.servicereport import comparison_lines, service_table
+
+    service = service_table(records)
+    if service is not None:
+        console.print(service)
+        for line in comparison_lines(records):
+            console.print(line)
     for record in records:
         if record.get("error"):
             console.print(f"[red]{record.get('run_id')}: {record['error']}[/]")

@@ -217,6 +217,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _plot(records: list[dict[str, Any]], out: Path) -> None:
     from postcopy.bench.plot import plot_runs
+    from postcopy.bench.servicereport import plot_service
 
     for path in plot_runs(records, out):
         print(f"plot: {path}", file=sys.stderr)
+    service = plot_service(records, out.with_name(f"{out.stem}-service.png"))
+    if service is not None:
+        print(f"plot of the service: {service}", file=sys.stderr)

@@ -114,7 +114,7 @@ def plot_run(
         _cpu(axes["cpu"], run, cpu_lines, cpu_title)
     for name in ("rate", "postcopy", "cpu"):
         if name in axes:
-            _mark_phases(axes[name], run, labels=False)
+            mark_phases(axes[name], run, labels=False)
     _latency(axes["latency"], run)
     _blocktime(axes["blocktime"], run)
 
@@ -125,7 +125,7 @@ def plot_run(
     return path
 
 
-def _mark_phases(axis: Any, run: Run, *, labels: bool) -> None:
+def mark_phases(axis: Any, run: Run, *, labels: bool) -> None:
     """Phases shaded, the downtime in red, the switchover and the steps as lines."""
     for status, start, end in run.phases():
         if end > start:
@@ -171,7 +171,7 @@ def _mark_phases(axis: Any, run: Run, *, labels: bool) -> None:
 def _timeline(axis: Any, run: Run) -> None:
     import numpy as np
 
-    _mark_phases(axis, run, labels=True)
+    mark_phases(axis, run, labels=True)
     if run.samples:
         t = np.array([float(s["t"]) for s in run.samples])
         (line,) = axis.plot(t, np.array(_series(run, "transferred")) / MIB, color="#08519c")

@@ -1,0 +1,94 @@
+"""The bench's service part: kvstore scenarios carry a load, the load's record is cut into
+windows on the migration's clock, and the per-mode comparison of the longest gap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postcopy.bench.scenarios import Catalogue, ScenarioError, parse_name
+from postcopy.bench.service import DEFAULT_LOAD, service_figures, service_record
+from postcopy.bench.servicereport import comparison_lines, comparisons, scenario_figures
+from postcopy.tools.runfile import Run
+
+
+def test_a_kvstore_scenario_runs_the_default_load() -> None:
+    scenario = parse_name("kvstore-1g-1cpu-postcopy1-preempt")
+    assert scenario.load == DEFAULT_LOAD and scenario.load["rate"] >= 5000
+    assert scenario.warmup == (b"R", 1)
+    assert scenario.as_json()["load"]["clients"] == DEFAULT_LOAD["clients"]
+    assert parse_name("memtouch-1g-1cpu-precopy").load == {}
+
+
+def test_a_toml_load_table_is_checked(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[[scenario]]\nname = "kv-fast"\nbase = "kvstore-256m-1cpu-precopy"\n'
+        "load = { rate = 8000, clients = 4 }\n"
+    )
+    catalogue = Catalogue()
+    catalogue.load(good)
+    load = catalogue.scenario("kv-fast").load
+    assert (load["rate"], load["clients"], load["keys"]) == (8000.0, 4, DEFAULT_LOAD["keys"])
+    for text, complaint in (
+        ("load = { speed = 1 }", "no 'speed'"),
+        ('load = { clients = "many" }', "is not a int"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'[[scenario]]\nname = "x"\nbase = "kvstore-256m-1cpu-precopy"\n{text}\n')
+        with pytest.raises(ScenarioError, match=complaint):
+            Catalogue().load(bad)
+    bad.write_text('[[scenario]]\nname = "x"\nbase = "scan-1g-1cpu-precopy"\nload = {}\n')
+    with pytest.raises(ScenarioError, match="kvstore"):
+        Catalogue().load(bad)
+
+
+def test_the_load_is_cut_into_windows_on_the_migration_clock() -> None:
+    # migrate sent at mono 100; the destination completes 2 s later
+    run = Run.from_records(
+        [
+            {"event": "header", "migrate-mono": 100.0},
+            {"event": "completed", "mono": 102.0, "side": "destination"},
+        ]
+    )
+    requests = [
+        {"event": "request", "sent": 99.5, "answered": 99.501, "us": 1000.0},
+        {"event": "request", "sent": 100.5, "answered": 101.0, "us": 500_000.0},
+        {"event": "request", "sent": 101.0, "answered": None, "us": None},
+        {"event": "request", "sent": 103.0, "answered": 103.002, "us": 2000.0},
+    ]
+    summary = {"event": "summary", "sent": 4, "lost": 1, "longest-gap-at": 101.0}
+    record = service_record([{"event": "header"}, *requests, summary], [], run)
+    assert record["migration_end_s"] == pytest.approx(2.0)
+    windows = record["windows"]
+    assert windows["before"]["sent"] == 1 and windows["before"]["max_us"] == 1000.0
+    assert windows["migration"]["sent"] == 2 and windows["migration"]["lost"] == 1
+    assert windows["migration"]["max_us"] == 500_000.0
+    assert windows["after"]["sent"] == 1
+    assert record["longest_gap_at_s"] == pytest.approx(1.0)
+    assert service_figures({"service": record})["service_migration_max_us"] == 500_000.0
+
+
+def _record(name: str, after: int | None, preempt: bool, gap: float) -> dict[str, Any]:
+    return {
+        "status": "completed",
+        "scenario": {"name": name, "postcopy_after_rounds": after, "preempt": preempt},
+        "service": {"summary": {}},
+        "figures": {"service_longest_gap_ms": gap, "service_clean": True, "service_rate": 5000},
+    }
+
+
+def test_the_comparison_says_how_much_shorter_the_worst_gap_is() -> None:
+    records = [
+        *(_record("kvstore-1g-1cpu-precopy", None, False, g) for g in (300, 400, 500)),
+        *(_record("kvstore-1g-1cpu-postcopy1", 1, False, g) for g in (150, 200, 900)),
+        *(_record("kvstore-1g-1cpu-postcopy1-preempt", 1, True, g) for g in (90, 100, 110)),
+    ]
+    rows = scenario_figures(records)
+    assert [r["mode"] for r in rows] == ["precopy", "postcopy", "postcopy-preempt"]
+    assert rows[0]["gap_ms"] == 400 and rows[1]["worst_gap_ms"] == 900
+    found = {c["scenario"]: c["shorter_by"] for c in comparisons(rows)}
+    assert found == {"kvstore-1g-1cpu-postcopy1": 0.5, "kvstore-1g-1cpu-postcopy1-preempt": 0.75}
+    assert "shortens the longest gap without an answer by 75%" in comparison_lines(records)[1]
