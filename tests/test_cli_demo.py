@@ -202,8 +202,8 @@ def test_demo_with_a_vm_that_cannot_start_is_one_line_and_clean(tmp_path: Path) 
         assert process.returncode == 1
         lines = err.strip().splitlines()
         assert re.match(
-            r"postcopy demo: the (source|destination) VM exited with status 1: "
-            r".*vcpus 5000",
+            r"postcopy demo: the (source|destination) VM exited with status \d: "
+            r"postcopy vm run: --vcpus 5000: a VM has 1 to 32 vCPUs",
             lines[0],
         ), err
         assert lines[1] == f"working directory kept: {workdir}"

@@ -104,9 +104,11 @@ def test_destination_unreachable(tmp_path: Path, vms: list[VmProcess]) -> None:
 
 
 def test_source_socket_missing(tmp_path: Path) -> None:
+    """A socket that never appears: after --qmp-wait seconds, one line that says so."""
     path = str(tmp_path / "nothing.qmp")
-    line = one_line(postcopy_cli("migrate", "--qmp", path, "--to", "tcp:127.0.0.1:1"), "migrate")
-    assert f"no source QMP socket at {path}" in line
+    result = postcopy_cli("migrate", "--qmp", path, "--to", "tcp:127.0.0.1:1", "--qmp-wait", "1")
+    line = one_line(result, "migrate")
+    assert f"no source QMP socket at {path}" in line and "waited 1 s" in line
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -336,7 +336,9 @@ def test_a_triple_fault_is_an_internal_error(make_vm: VmFactory) -> None:
     vm.cont()
     assert not vm.wait_shutdown(30)
     assert vm.status == "internal-error"
-    assert "Shutdown" in vm.error
+    # said in the guest author's terms, with where and the usual cause, not a Python repr
+    assert vm.error.startswith("vCPU 0: the guest triple-faulted at RIP 0x10000 (CPL3): ")
+    assert "flat binary linked at 0x10000" in vm.error and "Exit(" not in vm.error
     assert vm.vcpu_states() == ["failed"]
     assert recorder.event_names == ["RESUME", "STOP"]
     with pytest.raises(RuntimeError, match="internal-error"):

@@ -1,194 +1,250 @@
-"""The terminal summary of bench runs: one row per run, each figure beside its ratio.
+"""The terminal summary of bench runs: one row per run, each figure beside its ratio to
+the limit it is bounded by, and a line under the table saying what each column is.
 
-A ratio that misses its target is shown red, one that meets it green. With repetitions,
-a second table gives each scenario's median over its completed runs.
+The table fits the terminal: columns are dropped, least important first, until it does
+(`--wide` shows them all, however wide). A ratio that meets its target is green, one that
+misses it red. With repetitions, a second table gives each scenario's medians.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
-from postcopy.bench.analysis import TARGETS
+from postcopy.bench.analysis import TARGETS, judge
 
 MB = 1e6
 MIB = 1 << 20
 
 
-def _styled(text: str, record_or_targets: dict[str, Any], target: str) -> str:
-    verdict = (record_or_targets.get(target) or {}).get("met")
-    if verdict is None:
-        return text
-    return f"[green]{text}[/]" if verdict else f"[red]{text}[/]"
+@dataclass(frozen=True)
+class Figures:
+    """What a row shows: a run's (or a median's) figures, ratios and target verdicts."""
+
+    figures: dict[str, Any]
+    ratios: dict[str, Any]
+    targets: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str  # short lines: the name, the unit, the ratio
+    meaning: str  # the line under the table: "name: what it is"
+    cell: Callable[[Figures], str]
+    wide_only: bool = False
 
 
 def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, fmt)
 
 
-def _pair(value: str, ratio: float | None) -> str:
-    return value if ratio is None else f"{value} ({ratio:.2f}x)"
+def _against(row: Figures, figure: str, fmt: str, scale: float, ratio: str) -> str:
+    """The figure, and under it its ratio to the limit, green or red against the target."""
+    text = _num(row.figures.get(figure), fmt, scale)
+    value = row.ratios.get(ratio)
+    if value is None:
+        return text
+    verdict = (row.targets.get(ratio) or {}).get("met")
+    style = "" if verdict is None else ("green" if verdict else "red")
+    shown = f"{value:.2f}x"
+    return f"{text}\n[{style}]{shown}[/]" if style else f"{text}\n{shown}"
 
 
-Column = tuple[str, Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], str]]
+def _bound(ratio: str, unit: str = "") -> str:
+    """The target of a ratio in words: 'the target: at least 0.7x'."""
+    op, value = TARGETS[ratio]
+    return f"the target: {'at least' if op == '>=' else 'at most'} {value:g}x{unit}"
+
 
 COLUMNS: list[Column] = [
-    ("total s", lambda f, r, t: _num(f["total_time_ms"], ".2f", 1000)),
-    (
-        "throughput MB/s (÷limit)",
-        lambda f, r, t: _styled(
-            _pair(_num(f["throughput_bytes_per_s"], ".0f", MB), r["throughput_vs_limit"]),
-            t,
-            "throughput_vs_limit",
+    Column(
+        "total\ntime\ns",
+        "total time: from `migrate` to completed, as the source counts it",
+        lambda r: _num(r.figures.get("total_time_ms"), ".2f", 1000),
+    ),
+    Column(
+        "through-\nput MB/s\nx limit",
+        "throughput: bytes sent / total time; x limit: against min(line rate, fill rate) "
+        f"measured on this link before the run ({_bound('throughput_vs_limit')})",
+        lambda r: _against(r, "throughput_bytes_per_s", ".0f", MB, "throughput_vs_limit"),
+    ),
+    Column(
+        "downtime\nms\nx 5 ms",
+        "downtime: how long the guest was stopped; x 5 ms: against 5 ms "
+        f"({_bound('downtime_vs_target')})",
+        lambda r: _against(r, "downtime_us", ".2f", 1000, "downtime_vs_target"),
+    ),
+    Column(
+        "request\np50 µs\nx rtt",
+        "request p50: median time from a vCPU's fault to its page in place; x rtt: against "
+        f"a raw userfaultfd round trip on this link ({_bound('latency_p50_vs_fault_rtt')})",
+        lambda r: _against(r, "request_latency_p50_us", ",.0f", 1, "latency_p50_vs_fault_rtt"),
+    ),
+    Column(
+        "block-\ntime\nms",
+        "blocktime: how long all vCPUs waited for pages at once (QEMU's postcopy-blocktime)",
+        lambda r: _num(r.figures.get("blocktime_us"), ".1f", 1000),
+    ),
+    Column(
+        "1st round\nMB/s\nx line",
+        "first round: the precopy round that sends all of RAM; x line: against the line "
+        f"rate ({_bound('bulk_round_vs_line_rate')})",
+        lambda r: _against(r, "bulk_round_bytes_per_s", ".0f", MB, "bulk_round_vs_line_rate"),
+    ),
+    Column(
+        "memory+\nMiB\nx RAM",
+        "memory+: the destination's memory beyond its guest RAM; x RAM: against the guest "
+        f"RAM ({_bound('rss_overhead_vs_guest_ram')})",
+        lambda r: _against(
+            r, "destination_overhead_bytes", ".0f", MIB, "rss_overhead_vs_guest_ram"
         ),
     ),
-    (
-        "bulk round MB/s (÷line)",
-        lambda f, r, t: _styled(
-            _pair(
-                _num(f.get("bulk_round_bytes_per_s"), ".0f", MB), r.get("bulk_round_vs_line_rate")
-            ),
-            t,
-            "bulk_round_vs_line_rate",
-        ),
-    ),
-    (
-        "downtime ms (÷5ms)",
-        lambda f, r, t: _styled(
-            _pair(_num(f["downtime_us"], ".2f", 1000), r["downtime_vs_target"]),
-            t,
-            "downtime_vs_target",
-        ),
-    ),
-    (
-        "req p50 µs (÷fault rtt)",
-        lambda f, r, t: _styled(
-            _pair(_num(f["request_latency_p50_us"], ".0f"), r["latency_p50_vs_fault_rtt"]),
-            t,
-            "latency_p50_vs_fault_rtt",
-        ),
-    ),
-    (
-        "req p99/max µs",
-        lambda f, r, t: (
+    Column(
+        "request\np99/max\nµs",
+        "request p99/max: the 99th percentile and the slowest fault-to-page time",
+        lambda r: (
             "-"
-            if f["request_latency_p99_us"] is None
-            else f"{f['request_latency_p99_us']:.0f}/{f['request_latency_max_us']:.0f}"
+            if r.figures.get("request_latency_p99_us") is None
+            else f"{r.figures['request_latency_p99_us']:,.0f}/"
+            f"{r.figures['request_latency_max_us']:,.0f}"
         ),
+        wide_only=True,
     ),
-    ("blocktime ms", lambda f, r, t: _num(f["blocktime_us"], ".1f", 1000)),
-    ("requests", lambda f, r, t: _num(f["postcopy_requests"], ".0f")),
-    (
-        "dst RSS+ MiB (÷RAM)",
-        lambda f, r, t: _styled(
-            _pair(
-                _num(f["destination_overhead_bytes"], ".0f", MIB), r["rss_overhead_vs_guest_ram"]
-            ),
-            t,
-            "rss_overhead_vs_guest_ram",
+    Column(
+        "page\nrequests",
+        "page requests: the destination's requests the source served",
+        lambda r: _num(r.figures.get("postcopy_requests"), ",.0f"),
+        wide_only=True,
+    ),
+    Column(
+        "cores busy\n(others)",
+        "cores busy: of the host during the run (others: processes not of this run)",
+        lambda r: (
+            "-"
+            if r.figures.get("host_busy_cores") is None
+            else f"{r.figures['host_busy_cores']:.1f} "
+            f"({r.figures.get('host_other_processes_cores') or 0:.1f})"
         ),
+        wide_only=True,
     ),
-    ("verify", lambda f, r, t: {True: "ok", False: "[red]BAD[/]", None: "-"}[f["verify_ok"]]),
 ]
 
 
-def _limits_text(limits: dict[str, Any]) -> str:
-    if not limits:
-        return "-"
-    return (
-        f"line {limits['line_rate'] / MB:.0f}, fill {limits['fill_rate'] / MB:.0f} MB/s; "
-        f"rtt {limits['fault_rtt_p50_us']:.0f} µs"
-    )
+def _named(name: str, link: str) -> str:
+    return name if link == "loopback" else f"{name} ({link})"
 
 
-def runs_table(records: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title="postcopy bench: each figure (ratio to its limit)", show_lines=False)
-    table.add_column("run", no_wrap=True)
-    table.add_column("link")
-    table.add_column("status")
-    for name, _ in COLUMNS:
-        table.add_column(name, justify="right")
-    table.add_column("cores busy (others)", justify="right")
-    table.add_column("limits (same run, same link)", no_wrap=True)
-    for record in records:
-        status = record.get("status", "?")
-        style = "" if status == "completed" else "[red]"
-        row = [
-            record.get("run_id", "?"),
-            record.get("link", "?"),
-            f"{style}{status}[/]" if style else status,
-        ]
-        figures = record.get("figures") or {}
-        ratios = record.get("ratios") or {}
-        targets = record.get("targets") or {}
-        if figures:
-            row += [cell(figures, ratios, targets) for _, cell in COLUMNS]
-        else:
-            row += ["-"] * len(COLUMNS)
-        host = (record.get("cpu") or {}).get("host") or {}
-        row.append(f"{host['busy_cores']:.1f} ({host['others_cores']:.1f})" if host else "-")
-        row.append(_limits_text(record.get("limits") or {}))
-        table.add_row(*row)
+def _result(record: dict[str, Any]) -> str:
+    status = str(record.get("status", "?"))
+    if status != "completed":
+        return f"[red]{status}[/]"
+    verified = (record.get("figures") or {}).get("verify_ok")
+    return {True: "verified", False: "[red]BAD memory[/]", None: "completed"}[verified]
+
+
+def _table(
+    title: str,
+    first: str,
+    rows: Sequence[tuple[str, str, Figures | None]],
+    columns: Sequence[Column],
+) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    table.add_column(first, overflow="fold", max_width=24)
+    table.add_column("result")
+    for column in columns:
+        table.add_column(column.header, justify="right")
+    for name, result, row in rows:
+        cells = [column.cell(row) for column in columns] if row else ["-"] * len(columns)
+        table.add_row(name, result, *cells)
     return table
 
 
-def medians_table(records: Sequence[dict[str, Any]]) -> Table | None:
+def _width(console: Console, table: Table) -> int:
+    """The width `table` needs to show every cell unsqueezed (whatever the console's)."""
+    return Measurement.get(console, console.options.update_width(100_000), table).maximum
+
+
+def _fitted(
+    console: Console, build: Callable[[Sequence[Column]], Table], wide: bool
+) -> tuple[Table, list[Column]]:
+    """The table with every column that fits the console (all of them with `wide`)."""
+    columns = [c for c in COLUMNS if wide or not c.wide_only]
+    while True:
+        table = build(columns)
+        width = _width(console, table)
+        if wide or width <= console.width or len(columns) <= 2:
+            return table, columns
+        columns = columns[:-1]
+
+
+def runs_table(
+    records: Sequence[dict[str, Any]], console: Console, wide: bool = False
+) -> tuple[Table, list[Column]]:
+    rows = [
+        (
+            str(record.get("run_id", "?"))
+            + (f" ({record['link']})" if record.get("link") != "loopback" else ""),
+            _result(record),
+            Figures(record["figures"], record.get("ratios") or {}, record.get("targets") or {})
+            if record.get("figures")
+            else None,
+        )
+        for record in records
+    ]
+    return _fitted(
+        console, lambda columns: _table("postcopy bench: each run", "run", rows, columns), wide
+    )
+
+
+def _median_figures(group: list[dict[str, Any]]) -> Figures:
+    def medians(kind: str) -> dict[str, Any]:
+        keys = {key for record in group for key in (record.get(kind) or {})}
+        found = {}
+        for key in keys:
+            values = [
+                record[kind][key]
+                for record in group
+                if isinstance(record[kind].get(key), int | float)
+                and not isinstance(record[kind].get(key), bool)
+            ]
+            found[key] = statistics.median(values) if values else None
+        return found
+
+    ratios = medians("ratios")
+    return Figures(medians("figures"), ratios, judge(ratios))
+
+
+def medians_table(
+    records: Sequence[dict[str, Any]], console: Console, wide: bool = False
+) -> tuple[Table, list[Column]] | None:
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         if record.get("status") == "completed":
             grouped[(record["scenario"]["name"], record["link"])].append(record)
     if not any(len(group) > 1 for group in grouped.values()):
         return None
-    table = Table(
-        title="median over repetitions (ratio medians; targets: "
-        + ", ".join(f"{k} {op} {v}" for k, (op, v) in TARGETS.items())
-        + ")"
-    )
-    for name in (
-        "scenario",
-        "link",
-        "runs",
-        "total s",
-        "MB/s",
-        "÷limit",
-        "bulk MB/s",
-        "÷line",
-        "downtime ms",
-        "÷5ms",
-        "req p50 µs",
-        "÷rtt",
-        "blocktime ms",
-        "RSS+ ÷RAM",
-    ):
-        table.add_column(name, justify="left" if name in ("scenario", "link") else "right")
-
-    def median(group: list[dict[str, Any]], kind: str, key: str) -> float | None:
-        values = [r[kind][key] for r in group if r[kind].get(key) is not None]
-        return statistics.median(values) if values else None
-
-    for (scenario, link), group in grouped.items():
-        table.add_row(
-            scenario,
-            link,
-            str(len(group)),
-            _num(median(group, "figures", "total_time_ms"), ".2f", 1000),
-            _num(median(group, "figures", "throughput_bytes_per_s"), ".0f", MB),
-            _num(median(group, "ratios", "throughput_vs_limit"), ".2f"),
-            _num(median(group, "figures", "bulk_round_bytes_per_s"), ".0f", MB),
-            _num(median(group, "ratios", "bulk_round_vs_line_rate"), ".2f"),
-            _num(median(group, "figures", "downtime_us"), ".2f", 1000),
-            _num(median(group, "ratios", "downtime_vs_target"), ".2f"),
-            _num(median(group, "figures", "request_latency_p50_us"), ".0f"),
-            _num(median(group, "ratios", "latency_p50_vs_fault_rtt"), ".2f"),
-            _num(median(group, "figures", "blocktime_us"), ".1f", 1000),
-            _num(median(group, "ratios", "rss_overhead_vs_guest_ram"), ".3f"),
+    rows = [
+        (
+            _named(scenario, link),
+            f"{len(group)} runs",
+            _median_figures(group),
         )
-    return table
+        for (scenario, link), group in grouped.items()
+    ]
+    return _fitted(
+        console,
+        lambda columns: _table("medians over the repetitions", "scenario", rows, columns),
+        wide,
+    )
 
 
 def thread_names(record: dict[str, Any], side: str) -> dict[str, str]:
@@ -232,15 +288,43 @@ def cpu_lines(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_summary(records: Sequence[dict[str, Any]], console: Console | None = None) -> None:
+def _limits_line(record: dict[str, Any]) -> str | None:
+    limits = record.get("limits") or {}
+    if not limits:
+        return None
+    return (
+        f"{record.get('run_id')}: limits on this link: line rate {limits['line_rate'] / MB:,.0f} "
+        f"MB/s, fill rate {limits['fill_rate'] / MB:,.0f} MB/s, raw fault round trip "
+        f"{limits['fault_rtt_p50_us']:,.0f} µs"
+    )
+
+
+def print_summary(
+    records: Sequence[dict[str, Any]], console: Console | None = None, *, wide: bool = False
+) -> None:
     if console is None:
         console = Console()
-        if not console.is_terminal:
-            console = Console(width=220)  # a file or pipe: don't squeeze the columns
-    console.print(runs_table(records))
-    medians = medians_table(records)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=160)  # a file or a pipe: room for most columns
+    table, shown = runs_table(records, console, wide)
+    medians = medians_table(records, console, wide)
+    if wide:  # as wide as the widest table needs, whatever the terminal
+        needed = max(_width(console, t) for t in [table, *([medians[0]] if medians else [])])
+        console = Console(width=max(needed, console.width), force_terminal=console.is_terminal)
+    console.print(table)
     if medians is not None:
-        console.print(medians)
+        console.print(medians[0])
+    legend = Table.grid(padding=(0, 1))
+    legend.add_column(no_wrap=True, style="bold")
+    legend.add_column()
+    for column in shown:
+        name, _, what = column.meaning.partition(": ")
+        legend.add_row(f" {name}", what)
+    hidden = [c for c in COLUMNS if c not in shown]
+    if hidden:
+        names = ", ".join(c.meaning.partition(":")[0] for c in hidden)
+        legend.add_row(" --wide", f"shows {len(hidden)} more: {names}")
+    console.print(legend, highlight=False)
     from postcopy.bench.servicereport import comparison_lines, service_table
 
     service = service_table(records)
@@ -249,6 +333,9 @@ def print_summary(records: Sequence[dict[str, Any]], console: Console | None = N
         for line in comparison_lines(records):
             console.print(line)
     for record in records:
+        line = _limits_line(record)
+        if line and wide:
+            console.print(f"  {line}", highlight=False)
         if record.get("error"):
             console.print(f"[red]{record.get('run_id')}: {record['error']}[/]")
     if any(record.get("profile") for record in records):

@@ -101,6 +101,12 @@ def add_parser(subparsers: Any) -> None:
         "idle (other processes move every figure on 2 shared cores)",
     )
     bench.add_argument(
+        "--wide",
+        action="store_true",
+        help="show every column of the summary, however wide (by default the table "
+        "fits the terminal)",
+    )
+    bench.add_argument(
         "--keep",
         action="store_true",
         help="keep each run's directory (sockets, consoles, traces, stderr)",
@@ -152,7 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _list(catalogue)
     if args.from_file is not None:
         records = read_records(args.from_file)
-        print_summary(records)
+        print_summary(records, wide=args.wide)
         if args.plot:
             _plot(records, args.from_file)
         return 0
@@ -209,7 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("postcopy bench: interrupted; everything it started is cleaned up", file=sys.stderr)
         return 130
-    print_summary(records)
+    print_summary(records, wide=args.wide)
     if args.plot:
         _plot(records, out)
     return 0 if all(r["status"] == "completed" for r in records) else 1

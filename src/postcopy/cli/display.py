@@ -17,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from postcopy.tools.watch import FINAL_STATUSES
 from postcopy.units import format_bytes
 
 PHASE_TEXT = {
@@ -95,9 +96,15 @@ class ProgressView:
         table = Table.grid(padding=(0, 2))
         table.add_column(style="dim")
         table.add_column()
-        table.add_row("elapsed", format_duration(sample.get("t")))
-        table.add_row("sent", format_bytes(int(sample.get("transferred") or 0)))
-        table.add_row("rate", format_rate(sample.get("rate")))
+        elapsed = float(sample.get("t") or 0.0)
+        sent = int(sample.get("transferred") or 0)
+        table.add_row("elapsed", format_duration(elapsed))
+        table.add_row("sent", format_bytes(sent))
+        if status in FINAL_STATUSES:
+            average = sent / elapsed if elapsed > 0 else None
+            table.add_row("average throughput", format_rate(average))
+        else:
+            table.add_row("live rate (last second)", format_rate(sample.get("rate")))
         table.add_row("remaining", format_bytes(remaining))
         page_size = int(sample.get("page-size") or 4096)
         dirty = int(sample.get("dirty-pages-rate") or 0)
@@ -108,7 +115,8 @@ class ProgressView:
         table.add_row("postcopy requests", f"{int(sample.get('postcopy-requests') or 0):,}")
         if sample.get("expected-downtime") is not None and status == "active":
             table.add_row("expected downtime", f"{sample['expected-downtime']} ms")
-        table.add_row("ETA", format_duration(sample.get("eta")))
+        if status not in FINAL_STATUSES:
+            table.add_row("ETA", format_duration(sample.get("eta")))
         if self.extra_rows is not None:
             for label, value in self.extra_rows():
                 table.add_row(label, value)

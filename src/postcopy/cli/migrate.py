@@ -35,6 +35,7 @@ from postcopy.tools.watch import FINAL_STATUSES, Poll, watch_until_final
 from postcopy.units import parse_rate
 
 CANCELLABLE_STATUSES = frozenset({"setup", "active", "device"})
+QMP_WAIT = 30.0  # seconds `migrate` waits for a QMP socket to appear by default
 
 SampleSink = Callable[[dict[str, Any]], None]
 NoteSink = Callable[[str], None]
@@ -302,11 +303,16 @@ class Migration:
             )
 
 
-def connect(path: str, name: str) -> QmpClient:
+def connect(path: str, name: str, wait: float, note: NoteSink) -> QmpClient:
+    """Connect to a QMP socket, waiting up to `wait` seconds for one that is not there
+    yet (a VM started a moment ago: the tour starts both VMs and migrates at once)."""
     try:
         return QmpClient.connect_to(path, name=name)
-    except QmpClientError as error:
-        raise MigrateError(str(error)) from None
+    except QmpClientError:
+        if wait <= 0:
+            raise
+    note(f"waiting up to {wait:g} s for the {name} socket {path} (a VM still starting?)")
+    return QmpClient.connect_to(path, name=name, wait=wait)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -389,6 +395,14 @@ def add_parser(subparsers: Any) -> None:
         help="write the whole run (samples, both sides' events and figures) for `postcopy report`",
     )
     parser.add_argument(
+        "--qmp-wait",
+        type=float,
+        default=QMP_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for a QMP socket that is not there yet, e.g. a VM "
+        f"started a moment ago (default {QMP_WAIT:g})",
+    )
+    parser.add_argument(
         "--interval",
         type=float,
         default=0.1,
@@ -440,63 +454,70 @@ def failure_line(outcome: MigrationOutcome) -> str:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
+    """The command: a live display on a terminal (its final state once elsewhere), or with
+    --json nothing but JSON: samples and the summary on stdout, notes and errors as JSON
+    objects on stderr."""
     from rich.console import Console
 
     from postcopy.cli.display import LiveProgress, ProgressView
+
+    def json_line(record: dict[str, Any], stream: Any = sys.stdout) -> None:
+        print(json.dumps(record), file=stream, flush=True)
+
+    def fail(text: str) -> int:
+        if args.json:
+            json_line({"event": "error", "error": text}, sys.stderr)
+        else:
+            print(f"postcopy migrate: {text}", file=sys.stderr)
+        return 1
+
+    console = Console(stderr=False)
+    view: ProgressView | None = None
+    live: LiveProgress | None = None
+
+    def note(text: str) -> None:
+        if args.json:
+            json_line({"event": "note", "note": text}, sys.stderr)
+        elif live is not None and view is not None:
+            view.note = text
+            live.refresh()
+        elif sys.stderr.isatty():  # elsewhere a failure stays one line
+            print(f"postcopy migrate: {text}", file=sys.stderr)
 
     clients: list[QmpClient] = []
     recorder: RunWriter | None = None
     try:
         options = options_from_args(args)
-        source = connect(args.qmp, "source QMP")
+        source = connect(args.qmp, "source QMP", args.qmp_wait, note)
         clients.append(source)
         destination = None
         if args.dest_qmp:
-            destination = connect(args.dest_qmp, "destination QMP")
+            destination = connect(args.dest_qmp, "destination QMP", args.qmp_wait, note)
             clients.append(destination)
         if args.timeline:
             recorder = RunWriter(args.timeline)
-        console = Console(stderr=False)
         if args.json:
-
-            def emit(sample: dict[str, Any]) -> None:
-                print(json.dumps(sample), flush=True)
-
-            migration = Migration(
-                source,
-                destination,
-                options,
-                on_sample=emit,
-                on_note=lambda text: print(text, file=sys.stderr),
-                recorder=recorder,
-            )
-            migration.prepare()
-            outcome = migration.run()
-            print(
-                json.dumps(
-                    {
-                        "event": "summary",
-                        "status": outcome.status,
-                        "source": outcome.source,
-                        "destination": outcome.destination,
-                    }
-                ),
-                flush=True,
-            )
+            on_sample: SampleSink = json_line
         else:
             view = ProgressView(f"migrating to {options.uri}")
             live = LiveProgress(view, console)
-
-            def note(text: str) -> None:
-                view.note = text
-                live.refresh()
-
-            migration = Migration(
-                source, destination, options, on_sample=live.update, on_note=note, recorder=recorder
+            on_sample = live.update
+        migration = Migration(
+            source, destination, options, on_sample=on_sample, on_note=note, recorder=recorder
+        )
+        migration.prepare()
+        with live if live is not None else contextlib.nullcontext():
+            outcome = migration.run()
+        if args.json:
+            json_line(
+                {
+                    "event": "summary",
+                    "status": outcome.status,
+                    "source": outcome.source,
+                    "destination": outcome.destination,
+                }
             )
-            migration.prepare()
-            with live:
-                outcome = migration.run()
+        else:
             if outcome.completed or outcome.source.get("ram", {}).get("transferred"):
                 console.print(summary_table(outcome.source, outcome.destination))
             if args.timeline:
@@ -505,11 +526,10 @@ def run_migrate(args: argparse.Namespace) -> int:
                     f"(`postcopy report {args.timeline} --png run.png`)"
                 )
     except (MigrateError, QmpClientError) as error:
-        print(f"postcopy migrate: {error}", file=sys.stderr)
-        return 1
+        return fail(str(error))
     except OSError as error:
-        print(f"postcopy migrate: {error}", file=sys.stderr)
-        return 1
+        where = f"{error.filename}: " if error.filename else ""
+        return fail(f"{where}{error.strerror or error}")
     finally:
         if recorder is not None:
             recorder.close()
@@ -517,5 +537,4 @@ def run_migrate(args: argparse.Namespace) -> int:
             client.close()
     if outcome.completed:
         return 0
-    print(f"postcopy migrate: {failure_line(outcome)}", file=sys.stderr)
-    return 1
+    return fail(failure_line(outcome))

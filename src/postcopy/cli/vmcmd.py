@@ -5,17 +5,23 @@
         --incoming tcp:127.0.0.1:4444
     postcopy vm run --guest memtouch --ram 1G --memory-backend memfd-hugetlb --qmp /tmp/h.sock
 
-The process lives until QMP `quit`, SIGTERM or Ctrl-C. A destination whose incoming
-migration fails exits with status 1 and the reason on stderr, freeing its RAM (QEMU's
-exit-on-error; `migrate-incoming` can say false). Peers that fail the handshake before
-that (a port scan, garbage, a wrong key) are dropped with one line each, and the
-destination keeps waiting for its source.
+When its QMP socket accepts (and a destination listens for the migration), it prints one
+line on stdout, `postcopy vm run: ready (PID N): QMP PATH, ...`, and writes its PID to
+--pidfile if given. The process lives until QMP `quit`, SIGTERM or Ctrl-C. A destination
+whose incoming migration fails exits with status 1 and the reason on stderr, freeing its
+RAM (QEMU's exit-on-error; `migrate-incoming` can say false). Peers that fail the
+handshake before that (a port scan, garbage, a wrong key) are dropped with one line each,
+and the destination keeps waiting for its source. A guest that stops for good (a triple
+fault, say) leaves the VM in `internal-error`, with the reason on stderr, for QMP to
+inspect.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,6 +31,7 @@ from typing import Any
 from postcopy.units import parse_size
 
 SWITCH_INTERVAL = 0.0002  # seconds
+VERBOSE_LOG = "%(asctime)s %(name)s: %(message)s"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -121,6 +128,12 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--console", type=Path, help="append the guest's console output to FILE")
     run.add_argument("--trace", help="append the migration timeline as JSON lines to FILE")
+    run.add_argument(
+        "--pidfile",
+        type=Path,
+        metavar="FILE",
+        help="write this process's PID to FILE once ready (removed when it exits)",
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=run_vm)
     guests = vm_sub.add_parser("guests", help="list the built-in guests and their parameters")
@@ -140,21 +153,38 @@ def list_guests(args: argparse.Namespace) -> int:
 
 def _guest_params(args: argparse.Namespace) -> tuple[bytes, list[int], str | None]:
     from postcopy.vm.guests import GUESTS
+    from postcopy.vm.layout import check_image
 
     if args.guest_image is not None:
         if args.guest_param:
             raise ValueError("--guest-param applies to built-in guests only")
-        return args.guest_image.read_bytes(), [], None
+        try:
+            image = args.guest_image.read_bytes()
+        except OSError as error:
+            raise ValueError(f"--guest-image {args.guest_image}: {error.strerror}") from None
+        try:
+            check_image(image, [])
+        except ValueError as error:
+            raise ValueError(f"--guest-image {args.guest_image}: {error}") from None
+        return image, [], None
     if args.guest not in GUESTS:
-        raise ValueError(f"unknown guest {args.guest!r}; built-in guests: {', '.join(GUESTS)}")
+        raise ValueError(f'unknown guest "{args.guest}"; built-in guests: {", ".join(GUESTS)}')
     info = GUESTS[args.guest]
     values: dict[str, int] = {}
     for item in args.guest_param:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--guest-param {item!r}: expected NAME=VALUE")
-        values[name] = int(value, 0)
-    return info.image, info.pack_params(values), info.name
+            raise ValueError(f"--guest-param {item}: expected NAME=VALUE")
+        try:
+            values[name] = int(value, 0)
+        except ValueError:
+            raise ValueError(
+                f"--guest-param {item}: the value must be a number (e.g. 100000 or 0x1000)"
+            ) from None
+    try:
+        return info.image, info.pack_params(values), info.name
+    except KeyError as error:
+        raise ValueError(f"--guest-param {error.args[0]}") from None
 
 
 def _tls_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -175,25 +205,71 @@ def _tls_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return server, client
 
 
+def _check_capabilities(names: list[str]) -> None:
+    from postcopy.migration.parameters import Capabilities, ParameterError
+
+    staged = Capabilities()
+    for name in names:
+        try:
+            staged.set(name, True)
+        except ParameterError as error:
+            raise ValueError(f"--migrate-capability {name}: {error}") from None
+
+
+def ready_line(args: argparse.Namespace, pid: int) -> str:
+    """The one line `vm run` prints when it is ready: what a script or a user waits for."""
+    if args.incoming == "defer":
+        state = "waiting for migrate-incoming"
+    elif args.incoming:
+        state = f"waiting for a migration on {args.incoming}"
+    elif args.paused:
+        state = "guest paused (-S: `cont` starts it)"
+    else:
+        state = "guest running"
+    return f"postcopy vm run: ready (PID {pid}): QMP {args.qmp}, {state}"
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    temporary = path.with_name(f".{path.name}.{pid}")
+    temporary.write_text(f"{pid}\n")
+    temporary.replace(path)
+
+
+def _remove_pidfile(path: Path, pid: int) -> None:
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == str(pid):
+            path.unlink()
+
+
 def run_vm(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
+        format="%(asctime)s %(name)s: %(message)s"
+        if args.verbose
+        else "postcopy vm run: %(message)s",
     )
     from postcopy.qmp.monitor import VmMonitor
     from postcopy.qmp.server import QmpServer
     from postcopy.ram import MemoryBackend
     from postcopy.transport import AuthConfig
+    from postcopy.vm.layout import MAX_VCPUS, check_config
     from postcopy.vm.machine import MicroVM
     from postcopy.vm.requestdev import RequestDevice
 
     try:
         image, params, guest_name = _guest_params(args)
         devices = [RequestDevice(args.service)] if args.service or guest_name == "kvstore" else []
-        ram_size = parse_size(args.ram)
+        if not 1 <= args.vcpus <= MAX_VCPUS:
+            raise ValueError(f"--vcpus {args.vcpus}: a VM has 1 to {MAX_VCPUS} vCPUs")
+        try:
+            ram_size = parse_size(args.ram)
+            check_config(ram_size, args.vcpus)
+        except ValueError as error:
+            raise ValueError(f"--ram {args.ram}: {error}") from None
         backend = MemoryBackend.parse(
             args.memory_backend, None if args.share is None else args.share == "on"
         )
+        _check_capabilities(args.migrate_capability)
         auth = AuthConfig.from_file(args.key) if args.key else None
         tls_server, tls_client = _tls_configs(args)
     except (ValueError, OSError) as error:
@@ -228,6 +304,8 @@ def run_vm(args: argparse.Namespace) -> int:
         print(f"postcopy vm run: cannot create the VM: {error}", file=sys.stderr)
         return 1
     exit_code = 0
+    pid = os.getpid()
+    monitor: Any = None
     try:
         monitor = VmMonitor(
             vm,
@@ -244,17 +322,28 @@ def run_vm(args: argparse.Namespace) -> int:
         )
         for name in args.migrate_capability:
             monitor.capabilities.set(name, True)
-        server.start()
         signal.signal(signal.SIGTERM, lambda *_: quit_event.set())
         signal.signal(signal.SIGINT, lambda *_: quit_event.set())
+        # listen for the migration before QMP accepts: whoever sees the socket (or the
+        # ready line) may send `migrate` to this destination at once
         if args.incoming and args.incoming != "defer":
             try:
                 monitor.start_incoming(args.incoming)
             except Exception as error:
                 print(f"postcopy vm run: {error}", file=sys.stderr)
                 return 1
-        elif not args.incoming and not args.paused:
+        try:
+            server.start()
+        except (OSError, RuntimeError) as error:
+            where = f" {error.filename}" if isinstance(error, OSError) and error.filename else ""
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            print(f"postcopy vm run: the QMP socket{where}: {reason}", file=sys.stderr)
+            return 1
+        if not args.incoming and not args.paused:
             vm.cont()
+        if args.pidfile is not None:
+            _write_pidfile(args.pidfile, pid)
+        print(ready_line(args, pid), flush=True)
         while not quit_event.wait(0.2):
             incoming = monitor.incoming
             if (
@@ -263,16 +352,17 @@ def run_vm(args: argparse.Namespace) -> int:
                 and incoming.error
                 and incoming.exit_on_error
             ):
-                print(
-                    f"postcopy vm run: incoming migration failed: {incoming.error}", file=sys.stderr
-                )
-                exit_code = 1
+                exit_code = 1  # the migration logged why (incoming migration failed: ...)
                 break
     finally:
+        # a deliberate end: what the teardown says (a listener closed, ...) is no news
+        logging.getLogger("postcopy.migration").setLevel(logging.CRITICAL)
         server.close()
-        if monitor.incoming is not None:
+        if monitor is not None and monitor.incoming is not None:
             monitor.incoming.close()
         vm.close()
         if console_file is not None:
             console_file.close()
+        if args.pidfile is not None:
+            _remove_pidfile(args.pidfile, pid)
     return exit_code

@@ -23,7 +23,7 @@ from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
 from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig
 from postcopy.vm.machine import MicroVM, RunState
-from postcopy.vm.verify import verify
+from postcopy.vm.verify import ram_digest, verify
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class VmMonitor:
         self.parameters = Parameters()
         self.capabilities = Capabilities()
         self.capabilities.set("events", True)
+        # the destination's page requests and its end travel on the return path: it is
+        # always there, and the capability says so
+        self.capabilities.set("return-path", True)
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self.incoming_done = threading.Event()
@@ -286,6 +289,11 @@ class VmMonitor:
                 staged.set(entry["capability"], entry["state"])
         except ParameterError as error:
             raise QmpError(str(error)) from error
+        if not staged["return-path"]:
+            raise QmpError(
+                "the return path is always on here (page requests and the destination's "
+                "end travel on it); it cannot be turned off"
+            )
         if staged["postcopy-preempt"] and not staged["postcopy-ram"]:
             raise QmpError("Postcopy preempt requires postcopy-ram")
         self.capabilities.enabled = staged.enabled
@@ -309,9 +317,9 @@ class VmMonitor:
     # -- our own ------------------------------------------------------------------------------
 
     def x_verify(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Check the guest's memory; only on a stopped VM whose RAM is all present."""
-        if self.guest is None:
-            raise QmpError("no built-in guest: nothing to verify against")
+        """Check the guest's memory; only on a stopped VM whose RAM is all present. A guest
+        of one's own (--guest-image) has no verifier: the answer is the digest of its RAM,
+        for comparing the source's with the destination's."""
         if self.vm.running:
             raise QmpError("x-verify needs a stopped VM: run 'stop' first")
         if self.incoming is not None and self.incoming.status.value != MigrationStatus.COMPLETED:
@@ -320,6 +328,12 @@ class VmMonitor:
                 f"(status {self.incoming.status.value.value})"
             )
         block = self.vm.ram[0]
+        if self.guest is None:
+            return {
+                "detail": "a guest of its own has no verifier: compare this digest of its "
+                "RAM with the other side's",
+                "digest": ram_digest(block.view),
+            }
         result = verify(self.guest, block.view, block.length, self.vm.vcpu_count, self.guest_params)
         return {"ok": result.ok, "detail": result.detail, "digest": result.digest}
 

@@ -62,6 +62,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from postcopy.linux.kvm_abi import KvmCpuidEntry2, KvmRegs, KvmSregs
+from postcopy.units import format_bytes
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -126,18 +127,32 @@ GUEST_CPLS = (0, 3)
 def check_config(ram_size: int, vcpus: int, max_vcpus: int = MAX_VCPUS) -> None:
     """Raise ValueError unless the RAM size and vCPU count fit this layout."""
     if not isinstance(ram_size, int) or isinstance(ram_size, bool):
-        raise ValueError(f"ram_size must be an integer number of bytes, not {ram_size!r}")
+        raise ValueError("the RAM size must be a whole number of bytes")
     if ram_size % LARGE_PAGE_SIZE or not MIN_RAM_SIZE <= ram_size <= MAX_RAM_SIZE:
-        raise ValueError(f"ram_size {ram_size} must be a multiple of 2 MiB from 2 MiB to 12 GiB")
+        raise ValueError(
+            f"a RAM size of {format_bytes(ram_size)} is not possible: it must be a multiple "
+            "of 2 MiB, from 2 MiB to 12 GiB"
+        )
     limit = min(max_vcpus, MAX_VCPUS)
     if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= limit:
-        raise ValueError(f"vcpus {vcpus!r} must be from 1 to {limit}")
+        raise ValueError(f"{vcpus} vCPUs are not possible: from 1 to {limit}")
+
+
+ELF_MAGIC = b"\x7fELF"
 
 
 def check_image(image: bytes, params: Sequence[int]) -> None:
+    if image[:4] == ELF_MAGIC:
+        raise ValueError(
+            "this is an ELF file, and the VM loads a flat binary: convert it with "
+            "`objcopy -O binary guest.elf guest.bin` (or link with --oformat binary), "
+            f"linked at {IMAGE_LOAD_ADDRESS:#x} (README, `Build your own guest`)"
+        )
     if not 0 < len(image) <= IMAGE_MAX_BYTES:
         raise ValueError(
-            f"guest image of {len(image)} bytes: it must be 1 to {IMAGE_MAX_BYTES} bytes"
+            f"a guest image of {format_bytes(len(image))} does not fit: it must be 1 byte to "
+            f"{format_bytes(IMAGE_MAX_BYTES)} (loaded at {IMAGE_LOAD_ADDRESS:#x}, below the "
+            f"vCPU stacks at {IMAGE_LOAD_ADDRESS + IMAGE_MAX_BYTES:#x})"
         )
     if len(params) > PARAMS_MAX:
         raise ValueError(f"{len(params)} parameters: the block holds at most {PARAMS_MAX}")

@@ -25,12 +25,23 @@ import time
 from collections.abc import Callable, Mapping
 
 from postcopy.linux.kvm import KvmError, KvmVcpu
-from postcopy.linux.kvm_abi import IntrExit, IoDirection, IoExit
+from postcopy.linux.kvm_abi import (
+    Exit,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    IoDirection,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+)
 from postcopy.vm.layout import (
     CONSOLE_LINE_STATUS_PORT,
     CONSOLE_LINE_STATUS_READY,
     CONSOLE_PORT,
     DONE_PORT,
+    IMAGE_LOAD_ADDRESS,
 )
 
 log = logging.getLogger(__name__)
@@ -225,7 +236,7 @@ class VcpuThread:
                     self._resume_after_kick()
             else:
                 self._flush_console()
-                return Outcome.FAILED, f"vCPU {self.index}: {exit}"
+                return Outcome.FAILED, f"vCPU {self.index}: {describe_exit(exit, vcpu)}"
             if not self._go:
                 return Outcome.PARK, ""
 
@@ -274,3 +285,39 @@ class VcpuThread:
                 self._console(self.index, data)
             except Exception:  # a console consumer must not kill the vCPU
                 log.exception("console callback failed")
+
+
+def describe_exit(exit: Exit, vcpu: KvmVcpu) -> str:
+    """Why a vCPU stopped for good, in the guest author's terms, with where it was."""
+    try:
+        rip = vcpu.get_regs().rip
+        cpl = vcpu.get_sregs().cs.selector & 3
+        where = f"at RIP {rip:#x} (CPL{cpl})"
+    except KvmError:
+        where = "(its registers could not be read)"
+    if isinstance(exit, ShutdownExit):
+        return (
+            f"the guest triple-faulted {where}: any exception does (there is no IDT); "
+            f"check that the image is a flat binary linked at {IMAGE_LOAD_ADDRESS:#x} "
+            "that keeps to the guest ABI (README, `The guest ABI`)"
+        )
+    if isinstance(exit, HltExit):
+        return (
+            f"the guest executed HLT {where}; a guest that is done writes to port "
+            f"{DONE_PORT:#x} in a loop (the guest ABI)"
+        )
+    if isinstance(exit, MmioExit):
+        access = "wrote" if exit.is_write else "read"
+        return (
+            f"the guest {access} guest physical {exit.phys_addr:#x} {where}, outside its RAM "
+            "(there are no devices besides the console port)"
+        )
+    if isinstance(exit, InternalErrorExit):
+        return f"KVM reported an internal error (suberror {exit.suberror}) {where}"
+    if isinstance(exit, FailEntryExit):
+        return (
+            "KVM could not enter the guest (hardware entry failure reason "
+            f"{exit.hardware_entry_failure_reason:#x}) {where}"
+        )
+    reason = getattr(exit.reason, "name", exit.reason)
+    return f"the guest stopped with KVM exit {reason} {where}, which this VM does not handle"

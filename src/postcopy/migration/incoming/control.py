@@ -172,7 +172,7 @@ class IncomingMigration(MigrationBase):
             return info
         now = self.end_time if self.end_time is not None else self._clock()
         info["total-time"] = int((now - self.start_time) * 1000)
-        if self.capabilities["postcopy-blocktime"] or self.postcopy_start is not None:
+        if self.capabilities["postcopy-blocktime"]:  # as QEMU: the capability asks for them
             info.update(self.blocktime.as_qmp())
         info["x-request-latency"] = self.latency.summary()
         info["x-bytes-received"] = self.bytes_received
