@@ -330,12 +330,12 @@ def print_summary(
     service = service_table(records)
     if service is not None:
         console.print(service)
-        for line in comparison_lines(records):
-            console.print(line)
+        for comparison in comparison_lines(records):
+            console.print(comparison)
     for record in records:
-        line = _limits_line(record)
-        if line and wide:
-            console.print(f"  {line}", highlight=False)
+        limits = _limits_line(record)
+        if limits and wide:
+            console.print(f"  {limits}", highlight=False)
         if record.get("error"):
             console.print(f"[red]{record.get('run_id')}: {record['error']}[/]")
     if any(record.get("profile") for record in records):
