@@ -757,6 +757,26 @@ def test_handshake_config_mismatch_names_both_configurations() -> None:
     assert decode_all(Direction.MAIN, main_stream(), blocks=BLOCKS) == [HANDSHAKE]
 
 
+def test_handshake_declares_backends_and_a_mismatch_says_so_in_one_line() -> None:
+    huge = [BlockInfo("pc.ram", GiB, 2 * MiB, "memfd-hugetlb")]
+    message = Handshake(frozenset(), tuple(huge), 1)
+    data = frames(Direction.MAIN, [message])
+    assert decode_all(Direction.MAIN, data, blocks=huge) == [message]
+    assert data.endswith(b"\x0dmemfd-hugetlb")  # the optional tail, one name per block
+    assert huge[0].describe() == "pc.ram:1073741824@2097152/memfd-hugetlb"
+    for mine, phrase in (
+        ([BlockInfo("pc.ram", GiB, 4096, "ram")], "ram with 4 KiB pages here"),
+        ([BlockInfo("pc.ram", GiB, 2 * MiB, "file")], "file with 2 MiB pages here"),
+    ):
+        error = expect_error(Direction.MAIN, data, r"RAM backend mismatch", blocks=mine)
+        assert str(error) == (
+            "RAM backend mismatch: block 'pc.ram' is memfd-hugetlb with 2 MiB pages on the "
+            f"peer but {phrase} (start both sides with the same --memory-backend)"
+        )
+    with pytest.raises(ProtocolError, match=r"BlockInfo\.backend='Big' is not a backend name"):
+        BlockInfo("pc.ram", GiB, 4096, "Big")
+
+
 def test_handshake_payload_errors() -> None:
     def handshake(caps: Sequence[bytes], blocks: bytes, count: int = 1, tail: bytes = b"") -> bytes:
         body = struct.pack(">IIB", 2, 4096, len(caps))
@@ -772,7 +792,10 @@ def test_handshake_payload_errors() -> None:
         (handshake([b"xbzrle", b"xbzrle"], good), r"contains duplicates"),
         (handshake([b"caf\xc3\xa9"], good), r"is not ASCII"),
         (handshake([b"no spaces"], good), r"is not a capability name"),
-        (handshake([], good, tail=b"\x00"), r"Handshake.payload=\d+ bytes has 1 trailing"),
+        (handshake([], good, tail=b"\x00"), r"BlockInfo.backend.length=0 bytes is out of range"),
+        (handshake([], good, tail=b"\x03ram\x00"), r"Handshake.payload=\d+ bytes has 1 trailing"),
+        (handshake([], good, tail=b"\x05mem"), r"ends inside a backend name"),
+        (handshake([], good, tail=b"\x03RAM"), r"BlockInfo.backend='RAM' is not a backend name"),
         (handshake([], good, count=2), r"Handshake.payload=\d+ bytes ends inside a block name"),
         (handshake([b"xbzrle", b"postcopy-ram"], b"", count=0), r"Handshake.blocks=0 must be"),
         (handshake([], b"\x03r\xffm" + good[4:]), r"BlockInfo.name=b'r\\xffm' is not valid UTF-8"),

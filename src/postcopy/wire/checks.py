@@ -160,18 +160,42 @@ def _check_advise(message: Advise, blocks: Blocks, target_page_size: int | None)
         )
 
 
+def _describe_backend(block: BlockInfo) -> str:
+    size = block.page_size
+    pages = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+    return f"{block.backend or 'an undeclared backend'} with {pages} pages"
+
+
 def _check_handshake(message: Handshake, blocks: Blocks, target_page_size: int | None) -> None:
-    if blocks is not None and message.blocks != blocks:
+    if blocks is None or message.blocks == blocks:
+        return
+    if [(b.name, b.length) for b in message.blocks] == [(b.name, b.length) for b in blocks]:
+        # same blocks, made of different memory: say so in the user's terms
+        theirs, ours = next(
+            (peer, own)
+            for peer, own in zip(message.blocks, blocks, strict=True)
+            if (peer.page_size, peer.backend) != (own.page_size, own.backend)
+        )
         raise ProtocolError(
             "Handshake.blocks",
             _describe_blocks(message.blocks),
-            f"differ from this side's configuration {_describe_blocks(blocks)}",
+            "differ in memory backend",
             message=(
-                "Handshake.blocks: the peer declares "
-                f"{_describe_blocks(message.blocks)} but this side is configured with "
-                f"{_describe_blocks(blocks)}"
+                f"RAM backend mismatch: block {ours.name!r} is {_describe_backend(theirs)} "
+                f"on the peer but {_describe_backend(ours)} here (start both sides with the "
+                "same --memory-backend)"
             ),
         )
+    raise ProtocolError(
+        "Handshake.blocks",
+        _describe_blocks(message.blocks),
+        f"differ from this side's configuration {_describe_blocks(blocks)}",
+        message=(
+            "Handshake.blocks: the peer declares "
+            f"{_describe_blocks(message.blocks)} but this side is configured with "
+            f"{_describe_blocks(blocks)}"
+        ),
+    )
 
 
 Check = Callable[[Any, Blocks, "int | None"], None]

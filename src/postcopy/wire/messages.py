@@ -44,6 +44,7 @@ MAX_PAGE_SIZE: Final = 1 << 30
 MAX_VCPUS: Final = 1024
 MAX_CAPABILITIES: Final = 64
 MAX_CAPABILITY_NAME_BYTES: Final = 64
+MAX_BACKEND_NAME_BYTES: Final = 32
 MAX_SHUT_REASON_BYTES: Final = 1024
 U16_MAX: Final = (1 << 16) - 1
 U32_MAX: Final = (1 << 32) - 1
@@ -58,6 +59,7 @@ MAX_RECV_BITMAP_PAGES: Final = (MAX_PAYLOAD - RECV_BITMAP_FIXED_PAYLOAD) * 8
 """A RecvBitmap must fit one payload: blocks up to ~32 GiB of 4 KiB pages."""
 
 _CAPABILITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_BACKEND_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 
 
 def max_run_pages(page_size: int) -> int:
@@ -149,11 +151,14 @@ def _set(obj: object, name: str, value: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class BlockInfo:
-    """One RAM block as declared in the Handshake: its name, size and page size in bytes."""
+    """One RAM block as declared in the Handshake: its name, size and page size in bytes,
+    and (optionally, "" if not declared) the memory backend it is made of (ram, memfd,
+    memfd-hugetlb, file), which both ends must agree on."""
 
     name: str
     length: int
     page_size: int
+    backend: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -176,6 +181,21 @@ class BlockInfo:
             )
         _set(self, "page_size", page_size)
         _set(self, "length", length)
+        backend = self.backend
+        if not isinstance(backend, str) or (
+            backend
+            and (
+                len(backend) > MAX_BACKEND_NAME_BYTES
+                or not backend.isascii()
+                or _BACKEND_NAME.match(backend) is None
+            )
+        ):
+            raise ProtocolError(
+                "BlockInfo.backend",
+                backend,
+                f"is not a backend name (up to {MAX_BACKEND_NAME_BYTES} ASCII lowercase "
+                "letters, digits and '-')",
+            )
 
     @property
     def pages(self) -> int:
@@ -183,8 +203,9 @@ class BlockInfo:
         return self.length // self.page_size
 
     def describe(self) -> str:
-        """Short form for error messages: name:length@page_size."""
-        return f"{self.name}:{self.length}@{self.page_size}"
+        """Short form for error messages: name:length@page_size[/backend]."""
+        text = f"{self.name}:{self.length}@{self.page_size}"
+        return f"{text}/{self.backend}" if self.backend else text
 
 
 @dataclass(frozen=True, slots=True)

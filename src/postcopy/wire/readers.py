@@ -28,6 +28,7 @@ from postcopy.wire.frames import (
 )
 from postcopy.wire.messages import (
     FRAME_HEADER_SIZE,
+    MAX_BACKEND_NAME_BYTES,
     MAX_BLOCK_NAME_BYTES,
     MAX_CAPABILITY_NAME_BYTES,
     MAX_DISCARD_RANGES,
@@ -92,6 +93,9 @@ class _PayloadReader:
         start = self._take(size, what)
         return bytes(self._buf[start : start + size])
 
+    def at_end(self) -> bool:
+        return self._offset == len(self._buf)
+
     def end(self) -> None:
         if self._offset != len(self._buf):
             raise ProtocolError(
@@ -149,6 +153,16 @@ def _read_handshake(ctx: StreamContext, flags: int, payload: bytes | memoryview)
         name = _utf8("BlockInfo.name", reader.raw(length, "a block name"))
         block_length, page_size = reader.unpack(layout.BLOCK_TAIL, "a block's length and page size")
         blocks.append(BlockInfo(name, block_length, page_size))
+    if not reader.at_end():
+        # the optional tail: every block's backend, in block order
+        for index, block in enumerate(blocks):
+            length = reader.u8("a backend name length")
+            if not 1 <= length <= MAX_BACKEND_NAME_BYTES:
+                raise ProtocolError("BlockInfo.backend.length", length, "bytes is out of range")
+            raw = reader.raw(length, "a backend name")
+            if not raw.isascii():
+                raise ProtocolError("BlockInfo.backend", raw, "is not ASCII")
+            blocks[index] = BlockInfo(block.name, block.length, block.page_size, raw.decode())
     reader.end()
     return Handshake(frozenset(capabilities), tuple(blocks), vcpus, target_page_size)
 

@@ -62,6 +62,11 @@ def _write_handshake(encoder: Encoder, message: Handshake) -> tuple[int, bytes]:
             raw,
             layout.BLOCK_TAIL.pack(block.length, block.page_size),
         )
+    if any(block.backend for block in message.blocks):
+        # the optional tail: every block's backend, in block order
+        for block in message.blocks:
+            raw = block.backend.encode("ascii")
+            parts += (layout.U8.pack(len(raw)), raw)
     return 0, b"".join(parts)
 
 
