@@ -59,12 +59,13 @@ def test_this_host_can_be_a_postcopy_destination() -> None:
     for expected in (
         "userfaultfd",
         "userfaultfd API",
-        "anonymous MISSING faults",
-        "shmem faults",
+        "RAM backend ram",
+        "RAM backend memfd",
+        "RAM backend memfd-hugetlb",
+        "RAM backend file",
         "huge pages",
         "page sizes",
         "target page size",
-        "shared RAM",
         "KVM",
         "KVM_CAP_USER_MEMORY",
         "KVM_CAP_SYNC_MMU",
@@ -75,6 +76,7 @@ def test_this_host_can_be_a_postcopy_destination() -> None:
         assert expected in names
     facts = report.facts
     assert {"COPY", "ZEROPAGE", "WAKE"} <= set(facts["anonymous_register_ioctls"])
+    assert {"COPY", "ZEROPAGE", "WAKE"} <= set(facts["shmem_register_ioctls"])
     assert {"THREAD_ID", "MISSING_HUGETLBFS", "MISSING_SHMEM"} <= set(facts["userfaultfd_features"])
     assert facts["userfaultfd_ways"] == {"syscall": "ok", "/dev/userfaultfd": "ok"}
     assert facts["kvm_api_version"] == 12
@@ -109,7 +111,7 @@ def test_json_output_is_one_object_and_exit_zero(capsys: pytest.CaptureFixture[s
 def test_human_output_is_a_table_with_a_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_check(["--explain"]) == 0
     out = capsys.readouterr().out
-    assert "anonymous MISSING faults" in out and "KVM_CAP_SYNC_MMU" in out
+    assert "RAM backend ram" in out and "KVM_CAP_SYNC_MMU" in out
     assert "postcopy migration is possible on this host" in out
 
 
@@ -208,17 +210,48 @@ def test_kvm_permission_denied_suggests_the_kvm_group(monkeypatch: pytest.Monkey
     assert "chmod 666 /dev/kvm" in item.fix and "group kvm" in item.fix
 
 
-def test_shared_ram_and_large_target_pages_are_refused() -> None:
+def test_large_target_pages_are_refused_and_shared_ram_is_fine() -> None:
     report = check_host(shared_ram=True, target_page_size=64 * 1024)
     assert not report.postcopy_possible
-    assert {item.name for item in report.failures} == {"shared RAM", "target page size"}
-    assert report.item("shared RAM").fix == "use private RAM (the default)"
+    assert {item.name for item in report.failures} == {"target page size"}
+    memfd = report.item("RAM backend memfd")
+    assert memfd.required and memfd.ok and "MISSING_SHMEM" in memfd.detail
+
+
+def test_each_backend_says_what_it_needs_and_minor_mode_adds_continue() -> None:
+    report = check_host(memory_types=("shmem", "hugetlb"), minor=True)
+    assert not report.item("RAM backend ram").required  # not in use
+    memfd = report.item("RAM backend memfd")
+    assert memfd.required and "MINOR_SHMEM" in memfd.detail and "CONTINUE" in memfd.detail
+    huge = report.item("RAM backend memfd-hugetlb")
+    assert huge.required and "MISSING_HUGETLBFS" in huge.detail
+    assert "ZEROPAGE" not in huge.detail.split(";")[0]  # hugetlb has none: not needed
+    other = check_host(memory_types=("other",))
+    assert other.failures == [other.item("RAM backend file")]
+    assert "hugetlbfs or tmpfs" in (other.item("RAM backend file").fix or "")
+
+
+def test_the_pool_must_hold_the_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(check.hugepages, "hugepages_reserved", lambda size=0: (600, 100))
+    report = check_host(memory_types=("hugetlb",), ram_bytes=1 << 30)
+    item = report.item("huge pages")
+    assert not item.ok and "100 free 2 MiB pages, the RAM needs 512" in item.detail
+    assert item.fix is not None and "echo 1012 > " in item.fix
+    assert "mount" not in item.fix  # a hugetlb memfd needs no mount
+
+
+def test_command_line_memory_backend_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_check(["--json", "--memory-backend", "memfd", "--minor-faults"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["facts"]["memory_types"] == ["shmem"]
+    assert run_check(["--memory-backend", "disk"]) == 2
+    assert "unknown memory backend 'disk'" in capsys.readouterr().out
 
 
 def test_huge_page_ram_needs_a_pool_and_a_mount(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check.hugepages, "hugetlbfs_mounts", lambda: [])
     monkeypatch.setattr(check.hugepages, "hugepages_reserved", lambda size=0: (0, 0))
-    report = check_host(ram_page_sizes=(4096, 2 * MiB))
+    report = check_host(ram_page_sizes=(4096, 2 * MiB), hugetlbfs_file=True)
     assert not report.postcopy_possible
     item = report.item("huge pages")
     assert item.required and item.fix is not None

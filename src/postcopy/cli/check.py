@@ -34,6 +34,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--shared-ram", action="store_true", help="check for RAM that is shared (memfd/MAP_SHARED)"
     )
     parser.add_argument(
+        "--memory-backend",
+        metavar="BACKEND",
+        action="append",
+        default=[],
+        help="check for RAM on this backend, as `vm run` takes it: ram, memfd, memfd-hugetlb, "
+        "file:PATH (the huge page pool, the mount, the userfaultfd features it needs)",
+    )
+    parser.add_argument(
+        "--ram", metavar="SIZE", help="the RAM size, to check the huge page pool holds it"
+    )
+    parser.add_argument(
+        "--minor-faults",
+        action="store_true",
+        help="check for x-postcopy-minor-faults (MINOR_SHMEM/MINOR_HUGETLBFS + CONTINUE)",
+    )
+    parser.add_argument(
         "--explain",
         action="store_true",
         help="say what every check is for, not only the failing ones",
@@ -42,8 +58,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = (memory.page_size(), *(parse_size(size) for size in getattr(args, "hugepages", [])))
-    report = check_host(ram_page_sizes=sizes, shared_ram=getattr(args, "shared_ram", False))
+    from postcopy.migration.backendcheck import memory_type_of_backend
+    from postcopy.ram import BackendError, MemoryBackend
+
+    sizes = [memory.page_size(), *(parse_size(size) for size in getattr(args, "hugepages", []))]
+    types: list[str] = []
+    hugetlbfs_file = bool(getattr(args, "hugepages", []))
+    try:
+        for text in getattr(args, "memory_backend", []):
+            backend = MemoryBackend.parse(text)
+            kind, page_size = memory_type_of_backend(backend.kind, backend.path, backend.shared)
+            types.append(kind)
+            sizes.append(page_size)
+            hugetlbfs_file |= backend.kind == "file" and kind == "hugetlb"
+        ram = getattr(args, "ram", None)
+        ram_bytes = parse_size(ram) if ram else None
+    except (BackendError, ValueError, OSError) as error:
+        print(f"postcopy check: {error}")
+        return 2
+    report = check_host(
+        ram_page_sizes=tuple(sorted(set(sizes))),
+        shared_ram=getattr(args, "shared_ram", False),
+        memory_types=tuple(types),
+        minor=getattr(args, "minor_faults", False),
+        ram_bytes=ram_bytes,
+        hugetlbfs_file=hugetlbfs_file,
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=None, sort_keys=False))
     else:

@@ -142,6 +142,19 @@ def filesystem_type(fd: int) -> int:
     return int(buffer[0]) & 0xFFFFFFFF
 
 
+_statfs = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, use_errno=True)(
+    ("statfs", libc)
+)
+
+
+def path_filesystem_type(path: str) -> int:
+    """The statfs f_type of the file system holding `path`."""
+    buffer = (ctypes.c_long * 32)()
+    if _statfs(os.fsencode(path), ctypes.addressof(buffer)) != 0:
+        raise MappingError(ctypes.get_errno(), f"statfs {path}")
+    return int(buffer[0]) & 0xFFFFFFFF
+
+
 def file_page_size(fd: int) -> int:
     """The page size a mapping of `fd` uses: the huge page size on hugetlbfs (its
     st_blksize, QEMU's qemu_fd_getpagesize), the base page size anywhere else."""

@@ -2,9 +2,10 @@
 
 Modelled on QEMU's postcopy_ram_supported_by_host/ufd_version_check, but explaining every
 verdict instead of stopping at the first failure: userfaultfd reachable (and how), the API
-handshake and its features, a MISSING registration on anonymous memory offering
-COPY/ZEROPAGE/WAKE, the page sizes RAM will use (huge pages need the hugetlbfs feature, a
-mount and a pool), no shared RAM, and KVM with the capabilities the migration uses.
+handshake and its features, per RAM backend (ram, memfd, memfd-hugetlb, file) the features
+and registration it needs (backendcheck.py: huge pages need the hugetlbfs feature and a
+pool, a file on them a mount), the page sizes, and KVM with the capabilities the migration
+uses.
 
 `check_host()` is pure data and fast (a few milliseconds, no rich import): the destination
 runs it at ADVISE and refuses with the failing items. The command prints it as a table
@@ -18,19 +19,20 @@ import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postcopy.linux import hugepages, memory
-from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import (
     DEV_USERFAULTFD,
     Feature,
     Ioctl,
-    RegisterMode,
     UffdError,
     UserfaultFd,
     missing_ioctls,
 )
+
+if TYPE_CHECKING:
+    from postcopy.migration.backendcheck import RamUse
 
 KVM_DEVICE = "/dev/kvm"
 KVM_GET_API_VERSION = 0xAE00
@@ -173,7 +175,7 @@ def _userfaultfd_access(facts: dict[str, Any]) -> tuple[CheckItem, str | None]:
     return CheckItem("userfaultfd", False, f"not available ({detail})", fix, why=why), None
 
 
-def _userfaultfd_checks(report: HostReport, ram_page_sizes: tuple[int, ...]) -> None:
+def _userfaultfd_checks(report: HostReport, use: RamUse) -> None:
     facts = report.facts
     access, working = _userfaultfd_access(facts)
     report.items.append(access)
@@ -215,141 +217,16 @@ def _userfaultfd_checks(report: HostReport, ram_page_sizes: tuple[int, ...]) -> 
         )
     )
 
-    wanted = available & (Feature.MISSING_SHMEM | Feature.MINOR_SHMEM)
-    with UserfaultFd.open(wanted, via=working) as uffd:
-        report.items.append(_anonymous_registration(uffd, facts))
-        report.items.append(_shmem_registration(uffd, available, facts))
-    report.items.append(_huge_pages(available, ram_page_sizes, facts))
+    from postcopy.migration.backendcheck import backend_items  # it builds on CheckItem
 
-
-def _anonymous_registration(uffd: UserfaultFd, facts: dict[str, Any]) -> CheckItem:
-    why = "guest RAM is private anonymous memory filled by UFFDIO_COPY / UFFDIO_ZEROPAGE"
-    name = "anonymous MISSING faults"
-    try:
-        with Mapping.anonymous(memory.page_size()) as area:
-            allowed = uffd.register(area.address, area.length, RegisterMode.MISSING)
-            uffd.unregister(area.address, area.length)
-    except OSError as error:
-        return CheckItem(
-            name,
-            False,
-            f"register failed: {error}",
-            "use a kernel with anonymous-memory userfaultfd",
-            why=why,
-        )
-    facts["anonymous_register_ioctls"] = _names(allowed)
-    lacking = missing_ioctls(allowed, POSTCOPY_IOCTLS)
-    if lacking:
-        return CheckItem(
-            name,
-            False,
-            f"registration lacks {', '.join(_names(lacking))}",
-            "use a newer kernel",
-            why=why,
-        )
-    return CheckItem(name, True, f"register MISSING offers {', '.join(_names(allowed))}", why=why)
-
-
-def _shmem_registration(uffd: UserfaultFd, available: Feature, facts: dict[str, Any]) -> CheckItem:
-    name = "shmem faults"
-    why = "memfd-backed (shared) RAM would need MISSING_SHMEM, or MINOR_SHMEM + CONTINUE"
-    modes = []
-    try:
-        with Mapping.memfd(memory.page_size(), "postcopy-check") as area:
-            for feature, mode, needed in (
-                (Feature.MISSING_SHMEM, RegisterMode.MISSING, Ioctl.COPY),
-                (Feature.MINOR_SHMEM, RegisterMode.MINOR, Ioctl.CONTINUE),
-            ):
-                if feature not in available:
-                    continue
-                allowed = uffd.register(area.address, area.length, mode)
-                uffd.unregister(area.address, area.length)
-                facts[f"shmem_{mode.name}_ioctls".lower()] = _names(allowed)
-                if needed in allowed:
-                    modes.append(f"{mode.name} ({needed.name})")
-    except OSError as error:
-        return CheckItem(name, False, f"memfd registration failed: {error}", None, False, why)
-    if not modes:
-        return CheckItem(name, False, "no shmem fault support", "use Linux >= 5.13", False, why)
-    return CheckItem(name, True, "register " + ", ".join(modes), None, False, why)
-
-
-def _huge_pages(
-    available: Feature, ram_page_sizes: tuple[int, ...], facts: dict[str, Any]
-) -> CheckItem:
-    base = memory.page_size()
-    huge_sizes = hugepages.huge_page_sizes()
-    mounts = hugepages.hugetlbfs_mounts()
-    pools = {size: hugepages.hugepages_reserved(size) for size in huge_sizes}
-    facts["huge_page_pools"] = [
-        {
-            "size": size,
-            "total": pools[size][0],
-            "free": pools[size][1],
-            "mounts": [path for path, mounted in mounts if mounted == size],
-        }
-        for size in huge_sizes
-    ]
-    has_feature = Feature.MISSING_HUGETLBFS in available
-    needed = sorted({size for size in ram_page_sizes if size != base})
-    pool_text = (
-        ", ".join(
-            f"{_describe_size(size)}: {pools[size][0]} pages ({pools[size][1]} free), "
-            + (
-                f"mounted at {', '.join(p for p, s in mounts if s == size)}"
-                if any(s == size for _, s in mounts)
-                else "no hugetlbfs mount"
-            )
-            for size in huge_sizes
-        )
-        or "no huge page sizes"
-    )
-    detail = f"MISSING_HUGETLBFS {'yes' if has_feature else 'no'}; {pool_text}"
-    why = "RAM on huge pages is requested and placed a whole huge page at a time"
-    if not needed:
-        return CheckItem(
-            "huge pages",
-            has_feature,
-            detail + " (RAM uses base pages)",
-            None if has_feature else "use a kernel with MISSING_HUGETLBFS",
-            False,
-            why,
-        )
-    problems, fixes = [], []
-    if not has_feature:
-        problems.append("userfaultfd lacks MISSING_HUGETLBFS")
-        fixes.append("use Linux >= 4.11")
-    for size in needed:
-        label = _describe_size(size)
-        if size not in huge_sizes:
-            problems.append(f"{label} pages are not offered by this kernel")
-            continue
-        kib = size // 1024
-        if pools[size][0] == 0:
-            problems.append(f"no {label} pages reserved")
-            fixes.append(f"`echo N > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages`")
-        if not any(mounted == size for _, mounted in mounts):
-            problems.append(f"no hugetlbfs mount for {label} pages")
-            fixes.append(
-                f"`mount -t hugetlbfs -o pagesize={kib // 1024}M none /dev/hugepages`"
-                if kib % 1024 == 0
-                else f"mount hugetlbfs with pagesize={kib}K"
-            )
-    return CheckItem(
-        "huge pages",
-        not problems,
-        ("; ".join(problems) + " — " if problems else "") + detail,
-        " and ".join(fixes) or None,
-        True,
-        why,
-    )
+    report.items.extend(backend_items(working, available, use, facts))
 
 
 # -- pages and RAM ------------------------------------------------------------------------
 
 
 def _page_checks(
-    report: HostReport, ram_page_sizes: tuple[int, ...], target_page_size: int, shared_ram: bool
+    report: HostReport, ram_page_sizes: tuple[int, ...], target_page_size: int
 ) -> None:
     base = memory.page_size()
     thp = hugepages.transparent_hugepage_mode()
@@ -379,15 +256,6 @@ def _page_checks(
             f"guest page {target_page_size} B, host page {base} B",
             None if target_page_size <= base else "the guest's pages must not exceed the host's",
             why="each request fetches whole host pages, which must cover whole guest pages",
-        )
-    )
-    report.items.append(
-        CheckItem(
-            "shared RAM",
-            not shared_ram,
-            "RAM is shared (memfd/MAP_SHARED)" if shared_ram else "RAM is private",
-            "use private RAM (the default)" if shared_ram else None,
-            why="discarding shared RAM would not empty it for other users (as in QEMU)",
         )
     )
 
@@ -469,16 +337,33 @@ def check_host(
     ram_page_sizes: tuple[int, ...] = (4096,),
     shared_ram: bool = False,
     target_page_size: int = 4096,
+    memory_types: tuple[str, ...] = (),
+    minor: bool = False,
+    ram_bytes: int | None = None,
+    hugetlbfs_file: bool = False,
     kvm: bool = True,
 ) -> HostReport:
-    """Check everything postcopy needs on this host, for RAM of the given page sizes.
+    """Check everything postcopy needs on this host, for RAM of the given page sizes and
+    memory types (ram.backend: anonymous, shmem, hugetlb, other; shared_ram adds shmem, a
+    huge page size hugetlb; none given: anonymous), in minor-fault mode if `minor`.
 
     Without `kvm`, KVM is not checked: the migration itself does not use it, and a
     destination that runs this at ADVISE has its VM already."""
+    from postcopy.migration.backendcheck import RamUse
+
+    base = memory.page_size()
+    types = set(memory_types) or {"anonymous"}
+    if shared_ram:
+        types.add("shmem")
+    huge = tuple(sorted({size for size in ram_page_sizes if size != base}))
+    if huge:
+        types.add("hugetlb")
+    use = RamUse(frozenset(types), minor, ram_bytes, hugetlbfs_file, huge)
     started = time.perf_counter()
     report = HostReport()
-    _userfaultfd_checks(report, tuple(ram_page_sizes))
-    _page_checks(report, tuple(ram_page_sizes), target_page_size, shared_ram)
+    report.facts["memory_types"] = sorted(types)
+    _userfaultfd_checks(report, use)
+    _page_checks(report, tuple(ram_page_sizes), target_page_size)
     if kvm:
         _kvm_checks(report)
     report.facts["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)

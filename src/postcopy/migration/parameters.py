@@ -100,6 +100,10 @@ class Parameters:
     # for that time (and dirties less). 0 treats them as the vCPUs' equals. Needs
     # CAP_SYS_NICE to go below 0; without it, 0.
     x_migration_thread_nice: int = -5
+    # destination, RAM on memfd or hugetlb (shared): register it MISSING|MINOR and place
+    # postcopy pages by reading them into a second mapping of the RAM's file and mapping
+    # them with UFFDIO_CONTINUE, instead of UFFDIO_COPY (beyond QEMU; see migration/backends)
+    x_postcopy_minor_faults: bool = False
     # the transport's authentication key, given as a file path (never sent anywhere)
     x_key_file: str = ""
     # QEMU 9.0's zero-page-detection: "none" sends zero pages as data like any other, which

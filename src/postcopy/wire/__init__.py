@@ -14,6 +14,7 @@ Split h11's way, so that a new frame type touches one table per direction:
 No sockets here; the byte layout is in docs/PROTOCOL.md.
 """
 
+from postcopy.wire.checks import backend_mismatch
 from postcopy.wire.decoder import CLOSED, NEED_DATA, Closed, Decoder, NeedData, StreamContext
 from postcopy.wire.encoder import Encoder
 from postcopy.wire.errors import ProtocolError
@@ -137,6 +138,7 @@ __all__ = [
     "Run",
     "Shut",
     "StreamContext",
+    "backend_mismatch",
     "is_page_size",
     "max_frame_size",
     "max_run_pages",

@@ -166,25 +166,42 @@ def _describe_backend(block: BlockInfo) -> str:
     return f"{block.backend or 'an undeclared backend'} with {pages} pages"
 
 
+def _same_block(peer: BlockInfo, own: BlockInfo) -> bool:
+    """Equal, a backend left undeclared by either side matching any."""
+    return (peer.name, peer.length, peer.page_size) == (own.name, own.length, own.page_size) and (
+        not peer.backend or not own.backend or peer.backend == own.backend
+    )
+
+
+def backend_mismatch(peer: Sequence[BlockInfo], own: Sequence[BlockInfo]) -> str | None:
+    """The one line that says the blocks are the same but made of different memory (backend
+    or page size), or None if they differ otherwise or not at all."""
+    if [(b.name, b.length) for b in peer] != [(b.name, b.length) for b in own]:
+        return None
+    for theirs, ours in zip(peer, own, strict=True):
+        if not _same_block(theirs, ours):
+            return (
+                f"RAM backend mismatch: block {ours.name!r} is {_describe_backend(theirs)} "
+                f"on the peer but {_describe_backend(ours)} here (start both sides with the "
+                "same --memory-backend)"
+            )
+    return None
+
+
 def _check_handshake(message: Handshake, blocks: Blocks, target_page_size: int | None) -> None:
-    if blocks is None or message.blocks == blocks:
+    if blocks is None or (
+        len(message.blocks) == len(blocks)
+        and all(_same_block(p, o) for p, o in zip(message.blocks, blocks, strict=True))
+    ):
         return
-    if [(b.name, b.length) for b in message.blocks] == [(b.name, b.length) for b in blocks]:
+    mismatch = backend_mismatch(message.blocks, blocks)
+    if mismatch is not None:
         # same blocks, made of different memory: say so in the user's terms
-        theirs, ours = next(
-            (peer, own)
-            for peer, own in zip(message.blocks, blocks, strict=True)
-            if (peer.page_size, peer.backend) != (own.page_size, own.backend)
-        )
         raise ProtocolError(
             "Handshake.blocks",
             _describe_blocks(message.blocks),
             "differ in memory backend",
-            message=(
-                f"RAM backend mismatch: block {ours.name!r} is {_describe_backend(theirs)} "
-                f"on the peer but {_describe_backend(ours)} here (start both sides with the "
-                "same --memory-backend)"
-            ),
+            message=mismatch,
         )
     raise ProtocolError(
         "Handshake.blocks",

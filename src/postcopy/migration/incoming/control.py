@@ -7,8 +7,10 @@ Owns the incoming migration's state and the threads that read the stream:
   populates the RAM the next runs will land in (see migration/prefault.py). At LISTEN it
   registers RAM on a userfaultfd (after the RAM swap, see swap.py) and starts the fault
   thread (faults.py). From then on it reads each run into the side mapping that holds
-  the stale precopy pages, or without RAM swap into a staging buffer, and hands it to the
-  `PagePlacer` (placer.py). It completes or fails the migration.
+  the stale precopy pages, or without RAM swap into a staging buffer (or, in minor-fault
+  mode, into a second mapping of the RAM's file), and hands it to the `PagePlacer`
+  (placer.py), which places it as the block's backend needs (backends.py). It completes or
+  fails the migration.
 - `preempt` (with postcopy-preempt): a second receiver for the urgent pages of the
   preempt channel, placed with the same `PagePlacer`.
 
@@ -27,23 +29,32 @@ from typing import Any
 
 import numpy as np
 
+from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import Feature, Ioctl, RegisterMode, UserfaultFd
 from postcopy.migration import globalstate
+from postcopy.migration.backends import (
+    BackendUnsupported,
+    HugePagePlacement,
+    Placement,
+    features_for,
+    placement_for,
+)
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
-from postcopy.migration.incoming.placer import STAGING_BYTES, PagePlacer
+from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
 from postcopy.migration.incoming.swap import RamSwap, can_swap_ram
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.prefault import Prefaulter
 from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
+from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.migration.status import FINISHED, MigrationStatus
-from postcopy.ram import runs
+from postcopy.ram import RamBlock, runs
 from postcopy.transport import (
     MAIN_CHANNEL,
     AuthConfig,
@@ -73,6 +84,7 @@ from postcopy.wire import (
     Run,
     Shut,
     StreamContext,
+    backend_mismatch,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +109,7 @@ class IncomingMigration(MigrationBase):
         autostart: bool = True,
         exit_on_error: bool = True,
         clock: Clock = time.monotonic,
+        shared: SharedClients | None = None,
     ) -> None:
         super().__init__(capabilities, on_event, clock)
         self.machine = machine
@@ -123,8 +136,10 @@ class IncomingMigration(MigrationBase):
         self._preempt: Connection | None = None
         self._return: StreamWriter | None = None
         self._placer: PagePlacer | None = None  # from LISTEN on
+        self._placements: list[Placement] = []  # from LISTEN on, one per block
         self._faults: FaultThread | None = None  # from LISTEN on
-        self._staging = Mapping.anonymous(STAGING_BYTES)
+        self._shared = shared  # other processes mapping guest RAM (vhost-user's part)
+        self._staging = Mapping.anonymous(staging_bytes(ram))
         self._prefaulter: Prefaulter | None = None  # precopy only: see _receive_run
         self._threads: list[threading.Thread] = []
         self._thp_off = False
@@ -188,6 +203,15 @@ class IncomingMigration(MigrationBase):
             info["x-pages-placed"] = self._placer.placed_pages
             info["x-pages-moved"] = self._swap.pages_moved if self._swap is not None else 0
             info["x-ram-swapped"] = self._swap_ram
+            info["x-placement"] = {
+                block.name: placement.name
+                for block, placement in zip(self._ram, self._placements, strict=True)
+            }
+            huge = [p for p in self._placements if isinstance(p, HugePagePlacement)]
+            if huge:
+                info["x-huge-page-placement-us"] = huge[0].placement_us()
+        if faults is not None and self._shared is not None:
+            info["x-shared-faults"] = faults.shared_faults
         if self.error:
             info["error-desc"] = self.error
         return info
@@ -204,6 +228,8 @@ class IncomingMigration(MigrationBase):
         self._release_uffd()
         if self._swap is not None:
             self._swap.close()
+        for placement in self._placements:
+            placement.close()
         self._staging.close()
         if self._faults is not None:
             self._faults.close()
@@ -353,6 +379,9 @@ class IncomingMigration(MigrationBase):
             self.bytes_received = reader.bytes_received
 
     def _check_configuration(self, handshake: Handshake) -> None:
+        mismatch = backend_mismatch(handshake.blocks, _declared(self._ram))
+        if mismatch is not None:
+            raise IncomingError(mismatch)
         ours = [f"{b.name}:{b.length}@{b.page_size}" for b in self._ram]
         theirs = [f"{b.name}:{b.length}@{b.page_size}" for b in handshake.blocks]
         if ours != theirs or handshake.vcpus != self.machine.vcpu_count:
@@ -389,14 +418,11 @@ class IncomingMigration(MigrationBase):
                 held = received | prefaulter.prefaulted[header.block][first : first + count]
             stale_zero = header.zero & held
             if stale_zero.any():
-                # a page we hold (or prefaulted) became zero on the source: empty it
+                # a page we hold (or prefaulted) became zero on the source: empty it (a
+                # hole punched in shared memory: DONTNEED there would keep the old data)
                 zero_starts, zero_lengths = runs(stale_zero)
                 for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
-                    block.mapping.madvise(
-                        Advice.DONTNEED,
-                        (header.first_page + start) * block.page_size,
-                        length * block.page_size,
-                    )
+                    block.discard(header.first_page + start, length)
             received[:] = True
             return
         assert self._placer is not None
@@ -412,10 +438,18 @@ class IncomingMigration(MigrationBase):
                 reader.read_data_into(side.view[offset : offset + length * block.page_size])
             self._placer.place_from_side(header.block, header.first_page, header.zero, side.address)
             return
+        landing = self._placer.landing(header.block, header.first_page, header.zero)
+        if landing.views is not None:
+            for view in landing.views:  # straight into the page cache (minor-fault mode)
+                reader.read_data_into(view)
+            self._placer.place(header.block, header.first_page, header.zero, None, landing)
+            return
         staging = self._staging.view[: header.data_length]
         if header.data_length:
             reader.read_data_into(staging)
-        self._placer.place(header.block, header.first_page, header.zero, self._staging.address)
+        self._placer.place(
+            header.block, header.first_page, header.zero, self._staging.address, landing
+        )
 
     def _stop_prefaulting(self) -> None:
         prefaulter, self._prefaulter = self._prefaulter, None
@@ -433,16 +467,19 @@ class IncomingMigration(MigrationBase):
             )
         report = check_host(
             ram_page_sizes=tuple(sorted({b.page_size for b in self._ram})),
-            shared_ram=any(b.shared for b in self._ram),
+            memory_types=tuple(sorted({b.memory_type for b in self._ram})),
+            minor=self.parameters.x_postcopy_minor_faults,
             kvm=False,  # the machine exists already; the migration needs only userfaultfd
         )
         if not report.postcopy_possible:
             raise IncomingError("postcopy is not possible on the destination: " + report.summary())
-        # empty all RAM, so every page the source never sends stays missing
+        # empty all RAM, so every page the source never sends stays missing (a hole punched
+        # in memory with a file behind it, QEMU's ram_block_discard_range)
         for block in self._ram:
             # no MADV_HUGEPAGE: with THP defrag "madvise", huge page faults stall on
             # compaction here and made the precopy receive erratic (0.3-1.2 GB/s)
-            block.mapping.madvise(Advice.DONTNEED)
+            block.discard(0, block.pages)
+        _check_pool(self._ram)
         for received in self.received:
             # in place: the prefaulter (and later the placer, the fault thread and the
             # swap) hold these same arrays; a new list would leave them a stale one
@@ -455,7 +492,8 @@ class IncomingMigration(MigrationBase):
         a hole with zeros behind our back (postcopy_ram_prepare_discard in the seed)."""
         if not self._thp_off:
             for block in self._ram:
-                block.mapping.madvise(Advice.NOHUGEPAGE)
+                if block.memory_type == "anonymous":
+                    block.mapping.madvise(Advice.NOHUGEPAGE)
             self._thp_off = True
 
     def _discard(self, discard: Discard) -> None:
@@ -463,11 +501,10 @@ class IncomingMigration(MigrationBase):
         for first, count in discard.ranges:
             self.received[discard.block][first : first + count] = False
             if not self._swap_ram:
-                # in place: the page must really be emptied, so that it faults (the seed's way)
+                # in place: the page must really be emptied, so that it faults (the seed's
+                # way); a hole punched in shared memory (ram.backend.discard_range)
                 self._huge_pages_off()
-                block.mapping.madvise(
-                    Advice.DONTNEED, first * block.page_size, count * block.page_size
-                )
+                block.discard(first, count)
 
     def _listen(self) -> None:
         """Register RAM on a userfaultfd and start the fault thread.
@@ -482,24 +519,36 @@ class IncomingMigration(MigrationBase):
         """
         self._trace("discards-done")
         self._stop_prefaulting()  # it touches guest RAM: never once RAM can be missing
-        features = Feature.THREAD_ID | (Feature.MOVE if self._swap_ram else Feature(0))
+        minor = self.parameters.x_postcopy_minor_faults
+        features = Feature.THREAD_ID | features_for(self._ram, minor=minor)
+        if self._swap_ram:
+            features |= Feature.MOVE
         uffd = UserfaultFd.open(features)
         if self._swap_ram:
             self._swap = RamSwap(self._ram, self.received, uffd, self._trace)
         # khugepaged must not collapse a range with missing pages into a huge page
         self._huge_pages_off()
-        for block in self._ram:
-            allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
-            needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE
-            if self._swap_ram:
-                needed |= Ioctl.MOVE
-            if allowed & needed != needed:
-                uffd.close()
-                raise IncomingError(
-                    f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}"
-                )
+        try:
+            for index, block in enumerate(self._ram):
+                placement = placement_for(block, uffd, self.received[index], minor=minor)
+                self._placements.append(placement)
+                if self._swap_ram:
+                    _register_for_swap(uffd, block)
+                else:
+                    placement.register()
+        except (BackendUnsupported, OSError) as error:
+            uffd.close()
+            raise IncomingError(str(error)) from None
         self.uffd = uffd
-        self._placer = PagePlacer(uffd, self._ram, self.received, self.latency, self.blocktime)
+        self._placer = PagePlacer(
+            uffd,
+            self._ram,
+            self.received,
+            self.latency,
+            self.blocktime,
+            self._placements,
+            self._shared,
+        )
         assert self._return is not None
         self._faults = FaultThread(
             uffd,
@@ -510,11 +559,13 @@ class IncomingMigration(MigrationBase):
             blocktime=self.blocktime,
             swap=self._swap,
             clock=self._clock,
+            placements=self._placements,
+            shared=self._shared,
         )
         self._faults.start()
         if self._swap is not None:
             self._swap.start_mover()
-        self._trace("listen")
+        self._trace("listen", placement=[p.name for p in self._placements])
 
     def _run_package(self, package: Package) -> None:
         for message in package.messages:
@@ -558,11 +609,12 @@ class IncomingMigration(MigrationBase):
         except Exception as error:
             log.error("preempt channel never came: %s", error)
             return
-        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in self._ram)
         reader = StreamReader(
-            self._preempt, Direction.MAIN, StreamContext(Direction.MAIN, blocks=blocks)
+            self._preempt,
+            Direction.MAIN,
+            StreamContext(Direction.MAIN, blocks=_declared(self._ram)),
         )
-        staging = Mapping.anonymous(STAGING_BYTES)
+        staging = Mapping.anonymous(staging_bytes(self._ram))
         try:
             reader.read_stream_header()
             handshake = reader.read()
@@ -574,11 +626,17 @@ class IncomingMigration(MigrationBase):
                     raise IncomingError(
                         f"unexpected {type(header).__name__} on the preempt channel"
                     )
-                if header.data_length:
-                    reader.read_data_into(staging.view[: header.data_length])
                 if self._placer is None:
                     raise IncomingError("urgent pages arrived before LISTEN")
-                self._placer.place(header.block, header.first_page, header.zero, staging.address)
+                landing = self._placer.landing(header.block, header.first_page, header.zero)
+                if landing.views is not None:
+                    for view in landing.views:
+                        reader.read_data_into(view)
+                elif header.data_length:
+                    reader.read_data_into(staging.view[: header.data_length])
+                self._placer.place(
+                    header.block, header.first_page, header.zero, staging.address, landing
+                )
         except Exception as error:
             if self.status.value == S.POSTCOPY_ACTIVE and not self._all_received():
                 log.error("preempt channel: %s", error)
@@ -614,7 +672,8 @@ class IncomingMigration(MigrationBase):
         if self._swap is not None:
             self._swap.free_side_mappings()
         for block in self._ram:
-            block.mapping.madvise(Advice.HUGEPAGE)
+            if block.memory_type == "anonymous":
+                block.mapping.madvise(Advice.HUGEPAGE)
         self._thp_off = False
         assert self._return is not None
         self._return.send(Shut(error=False))
@@ -641,3 +700,29 @@ class IncomingMigration(MigrationBase):
 
 def _clip_utf8(text: str, limit: int) -> str:
     return text.encode()[:limit].decode(errors="ignore")
+
+
+def _declared(ram: list[RamBlock]) -> tuple[BlockInfo, ...]:
+    """This side's RAM as the handshake declares it, backends included."""
+    return tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
+
+
+def _register_for_swap(uffd: UserfaultFd, block: RamBlock) -> None:
+    allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
+    needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE | Ioctl.MOVE
+    if allowed & needed != needed:
+        raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
+
+
+def _check_pool(ram: list[RamBlock]) -> None:
+    """Emptied huge pages went back to the pool (and their reservation with them): the
+    pages the source will send must still be there to take, or a placement fails later."""
+    for size in sorted({b.page_size for b in ram if b.hugetlb}):
+        needed = sum(b.pages for b in ram if b.hugetlb and b.page_size == size)
+        total, free = hugepages_reserved(size)
+        if free < needed:
+            raise IncomingError(
+                f"the {size >> 20} MiB huge page pool has {free} free pages of {total}, the "
+                f"RAM needs {needed} (grow it: echo {total + needed - free} > "
+                f"/sys/kernel/mm/hugepages/hugepages-{size >> 10}kB/nr_hugepages)"
+            )

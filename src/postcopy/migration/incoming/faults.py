@@ -1,13 +1,16 @@
 """The fault thread of the destination: vCPU faults in, page requests out.
 
 Owns `FaultThread` (QEMU's postcopy_ram_fault_thread), from LISTEN to completion: it polls
-the userfaultfd and a quit eventfd, reads faults in batches, and for each one either
-resolves it locally (moving back the still-valid precopy page a vCPU waits for and the 63
-after it, zero-filling a page known to be zero, waking a vCPU whose page was placed after
-the fault was raised) or sends REQ_PAGES on the return path, once per page (`requested`).
-It runs SCHED_FIFO: it is one of the three hops of a page request, and it never waits or
-spins: a fault the kernel cannot resolve now (EAGAIN) is deferred to its next poll, a
-millisecond later at most (eagain.py).
+the userfaultfd, those of other processes sharing guest RAM (shared.py) and a quit eventfd,
+reads faults in batches, and for each one either resolves it locally (moving back the
+still-valid precopy page a vCPU waits for and the 63 after it, zero-filling a page known to
+be zero, waking a vCPU whose page was placed after the fault was raised) or sends REQ_PAGES
+on the return path, once per page (`requested`). Pages are the block's pages: a fault
+anywhere in a huge page asks for the huge page; how a page is filled here depends on the
+RAM backend (backends.py). A sharing process's fault is served the same way, and the
+process is woken once its page is here. It runs SCHED_FIFO: it is one of the three hops
+of a page request, and it never waits or spins: a fault the kernel cannot resolve now
+(EAGAIN) is deferred to its next poll, a millisecond later at most (eagain.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import threading
 import numpy as np
 
 from postcopy.linux.memory import EventFd
-from postcopy.linux.userfaultfd import PageExistsError, PageFault, RetryError, UserfaultFd
+from postcopy.linux.userfaultfd import PageFault, RetryError, UserfaultFd
+from postcopy.migration.backends import Placement
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.incoming.eagain import DEFER_SECONDS
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.swap import RamSwap
 from postcopy.migration.scheduling import prefer_this_thread
+from postcopy.migration.shared import SharedClient, SharedClients
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.ram import Bitmap, RamList
 from postcopy.wire import ReqPages
@@ -48,6 +53,8 @@ class FaultThread:
         blocktime: BlocktimeTracker,
         swap: RamSwap | None,
         clock: Clock,
+        placements: list[Placement],
+        shared: SharedClients | None = None,
     ) -> None:
         self._uffd = uffd
         self._ram = ram
@@ -58,12 +65,15 @@ class FaultThread:
         self._blocktime = blocktime
         self._swap = swap
         self._clock = clock
+        self._placements = placements
+        self._shared = shared
         self._requested = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
         self._quit = EventFd()
         self._tid_to_vcpu: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="fault", daemon=True)
         self.requests_sent = 0
         self.local_zero_faults = 0
+        self.shared_faults = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -87,42 +97,91 @@ class FaultThread:
         poller = select.poll()
         poller.register(uffd.fileno(), select.POLLIN)
         poller.register(self._quit.fileno(), select.POLLIN)
-        deferred: list[tuple[int, int]] = []  # faults to try again: the kernel said EAGAIN
+        clients = self._watch_clients(poller, {})
+        # faults to try again: the kernel said EAGAIN (the client is None for a vCPU's)
+        deferred: list[tuple[int, int, SharedClient | None]] = []
         while True:
             # with deferred faults, come back to them soon; never spin (this is SCHED_FIFO)
             ready = poller.poll(DEFER_SECONDS * 1000 if deferred else None)
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
-            events = []
-            if any(fd == uffd.fileno() for fd, _ in ready):
+            now = self._clock()
+            requests: list[ReqPages] = []
+            retry, deferred = deferred, []
+            for block_index, page, client in retry:
+                if not self._handle(block_index, page, now, requests, client):
+                    deferred.append((block_index, page, client))
+            for fd, _ in ready:
+                if fd == uffd.fileno():
+                    source: SharedClient | None = None
+                elif fd in clients:
+                    source = clients[fd]
+                else:
+                    if self._shared is not None and fd == self._shared.changed.fileno():
+                        self._shared.changed.read()
+                        clients = self._watch_clients(poller, clients)
+                    continue
                 try:
-                    events = uffd.read_events(FAULT_BATCH)
+                    events = (uffd if source is None else source.uffd).read_events(FAULT_BATCH)
                 except OSError as error:
                     if error.errno == errno.EBADF:
                         return
                     raise
-            now = self._clock()
-            requests: list[ReqPages] = []
-            retry, deferred = deferred, []
-            for block_index, page in retry:
-                if not self._handle(block_index, page, now, requests):
-                    deferred.append((block_index, page))
-            for event in events:
-                if not isinstance(event, PageFault):
-                    continue
-                block_index, page = self._locate(event.address)
-                vcpu = self._tid_to_vcpu.get(event.thread_id)
-                if vcpu is not None:
-                    self._blocktime.fault(vcpu, block_index, page, now)
-                if not self._handle(block_index, page, now, requests):
-                    deferred.append((block_index, page))
+                for event in events:
+                    if not isinstance(event, PageFault):
+                        continue
+                    located = self._locate_event(event, source, now)
+                    if located is None:
+                        continue
+                    block_index, page = located
+                    if not self._handle(block_index, page, now, requests, source):
+                        deferred.append((block_index, page, source))
             for request in coalesce(requests):
                 self._return.send(request)
                 self.requests_sent += 1
 
-    def _handle(self, block_index: int, page: int, now: float, requests: list[ReqPages]) -> bool:
+    def _locate_event(
+        self, event: PageFault, client: SharedClient | None, now: float
+    ) -> tuple[int, int] | None:
+        """(block, page) of a fault, charged to its vCPU (blocktime) or its client."""
+        if client is None:
+            block_index, page = self._locate(event.address)
+            vcpu = self._tid_to_vcpu.get(event.thread_id)
+            if vcpu is not None:
+                self._blocktime.fault(vcpu, block_index, page, now)
+            return block_index, page
+        located = client.locate(event.address)
+        if located is not None:  # else not guest RAM: it registered more than it was given
+            client.faults += 1
+            self.shared_faults += 1
+        return located
+
+    def _watch_clients(
+        self, poller: select.poll, watched: dict[int, SharedClient]
+    ) -> dict[int, SharedClient]:
+        """Poll the userfaultfds of the processes sharing RAM as they come and go."""
+        if self._shared is None:
+            return {}
+        if not watched:
+            poller.register(self._shared.changed.fileno(), select.POLLIN)
+        now = {client.fileno(): client for client in self._shared.clients()}
+        for fd in watched.keys() - now.keys():
+            poller.unregister(fd)
+        for fd in now.keys() - watched.keys():
+            poller.register(fd, select.POLLIN)
+        return now
+
+    def _handle(
+        self,
+        block_index: int,
+        page: int,
+        now: float,
+        requests: list[ReqPages],
+        client: SharedClient | None = None,
+    ) -> bool:
         """One fault: resolved here, or asked for (in `requests`), or False: the kernel
-        answered EAGAIN, try again later (the vCPU sleeps on until then)."""
+        answered EAGAIN, try again later (the vCPU sleeps on until then). A sharing
+        process (`client`) is woken once its page is here, now or after placement."""
         swap = self._swap
         if swap is not None and swap.is_unmoved(block_index, page):
             # and the valid pages after it: a guest that touched this one is likely to
@@ -135,7 +194,11 @@ class FaultThread:
         # here as received is in guest RAM or a known zero page, and a page placed after
         # this read is asked for once more at worst (the source sends it again; EEXIST)
         if self._received[block_index][page]:
-            return self._resolve_locally(block_index, page)
+            if not self._resolve_locally(block_index, page):
+                return False
+            if client is not None:
+                client.wake(block_index, page, 1)
+            return True
         if not self._requested[block_index][page]:
             self._requested[block_index][page] = True
             self._latency.asked(block_index, page, 1, now)
@@ -151,15 +214,12 @@ class FaultThread:
 
     def _resolve_locally(self, block_index: int, page: int) -> bool:
         """A fault on a page we already know: a zero page never populated, or one placed
-        after the fault was raised. ZEROPAGE fills the first; EEXIST means the second.
-        False on EAGAIN: try again later."""
-        block = self._ram[block_index]
-        address = block.host_address + page * block.page_size
+        after the fault was raised. The block's placement fills the first (ZEROPAGE, a
+        zero huge page, CONTINUE) and wakes the waiters of the second. False on EAGAIN:
+        try again later."""
         try:
-            self._uffd.zeropage(address, block.page_size)
-            self.local_zero_faults += 1
-        except PageExistsError:
-            self._uffd.wake(address, block.page_size)
+            if self._placements[block_index].resolve_fault(page):
+                self.local_zero_faults += 1
         except RetryError:
             return False
         self._blocktime.placed(block_index, page, 1)

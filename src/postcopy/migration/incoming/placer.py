@@ -1,10 +1,13 @@
 """Page placement on the destination: whole runs land in guest RAM atomically.
 
 Owns `PagePlacer`: from LISTEN on, the receiver and the preempt receiver hand it runs
-(read into the staging buffer, or into the side mapping at the pages' own offsets) and it
-places them with one UFFDIO_COPY / UFFDIO_MOVE / UFFDIO_ZEROPAGE per run, which wakes the
-vCPUs waiting there; then it records them in `received`, the request latency and the
-blocktime. QEMU's postcopy_place_page in migration/postcopy-ram.c.
+(read into the staging buffer, into the side mapping at the pages' own offsets, or where
+the block's placement says) and it places them, which wakes the vCPUs waiting there; then
+it records them in `received`, the request latency and the blocktime, and wakes the other
+processes sharing the memory (shared.py). QEMU's postcopy_place_page in
+migration/postcopy-ram.c. How a run lands depends on the RAM backend (backends.py: one
+UFFDIO_COPY / UFFDIO_ZEROPAGE per run, one COPY per huge page, or CONTINUE); runs read
+into the side mapping move in with UFFDIO_MOVE (swap.py).
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ import threading
 from collections.abc import Callable
 
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
+from postcopy.migration.backends import Landing, Placement
 from postcopy.migration.incoming.eagain import Retrier
+from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.wire import max_run_pages
 
 STAGING_BYTES = 4 << 20  # a receiver's staging buffer: the largest run's data fits
+
+
+def staging_bytes(ram: list[RamBlock]) -> int:
+    """A staging buffer that holds the largest run of any block (16 MiB of huge pages)."""
+    return max([STAGING_BYTES, *(max_run_pages(b.page_size) * b.page_size for b in ram)])
 
 
 class PagePlacer:
@@ -30,28 +41,40 @@ class PagePlacer:
         received: list[Bitmap],
         latency: LatencyRecorder,
         blocktime: BlocktimeTracker,
+        placements: list[Placement],
+        shared: SharedClients | None = None,
     ) -> None:
         self.uffd = uffd
         self.ram = ram
         self.received = received
         self.latency = latency
         self.blocktime = blocktime
-        self.duplicates = 0
+        self.placements = placements
+        self.shared = shared
+        self._duplicates = 0
         self.placed_pages = 0
         self._lock = threading.Lock()
 
-    def place(self, block_index: int, first_page: int, zero: Bitmap, staging_address: int) -> None:
-        block = self.ram[block_index]
-        page_size = block.page_size
-        normal_starts, normal_lengths = runs(~zero)
-        offset_in_staging = 0
-        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
-            destination = block.host_address + (first_page + start) * page_size
-            self._copy(
-                destination, staging_address + offset_in_staging, length * page_size, page_size
-            )
-            offset_in_staging += length * page_size
-        self._place_zero_pages(block, first_page, zero)
+    @property
+    def duplicates(self) -> int:
+        """Pages that were there already when their copy came (a request raced the push)."""
+        return self._duplicates + sum(p.duplicates for p in self.placements)
+
+    def landing(self, block_index: int, first_page: int, zero: Bitmap) -> Landing:
+        """Where the receiver reads the run's normal pages (see Placement.landing)."""
+        return self.placements[block_index].landing(first_page, zero)
+
+    def place(
+        self,
+        block_index: int,
+        first_page: int,
+        zero: Bitmap,
+        staging_address: int | None,
+        landing: Landing | None = None,
+    ) -> None:
+        """Place a run read into staging (normal pages back to back), or where `landing`
+        said, as the block's backend needs."""
+        self.placements[block_index].place(first_page, zero, staging_address, landing or Landing())
         self._record(block_index, first_page, int(zero.size))
 
     def place_from_side(
@@ -90,6 +113,8 @@ class PagePlacer:
             self.placed_pages += count
         self.latency.placed(block_index, first_page, count)
         self.blocktime.placed(block_index, first_page, count)
+        if self.shared is not None:
+            self.shared.placed(block_index, first_page, count)
 
     def _copy(self, destination: int, source: int, length: int, page_size: int) -> None:
         self._fill("UFFDIO_COPY", self.uffd.copy, destination, source, length, page_size)
@@ -117,7 +142,7 @@ class PagePlacer:
             except PageExistsError as error:
                 done += error.done + page_size
                 with self._lock:
-                    self.duplicates += 1
+                    self._duplicates += 1
             except RetryError as error:
                 done += error.done
                 retry.again(error)

@@ -27,7 +27,7 @@ from postcopy.migration.machine import Machine
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageService
 from postcopy.migration.outgoing.returnpath import ReturnPath
-from postcopy.migration.outgoing.sender import RamSender
+from postcopy.migration.outgoing.sender import RamSender, run_pages_for
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.scheduling import set_thread_nice
 from postcopy.migration.stats import Clock
@@ -238,7 +238,7 @@ class OutgoingMigration(MigrationBase):
             self.uri, auth=self.auth, tls=self.tls, channel="main", session=session
         )
         main = StreamWriter(self._main, Direction.MAIN)
-        blocks = tuple(BlockInfo(b.name, b.length, b.page_size) for b in ram)
+        blocks = tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
         main.send_stream_header()
         main.send(
             Handshake(
@@ -352,8 +352,8 @@ class OutgoingMigration(MigrationBase):
 
     def _send_round(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> bool:
         """Send every dirty page; returns True if postcopy was requested meanwhile."""
-        run_pages = self.parameters.x_precopy_run_pages
         for index, block in enumerate(self.machine.ram):
+            run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
             starts, lengths = split_runs(*runs(dirty[index]), run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                 self._sender.wait_for_bandwidth("precopy")
@@ -398,7 +398,8 @@ class OutgoingMigration(MigrationBase):
         final = self._sync_dirty(self._clock(), final=True)
         dirty = [p | f for p, f in zip(pending, final, strict=True)]
         for index, block in enumerate(self.machine.ram):
-            starts, lengths = split_runs(*runs(dirty[index]), self.parameters.x_precopy_run_pages)
+            run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
+            starts, lengths = split_runs(*runs(dirty[index]), run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                 self._sender.send_pages(writer, index, block, start, length, phase="downtime")
         self.counters.remaining = 0

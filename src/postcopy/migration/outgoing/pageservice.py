@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from postcopy.migration.channel import StreamWriter
-from postcopy.migration.outgoing.sender import RamSender
+from postcopy.migration.outgoing.sender import RamSender, run_pages_for
 from postcopy.ram import Bitmap, RamList, runs, split_runs
 
 
@@ -67,10 +67,11 @@ class PageService:
             512 if self._urgent is not None else 64
         )
         for index, block in enumerate(self._ram):
+            block_run_pages = run_pages_for(block, run_pages)
             while True:  # passes until nothing is needed: a jump can leave pages behind
                 with self._needed_lock:
                     snapshot = self._needed[index].copy()
-                starts, lengths = split_runs(*runs(snapshot), run_pages)
+                starts, lengths = split_runs(*runs(snapshot), block_run_pages)
                 if starts.size == 0:
                     break
                 position = 0

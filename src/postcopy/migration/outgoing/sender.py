@@ -18,6 +18,14 @@ from postcopy.migration.channel import StreamWriter
 from postcopy.migration.parameters import Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter
 from postcopy.ram import RamBlock, RamList, zero_pages
+from postcopy.wire import max_run_pages
+
+
+def run_pages_for(block: RamBlock, run_pages: int) -> int:
+    """At most `run_pages` pages per run, and no more than one RAM_RUN frame may carry for
+    the block's page size (8 huge pages of 2 MiB: a huge page is always sent whole)."""
+    return max(1, min(run_pages, max_run_pages(block.page_size)))
+
 
 THROTTLE_SLICE = 0.05  # seconds: the longest a new bandwidth limit waits to take effect
 
