@@ -233,6 +233,7 @@ def test_each_backend_says_what_it_needs_and_minor_mode_adds_continue() -> None:
 
 def test_the_pool_must_hold_the_ram(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(check.hugepages, "hugepages_reserved", lambda size=0: (600, 100))
+    monkeypatch.setattr(check.hugepages, "hugepages_available", lambda size=0: 100)
     report = check_host(memory_types=("hugetlb",), ram_bytes=1 << 30)
     item = report.item("huge pages")
     assert not item.ok and "100 free 2 MiB pages, the RAM needs 512" in item.detail

@@ -70,6 +70,17 @@ def hugepages_reserved(size: int = HUGE_PAGE_2M) -> tuple[int, int]:
     return (total, free)
 
 
+def hugepages_available(size: int = HUGE_PAGE_2M) -> int:
+    """Free huge pages that no mapping has reserved yet: what a new mapping can take."""
+    directory = _hugepages_dir(size)
+    try:
+        free = int((directory / "free_hugepages").read_text())
+        reserved = int((directory / "resv_hugepages").read_text())
+    except (OSError, ValueError):
+        return 0
+    return max(free - reserved, 0)
+
+
 def set_hugepages(total: int, size: int = HUGE_PAGE_2M) -> int:
     """Ask the kernel for a pool of `total` huge pages of `size` (root); returns the total
     it reached, which is lower when memory is too fragmented."""

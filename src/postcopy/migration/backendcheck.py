@@ -81,10 +81,12 @@ def _probe(
 
 
 def _probe_hugetlb_memfd() -> Mapping:
-    _, free = hugepages.hugepages_reserved(HUGE_PAGE_2M)
-    if free < 1:
+    if hugepages.hugepages_available(HUGE_PAGE_2M) < 1:
         raise PoolError(0, "no free 2 MiB page to try with")
-    return Mapping.memfd(HUGE_PAGE_2M, "postcopy-check", hugetlb=True)
+    try:
+        return Mapping.memfd(HUGE_PAGE_2M, "postcopy-check", hugetlb=True)
+    except OSError as error:  # taken meanwhile
+        raise PoolError(0, f"no free 2 MiB page to try with ({error.strerror})") from None
 
 
 def backend_items(
@@ -126,8 +128,9 @@ def backend_items(
         CheckItem(
             "RAM backend file",
             not other,
-            "a file on hugetlbfs is served as memfd-hugetlb (plus a mount), on tmpfs as memfd"
-            + ("; the RAM's file is on neither, so only precopy can move it" if other else ""),
+            "the RAM's file is on neither hugetlbfs nor tmpfs: only precopy can move it"
+            if other
+            else "a file on hugetlbfs is served as memfd-hugetlb (plus a mount), on tmpfs as memfd",
             "put the RAM file on a hugetlbfs or tmpfs mount, or use precopy" if other else None,
             other,
             "userfaultfd serves anonymous memory, shmem and hugetlbfs only",
@@ -183,15 +186,16 @@ def _huge_pageCheckItem(available: Feature, use: RamUse, facts: dict[str, Any]) 
             problems.append(f"{label} pages are not offered by this kernel")
             continue
         kib = size // 1024
-        total, free = pools[size]
-        wanted = -(-use.ram_bytes // size) if use.ram_bytes else 1
-        if free < wanted:
+        total, _ = pools[size]
+        free = hugepages.hugepages_available(size)
+        wanted = -(-use.ram_bytes // size) if use.ram_bytes else 0
+        if free < wanted or total == 0:
             problems.append(
-                f"{free} free {label} pages, the RAM needs {wanted}"
-                + (" (the source and the destination each, on one host)" if use.ram_bytes else "")
+                f"{free} free {label} pages, the RAM needs {wanted or 'some'}"
+                + (" (the source and the destination each, on one host)" if wanted else "")
             )
             fixes.append(
-                f"`echo {total + wanted - free} > "
+                f"`echo {total + wanted - free if wanted else 'N'} > "
                 f"/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages`"
             )
         if use.hugetlbfs_file and not any(mounted == size for _, mounted in mounts):
