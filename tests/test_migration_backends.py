@@ -24,14 +24,12 @@ from postcopy.linux.userfaultfd import (
     RegisterMode,
     UserfaultFd,
 )
-from postcopy.migration.backends import (
-    BackendUnsupported,
+from postcopy.migration.backends import BackendUnsupported, features_for, uffd_needs
+from postcopy.migration.incoming.placement import (
     HugePagePlacement,
     MinorPlacement,
     Placement,
-    features_for,
     placement_for,
-    uffd_needs,
 )
 from postcopy.ram import RamBlock
 from tests.hugepages import huge_pages

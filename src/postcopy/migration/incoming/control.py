@@ -33,18 +33,13 @@ from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import Feature, Ioctl, RegisterMode, UserfaultFd
 from postcopy.migration import globalstate
-from postcopy.migration.backends import (
-    BackendUnsupported,
-    HugePagePlacement,
-    Placement,
-    features_for,
-    placement_for,
-)
+from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
+from postcopy.migration.incoming.placement import HugePagePlacement, Placement, placement_for
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
 from postcopy.migration.incoming.swap import RamSwap, can_swap_ram
 from postcopy.migration.machine import Machine

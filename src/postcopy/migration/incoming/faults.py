@@ -24,10 +24,10 @@ import numpy as np
 
 from postcopy.linux.memory import EventFd
 from postcopy.linux.userfaultfd import PageFault, RetryError, UserfaultFd
-from postcopy.migration.backends import Placement
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.incoming.eagain import DEFER_SECONDS
 from postcopy.migration.incoming.errors import IncomingError
+from postcopy.migration.incoming.placement import Placement
 from postcopy.migration.incoming.swap import RamSwap
 from postcopy.migration.scheduling import prefer_this_thread
 from postcopy.migration.shared import SharedClient, SharedClients

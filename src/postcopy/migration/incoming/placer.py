@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
-from postcopy.migration.backends import Landing, Placement
 from postcopy.migration.incoming.eagain import Retrier
+from postcopy.migration.incoming.placement import Landing, Placement
 from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import Bitmap, RamBlock, runs

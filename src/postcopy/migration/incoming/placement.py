@@ -1,0 +1,292 @@
+"""Placement per RAM backend on the destination: where a run is read and how it lands.
+
+`placement_for` picks, per RAM block, the `Placement` the placer (placer.py) calls for every
+run from LISTEN on and the fault thread (faults.py) calls to fill a known page:
+- `Placement`: UFFDIO_COPY for normal pages, UFFDIO_ZEROPAGE for zero pages (anonymous
+  memory without the RAM swap, shmem);
+- `HugePagePlacement` (hugetlb): one UFFDIO_COPY per whole huge page, zero huge pages
+  copied from a zero buffer (QEMU's postcopy_place_page / _place_page_zero);
+- `MinorPlacement` (x-postcopy-minor-faults, shmem or hugetlb, shared): the run is read
+  into a second mapping of the RAM's file, then UFFDIO_CONTINUE maps it.
+What each backend needs of userfaultfd, and why, is in migration/backends.py. No Python
+runs per page: one ioctl per run of normal or zero pages (per huge page on hugetlb);
+EEXIST is counted as a duplicate, EAGAIN retried with pauses (eagain.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from postcopy.linux.memory import Mapping
+from postcopy.linux.userfaultfd import Ioctl, PageExistsError, RetryError, UserfaultFd
+from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_possible, uffd_needs
+from postcopy.migration.incoming.eagain import Retrier
+from postcopy.ram import Bitmap, RamBlock, runs
+
+PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
+
+
+@dataclass
+class Landing:
+    """Where a run's data goes: `views` (one per normal page run, read in order) or, if
+    None, the receiver's staging buffer. `mine`: the pages this receiver claimed."""
+
+    views: list[memoryview] | None = None
+    mine: Bitmap | None = None
+
+
+_zero_lock = threading.Lock()
+_zero_buffers: dict[int, Mapping] = {}
+
+
+def zero_buffer(size: int) -> int:
+    """The address of `size` bytes that read as zeros, for placing zero huge pages with
+    UFFDIO_COPY (hugetlb has no UFFDIO_ZEROPAGE). One per size, kept for the process."""
+    with _zero_lock:
+        mapping = _zero_buffers.get(size)
+        if mapping is None:
+            mapping = _zero_buffers[size] = Mapping.anonymous(size, noreserve=False)
+        return mapping.address
+
+
+class Placement:
+    """Places the runs of one RAM block: UFFDIO_COPY for normal pages, UFFDIO_ZEROPAGE for
+    zero pages (anonymous and shmem memory). Thread-safe: both receivers may call it."""
+
+    name = "copy"
+
+    def __init__(self, block: RamBlock, uffd: UserfaultFd) -> None:
+        self.block = block
+        self.uffd = uffd
+        self.page_size = block.page_size
+        self.duplicates = 0  # pages a request had placed already (EEXIST)
+        self.ioctls = 0
+        self._lock = threading.Lock()
+
+    @property
+    def needs(self) -> UffdNeeds:
+        return uffd_needs(self.block.memory_type)
+
+    def register(self) -> None:
+        """Register the block's range on the userfaultfd, refusing a registration that
+        lacks an ioctl this placement uses."""
+        needs = self.needs
+        allowed = self.uffd.register(self.block.host_address, self.block.length, needs.mode)
+        lacking = needs.ioctls & ~allowed
+        if lacking:
+            names = "/".join(i.name for i in Ioctl if i in lacking and i.name)
+            raise BackendUnsupported(
+                f"userfaultfd on {self.block.describe()} lacks {names} "
+                f"(registered {needs.describe()})"
+            )
+
+    def landing(self, first_page: int, zero: Bitmap) -> Landing:
+        """Where a run's normal pages are to be read before `place`: by default into the
+        receiver's staging buffer, back to back (then `place` gets its address)."""
+        return Landing()
+
+    def place(
+        self, first_page: int, zero: Bitmap, data_address: int | None, landing: Landing
+    ) -> None:
+        """Place a run: its normal pages lie back to back at `data_address` (staging), or
+        where `landing` said."""
+        assert data_address is not None
+        size = self.page_size
+        base = self.block.host_address + first_page * size
+        starts, lengths = runs(~zero)
+        offset = 0
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            self._copy(base + start * size, data_address + offset, length * size)
+            offset += length * size
+        starts, lengths = runs(zero)
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            self._zero(base + start * size, length * size)
+
+    def resolve_fault(self, page: int) -> bool:
+        """A fault on a page known to be complete here (a zero page never placed, or a page
+        placed after the fault was raised): fill it with zeros, or wake the waiters.
+        True if it was filled. RetryError (EAGAIN): the fault thread tries again later."""
+        address = self.block.host_address + page * self.page_size
+        try:
+            self._zero_one(address)
+            return True
+        except PageExistsError:
+            self.uffd.wake(address, self.page_size)
+            return False
+
+    def close(self) -> None:
+        pass
+
+    # -- the ioctl loops: EEXIST counted and skipped, EAGAIN retried ----------------------
+
+    def _copy(self, destination: int, source: int, length: int) -> None:
+        self._loop(self.uffd.copy, destination, source, length)
+
+    def _zero(self, destination: int, length: int) -> None:
+        self._loop(lambda d, _s, n: self.uffd.zeropage(d, n), destination, 0, length)
+
+    def _zero_one(self, address: int) -> None:
+        self.uffd.zeropage(address, self.page_size)
+
+    def _loop(
+        self, ioctl: Callable[[int, int, int], int], destination: int, source: int, length: int
+    ) -> None:
+        retry = Retrier(f"placing pages of {self.block.name} ({self.name})")
+        done = 0
+        while done < length:
+            self.ioctls += 1
+            try:
+                done += ioctl(destination + done, source + done, length - done)
+            except PageExistsError as error:
+                done += error.done + self.page_size
+                with self._lock:
+                    self.duplicates += 1
+            except RetryError as error:
+                done += error.done
+                retry.again(error)
+
+
+class HugePagePlacement(Placement):
+    """hugetlb: one UFFDIO_COPY per huge page (QEMU's postcopy_place_page), zero huge pages
+    copied from a zero buffer (no UFFDIO_ZEROPAGE on hugetlb). Each copy's duration is kept
+    (`placement_us`): the figure the 2 MiB placement budget is checked against."""
+
+    name = "copy-huge"
+
+    def __init__(self, block: RamBlock, uffd: UserfaultFd) -> None:
+        super().__init__(block, uffd)
+        self._zero_address = zero_buffer(self.page_size)
+        self._samples = np.zeros(PLACEMENT_SAMPLES, dtype=np.float64)
+        self._sampled = 0
+
+    def _copy(self, destination: int, source: int, length: int) -> None:
+        for offset in range(0, length, self.page_size):
+            started = time.perf_counter()
+            self._loop(self.uffd.copy, destination + offset, source + offset, self.page_size)
+            self._sample(time.perf_counter() - started)
+
+    def _zero(self, destination: int, length: int) -> None:
+        for offset in range(0, length, self.page_size):
+            self._loop(self.uffd.copy, destination + offset, self._zero_address, self.page_size)
+
+    def _zero_one(self, address: int) -> None:
+        self.uffd.copy(address, self._zero_address, self.page_size)
+
+    def _sample(self, seconds: float) -> None:
+        with self._lock:
+            self._samples[self._sampled % PLACEMENT_SAMPLES] = seconds * 1e6
+            self._sampled += 1
+
+    def placement_us(self) -> dict[str, float | int]:
+        """p50/p99 of the last huge page copies, in microseconds, and how many there were."""
+        with self._lock:
+            samples = self._samples[: min(self._sampled, PLACEMENT_SAMPLES)].copy()
+            count = self._sampled
+        if samples.size == 0:
+            return {"count": 0}
+        p50, p99 = np.percentile(samples, [50, 99])
+        return {"count": count, "p50": round(float(p50), 1), "p99": round(float(p99), 1)}
+
+
+class MinorPlacement(Placement):
+    """Minor-fault mode: runs are read into a second mapping of the RAM's file, then mapped
+    into guest RAM with UFFDIO_CONTINUE; zero pages are fallocated (zeroed page cache) and
+    continued. Each page is claimed once: a page already placed (or being placed by the
+    other receiver) is read into a scratch buffer instead, never over live guest memory."""
+
+    name = "continue"
+
+    def __init__(self, block: RamBlock, uffd: UserfaultFd, received: Bitmap) -> None:
+        if not minor_possible(block):
+            raise BackendUnsupported(
+                f"minor faults need shared RAM with a page cache; {block.describe()} is not"
+            )
+        super().__init__(block, uffd)
+        self.alias = block.mapping.alias()
+        self._claimed = received.copy()  # what precopy left in place needs no claim
+        self._scratch = Mapping.anonymous(block.page_size)
+
+    @property
+    def needs(self) -> UffdNeeds:
+        return uffd_needs(self.block.memory_type, minor=True)
+
+    def unclaim(self, first_page: int, count: int) -> None:
+        """Pages discarded again (before LISTEN only): they must be received anew."""
+        with self._lock:
+            self._claimed[first_page : first_page + count] = False
+
+    def landing(self, first_page: int, zero: Bitmap) -> Landing:
+        count = zero.size
+        with self._lock:
+            window = self._claimed[first_page : first_page + count]
+            mine = ~window
+            window[:] = True
+        size = self.page_size
+        views: list[memoryview] = []
+        starts, lengths = runs(~zero)
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            # a page another copy claimed goes to scratch, one page at a time
+            piece_starts, piece_lengths = runs(mine[start : start + length])
+            position = start
+            for piece, piece_length in zip(
+                piece_starts.tolist(), piece_lengths.tolist(), strict=True
+            ):
+                for _ in range(start + piece - position):
+                    views.append(self._scratch.view)
+                offset = (first_page + start + piece) * size
+                views.append(self.alias.view[offset : offset + piece_length * size])
+                position = start + piece + piece_length
+            for _ in range(start + length - position):
+                views.append(self._scratch.view)
+        return Landing(views, mine)
+
+    def place(
+        self, first_page: int, zero: Bitmap, data_address: int | None, landing: Landing
+    ) -> None:
+        mine = landing.mine
+        assert mine is not None, "a minor-mode run is read where landing() says"
+        size = self.page_size
+        zero_mine = zero & mine
+        if zero_mine.any():
+            starts, lengths = runs(zero_mine)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                self.alias.allocate((first_page + start) * size, length * size)
+        starts, lengths = runs(mine)
+        base = self.block.host_address + first_page * size
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            self._loop(
+                lambda d, _s, n: self.uffd.continue_(d, n), base + start * size, 0, length * size
+            )
+
+    def resolve_fault(self, page: int) -> bool:
+        size = self.page_size
+        address = self.block.host_address + page * size
+        self.alias.allocate(page * size, size)  # a zero page never written: zeros
+        try:
+            self.uffd.continue_(address, size)
+            return True
+        except PageExistsError:
+            self.uffd.wake(address, size)
+            return False
+
+    def close(self) -> None:
+        self.alias.close()
+        self._scratch.close()
+
+
+def placement_for(
+    block: RamBlock, uffd: UserfaultFd, received: Bitmap, *, minor: bool = False
+) -> Placement:
+    """The placement for a RAM block: minor-fault mode if asked for and possible, whole huge
+    pages on hugetlb, else COPY/ZEROPAGE."""
+    if minor and minor_possible(block):
+        return MinorPlacement(block, uffd, received)
+    uffd_needs(block.memory_type)  # raises for memory userfaultfd cannot serve
+    if block.hugetlb:
+        return HugePagePlacement(block, uffd)
+    return Placement(block, uffd)
