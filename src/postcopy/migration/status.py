@@ -25,21 +25,38 @@ class MigrationStatus(enum.Enum):
     DEVICE = "device"
 
 
-S = MigrationStatus
-FINISHED = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+FINISHED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
 
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
-    S.NONE: frozenset({S.SETUP, S.FAILED}),
-    S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING}),
-    S.ACTIVE: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
-    S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
-    S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.FAILED, S.POSTCOPY_PAUSED}),
-    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER, S.FAILED}),
-    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}),
-    S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
-    S.COMPLETED: frozenset({S.SETUP}),
-    S.FAILED: frozenset({S.SETUP}),
-    S.CANCELLED: frozenset({S.SETUP}),
+    MigrationStatus.NONE: frozenset({MigrationStatus.SETUP, MigrationStatus.FAILED}),
+    MigrationStatus.SETUP: frozenset(
+        {MigrationStatus.ACTIVE, MigrationStatus.FAILED, MigrationStatus.CANCELLING}
+    ),
+    MigrationStatus.ACTIVE: frozenset(
+        {
+            MigrationStatus.DEVICE,
+            MigrationStatus.POSTCOPY_ACTIVE,
+            MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
+            MigrationStatus.CANCELLING,
+        }
+    ),
+    MigrationStatus.DEVICE: frozenset(
+        {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLING}
+    ),
+    MigrationStatus.POSTCOPY_ACTIVE: frozenset(
+        {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED}
+    ),
+    MigrationStatus.POSTCOPY_PAUSED: frozenset(
+        {MigrationStatus.POSTCOPY_RECOVER, MigrationStatus.FAILED}
+    ),
+    MigrationStatus.POSTCOPY_RECOVER: frozenset(
+        {MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.FAILED}
+    ),
+    MigrationStatus.CANCELLING: frozenset({MigrationStatus.CANCELLED, MigrationStatus.FAILED}),
+    MigrationStatus.COMPLETED: frozenset({MigrationStatus.SETUP}),
+    MigrationStatus.FAILED: frozenset({MigrationStatus.SETUP}),
+    MigrationStatus.CANCELLED: frozenset({MigrationStatus.SETUP}),
 }
 
 
@@ -51,7 +68,7 @@ class StatusHolder:
     """The current status, thread-safe, with a listener called on every change."""
 
     def __init__(self, on_change: Callable[[MigrationStatus], None] | None = None) -> None:
-        self._status = S.NONE
+        self._status = MigrationStatus.NONE
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._on_change = on_change

@@ -84,8 +84,6 @@ from postcopy.wire import (
 
 log = logging.getLogger(__name__)
 
-S = MigrationStatus
-
 
 class IncomingMigration(MigrationBase):
     """Waits for a migration stream on `uri` and loads it into `machine`."""
@@ -178,7 +176,7 @@ class IncomingMigration(MigrationBase):
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
         info["x-refused-connections"] = self.refused_connections
-        if self.status.value == S.NONE:
+        if self.status.value == MigrationStatus.NONE:
             return info
         now = self.end_time if self.end_time is not None else self._clock()
         info["total-time"] = int((now - self.start_time) * 1000)
@@ -235,7 +233,7 @@ class IncomingMigration(MigrationBase):
         try:
             reader, handshake = self._wait_for_source()
             self.start_time = self._clock()
-            self.status.move(S.SETUP)
+            self.status.move(MigrationStatus.SETUP)
             self._receive(reader, handshake)
         except Exception as error:
             self._fail(error)
@@ -267,9 +265,9 @@ class IncomingMigration(MigrationBase):
             if connection is not None:
                 connection.close()
         if self.status.value not in FINISHED:
-            if self.status.value == S.NONE:
-                self.status.move(S.SETUP)
-            self.status.move(S.FAILED)
+            if self.status.value == MigrationStatus.NONE:
+                self.status.move(MigrationStatus.SETUP)
+            self.status.move(MigrationStatus.FAILED)
 
     def _wait_for_source(self) -> tuple[StreamReader, Handshake]:
         """Accept until a peer passes the whole handshake, and return its stream.
@@ -337,7 +335,7 @@ class IncomingMigration(MigrationBase):
             )
             self._threads.append(preempt_thread)
             preempt_thread.start()
-        self.status.move(S.ACTIVE)
+        self.status.move(MigrationStatus.ACTIVE)
         self._trace("handshake", capabilities=sorted(handshake.capabilities))
         set_thread_nice(self.parameters.x_migration_thread_nice)
         self._prefaulter = Prefaulter(
@@ -578,7 +576,7 @@ class IncomingMigration(MigrationBase):
         self.postcopy_start = self._clock()
         if self._faults is not None:
             self._faults.set_vcpu_threads(self.machine.vcpu_thread_ids())
-        self.status.move(S.POSTCOPY_ACTIVE)
+        self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
         self._resume_as_on_the_source()
         if self._swap is not None:
             self._swap.guest_started()
@@ -633,7 +631,7 @@ class IncomingMigration(MigrationBase):
                     header.block, header.first_page, header.zero, staging.address, landing
                 )
         except Exception as error:
-            if self.status.value == S.POSTCOPY_ACTIVE and not self._all_received():
+            if self.status.value == MigrationStatus.POSTCOPY_ACTIVE and not self._all_received():
                 log.error("preempt channel: %s", error)
         finally:
             staging.close()
@@ -649,7 +647,7 @@ class IncomingMigration(MigrationBase):
         self._resume_as_on_the_source()
         assert self._return is not None
         self._return.send(Shut(error=False))
-        self.status.move(S.COMPLETED)
+        self.status.move(MigrationStatus.COMPLETED)
         self._trace("completed")
 
     def _complete_postcopy(self) -> None:
@@ -672,7 +670,7 @@ class IncomingMigration(MigrationBase):
         self._thp_off = False
         assert self._return is not None
         self._return.send(Shut(error=False))
-        self.status.move(S.COMPLETED)
+        self.status.move(MigrationStatus.COMPLETED)
         self._trace("completed")
 
     def _stop_fault_thread(self) -> None:

@@ -60,7 +60,6 @@ from postcopy.wire import (
 
 log = logging.getLogger(__name__)
 
-S = MigrationStatus
 SETUP_PING = 1
 RUN_PING = 2
 
@@ -115,13 +114,16 @@ class OutgoingMigration(MigrationBase):
 
     def start(self) -> None:
         self.start_time = self._clock()
-        self.status.move(S.SETUP)
+        self.status.move(MigrationStatus.SETUP)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
 
     def cancel(self) -> None:
         self._cancel.set()
-        if self.status.move_if(frozenset({S.SETUP, S.ACTIVE, S.DEVICE}), S.CANCELLING):
+        if self.status.move_if(
+            frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE}),
+            MigrationStatus.CANCELLING,
+        ):
             for connection in (self._main, self._preempt):
                 if connection is not None:
                     connection.shutdown()
@@ -131,7 +133,7 @@ class OutgoingMigration(MigrationBase):
             raise MigrationError(
                 "Enable postcopy with migrate_set_capability before the start of migration"
             )
-        if self.status.value not in (S.SETUP, S.ACTIVE):
+        if self.status.value not in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
             raise MigrationError(
                 "Postcopy must be started after migration has been started "
                 f"(status {self.status.value.value})"
@@ -146,7 +148,7 @@ class OutgoingMigration(MigrationBase):
     def query(self) -> dict[str, Any]:
         status = self.status.value
         info: dict[str, Any] = {"status": status.value}
-        if status == S.NONE:
+        if status == MigrationStatus.NONE:
             return info
         now = self.end_time if self.end_time is not None else self._clock()
         elapsed = now - self.start_time
@@ -199,20 +201,20 @@ class OutgoingMigration(MigrationBase):
         if not cancelled:
             log.error("migration failed: %s", self.error)
         status = self.status.value
-        if status in (S.POSTCOPY_ACTIVE,):
+        if status in (MigrationStatus.POSTCOPY_ACTIVE,):
             # The destination runs the guest; our RAM is its only complete copy: keep the
             # VM stopped and every page, so a recovery can still finish the job.
-            self.status.move(S.FAILED)
+            self.status.move(MigrationStatus.FAILED)
             return
         if self._stopped_vm:
             self.machine.cont()
             self._stopped_vm = False
-        if status == S.CANCELLING or (cancelled and status not in FINISHED):
-            if status != S.CANCELLING:
-                self.status.move(S.CANCELLING)
-            self.status.move(S.CANCELLED)
+        if status == MigrationStatus.CANCELLING or (cancelled and status not in FINISHED):
+            if status != MigrationStatus.CANCELLING:
+                self.status.move(MigrationStatus.CANCELLING)
+            self.status.move(MigrationStatus.CANCELLED)
         elif status not in FINISHED:
-            self.status.move(S.FAILED)
+            self.status.move(MigrationStatus.FAILED)
         try:
             self.machine.stop_dirty_log()
         except Exception:
@@ -273,7 +275,7 @@ class OutgoingMigration(MigrationBase):
             self._pages.set_urgent_channel(urgent)
         self.setup_time = self._clock() - self.start_time
         self.machine.start_dirty_log()
-        self.status.move(S.ACTIVE)
+        self.status.move(MigrationStatus.ACTIVE)
         self._sender.restart_throttle()
 
         sent = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
@@ -392,7 +394,7 @@ class OutgoingMigration(MigrationBase):
     def _complete_precopy(self, writer: StreamWriter, pending: list[Bitmap]) -> None:
         """Stop, then send what the last round left dirty plus what was dirtied since."""
         self._drain(writer)
-        self.status.move(S.DEVICE)
+        self.status.move(MigrationStatus.DEVICE)
         stop_time = self._stop_vm()
         self._trace("stop", phase="precopy")
         final = self._sync_dirty(self._clock(), final=True)
@@ -411,7 +413,7 @@ class OutgoingMigration(MigrationBase):
         self.downtime = self.downtime_to_run = self._clock() - stop_time
         self._trace("destination-running")
         self.machine.stop_dirty_log()
-        self.status.move(S.COMPLETED)
+        self.status.move(MigrationStatus.COMPLETED)
 
     # -- postcopy ------------------------------------------------------------------------------
 
@@ -432,7 +434,7 @@ class OutgoingMigration(MigrationBase):
         # adds: once the page service has `needed`, requests clear it as they are served
         needed_pages = [int(np.count_nonzero(n)) for n in needed]
         self._drain(writer)
-        self.status.move(S.POSTCOPY_ACTIVE)
+        self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
         stop_time = self._stop_vm()
         self.postcopy_start = stop_time
         self._trace("stop", phase="postcopy")
@@ -470,12 +472,12 @@ class OutgoingMigration(MigrationBase):
         shut = self._wait_shut()
         if shut.error:
             raise MigrationError(f"destination failed in postcopy: {shut.reason}")
-        self.status.move(S.COMPLETED)
+        self.status.move(MigrationStatus.COMPLETED)
 
     def _wait_pong(self, value: int) -> None:
         self._return_path.wait_pong(value, self._check_cancel)
 
     def _wait_shut(self) -> Shut:
         return self._return_path.wait_shut(
-            lambda: self._cancel.is_set() and self.status.value != S.POSTCOPY_ACTIVE
+            lambda: self._cancel.is_set() and self.status.value != MigrationStatus.POSTCOPY_ACTIVE
         )
