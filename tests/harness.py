@@ -47,7 +47,6 @@ from postcopy.ram import Bitmap, RamBlock, RamList
 PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 SWITCH_INTERVAL = 0.0002  # as `postcopy vm run` sets it: a woken thread gets the GIL soon
-FINAL = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
 
 _memmove = ctypes.memmove  # a C call through ctypes: the GIL is released while it copies
 

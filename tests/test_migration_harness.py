@@ -8,6 +8,8 @@ is, and a `Proxy` holds or cuts the connection.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.harness import Migration
@@ -90,3 +92,26 @@ def test_a_cut_in_precopy_fails_both_ends_and_the_source_runs_on() -> None:
         assert pair.wait_destination("failed", "completed") == "failed"
         assert pair.source.running  # precopy failed: the guest goes on where it was
         assert pair.outgoing.error and pair.incoming.error
+
+
+def test_a_held_return_path_keeps_the_guest_running_on_the_source() -> None:
+    """The proxy holds what the destination says: the source finishes its round but never
+    stops the guest, since the stop waits for the destination's PONG (it has taken in what
+    was sent). Released, the migration completes."""
+    with Migration(
+        pages=PAGES, working_set=TOP, parameters={"max-bandwidth": 1}, proxy=True
+    ) as pair:
+        assert pair.proxy is not None
+        pair.start()
+        pair.wait_source("active")  # the setup's PING had its PONG
+        pair.proxy.hold(to_destination=False, to_source=True)
+        pair.set_parameter("max-bandwidth", 0)
+        deadline = time.monotonic() + 20
+        while not any(entry["event"] == "round-end" for entry in list(pair.outgoing.timeline)):
+            assert time.monotonic() < deadline, "the round never ended"
+            time.sleep(0.001)
+        assert pair.outgoing.status.value.value == "active"
+        assert pair.source.running
+        pair.proxy.release()
+        pair.finish()
+        pair.verify()

@@ -33,7 +33,6 @@ class StreamWriter:
         self.connection = connection
         self._encoder = Encoder(direction)
         self._lock = threading.Lock()
-        self.bytes_sent = 0
 
     def send_stream_header(self) -> None:
         self._send([self._encoder.stream_header()])
@@ -42,7 +41,6 @@ class StreamWriter:
         with self._lock:
             frame = self._encoder.encode(message)
             self.connection.send_all([frame])
-            self.bytes_sent += len(frame)
         return len(frame)
 
     def send_ram_run(self, block_index: int, block: RamBlock, first_page: int, zero: Bitmap) -> int:
@@ -57,13 +55,12 @@ class StreamWriter:
         for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
             buffers.append(block.page_view(first_page + start, length))
         size = len(header) + int(np.count_nonzero(~zero)) * block.page_size
-        self._send(buffers, size)
+        self._send(buffers)
         return size
 
-    def _send(self, buffers: list[Any], size: int | None = None) -> None:
+    def _send(self, buffers: list[Any]) -> None:
         with self._lock:
             self.connection.send_all(buffers)
-            self.bytes_sent += size if size is not None else sum(len(b) for b in buffers)
 
 
 class StreamReader:
