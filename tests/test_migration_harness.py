@@ -69,7 +69,7 @@ def test_two_vcpus_through_a_proxy() -> None:
         pages=PAGES,
         vcpus=2,
         working_set=TOP,
-        capabilities=["postcopy-ram", "postcopy-preempt"],
+        capabilities=["postcopy-ram", "postcopy-preempt", "postcopy-blocktime"],
         parameters={"x-postcopy-after-rounds": 1},
         proxy=True,
     ) as pair:

@@ -144,6 +144,7 @@ class IncomingMigration(MigrationBase):
         self.postcopy_start: float | None = None
         self.bytes_received = 0
         self.rounds = 0
+        self.bound_uri: str | None = None
         self._receiver_done = threading.Event()
 
     # -- control -------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class IncomingMigration(MigrationBase):
             allow_insecure_network=self.allow_insecure_network,
             on_refused=self._refused,
         )
+        self.bound_uri = str(self._listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         self._threads.append(thread)
         thread.start()
