@@ -32,6 +32,7 @@ from postcopy.migration.incoming import eagain
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
+from postcopy.migration.incoming.placement import Placement
 from postcopy.migration.incoming.placer import PagePlacer
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import RamBlock, RamList
@@ -73,7 +74,12 @@ def test_a_placement_that_keeps_meeting_eagain_fails_instead_of_spinning(
         uffd.register(block.host_address, block.length, RegisterMode.MISSING)
         received = [np.zeros(PAGES, dtype=np.bool_)]
         placer = PagePlacer(
-            uffd, list(ram), received, LatencyRecorder([PAGES]), BlocktimeTracker(1)
+            uffd,
+            list(ram),
+            received,
+            LatencyRecorder([PAGES]),
+            BlocktimeTracker(1),
+            [Placement(block, uffd)],
         )
         # the event is queued and blocks the madvise until it is read
         remover = threading.Thread(
@@ -97,7 +103,7 @@ def test_a_placement_that_keeps_meeting_eagain_fails_instead_of_spinning(
             placing.join(10)
             assert not placing.is_alive(), "the placer is still retrying an EAGAIN"
             assert isinstance(outcome[0], IncomingError)
-            assert "UFFDIO_COPY answered EAGAIN 5 times" in str(outcome[0])
+            assert "answered EAGAIN 5 times in a row" in str(outcome[0])
             assert not received[0].any()
         finally:
             events = uffd.read_events(8)  # completes the madvise
@@ -159,6 +165,7 @@ def test_the_fault_thread_defers_a_fault_that_meets_eagain(ram: RamList) -> None
         blocktime=BlocktimeTracker(1),
         swap=None,
         clock=time.monotonic,
+        placements=[Placement(ram[0], cast(UserfaultFd, uffd))],
     )
     faults.start()
     try:
