@@ -31,7 +31,7 @@ import numpy as np
 
 from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Advice, Mapping
-from postcopy.linux.userfaultfd import Feature, Ioctl, RegisterMode, UserfaultFd
+from postcopy.linux.userfaultfd import Feature, UserfaultFd
 from postcopy.migration import globalstate
 from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
@@ -41,7 +41,7 @@ from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
 from postcopy.migration.incoming.placement import HugePagePlacement, Placement, placement_for
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
-from postcopy.migration.incoming.swap import RamSwap, can_swap_ram
+from postcopy.migration.incoming.swap import RamSwap, can_swap_ram, register_for_swap
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.prefault import Prefaulter
@@ -420,29 +420,7 @@ class IncomingMigration(MigrationBase):
             return
         assert self._placer is not None
         side = self._swap.side(header.block) if self._swap is not None else None
-        if side is not None:
-            # The side mapping holds this block's stale precopy pages: warm memory, already
-            # allocated, at the same offsets. Reading the run there and moving the pages in
-            # spares the kernel allocating and zeroing a page per UFFDIO_COPY, which is most
-            # of the cost of placing a page on this host.
-            normal_starts, normal_lengths = runs(~header.zero)
-            for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
-                offset = (header.first_page + start) * block.page_size
-                reader.read_data_into(side.view[offset : offset + length * block.page_size])
-            self._placer.place_from_side(header.block, header.first_page, header.zero, side.address)
-            return
-        landing = self._placer.landing(header.block, header.first_page, header.zero)
-        if landing.views is not None:
-            for view in landing.views:  # straight into the page cache (minor-fault mode)
-                reader.read_data_into(view)
-            self._placer.place(header.block, header.first_page, header.zero, None, landing)
-            return
-        staging = self._staging.view[: header.data_length]
-        if header.data_length:
-            reader.read_data_into(staging)
-        self._placer.place(
-            header.block, header.first_page, header.zero, self._staging.address, landing
-        )
+        self._placer.receive_run(reader, header, self._staging, side)
 
     def _stop_prefaulting(self) -> None:
         prefaulter, self._prefaulter = self._prefaulter, None
@@ -526,7 +504,7 @@ class IncomingMigration(MigrationBase):
                 placement = placement_for(block, uffd, self.received[index], minor=minor)
                 self._placements.append(placement)
                 if self._swap_ram:
-                    _register_for_swap(uffd, block)
+                    register_for_swap(uffd, block)
                 else:
                     placement.register()
         except (BackendUnsupported, OSError) as error:
@@ -621,15 +599,7 @@ class IncomingMigration(MigrationBase):
                     )
                 if self._placer is None:
                     raise IncomingError("urgent pages arrived before LISTEN")
-                landing = self._placer.landing(header.block, header.first_page, header.zero)
-                if landing.views is not None:
-                    for view in landing.views:
-                        reader.read_data_into(view)
-                elif header.data_length:
-                    reader.read_data_into(staging.view[: header.data_length])
-                self._placer.place(
-                    header.block, header.first_page, header.zero, staging.address, landing
-                )
+                self._placer.receive_run(reader, header, staging, None)
         except Exception as error:
             if self.status.value == MigrationStatus.POSTCOPY_ACTIVE and not self._all_received():
                 log.error("preempt channel: %s", error)
@@ -698,13 +668,6 @@ def _clip_utf8(text: str, limit: int) -> str:
 def _declared(ram: list[RamBlock]) -> tuple[BlockInfo, ...]:
     """This side's RAM as the handshake declares it, backends included."""
     return tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
-
-
-def _register_for_swap(uffd: UserfaultFd, block: RamBlock) -> None:
-    allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
-    needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE | Ioctl.MOVE
-    if allowed & needed != needed:
-        raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
 
 
 def _check_pool(ram: list[RamBlock]) -> None:

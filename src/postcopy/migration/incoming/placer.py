@@ -15,13 +15,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
+from postcopy.migration.channel import StreamReader
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.placement import Landing, Placement
 from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import Bitmap, RamBlock, runs
-from postcopy.wire import max_run_pages
+from postcopy.wire import RamRunHeader, max_run_pages
 
 STAGING_BYTES = 4 << 20  # a receiver's staging buffer: the largest run's data fits
 
@@ -59,6 +61,32 @@ class PagePlacer:
     def duplicates(self) -> int:
         """Pages that were there already when their copy came (a request raced the push)."""
         return self._duplicates + sum(p.duplicates for p in self.placements)
+
+    def receive_run(
+        self, reader: StreamReader, header: RamRunHeader, staging: Mapping, side: Mapping | None
+    ) -> None:
+        """Read a run's normal pages from the stream to where they land, then place it.
+
+        Into `side`, the block's side mapping (RAM swap), at their own offsets: on top of
+        the stale precopy pages, warm memory already allocated, so that they move in
+        instead of being copied (allocating and zeroing a page per UFFDIO_COPY is most of
+        the cost of placing a page on this host). Else where the block's placement says
+        (the page cache, in minor-fault mode), or back to back into `staging`."""
+        block = self.ram[header.block]
+        if side is not None:
+            starts, lengths = runs(~header.zero)
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                offset = (header.first_page + start) * block.page_size
+                reader.read_data_into(side.view[offset : offset + length * block.page_size])
+            self.place_from_side(header.block, header.first_page, header.zero, side.address)
+            return
+        landing = self.landing(header.block, header.first_page, header.zero)
+        if landing.views is not None:
+            for view in landing.views:  # straight into the page cache (minor-fault mode)
+                reader.read_data_into(view)
+        elif header.data_length:
+            reader.read_data_into(staging.view[: header.data_length])
+        self.place(header.block, header.first_page, header.zero, staging.address, landing)
 
     def landing(self, block_index: int, first_page: int, zero: Bitmap) -> Landing:
         """Where the receiver reads the run's normal pages (see Placement.landing)."""

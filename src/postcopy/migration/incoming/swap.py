@@ -31,6 +31,7 @@ from postcopy.linux.userfaultfd import (
     UserfaultFd,
 )
 from postcopy.migration.incoming.eagain import Retrier
+from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.scheduling import BACKGROUND_NICE, set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs, split_runs
 
@@ -210,3 +211,11 @@ def can_swap_ram(ram: list[RamBlock]) -> bool:
             return bool(allowed & Ioctl.MOVE)
     except OSError:
         return False
+
+
+def register_for_swap(uffd: UserfaultFd, block: RamBlock) -> None:
+    """Register a block whose pages moved out (MISSING, with MOVE for moving them back)."""
+    allowed = uffd.register(block.host_address, block.length, RegisterMode.MISSING)
+    needed = Ioctl.COPY | Ioctl.ZEROPAGE | Ioctl.WAKE | Ioctl.MOVE
+    if allowed & needed != needed:
+        raise IncomingError(f"userfaultfd on block {block.name!r} lacks {needed & ~allowed!r}")
