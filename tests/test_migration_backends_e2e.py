@@ -210,3 +210,106 @@ def test_a_file_backend_off_hugetlbfs_and_tmpfs_cannot_take_postcopy(
     assert "RAM backend file" in info["error-desc"] and "tmpfs" in info["error-desc"]
     assert destination.process.wait(30) == 1  # a destination whose migration failed exits
     assert source.cmd("query-status")["running"]
+
+
+# -- a second process sharing guest RAM ------------------------------------------------------
+
+
+def read_process_memory(pid: int, mapping_name: str, offsets: list[int], size: int) -> list[bytes]:
+    """Pages of another process's mapping (found by name in its maps) via /proc/PID/mem."""
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            if mapping_name in line:
+                start = int(line.split("-", 1)[0], 16)
+                break
+        else:
+            raise AssertionError(f"no {mapping_name} mapping in process {pid}")
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        pages = []
+        for offset in offsets:
+            memory.seek(start + offset)
+            pages.append(memory.read(size))
+    return pages
+
+
+@pytest.mark.parametrize(
+    ("backend", "minor"), [("memfd", False), ("memfd-hugetlb", False), ("memfd", True)]
+)
+def test_a_second_process_reads_unreceived_pages_through_the_request_path(
+    tmp_path: Path, pool: ExitStack, backend: str, minor: bool
+) -> None:
+    """vhost-user's case: a second process maps the same memfd and hands its userfaultfd
+    to the destination; during postcopy it reads 1,000 random pages that have not arrived
+    (the push is held at 1 MiB/s; the guest stays paused on the destination). Each read
+    faults in the second process, is served through the destination's page requests, and
+    is woken after placement; every page must equal the source's."""
+    import hashlib
+    import json
+    import random
+    import subprocess
+    import sys
+
+    from tests.hold import HOLD_RATE
+
+    text = backend_arg(backend, pool)
+    socket_path = tmp_path / "memory.sock"
+    with VmsClosed() as vms:
+        source, destination, uri = start_pair(
+            tmp_path,
+            vms,
+            text,
+            dest_args=("-S", "--x-memory-socket", str(socket_path)),
+        )
+        if minor:
+            destination.cmd("migrate-set-parameters", **{"x-postcopy-minor-faults": True})
+        helper = subprocess.Popen(
+            [sys.executable, "-m", "tests.memclient", str(socket_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        try:
+            assert helper.stdin is not None and helper.stdout is not None
+            hello = json.loads(helper.stdout.readline())
+            assert hello["mode"] == ("minor" if minor else "missing")
+            wait_passes(source, b"B", 1)
+            source.cmd(
+                "migrate-set-parameters",
+                **{"x-postcopy-after-rounds": 0, "max-postcopy-bandwidth": HOLD_RATE},
+            )
+            source.cmd("migrate", uri=uri)
+            destination.wait_migration({"postcopy-active"})
+            pages = random.Random(16).sample(range(256, hello["size"] // 4096), 1000)
+            helper.stdin.write(json.dumps({"read": pages}) + "\n")
+            helper.stdin.flush()
+            answer = json.loads(helper.stdout.readline())
+            during = destination.cmd("query-migrate")
+            assert during["status"] == "postcopy-active"  # the reads happened in postcopy
+            source.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+            assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+            info = destination.wait_migration({"completed", "failed"})
+            assert info["status"] == "completed", info
+            helper.stdin.write(json.dumps({"wait_end": 30}) + "\n")
+            helper.stdin.flush()
+            assert json.loads(helper.stdout.readline()) == {"ended": True}
+            expected = read_process_memory(
+                source.process.pid, "memfd:pc.ram", [page * 4096 for page in pages], 4096
+            )
+            wrong = [
+                page
+                for page, digest, data in zip(pages, answer["digests"], expected, strict=True)
+                if hashlib.sha256(data).hexdigest() != digest
+            ]
+            assert wrong == [], f"{len(wrong)} of 1000 pages differ from the source's"
+            assert answer["longest"] < 5.0
+            # nearly every read was of a page not yet here: it faulted and was requested
+            huge = hello["page_size"] // 4096
+            distinct = len({page // huge for page in pages})
+            assert info["x-shared-faults"] >= 0.9 * distinct
+            assert info["x-postcopy-requests-sent"] >= 0.9 * distinct
+            assert any(data.strip(b"\0") for data in expected)  # memtouch wrote these pages
+        finally:
+            if helper.stdin is not None:
+                helper.stdin.close()
+            helper.wait(30)

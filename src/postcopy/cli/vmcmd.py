@@ -59,6 +59,14 @@ def add_parser(subparsers: Any) -> None:
         "(a file, or a new file in the directory PATH, e.g. a hugetlbfs mount)",
     )
     run.add_argument(
+        "--x-memory-socket",
+        type=Path,
+        metavar="PATH",
+        help="experimental: share the VM's memfd RAM with other processes on this Unix socket "
+        "(they map it and hand over a userfaultfd, as a vhost-user backend does; see "
+        "postcopy.vm.memshare)",
+    )
+    run.add_argument(
         "--share",
         nargs="?",
         const="on",
@@ -306,7 +314,20 @@ def run_vm(args: argparse.Namespace) -> int:
     exit_code = 0
     pid = os.getpid()
     monitor: Any = None
+    memory_share: Any = None
     try:
+        shared = None
+        if args.x_memory_socket is not None:
+            from postcopy.migration.shared import SharedClients
+            from postcopy.vm.memshare import MemoryShareServer
+
+            shared = SharedClients(list(vm.ram))
+            memory_share = MemoryShareServer(
+                str(args.x_memory_socket),
+                vm.ram,
+                shared,
+                lambda: "minor" if monitor.parameters.x_postcopy_minor_faults else "missing",
+            )
         monitor = VmMonitor(
             vm,
             server,
@@ -319,6 +340,7 @@ def run_vm(args: argparse.Namespace) -> int:
             tls_server=tls_server,
             tls_client=tls_client,
             on_quit=quit_event.set,
+            shared=shared,
         )
         for name in args.migrate_capability:
             monitor.capabilities.set(name, True)
@@ -360,6 +382,9 @@ def run_vm(args: argparse.Namespace) -> int:
         server.close()
         if monitor is not None and monitor.incoming is not None:
             monitor.incoming.close()
+        if memory_share is not None:
+            memory_share.close()
+            monitor.shared.close()
         vm.close()
         if console_file is not None:
             console_file.close()

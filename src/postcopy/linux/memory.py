@@ -347,6 +347,21 @@ class Mapping(Closing):
         )
 
     @classmethod
+    def map_fd(cls, fd: int, length: int, *, shared: bool = True) -> Mapping:
+        """Map `length` bytes of an open memfd or file (another process's RAM, received
+        over a socket); the mapping owns `fd` from here on, also if this fails."""
+        try:
+            kind = "hugetlbfs" if filesystem_type(fd) == HUGETLBFS_MAGIC else "memfd"
+            size = file_page_size(fd)
+            _check_length(length, size, "shared")
+            flags = MAP_SHARED if shared else MAP_PRIVATE
+            address = _map(length, PROT_READ | PROT_WRITE, flags, fd, f"fd {fd}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(address, length, page_size=size, kind=kind, shared=shared, fd=fd)
+
+    @classmethod
     def hugetlbfs(
         cls,
         length: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postcopy.linux.memory import EventFd
@@ -93,6 +94,7 @@ class SharedClients:
     def __init__(self, ram: list[RamBlock]) -> None:
         self._ram = ram
         self._clients: list[SharedClient] = []
+        self._end_listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.changed = (
             EventFd()
@@ -135,6 +137,22 @@ class SharedClients:
         """Called after every placed run (postcopy_notify_shared_wake)."""
         for client in self.clients():
             client.wake(block_index, first_page, count)
+
+    def on_end(self, listener: Callable[[], None]) -> None:
+        """Call `listener` when an incoming migration has ended (after `end`)."""
+        self._end_listeners.append(listener)
+
+    def end(self) -> None:
+        """The incoming migration is over and every page is here: unregister the clients'
+        ranges through their userfaultfds (UFFDIO_UNREGISTER acts on the fd's own process,
+        and wakes what still waits there), then tell their listeners (QEMU's INBOUND_END)."""
+        for client in self.clients():
+            for index, base in enumerate(client.bases):
+                if base is not None:
+                    with contextlib.suppress(OSError):
+                        client.uffd.unregister(base, client.lengths[index])
+        for listener in self._end_listeners:
+            listener()
 
     def close(self) -> None:
         with self._lock:

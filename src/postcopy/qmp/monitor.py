@@ -18,6 +18,7 @@ from typing import Any
 from postcopy.migration.incoming import IncomingMigration
 from postcopy.migration.outgoing import MigrationError, OutgoingMigration
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
+from postcopy.migration.shared import SharedClients
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
@@ -45,8 +46,10 @@ class VmMonitor:
         tls_client: TlsClientConfig | None = None,
         trace_path: str | None = None,
         on_quit: Callable[[], None] | None = None,
+        shared: SharedClients | None = None,
     ) -> None:
         self.vm = vm
+        self.shared = shared  # processes sharing the VM's RAM (vm run --x-memory-socket)
         self.server = server
         self.guest = guest
         self.guest_params = list(guest_params)
@@ -228,6 +231,7 @@ class VmMonitor:
                     allow_insecure_network=self.allow_insecure_network,
                     autostart=self.autostart,
                     exit_on_error=exit_on_error,
+                    shared=self.shared,
                 )
                 migration.start()
             except Exception as error:

@@ -617,6 +617,8 @@ class IncomingMigration(MigrationBase):
         self._resume_as_on_the_source()
         assert self._return is not None
         self._return.send(Shut(error=False))
+        if self._shared is not None:
+            self._shared.end()
         self.status.move(MigrationStatus.COMPLETED)
         self._trace("completed")
 
@@ -632,6 +634,8 @@ class IncomingMigration(MigrationBase):
             raise IncomingError("valid precopy pages were still being moved after 30 s")
         self._stop_fault_thread()
         self._release_uffd()
+        if self._shared is not None:
+            self._shared.end()  # the sharing processes' ranges go too: every page is here
         if self._swap is not None:
             self._swap.free_side_mappings()
         for block in self._ram:
