@@ -95,6 +95,9 @@ class Prefaulter:
 
     def _populate(self, block_index: int, first: int, count: int) -> None:
         block = self._ram[block_index]
+        # read while the receiver sets these bits, without a lock: a hint only. A page
+        # that arrives meanwhile is populated for nothing (MADV_POPULATE_WRITE leaves a
+        # present page as it is); this thread stops before LISTEN, when pages can go missing
         missing = ~self._received[block_index][first : first + count]
         starts, lengths = runs(missing)
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):

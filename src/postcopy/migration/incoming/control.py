@@ -408,6 +408,9 @@ class IncomingMigration(MigrationBase):
                 reader.read_data_into(block.page_view(first + start, length))
             held = received
             if prefaulter is not None:
+                # written by the prefault thread, read here without a lock: a page it
+                # populates just after this read stays populated with zeros, the right
+                # content, only not freed
                 held = received | prefaulter.prefaulted[header.block][first : first + count]
             stale_zero = header.zero & held
             if stale_zero.any():
@@ -416,7 +419,7 @@ class IncomingMigration(MigrationBase):
                 zero_starts, zero_lengths = runs(stale_zero)
                 for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
                     block.discard(header.first_page + start, length)
-            received[:] = True
+            received[:] = True  # before LISTEN: the prefaulter's hint is all that reads it
             return
         assert self._placer is not None
         side = self._swap.side(header.block) if self._swap is not None else None
@@ -597,7 +600,7 @@ class IncomingMigration(MigrationBase):
                     raise IncomingError(
                         f"unexpected {type(header).__name__} on the preempt channel"
                     )
-                if self._placer is None:
+                if self._placer is None:  # assigned once, by the receiver at LISTEN
                     raise IncomingError("urgent pages arrived before LISTEN")
                 self._placer.receive_run(reader, header, staging, None)
         except Exception as error:
@@ -607,6 +610,8 @@ class IncomingMigration(MigrationBase):
             staging.close()
 
     def _all_received(self) -> bool:
+        # read by the receiver (and preempt) while the receivers set bits: a bit is set
+        # only after its page is placed, and after LISTEN never cleared
         return all(bool(r.all()) for r in self.received)
 
     def _complete_precopy(self) -> None:

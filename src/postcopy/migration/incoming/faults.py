@@ -80,6 +80,8 @@ class FaultThread:
 
     def set_vcpu_threads(self, thread_ids: list[int]) -> None:
         """The vCPUs' native thread ids (index = vCPU), to charge faults to vCPUs."""
+        # a new dict, assigned once (by the receiver at RUN): the fault thread reads either
+        # the empty one or this one, never a half-built one; a fault before RUN is no vCPU's
         self._tid_to_vcpu = {tid: i for i, tid in enumerate(thread_ids)}
 
     def stop(self) -> None:
@@ -138,7 +140,7 @@ class FaultThread:
                         deferred.append((block_index, page, source))
             for request in coalesce(requests):
                 self._return.send(request)
-                self.requests_sent += 1
+                self.requests_sent += 1  # this thread is its only writer (QMP reads it)
 
     def _locate_event(
         self, event: PageFault, client: SharedClient | None, now: float
@@ -183,6 +185,7 @@ class FaultThread:
         answered EAGAIN, try again later (the vCPU sleeps on until then). A sharing
         process (`client`) is woken once its page is here, now or after placement."""
         swap = self._swap
+        # `_unmoved` is cleared by the mover too, without a lock: see RamSwap.is_unmoved
         if swap is not None and swap.is_unmoved(block_index, page):
             # and the valid pages after it: a guest that touched this one is likely to
             # touch those next, and each fault costs a trip through this thread (no lock
@@ -219,7 +222,7 @@ class FaultThread:
         try again later."""
         try:
             if self._placements[block_index].resolve_fault(page):
-                self.local_zero_faults += 1
+                self.local_zero_faults += 1  # this thread is its only writer
         except RetryError:
             return False
         self._blocktime.placed(block_index, page, 1)

@@ -136,6 +136,10 @@ class PagePlacer:
             self._zeropage(destination, length * page_size, page_size)
 
     def _record(self, block_index: int, first_page: int, count: int) -> None:
+        # Set only now, after the ioctls above placed every page of the run: the fault
+        # thread reads these bits without a lock and resolves a fault on a set one locally
+        # (ZEROPAGE, or WAKE on EEXIST), so a set bit must mean "in guest RAM". Both
+        # receivers may set the same bits (a request raced the push): both write True.
         self.received[block_index][first_page : first_page + count] = True
         with self._lock:
             self.placed_pages += count

@@ -70,6 +70,10 @@ class RamSwap:
         return self._old_mappings[block_index]
 
     def is_unmoved(self, block_index: int, page: int) -> bool:
+        """Read by the fault thread while the mover clears bits, without a lock: bits are
+        only ever cleared, and only after their pages landed in guest RAM, so False means
+        the page is there; a True that is already stale only leads to a second move,
+        which finds a hole and skips it."""
         return bool(self._unmoved[block_index][page])
 
     def start_mover(self) -> None:

@@ -10,8 +10,9 @@ One file per concern, along QEMU's seams:
 - `returnpath`: `ReturnPath`, the `return-path` thread reading REQ_PAGES, PONG and SHUT.
 - `errors`: `MigrationError`, `Cancelled`.
 
-Which thread touches which shared state, and why that is safe without a lock, is in
-docs/ARCHITECTURE.md ("Processes and threads").
+Which thread touches which shared state, and why that is safe without a lock, is the
+table in docs/ARCHITECTURE.md ("Shared state: which thread touches what, and why no
+lock"); each lock-free access says why at its line.
 """
 
 from postcopy.migration.outgoing.control import OutgoingMigration

@@ -449,6 +449,10 @@ class OutgoingMigration(MigrationBase):
             needed_pages[index] += newly_stale.size
         self.needed_at_switchover = sum(needed_pages)
         self.discarded_pages = discarded
+        self.counters.remaining = sum(
+            count * b.page_size for count, b in zip(needed_pages, ram, strict=True)
+        )
+        # from here on the return path may serve requests (and count them) concurrently
         self._pages.set_needed(needed)
         self._trace("discards-sent")
         writer.send(Listen())
@@ -457,9 +461,6 @@ class OutgoingMigration(MigrationBase):
         # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
         # until the destination confirms the guest runs, comes with the Pong
         self.downtime = self._clock() - stop_time
-        self.counters.remaining = sum(
-            count * b.page_size for count, b in zip(needed_pages, ram, strict=True)
-        )
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()

@@ -80,6 +80,8 @@ class PageService:
                     self._serve_queued_requests(writer)
                     if not self._sender.wait_for_bandwidth("postcopy"):
                         continue  # a request came (or the end): serve it first
+                    # read and cleared without a lock while the return path may set it: a
+                    # hint only; a jump lost in between leaves the push where it was
                     jump, self._jump = self._jump, None
                     if jump is not None and jump[0] == index:
                         # continue the push from just after the last requested page
@@ -90,7 +92,7 @@ class PageService:
                         self._sender.send_pages(
                             writer, index, block, sub_start, sub_length, phase="postcopy"
                         )
-                        self._counters.pages_pushed += sub_length
+                        self._counters.pages_pushed += sub_length  # only the push writes it
         self._counters.remaining = 0
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
@@ -122,6 +124,8 @@ class PageService:
         claimed = self._claim(request.block, request.first_page, request.page_count)
         for start, length in claimed:
             self._sender.send_pages(writer, request.block, block, start, length, phase="requested")
+            # one thread serves requests in a given mode (the return path with preempt,
+            # else the push): each of these counters has one writer
             self._counters.pages_requested += length
         if urgent:
             taken = np.ones(request.page_count, dtype=np.bool_)

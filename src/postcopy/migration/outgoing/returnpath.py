@@ -86,7 +86,7 @@ class ReturnPath:
             while True:
                 message = reader.read()
                 if isinstance(message, ReqPages):
-                    self._counters.postcopy_requests += 1
+                    self._counters.postcopy_requests += 1  # this thread is its only writer
                     if self._status.value != MigrationStatus.POSTCOPY_ACTIVE:
                         raise MigrationError("destination requested pages before postcopy")
                     block = self._ram[message.block]

@@ -82,7 +82,7 @@ class RamSender:
         zeros = int(np.count_nonzero(zero))
         with self._counters_lock:
             self._count_sent(count, zeros, size, phase, block.page_size)
-        self._rate.add(size)
+            self._rate.add(size)  # the push and (with preempt) the return path both send
         if phase in ("precopy", "postcopy") and self._limit(phase) > 0:
             self._throttle_bytes += size
         return size
