@@ -357,6 +357,28 @@ def test_configuration_mismatch(tmp_path: Path, vms: list[VmProcess]) -> None:
     assert source.cmd("query-status")["running"]
 
 
+def test_guest_mismatch_is_refused_before_any_ram_moves(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    # the guest is named in the Handshake: memtouch's memory must not be checked by the
+    # scan verifier (it would say ok about memory it does not understand)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    destination = VmProcess(tmp_path, "dst", "--guest", "scan", "--ram", "64M", "--incoming", uri)
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *memtouch())
+    vms.append(source)
+    line = one_line(postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri), "migrate")
+    assert (
+        "guest mismatch: the source runs memtouch(passes=0), this destination expects "
+        "scan(passes=0)"
+    ) in line
+    assert source.cmd("query-status")["running"]
+    assert source.cmd("query-migrate")["ram"]["transferred"] == 0
+    destination.process.wait(10)
+    assert destination.process.returncode == 1
+    assert "guest mismatch" in destination.stderr()
+
+
 # -- a destination that is not waiting for a migration ----------------------------------------
 
 

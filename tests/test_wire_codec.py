@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from postcopy.wire import (
     CLOSED,
     FLAG_BLOCK_NAMED,
+    FLAG_GUEST_NAMED,
     MAIN_MAGIC,
     MAX_DISCARD_RANGES,
     MAX_PAYLOAD,
@@ -208,11 +209,14 @@ def handshakes(draw: st.DrawFn) -> Handshake:
     blocks = draw(st.lists(block_infos(), min_size=1, max_size=64, unique_by=lambda b: b.name))
     smallest = min(b.page_size for b in blocks)
     target = draw(st.sampled_from([p for p in PAGE_SIZES if p <= smallest]))
+    guest = draw(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=60))
+    guest = guest if guest.isprintable() else ""
     return Handshake(
         frozenset(draw(st.lists(capability_names, max_size=64))),
         tuple(blocks),
         draw(st.integers(1, 1024)),
         target,
+        guest,
     )
 
 
@@ -806,6 +810,31 @@ def test_handshake_payload_errors() -> None:
         expect_error(Direction.MAIN, header + frame, match)
     vcpus = raw_frame(0x01, struct.pack(">IIBB", 0, 4096, 0, 1) + good)
     expect_error(Direction.MAIN, header + vcpus, r"Handshake.vcpus=0 out of range \[1, 1024\]")
+
+
+def test_handshake_names_the_guest_behind_a_flag() -> None:
+    header = frames(Direction.MAIN, [])
+    named = Handshake(frozenset(), BLOCKS, 1, guest="memtouch(passes=0)")
+    encoded = Encoder(Direction.MAIN).encode(named)
+    assert encoded[1] == FLAG_GUEST_NAMED
+    assert encoded.endswith(b"\x12memtouch(passes=0)")
+    assert decode_all(Direction.MAIN, header + encoded) == [named]
+    # without a guest the frame is what it always was: no flag, no trailing byte
+    anonymous = Encoder(Direction.MAIN).encode(Handshake(frozenset(), BLOCKS, 1))
+    assert anonymous[1] == 0 and encoded[8:].startswith(anonymous[8:])
+    body = anonymous[8:]
+
+    def flagged(tail: bytes) -> bytes:
+        payload = body + tail
+        return bytes([0x01, FLAG_GUEST_NAMED, 0, 0]) + struct.pack(">I", len(payload)) + payload
+
+    expect_error(Direction.MAIN, header + flagged(b""), r"ends inside the guest name length")
+    expect_error(Direction.MAIN, header + flagged(b"\x00"), r"Handshake.guest.length=0")
+    expect_error(Direction.MAIN, header + flagged(b"\x02\xff\xfe"), r"Handshake.guest=.*UTF-8")
+    expect_error(Direction.MAIN, header + flagged(b"\x02a\n"), r"Handshake.guest='a\\n' is not")
+    expect_error(Direction.MAIN, header + flagged(b"\x05ab"), r"ends inside the guest name")
+    with pytest.raises(ProtocolError, match="longer than 255 bytes"):
+        Handshake(frozenset(), BLOCKS, 1, guest="x" * 256)
 
 
 def test_advise_must_match_the_handshake() -> None:

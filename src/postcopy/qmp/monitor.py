@@ -23,6 +23,7 @@ from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
 from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig
+from postcopy.vm.guests import GUESTS
 from postcopy.vm.machine import MicroVM, RunState
 from postcopy.vm.verify import ram_digest, verify
 
@@ -53,6 +54,8 @@ class VmMonitor:
         self.server = server
         self.guest = guest
         self.guest_params = list(guest_params)
+        # named in the migration's Handshake: a destination expecting another guest refuses
+        self.guest_identity = GUESTS[guest].identity(guest_params) if guest in GUESTS else ""
         self.auth = auth
         self.allow_insecure_network = allow_insecure_network
         self.tls_server = tls_server
@@ -199,6 +202,7 @@ class VmMonitor:
                 on_event=self.emit,
                 auth=auth,
                 tls=tls,
+                guest=self.guest_identity,
             )
             self.outgoing = migration
             migration.start()
@@ -232,6 +236,7 @@ class VmMonitor:
                     autostart=self.autostart,
                     exit_on_error=exit_on_error,
                     shared=self.shared,
+                    guest=self.guest_identity,
                 )
                 migration.start()
             except Exception as error:

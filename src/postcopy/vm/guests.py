@@ -86,6 +86,13 @@ class GuestInfo:
             packed[param.index] = value
         return packed
 
+    def identity(self, params: Sequence[int]) -> str:
+        """What runs in the VM, as both ends of a migration compare it: the name and every
+        parameter, e.g. "memtouch(passes=0)"."""
+        values = list(params) + [0] * len(self.params)
+        named = ",".join(f"{p.name}={values[p.index]}" for p in self.params)
+        return f"{self.name}({named})"
+
     def params_help(self) -> str:
         return "\n".join(
             f"params[{p.index}] {p.name} (default {p.default}): {p.help}" for p in self.params

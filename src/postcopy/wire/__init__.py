@@ -20,6 +20,7 @@ from postcopy.wire.encoder import Encoder
 from postcopy.wire.errors import ProtocolError
 from postcopy.wire.frames import (
     FLAG_BLOCK_NAMED,
+    FLAG_GUEST_NAMED,
     MAIN_MAGIC,
     PROTOCOL_VERSION,
     RETURN_MAGIC,
@@ -40,6 +41,7 @@ from postcopy.wire.messages import (
     MAX_CAPABILITIES,
     MAX_CAPABILITY_NAME_BYTES,
     MAX_DISCARD_RANGES,
+    MAX_GUEST_BYTES,
     MAX_PAGE_SIZE,
     MAX_PAYLOAD,
     MAX_RECV_BITMAP_PAGES,
@@ -81,6 +83,7 @@ from postcopy.wire.state import TRANSITIONS, IncomingState, IncomingStateMachine
 __all__ = [
     "CLOSED",
     "FLAG_BLOCK_NAMED",
+    "FLAG_GUEST_NAMED",
     "FRAME_HEADER_SIZE",
     "MAIN_MAGIC",
     "MAX_BLOCKS",
@@ -89,6 +92,7 @@ __all__ = [
     "MAX_CAPABILITIES",
     "MAX_CAPABILITY_NAME_BYTES",
     "MAX_DISCARD_RANGES",
+    "MAX_GUEST_BYTES",
     "MAX_PAGE_SIZE",
     "MAX_PAYLOAD",
     "MAX_RECV_BITMAP_PAGES",

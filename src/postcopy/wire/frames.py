@@ -50,6 +50,8 @@ RETURN_MAGIC: Final = b"PCPYRET\0"
 PROTOCOL_VERSION: Final = 1
 FLAG_BLOCK_NAMED: Final = 0x01
 """ReqPages flag: the payload names the block (it differs from the previous ReqPages')."""
+FLAG_GUEST_NAMED: Final = 0x01
+"""Handshake flag: the payload ends with the guest's name (u8 length, UTF-8)."""
 
 
 class Direction(enum.Enum):
@@ -114,41 +116,45 @@ def _specs(direction: Direction, *rows: tuple[FrameType, type, int, int]) -> lis
 
 
 # Bounds are of the payload (after the 8-byte frame header; RAM_RUN page data not included).
-_MAINSPECS: Final = _specs(
-    Direction.MAIN,
-    (
+_MAINSPECS: Final = [
+    FrameSpec(
         FrameType.HANDSHAKE,
         Handshake,
+        Direction.MAIN,
         layout.HANDSHAKE_HEAD.size + 2 + layout.MIN_BLOCK_ENTRY,
         MAX_PAYLOAD,
+        FLAG_GUEST_NAMED,
     ),
-    (FrameType.ADVISE, Advise, layout.ADVISE.size, layout.ADVISE.size),
-    (
-        FrameType.RAM_RUN,
-        RamRun,
-        layout.RAM_RUN.size + 1,
-        layout.RAM_RUN.size + (MAX_RUN_PAGES + 7) // 8,
+    *_specs(
+        Direction.MAIN,
+        (FrameType.ADVISE, Advise, layout.ADVISE.size, layout.ADVISE.size),
+        (
+            FrameType.RAM_RUN,
+            RamRun,
+            layout.RAM_RUN.size + 1,
+            layout.RAM_RUN.size + (MAX_RUN_PAGES + 7) // 8,
+        ),
+        (FrameType.END_OF_ROUND, EndOfRound, 4, 4),
+        (FrameType.DEVICE_STATE, DeviceState, 0, MAX_PAYLOAD),
+        (FrameType.PRECOPY_COMPLETE, PrecopyComplete, 0, 0),
+        (
+            FrameType.DISCARD,
+            Discard,
+            layout.DISCARD_HEAD.size + layout.DISCARD_RANGE.size,
+            layout.DISCARD_HEAD.size + MAX_DISCARD_RANGES * layout.DISCARD_RANGE.size,
+        ),
+        (FrameType.LISTEN, Listen, 0, 0),
+        (FrameType.RUN, Run, 0, 0),
+        (FrameType.PACKAGE, Package, FRAME_HEADER_SIZE, MAX_PAYLOAD),
+        (FrameType.POSTCOPY_COMPLETE, PostcopyComplete, 0, 0),
+        (FrameType.RESUME_REQUEST, ResumeRequest, 0, 0),
+        (FrameType.RECV_BITMAP_REQUEST, RecvBitmapRequest, 2, 2),
+        (FrameType.POSTCOPY_RESUME, PostcopyResume, 0, 0),
+        # QEMU's MIG_CMD_PING: the source learns the destination got this far (the answer,
+        # Pong, comes back on the return path).
+        (FrameType.PING, Ping, 4, 4),
     ),
-    (FrameType.END_OF_ROUND, EndOfRound, 4, 4),
-    (FrameType.DEVICE_STATE, DeviceState, 0, MAX_PAYLOAD),
-    (FrameType.PRECOPY_COMPLETE, PrecopyComplete, 0, 0),
-    (
-        FrameType.DISCARD,
-        Discard,
-        layout.DISCARD_HEAD.size + layout.DISCARD_RANGE.size,
-        layout.DISCARD_HEAD.size + MAX_DISCARD_RANGES * layout.DISCARD_RANGE.size,
-    ),
-    (FrameType.LISTEN, Listen, 0, 0),
-    (FrameType.RUN, Run, 0, 0),
-    (FrameType.PACKAGE, Package, FRAME_HEADER_SIZE, MAX_PAYLOAD),
-    (FrameType.POSTCOPY_COMPLETE, PostcopyComplete, 0, 0),
-    (FrameType.RESUME_REQUEST, ResumeRequest, 0, 0),
-    (FrameType.RECV_BITMAP_REQUEST, RecvBitmapRequest, 2, 2),
-    (FrameType.POSTCOPY_RESUME, PostcopyResume, 0, 0),
-    # QEMU's MIG_CMD_PING: the source learns the destination got this far (the answer,
-    # Pong, comes back on the return path).
-    (FrameType.PING, Ping, 4, 4),
-)
+]
 _RETURNSPECS: Final = [
     FrameSpec(
         FrameType.REQ_PAGES,

@@ -45,6 +45,7 @@ MAX_VCPUS: Final = 1024
 MAX_CAPABILITIES: Final = 64
 MAX_CAPABILITY_NAME_BYTES: Final = 64
 MAX_BACKEND_NAME_BYTES: Final = 32
+MAX_GUEST_BYTES: Final = 255
 MAX_SHUT_REASON_BYTES: Final = 1024
 U16_MAX: Final = (1 << 16) - 1
 U32_MAX: Final = (1 << 32) - 1
@@ -210,12 +211,16 @@ class BlockInfo:
 
 @dataclass(frozen=True, slots=True)
 class Handshake:
-    """First frame of the main stream: capabilities and the VM configuration to expect."""
+    """First frame of the main stream: capabilities and the VM configuration to expect.
+
+    `guest` names what runs in the VM (e.g. "memtouch(passes=0)"; "" when not known), so
+    that a destination expecting another guest refuses the stream before any RAM moves."""
 
     capabilities: frozenset[str]
     blocks: tuple[BlockInfo, ...]
     vcpus: int
     target_page_size: int = 4096
+    guest: str = ""
 
     def __post_init__(self) -> None:
         capabilities = self.capabilities
@@ -256,6 +261,13 @@ class Handshake:
             raise ProtocolError("Handshake.blocks", duplicate, "is declared twice")
         _set(self, "blocks", blocks)
         _set(self, "vcpus", _integer("Handshake", "vcpus", self.vcpus, 1, MAX_VCPUS))
+        guest = self.guest
+        if not isinstance(guest, str) or not guest.isprintable():
+            raise ProtocolError("Handshake.guest", guest, "is not printable text")
+        if len(guest.encode()) > MAX_GUEST_BYTES:
+            raise ProtocolError(
+                "Handshake.guest", guest, f"is longer than {MAX_GUEST_BYTES} bytes of UTF-8"
+            )
         target = _page_size("Handshake", "target_page_size", self.target_page_size)
         _set(self, "target_page_size", target)
         for block in blocks:

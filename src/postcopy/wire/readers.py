@@ -21,6 +21,7 @@ from postcopy.wire.checks import check_ram_run
 from postcopy.wire.errors import ProtocolError
 from postcopy.wire.frames import (
     FLAG_BLOCK_NAMED,
+    FLAG_GUEST_NAMED,
     PACKAGE_INNER,
     Direction,
     FrameType,
@@ -32,6 +33,7 @@ from postcopy.wire.messages import (
     MAX_BLOCK_NAME_BYTES,
     MAX_CAPABILITY_NAME_BYTES,
     MAX_DISCARD_RANGES,
+    MAX_GUEST_BYTES,
     MAX_RECV_BITMAP_PAGES,
     MAX_RUN_PAGES,
     Advise,
@@ -153,6 +155,12 @@ def _read_handshake(ctx: StreamContext, flags: int, payload: bytes | memoryview)
         name = _utf8("BlockInfo.name", reader.raw(length, "a block name"))
         block_length, page_size = reader.unpack(layout.BLOCK_TAIL, "a block's length and page size")
         blocks.append(BlockInfo(name, block_length, page_size))
+    guest = ""
+    if flags & FLAG_GUEST_NAMED:
+        length = reader.u8("the guest name length")
+        if not 1 <= length <= MAX_GUEST_BYTES:
+            raise ProtocolError("Handshake.guest.length", length, "bytes is out of range")
+        guest = _utf8("Handshake.guest", reader.raw(length, "the guest name"))
     if not reader.at_end():
         # the optional tail: every block's backend, in block order
         for index, block in enumerate(blocks):
@@ -164,7 +172,7 @@ def _read_handshake(ctx: StreamContext, flags: int, payload: bytes | memoryview)
                 raise ProtocolError("BlockInfo.backend", raw, "is not ASCII")
             blocks[index] = BlockInfo(block.name, block.length, block.page_size, raw.decode())
     reader.end()
-    return Handshake(frozenset(capabilities), tuple(blocks), vcpus, target_page_size)
+    return Handshake(frozenset(capabilities), tuple(blocks), vcpus, target_page_size, guest)
 
 
 def _read_advise(ctx: StreamContext, flags: int, payload: bytes | memoryview) -> Advise:

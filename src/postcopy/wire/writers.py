@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from postcopy.wire import layout
-from postcopy.wire.frames import FLAG_BLOCK_NAMED, FrameType
+from postcopy.wire.frames import FLAG_BLOCK_NAMED, FLAG_GUEST_NAMED, FrameType
 from postcopy.wire.messages import (
     Advise,
     DeviceState,
@@ -62,12 +62,17 @@ def _write_handshake(encoder: Encoder, message: Handshake) -> tuple[int, bytes]:
             raw,
             layout.BLOCK_TAIL.pack(block.length, block.page_size),
         )
+    flags = 0
+    if message.guest:
+        raw = message.guest.encode("utf-8")
+        parts += (layout.U8.pack(len(raw)), raw)
+        flags = FLAG_GUEST_NAMED
     if any(block.backend for block in message.blocks):
         # the optional tail: every block's backend, in block order
         for block in message.blocks:
             raw = block.backend.encode("ascii")
             parts += (layout.U8.pack(len(raw)), raw)
-    return 0, b"".join(parts)
+    return flags, b"".join(parts)
 
 
 def _write_advise(encoder: Encoder, message: Advise) -> tuple[int, bytes]:

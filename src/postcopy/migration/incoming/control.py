@@ -101,6 +101,7 @@ class IncomingMigration(MigrationBase):
         allow_insecure_network: bool = False,
         autostart: bool = True,
         exit_on_error: bool = True,
+        guest: str = "",
         clock: Clock = time.monotonic,
         shared: SharedClients | None = None,
     ) -> None:
@@ -115,6 +116,7 @@ class IncomingMigration(MigrationBase):
         # QEMU's migrate-incoming exit-on-error: once a source has passed the handshake, a
         # failure ends the process (True) or leaves it up with status failed (False)
         self.exit_on_error = exit_on_error
+        self.guest = guest  # the guest this destination expects ("" = any)
         self.refused_connections = 0  # peers dropped in their handshake (x-refused-connections)
         self._refused_lock = threading.Lock()
         self.peer_capabilities: frozenset[str] = frozenset()
@@ -384,6 +386,11 @@ class IncomingMigration(MigrationBase):
                 f"{self.machine.vcpu_count} vCPUs"
             )
             raise IncomingError(reason)
+        if self.guest and handshake.guest and handshake.guest != self.guest:
+            raise IncomingError(
+                f"guest mismatch: the source runs {handshake.guest}, this destination "
+                f"expects {self.guest} (start it with the source's guest and parameters)"
+            )
         wanted = {"postcopy-ram", "postcopy-preempt"} & set(handshake.capabilities)
         for name in sorted(wanted):
             if not self.capabilities[name]:

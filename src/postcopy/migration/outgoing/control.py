@@ -77,11 +77,13 @@ class OutgoingMigration(MigrationBase):
         on_event: EventSink | None = None,
         auth: AuthConfig | None = None,
         tls: TlsClientConfig | None = None,
+        guest: str = "",
         clock: Clock = time.monotonic,
     ) -> None:
         super().__init__(capabilities, on_event, clock)
         self.machine = machine
         self.uri = uri
+        self.guest = guest  # what runs in the VM, named in the Handshake ("" = not known)
         self.parameters = parameters
         self.auth = auth
         self.tls = tls
@@ -244,7 +246,10 @@ class OutgoingMigration(MigrationBase):
         main.send_stream_header()
         main.send(
             Handshake(
-                capabilities=self.capabilities.names(), blocks=blocks, vcpus=self.machine.vcpu_count
+                capabilities=self.capabilities.names(),
+                blocks=blocks,
+                vcpus=self.machine.vcpu_count,
+                guest=self.guest,
             )
         )
         if postcopy:
@@ -270,6 +275,7 @@ class OutgoingMigration(MigrationBase):
                     capabilities=self.capabilities.names(),
                     blocks=blocks,
                     vcpus=self.machine.vcpu_count,
+                    guest=self.guest,
                 )
             )
             self._pages.set_urgent_channel(urgent)
