@@ -41,6 +41,7 @@ from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
 from postcopy.migration.incoming.placement import HugePagePlacement, Placement, placement_for
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
+from postcopy.migration.incoming.strangers import RefusalCounter, wait_for_source
 from postcopy.migration.incoming.swap import RamSwap, can_swap_ram, register_for_swap
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
@@ -51,12 +52,10 @@ from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.ram import RamBlock, runs
 from postcopy.transport import (
-    MAIN_CHANNEL,
     AuthConfig,
     Connection,
     Listener,
     TlsServerConfig,
-    TransportError,
     listen,
 )
 from postcopy.wire import (
@@ -74,7 +73,6 @@ from postcopy.wire import (
     Pong,
     PostcopyComplete,
     PrecopyComplete,
-    ProtocolError,
     RamRunHeader,
     Run,
     Shut,
@@ -117,8 +115,8 @@ class IncomingMigration(MigrationBase):
         # failure ends the process (True) or leaves it up with status failed (False)
         self.exit_on_error = exit_on_error
         self.guest = guest  # the guest this destination expects ("" = any)
-        self.refused_connections = 0  # peers dropped in their handshake (x-refused-connections)
-        self._refused_lock = threading.Lock()
+        # peers dropped in their handshake (x-refused-connections)
+        self._refused = RefusalCounter(lambda: self.bound_uri or self.uri)
         self.peer_capabilities: frozenset[str] = frozenset()
         ram = list(machine.ram)
         self._ram = ram
@@ -177,7 +175,7 @@ class IncomingMigration(MigrationBase):
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
-        info["x-refused-connections"] = self.refused_connections
+        info["x-refused-connections"] = self._refused.count
         if self.status.value == MigrationStatus.NONE:
             return info
         now = self.end_time if self.end_time is not None else self._clock()
@@ -233,7 +231,10 @@ class IncomingMigration(MigrationBase):
 
     def _run(self) -> None:
         try:
-            reader, handshake = self._wait_for_source()
+            assert self._listener is not None
+            self._main, self._return, reader, handshake = wait_for_source(
+                self._listener, self._refused
+            )
             self.start_time = self._clock()
             self.status.move(MigrationStatus.SETUP)
             self._receive(reader, handshake)
@@ -270,61 +271,6 @@ class IncomingMigration(MigrationBase):
             if self.status.value == MigrationStatus.NONE:
                 self.status.move(MigrationStatus.SETUP)
             self.status.move(MigrationStatus.FAILED)
-
-    def _wait_for_source(self) -> tuple[StreamReader, Handshake]:
-        """Accept until a peer passes the whole handshake, and return its stream.
-
-        The transport's part (hello, key, TLS) runs in the listener, several peers at once,
-        so a silent one cannot hold back the source behind it; the stream's part (its
-        header and the Handshake frame) runs here within the same time limit. A peer that
-        fails either before any RAM is written (a port scan, a health check, garbage, a
-        wrong key) is a stranger: dropped with one log line, counted, and the destination
-        goes on waiting. What comes after is the migration's, and ends it."""
-        assert self._listener is not None
-        while True:
-            connection = self._listener.accept(None)
-            try:
-                if connection.channel != MAIN_CHANNEL:
-                    raise IncomingError(
-                        f"{connection.peer} opened a {connection.channel} channel of a "
-                        "migration that is not running here"
-                    )
-                connection.set_timeout(self._listener.handshake_timeout)
-                writer = StreamWriter(connection, Direction.RETURN)
-                writer.send_stream_header()
-                # no blocks of ours in the context: a source whose Handshake declares other
-                # blocks is not a stranger but the wrong VM, a failed migration
-                # (_check_configuration); the context takes the blocks from the Handshake
-                reader = StreamReader(connection, Direction.MAIN, StreamContext(Direction.MAIN))
-                reader.read_stream_header()
-                handshake = reader.read()
-                if not isinstance(handshake, Handshake):
-                    raise IncomingError(
-                        f"{connection.peer} began its stream with {type(handshake).__name__}, "
-                        "not a handshake"
-                    )
-                connection.set_timeout(None)
-            except TimeoutError:
-                connection.close()
-                self._refused(
-                    IncomingError(
-                        f"source {connection.peer} sent no stream header and handshake within "
-                        f"{self._listener.handshake_timeout} s"
-                    )
-                )
-                continue
-            except (IncomingError, ProtocolError, OSError, TransportError) as error:
-                connection.close()
-                self._refused(error)
-                continue
-            self._main, self._return = connection, writer
-            return reader, handshake
-
-    def _refused(self, error: Exception) -> None:
-        """A peer failed the handshake: one line, one count, and we go on waiting."""
-        with self._refused_lock:
-            self.refused_connections += 1
-        log.warning("refused a connection to %s: %s", self.bound_uri or self.uri, error)
 
     def _receive(self, reader: StreamReader, handshake: Handshake) -> None:
         assert self._main is not None and self._return is not None
