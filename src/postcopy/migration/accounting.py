@@ -22,9 +22,10 @@ follows QEMU 7.2's definition, cited by file and function:
 - `mbps`, `pages-per-second`: rates over the last window of at least 100 ms (BUFFER_DELAY,
   migration_update_counters), not averages since the start; at completion `mbps` becomes
   the average over total-time minus setup-time (migration_calculate_complete) and
-  `pages-per-second` keeps its last value. QEMU counts all bytes of the main channel here
+  `pages-per-second` keeps its last value. QEMU counts every byte of the main channel here
   (migration_total_bytes), so the preempt channel's urgent pages are missing from its
-  `mbps`; ours counts every channel.
+  `mbps`; ours counts the RAM bytes of both channels (device state and commands, a few
+  KiB, are left out).
 - `expected-downtime`: ms, the bytes dirty at the last sync over the bandwidth of the last
   window (migration_update_counters), recomputed only once a dirty-pages-rate exists and
   more than 10000 bytes went in the window; 0 before; present until completion.
@@ -67,7 +68,7 @@ class Accounting:
         self._window_start: float | None = None
         self._window_bytes = 0
         self._window_pages = 0
-        self.total_bytes = 0  # every byte this side sent, RAM or not (migration_total_bytes)
+        self.total_bytes = 0  # RAM bytes sent on every channel (QEMU: migration_total_bytes)
 
     def start(self) -> None:
         """The migration thread starts (migration_thread: update_iteration_initial_status)."""
@@ -76,9 +77,10 @@ class Accounting:
             self._window_bytes = self.total_bytes
             self._window_pages = self._pages()
 
-    def sync(self, newly_dirty_pages: int, dirty_pages: int) -> int:
+    def sync(self, newly_dirty_pages: int, dirty_bytes: int) -> int:
         """A dirty-bitmap sync found `newly_dirty_pages` that were not already pending;
-        `dirty_pages` are pending now. Returns the pass number MIGRATION_PASS carries."""
+        the pages pending now hold `dirty_bytes`. Returns the pass number MIGRATION_PASS
+        carries."""
         with self._lock:
             counters = self.counters
             counters.dirty_sync_count += 1
@@ -86,7 +88,7 @@ class Accounting:
             if self._period_start is None:
                 self._period_start = now
             self._period_pages += newly_dirty_pages
-            counters.remaining = dirty_pages * counters.page_size
+            counters.remaining = dirty_bytes
             self._dirty_bytes_at_sync = counters.remaining
             # whole milliseconds, as QEMU's clock: the rate needs a period over 1000 ms
             elapsed_ms = int(now * 1000) - int(self._period_start * 1000)
@@ -96,10 +98,13 @@ class Accounting:
                 self._period_pages = 0
             return counters.dirty_sync_count
 
-    def sent(self, pages: int, zero_pages: int, size: int, phase: str) -> None:
-        """`pages` left in one run (`zero_pages` of them as markers), `size` bytes on the
-        wire, in `phase`: "precopy" (guest running), "downtime" (stopped, precopy
-        completion), "postcopy" or "requested" (after the switch)."""
+    def sent(
+        self, pages: int, zero_pages: int, size: int, phase: str, page_size: int | None = None
+    ) -> None:
+        """`pages` (of `page_size`, default the target page) left in one run, `zero_pages`
+        of them as markers, `size` bytes on the wire, in `phase`: "precopy" (guest
+        running), "downtime" (stopped, precopy completion), "postcopy" or "requested"
+        (after the switch)."""
         with self._lock:
             counters = self.counters
             counters.duplicate += zero_pages
@@ -111,14 +116,11 @@ class Accounting:
                 counters.downtime_bytes += size
             else:
                 counters.postcopy_bytes += size
-            counters.remaining = max(counters.remaining - pages * counters.page_size, 0)
+            counters.remaining = max(
+                counters.remaining - pages * (page_size or counters.page_size), 0
+            )
             self.total_bytes += size
             self._update(self._clock())
-
-    def sent_other(self, size: int) -> None:
-        """Bytes that are not RAM pages (device state, commands): throughput, not `transferred`."""
-        with self._lock:
-            self.total_bytes += size
 
     def update(self) -> None:
         """Recompute the window's rates if the window is long enough (also called on idle

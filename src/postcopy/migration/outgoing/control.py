@@ -97,12 +97,10 @@ class OutgoingMigration(MigrationBase):
         self.setup_time = 0.0
         self.downtime: float | None = None
         self.downtime_to_run: float | None = None
-        self.expected_downtime = 0.0
         self.postcopy_start: float | None = None
         self._cancel = threading.Event()
         self._postcopy_requested = threading.Event()
         self._ping_value = RUN_PING
-        self._last_sync = 0.0
         self.needed_at_switchover = 0
         self.discarded_pages = 0
         self.stop_time = 0.0
@@ -169,9 +167,11 @@ class OutgoingMigration(MigrationBase):
                 "requested-pages": self.counters.pages_requested,
                 "resent-pages": self.counters.pages_resent,
             }
-        elif not self.finished:
-            info["expected-downtime"] = int(self.expected_downtime * 1000)
-        info["ram"] = self.counters.as_qmp(max(elapsed - self.setup_time, 1e-9))
+        if not self.finished:
+            # QEMU's populate_time_info: until completion, in postcopy too
+            info["expected-downtime"] = self._sender.accounting.expected_downtime_ms
+        info["ram"] = self.counters.as_qmp()
+        info["ram"]["x-pages-not-read"] = self._sender.pages_not_read
         info["x-rounds"] = self.rounds
         if self.error:
             info["error-desc"] = self.error
@@ -187,6 +187,7 @@ class OutgoingMigration(MigrationBase):
         finally:
             if self.end_time is None:
                 self.end_time = self._clock()
+            self._sender.close()
             for connection in (self._preempt, self._main):
                 if connection is not None:
                     connection.close()
@@ -279,13 +280,19 @@ class OutgoingMigration(MigrationBase):
                 )
             )
             self._pages.set_urgent_channel(urgent)
-        self.setup_time = self._clock() - self.start_time
-        self.machine.start_dirty_log()
-        self.status.move(MigrationStatus.ACTIVE)
-        self._sender.restart_throttle()
-
         sent = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
         dirty = [np.ones(block.pages, dtype=np.bool_) for block in ram]
+        self.machine.start_dirty_log()
+        # QEMU syncs once in setup (ram_init_bitmaps): every page is pending already, but
+        # the sync counts, so dirty-sync-count is 1 during the first pass and a management
+        # tool waiting for 2 switches right after it (accounting.py)
+        for pending, found in zip(dirty, self._sync_dirty(), strict=True):
+            pending |= found
+        self._count_sync(0, self._pending_bytes(dirty))
+        self.setup_time = self._clock() - self.start_time
+        self.status.move(MigrationStatus.ACTIVE)
+        self._sender.restart_throttle()
+        self._sender.accounting.start()
         previous_remaining: int | None = None
         while True:
             self._check_cancel()
@@ -302,16 +309,13 @@ class OutgoingMigration(MigrationBase):
                 self._postcopy(main, sent, dirty)
                 return
             main.send(EndOfRound(self.rounds))
-            if self.capabilities["events"]:
-                self._emit("MIGRATION_PASS", {"pass": self.rounds})
-            sync_started = self._clock()
-            dirty = self._sync_dirty(sync_started)
-            remaining = sum(
-                int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True)
+            dirty = self._sync_dirty()
+            # the round sent every pending page: all that the sync found is newly dirty
+            self._count_sync(
+                sum(int(np.count_nonzero(d)) for d in dirty), self._pending_bytes(dirty)
             )
-            self.counters.remaining = remaining
+            remaining = self.counters.remaining
             bandwidth = max(self._sender.bandwidth(), 1.0)
-            self.expected_downtime = remaining / bandwidth
             self._trace(
                 "round-end",
                 round=self.rounds,
@@ -323,7 +327,8 @@ class OutgoingMigration(MigrationBase):
                 self._postcopy(main, sent, dirty)
                 return
             max_rounds = self.parameters.x_max_rounds
-            converged = self.expected_downtime * 1000 <= self.parameters.downtime_limit
+            # QEMU's test (migration_iteration_run): pending below bandwidth x downtime-limit
+            converged = remaining / bandwidth * 1000 <= self.parameters.downtime_limit
             if converged or (max_rounds and self.rounds >= max_rounds and not postcopy):
                 self._complete_precopy(main, dirty)
                 return
@@ -346,17 +351,26 @@ class OutgoingMigration(MigrationBase):
             and remaining >= previous * 0.95
         )
 
-    def _sync_dirty(self, now: float, *, final: bool = False) -> list[Bitmap]:
+    def _sync_dirty(self, *, final: bool = False) -> list[Bitmap]:
+        """The pages the guest wrote since the last sync (KVM's dirty log)."""
         # the final sync happens with the guest stopped: nothing to protect again
         by_name = self.machine.sync_dirty_log(rearm=not final)
-        dirty = [by_name[block.name] for block in self.machine.ram]
-        self.counters.dirty_sync_count += 1
-        pages = sum(int(np.count_nonzero(d)) for d in dirty)
-        since = self._last_sync or self.start_time
-        self._last_sync = now
-        if now > since:
-            self.counters.dirty_pages_rate = int(pages / (now - since))
-        return dirty
+        return [by_name[block.name] for block in self.machine.ram]
+
+    def _pending_bytes(self, pending: list[Bitmap]) -> int:
+        ram = self.machine.ram
+        return sum(
+            int(np.count_nonzero(p)) * b.page_size for p, b in zip(pending, ram, strict=True)
+        )
+
+    def _count_sync(self, newly_dirty: int, pending_bytes: int) -> None:
+        """Account a sync as QEMU does (migration_bitmap_sync): `newly_dirty` pages found
+        that were not pending yet, `pending_bytes` to send now; MIGRATION_PASS."""
+        self._emit_pass(self._sender.accounting.sync(newly_dirty, pending_bytes))
+
+    def _emit_pass(self, number: int) -> None:
+        if self.capabilities["events"]:
+            self._emit("MIGRATION_PASS", {"pass": number})
 
     def _send_round(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> bool:
         """Send every dirty page; returns True if postcopy was requested meanwhile."""
@@ -403,8 +417,10 @@ class OutgoingMigration(MigrationBase):
         self.status.move(MigrationStatus.DEVICE)
         stop_time = self._stop_vm()
         self._trace("stop", phase="precopy")
-        final = self._sync_dirty(self._clock(), final=True)
+        final = self._sync_dirty(final=True)
+        newly = sum(int(np.count_nonzero(f & ~p)) for p, f in zip(pending, final, strict=True))
         dirty = [p | f for p, f in zip(pending, final, strict=True)]
+        self._count_sync(newly, self._pending_bytes(dirty))
         for index, block in enumerate(self.machine.ram):
             run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
             starts, lengths = split_runs(*runs(dirty[index]), run_pages)
@@ -419,6 +435,11 @@ class OutgoingMigration(MigrationBase):
         self.downtime = self.downtime_to_run = self._clock() - stop_time
         self._trace("destination-running")
         self.machine.stop_dirty_log()
+        self._complete()
+
+    def _complete(self) -> None:
+        self._sender.accounting.complete(self._clock() - self.start_time, self.setup_time)
+        self._sender.close()  # before the status: the monitor marks postmigrate at our end
         self.status.move(MigrationStatus.COMPLETED)
 
     # -- postcopy ------------------------------------------------------------------------------
@@ -444,10 +465,12 @@ class OutgoingMigration(MigrationBase):
         stop_time = self._stop_vm()
         self.postcopy_start = stop_time
         self._trace("stop", phase="postcopy")
-        final = self._sync_dirty(self._clock(), final=True)
+        final = self._sync_dirty(final=True)
         self._trace("final-sync")
+        newly_dirty = 0
         for index in range(len(ram)):
             newly_stale = np.flatnonzero(final[index] & ~needed[index])
+            newly_dirty += newly_stale.size
             for group in page_ranges(newly_stale):
                 writer.send(Discard(index, group))
                 discarded += sum(count for _, count in group)
@@ -455,8 +478,11 @@ class OutgoingMigration(MigrationBase):
             needed_pages[index] += newly_stale.size
         self.needed_at_switchover = sum(needed_pages)
         self.discarded_pages = discarded
-        self.counters.remaining = sum(
-            count * b.page_size for count, b in zip(needed_pages, ram, strict=True)
+        # the final sync counts as QEMU's does (ram_postcopy_send_discard_bitmap syncs); it
+        # sets `remaining`, which must happen before the return path can serve requests
+        sync_number = self._sender.accounting.sync(
+            newly_dirty,
+            sum(count * b.page_size for count, b in zip(needed_pages, ram, strict=True)),
         )
         # from here on the return path may serve requests (and count them) concurrently
         self._pages.set_needed(needed)
@@ -468,6 +494,7 @@ class OutgoingMigration(MigrationBase):
         # until the destination confirms the guest runs, comes with the Pong
         self.downtime = self._clock() - stop_time
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
+        self._emit_pass(sync_number)  # outside the downtime
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
         self._sender.restart_throttle()
@@ -479,7 +506,7 @@ class OutgoingMigration(MigrationBase):
         shut = self._wait_shut()
         if shut.error:
             raise MigrationError(f"destination failed in postcopy: {shut.reason}")
-        self.status.move(MigrationStatus.COMPLETED)
+        self._complete()
 
     def _wait_pong(self, value: int) -> None:
         self._return_path.wait_pong(value, self._check_cancel)

@@ -2,22 +2,27 @@
 
 Owns `RamSender`: every run of pages the source sends (precopy rounds, the downtime's last
 pages, the postcopy push, requested pages) goes through `send_pages`, which finds its zero
-pages, sends one RAM_RUN frame, counts it in `RamCounters` (QEMU's MigrationStats.ram) and
-the rate meter, and keeps to max-bandwidth / max-postcopy-bandwidth (QEMU's ram.c
-ram_save_host_page and the migration rate limit).
+pages (asking the kernel which pages were never touched, ram.touched, so that those are not
+read), sends one RAM_RUN frame, counts it with QEMU's rules (migration.accounting, over
+`RamCounters`: QEMU's MigrationStats.ram) and in the rate meter, and keeps to max-bandwidth /
+max-postcopy-bandwidth (QEMU's ram.c ram_save_host_page and the migration rate limit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
 import numpy as np
 
+from postcopy.linux.pagemap import Pagemap
+from postcopy.migration.accounting import Accounting
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.parameters import Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter
-from postcopy.ram import RamBlock, RamList, zero_pages
+from postcopy.ram import RamBlock, RamList
+from postcopy.ram.touched import ZeroPageFinder
 from postcopy.wire import max_run_pages
 
 
@@ -46,11 +51,25 @@ class RamSender:
         self._clock = clock
         self._give_up = give_up
         self.counters = RamCounters(total=ram.total_bytes, page_size=min(b.page_size for b in ram))
+        self.accounting = Accounting(self.counters, clock)
         self._rate = RateMeter(clock)
-        self._counters_lock = threading.Lock()
+        self._counters_lock = threading.Lock()  # the rate meter's (Accounting has its own)
         self._throttle_start = 0.0
         self._throttle_bytes = 0
         self._wake = threading.Event()
+        self._pagemap: Pagemap | None = None
+        with contextlib.suppress(OSError):  # no /proc: every page is read
+            self._pagemap = Pagemap()
+        self._zero = {id(block): ZeroPageFinder(block, self._pagemap) for block in ram}
+
+    def close(self) -> None:
+        if self._pagemap is not None:
+            self._pagemap.close()
+
+    @property
+    def pages_not_read(self) -> int:
+        """Pages found zero without being read: the process never touched them."""
+        return sum(finder.pages_skipped for finder in self._zero.values())
 
     def restart_throttle(self) -> None:
         """The bandwidth limit counts from now (start of precopy, start of the push)."""
@@ -77,27 +96,14 @@ class RamSender:
         if self.parameters.zero_page_detection == "none":
             zero = np.zeros(count, dtype=np.bool_)
         else:
-            zero = zero_pages(block.page_view(first, count), block.page_size)
+            zero = self._zero[id(block)].zero_pages(first, count)
         size = writer.send_ram_run(index, block, first, zero)
-        zeros = int(np.count_nonzero(zero))
+        self.accounting.sent(count, int(np.count_nonzero(zero)), size, phase, block.page_size)
         with self._counters_lock:
-            self._count_sent(count, zeros, size, phase, block.page_size)
             self._rate.add(size)  # the push and (with preempt) the return path both send
         if phase in ("precopy", "postcopy") and self._limit(phase) > 0:
             self._throttle_bytes += size
         return size
-
-    def _count_sent(self, count: int, zeros: int, size: int, phase: str, page_size: int) -> None:
-        self.counters.duplicate += zeros
-        self.counters.normal += count - zeros
-        self.counters.transferred += size
-        if phase == "precopy":
-            self.counters.precopy_bytes += size
-        elif phase == "downtime":
-            self.counters.downtime_bytes += size
-        else:
-            self.counters.postcopy_bytes += size
-        self.counters.remaining = max(self.counters.remaining - count * page_size, 0)
 
     def interrupt_wait(self) -> None:
         """End a `wait_for_bandwidth` now: a page request was queued, or postcopy was asked

@@ -1,0 +1,110 @@
+"""A migration driven as libvirt drives QEMU's: the switch to postcopy comes right after
+the first precopy pass, because our counters mean what QEMU's mean.
+
+libvirt polls query-migrate every 10 ms and sends migrate-start-postcopy once
+`dirty-sync-count` reaches 2 (virsh --postcopy-after-precopy does it on the MIGRATION_PASS
+event with pass 2). QEMU counts its setup sync, so 2 means "the first pass is over"; with a
+count that started at 0 a tool would switch a whole pass later. The source's precopy is
+capped at 128 MiB/s, so a pass of the 256 MiB guest takes two seconds: a switch that came a
+pass late, or more than a fraction of a second late, shows in the bytes sent before it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_migration_e2e import start_pair, stop_and_verify, wait_passes
+from tests.vmprocess import VmProcess
+
+pytestmark = pytest.mark.timeout(240)
+
+RAM = 256 << 20
+CAP = 128 << 20  # bytes/s: a precopy pass takes 2 s
+POLL = 0.010  # libvirt's interval
+SWITCH_AT = 2
+
+
+def _events(vm: VmProcess, wait: float) -> list[dict[str, Any]]:
+    """The events that arrived, waiting up to `wait` seconds for one."""
+    try:
+        return vm.qmp.get_events(wait=wait)
+    except TimeoutError:
+        return []
+
+
+def _migrate_with_cap(tmp_path: Path, vms: list[VmProcess], *caps: str) -> tuple[VmProcess, ...]:
+    source, destination, uri = start_pair(
+        tmp_path, vms, caps=("postcopy-ram", "postcopy-blocktime", *caps)
+    )
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": CAP})
+    wait_passes(source, b"B", 1)
+    source.cmd("migrate", uri=uri)
+    return source, destination
+
+
+def _check_switch_right_after_the_first_pass(
+    source: VmProcess, destination: VmProcess, info: dict[str, Any]
+) -> None:
+    assert info["status"] == "completed", info
+    ram = info["ram"]
+    # postcopy really happened
+    assert ram["postcopy-bytes"] > 0 and "x-postcopy" in info
+    # one pass (every page of memtouch has data), and at most a quarter of the next one:
+    # half a second at the cap, against the 10 ms a poll takes
+    assert 0.9 * RAM < ram["precopy-bytes"] < 1.25 * RAM, ram
+    assert info["x-rounds"] == 2  # the second pass had begun when the switch came
+    # setup, end of the first pass, and the switchover's final sync (QEMU's three)
+    assert ram["dirty-sync-count"] == 3
+    destination.wait_migration({"completed"})
+    stop_and_verify(destination)
+
+
+def test_switch_on_dirty_sync_count_comes_right_after_the_first_pass(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    source, destination = _migrate_with_cap(tmp_path, vms)
+    counts: list[int] = []  # dirty-sync-count of each poll while active
+    switched = False
+    deadline = time.monotonic() + 120
+    while True:
+        info = source.cmd("query-migrate")
+        if info["status"] in ("completed", "failed", "cancelled"):
+            break
+        if info["status"] == "active":
+            counts.append(info["ram"]["dirty-sync-count"])
+            if not switched and counts[-1] >= SWITCH_AT:
+                source.cmd("migrate-start-postcopy")
+                switched = True
+        assert time.monotonic() < deadline, info
+        time.sleep(POLL)
+    assert switched
+    # QEMU counts its setup sync: 1 throughout the first pass, never 0 while active
+    assert counts[0] == 1, counts[:5]
+    assert counts.count(1) > 10  # the first pass was watched, poll after poll
+    _check_switch_right_after_the_first_pass(source, destination, info)
+
+
+def test_switch_on_the_migration_pass_event_comes_right_after_the_first_pass(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    source, destination = _migrate_with_cap(tmp_path, vms, "events")
+    passes: list[int] = []
+    statuses: list[str] = []
+    deadline = time.monotonic() + 120
+    while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+        for event in _events(source, POLL):
+            if event["event"] == "MIGRATION_PASS":
+                passes.append(event["data"]["pass"])
+                if event["data"]["pass"] == SWITCH_AT:
+                    source.cmd("migrate-start-postcopy")
+            elif event["event"] == "MIGRATION":
+                statuses.append(event["data"]["status"])
+        assert time.monotonic() < deadline, (passes, statuses)
+    assert statuses == ["setup", "active", "postcopy-active", "completed"]
+    # pass 1 in setup, 2 after the first pass, 3 at the switchover's final sync
+    assert passes == [1, 2, 3]
+    _check_switch_right_after_the_first_pass(source, destination, source.cmd("query-migrate"))
