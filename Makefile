@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON ?= python3
 SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps openssl util-linux
 
-.PHONY: system venv venv-dev demo test lint guests clean
+.PHONY: system venv venv-dev demo test lint guests clean backends-soak
 
 system:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -44,6 +44,12 @@ lint:
 
 guests:
 	guests/build.sh
+
+# not in the test suite: ~100 migrations of memtouch and randwrite on every RAM backend
+# (ram, memfd, memfd-hugetlb, a file on hugetlbfs), every mode, 1 and 2 vCPUs, each ending
+# with x-verify; 24 runs per mode on huge pages. As root; exit status 1 on any failure.
+backends-soak:
+	$(VENV)/bin/python benchmarks/backends_soak.py --out backends-soak.jsonl
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
