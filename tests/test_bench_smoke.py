@@ -83,7 +83,25 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     assert parse_name("memtouch-1g-1cpu-postcopy1-cpl0").cpl == 0
     assert parse_name("memtouch-1g-1cpu-postcopy1-preempt-cpl0").preempt
     assert parse_name("memtouch-1g-1cpu-postcopy1").cpl == 3
-    for bad in ("memtouch-1g-1cpu", "nosuch-1g-1cpu-precopy", "memtouch-1g-1cpu-precopy-preempt"):
+    huge = parse_name("memtouch-1g-1cpu-postcopy1-preempt-hugetlb-minor")
+    assert (huge.backend, huge.hugetlb, huge.minor, huge.preempt) == (
+        "memfd-hugetlb",
+        True,
+        True,
+        True,
+    )
+    assert huge.destination_parameters == {"x-postcopy-minor-faults": True}
+    assert parse_name("randwrite-1g-2cpu-precopy-hugetlbfs").backend == "hugetlbfs"
+    assert parse_name("randwrite-1g-2cpu-postcopy0-memfd").backend == "memfd"
+    assert parse_name("memtouch-1g-1cpu-postcopy1").backend == "ram"
+    for bad in (
+        "memtouch-1g-1cpu",
+        "nosuch-1g-1cpu-precopy",
+        "memtouch-1g-1cpu-precopy-preempt",
+        "memtouch-1g-1cpu-precopy-memfd-minor",  # minor needs postcopy
+        "memtouch-1g-1cpu-postcopy1-minor",  # and a memfd or hugetlb backend
+        "memtouch-3m-1cpu-postcopy1-hugetlb",  # not whole huge pages
+    ):
         with pytest.raises(ScenarioError):
             parse_name(bad)
     catalogue = load_catalogue()

@@ -35,6 +35,8 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool
+from postcopy.linux.memory import Advice, Mapping
 from postcopy.tools.signals import handling
 from postcopy.units import parse_size
 
@@ -215,9 +217,22 @@ class Options:
     timeout: float
     switch: str = "sync"  # "sync": poll dirty-sync-count; "pass": the MIGRATION_PASS event
     extra: list[str] = field(default_factory=list)
+    hugetlbfs: bool = False  # guest RAM in a file on a hugetlbfs mount (2 MiB pages)
+    downtime_limit: int | None = None  # ms; None: QEMU's default (300)
 
 
-def qemu_command(options: Options, vm: Vm, incoming: str | None) -> list[str]:
+def qemu_command(
+    options: Options, vm: Vm, incoming: str | None, mem_path: Path | None = None
+) -> list[str]:
+    memory: list[str] = []
+    if mem_path is not None:
+        # QEMU's memory-backend-file on hugetlbfs (share=off, its default, like ours)
+        memory = [
+            "-object",
+            f"memory-backend-file,id=pc.ram,size={options.ram_bytes},mem-path={mem_path}",
+            "-machine",
+            "memory-backend=pc.ram",
+        ]
     command = [
         options.qemu,
         "-name",
@@ -240,6 +255,7 @@ def qemu_command(options: Options, vm: Vm, incoming: str | None) -> list[str]:
         f"file:{vm.serial}",
         "-qmp",
         f"unix:{vm.qmp_path},server=on,wait=off",
+        *memory,
         *options.extra,
     ]
     if incoming is not None:
@@ -283,8 +299,37 @@ def query_migrate(vm: Vm) -> dict[str, Any]:
     return info
 
 
+@contextlib.contextmanager
+def huge_page_memory(options: Options) -> Iterator[Path | None]:
+    """For --hugetlbfs: both guests' huge pages added to the pool (and touched once: the
+    first touch of a page new to this host's pool costs ~13 ms), a hugetlbfs mount of the
+    repetition's own; all given back afterwards, as `postcopy bench -hugetlbfs` does."""
+    if not options.hugetlbfs:
+        yield None
+        return
+    pages = 2 * options.ram_bytes // HUGE_PAGE_2M
+    mount = Path(tempfile.mkdtemp(prefix="qemu-postcopy-hugetlbfs-"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(mount.rmdir)
+        stack.enter_context(HugePagePool(pages))
+        with Mapping.memfd(pages * HUGE_PAGE_2M, "warm", hugetlb=True) as warm:
+            warm.madvise(Advice.POPULATE_WRITE)
+        subprocess.run(
+            ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)], check=True
+        )
+        stack.callback(subprocess.run, ["umount", str(mount)], check=False)
+        yield mount
+
+
 def run_once(options: Options, repetition: int) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="qemu-postcopy-bench-"))
+    with huge_page_memory(options) as mem_path:
+        return _run_once(options, repetition, directory, mem_path)
+
+
+def _run_once(
+    options: Options, repetition: int, directory: Path, mem_path: Path | None
+) -> dict[str, Any]:
     source = Vm("source", directory)
     destination = Vm("destination", directory)
     port = free_tcp_port()
@@ -296,11 +341,13 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
         "qemu": options.qemu,
         "cpu": options.cpu,
         "max_bandwidth": options.bandwidth,
+        "hugetlbfs": options.hugetlbfs,
+        "downtime_limit": options.downtime_limit,
         "load_before": os.getloadavg(),
     }
     try:
-        destination.start(qemu_command(options, destination, f"tcp:127.0.0.1:{port}"))
-        source.start(qemu_command(options, source, None))
+        destination.start(qemu_command(options, destination, f"tcp:127.0.0.1:{port}", mem_path))
+        source.start(qemu_command(options, source, None, mem_path))
         destination.connect(30)
         source.connect(30)
 
@@ -334,7 +381,10 @@ def run_once(options: Options, repetition: int) -> dict[str, Any]:
             "migrate-set-capabilities",
             capabilities=[*capabilities, {"capability": "postcopy-blocktime", "state": True}],
         )
-        source.cmd("migrate-set-parameters", **{"max-bandwidth": options.bandwidth})
+        parameters: dict[str, Any] = {"max-bandwidth": options.bandwidth}
+        if options.downtime_limit is not None:
+            parameters["downtime-limit"] = options.downtime_limit
+        source.cmd("migrate-set-parameters", **parameters)
 
         statuses: list[str] = []
         passes_at_migrate = count_passes(source.serial)
@@ -513,6 +563,18 @@ def main() -> int:
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--preempt", action="store_true", help="postcopy-preempt on both sides")
+    parser.add_argument(
+        "--downtime-limit",
+        type=int,
+        help="migrate-set-parameters downtime-limit, ms (default QEMU's 300): a low one keeps "
+        "precopy from converging before the switch to postcopy",
+    )
+    parser.add_argument(
+        "--hugetlbfs",
+        action="store_true",
+        help="guest RAM on 2 MiB huge pages: memory-backend-file on a hugetlbfs mount made "
+        "for the run, the pool grown for it and given back (root)",
+    )
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     parser.add_argument(
         "--guest",
@@ -577,6 +639,8 @@ def main() -> int:
                 observe_seconds=args.observe,
                 timeout=args.timeout,
                 switch=args.switch,
+                hugetlbfs=args.hugetlbfs,
+                downtime_limit=args.downtime_limit,
             )
             for repetition in range(args.repeat):
                 record = run_once(options, repetition)

@@ -1,13 +1,18 @@
 """Benchmark scenarios: what one run migrates and how, named so the name says it all.
 
-A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt][-cpl0]`, for example
-`memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy after one
-precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the start),
-`postcopyN` (postcopy after N precopy rounds); `-preempt` adds the postcopy-preempt
-channel; `-cpl0` runs the guest at CPL0, emulated on this host like QEMU's own test guest
-(a guest that touches memory ~200x slower). A kvstore scenario also runs the service under
-load through the migration (postcopy.bench.service.DEFAULT_LOAD; a TOML `load` table
-changes it). Any name of that form is a scenario; the grid
+A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt][-cpl0][-<backend>][-minor]`,
+for example `memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy
+after one precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the
+start), `postcopyN` (postcopy after N precopy rounds); `-preempt` adds the
+postcopy-preempt channel; `-cpl0` runs the guest at CPL0, emulated on this host like
+QEMU's own test guest (a guest that touches memory ~200x slower). The RAM backend is
+private anonymous memory unless `-memfd` (a shmem memfd), `-hugetlb` (a hugetlb memfd,
+2 MiB pages) or `-hugetlbfs` (a file on a hugetlbfs mount the bench makes); the bench
+takes the huge pages from the pool for the run and gives them back. `-minor` puts the
+destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends). A
+kvstore scenario also runs the service under load through the migration
+(postcopy.bench.service.DEFAULT_LOAD; a TOML `load` table changes it). Any name of that
+form is a scenario; the grid
 of the issue (three guests, 1 GiB and 4 GiB, 1 and 2 vCPUs, three modes) is the set `all`,
 and `default` is a subset that runs in a few minutes. Files benchmarks/*.toml add named
 sets and scenarios with their own guest parameters or migration parameters (see
@@ -41,7 +46,8 @@ DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
 
 NAME = re.compile(
     r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
-    r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?$"
+    r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?"
+    r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<minor>-minor)?$"
 )
 
 
@@ -62,6 +68,16 @@ class Scenario:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     load: Mapping[str, Any] = field(default_factory=dict)  # kvstore: the service's load
+    backend: str = "ram"  # ram, memfd, memfd-hugetlb, hugetlbfs (a file on a mount)
+    minor: bool = False  # the destination in minor-fault mode
+
+    @property
+    def hugetlb(self) -> bool:
+        return self.backend in ("memfd-hugetlb", "hugetlbfs")
+
+    @property
+    def destination_parameters(self) -> dict[str, Any]:
+        return {"x-postcopy-minor-faults": True} if self.minor else {}
 
     @property
     def mode(self) -> str:
@@ -107,6 +123,8 @@ class Scenario:
             "parameters": self.migration_parameters,
             "description": self.description,
             **({"load": dict(self.load)} if self.load else {}),
+            "backend": self.backend,
+            "minor": self.minor,
         }
 
 
@@ -115,7 +133,8 @@ def parse_name(name: str) -> Scenario:
     if not match:
         raise ScenarioError(
             f"{name!r} is not a scenario name: expected "
-            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0], "
+            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0]"
+            "[-memfd|-hugetlb|-hugetlbfs][-minor], "
             "e.g. memtouch-1g-1cpu-postcopy1"
         )
     guest = match.group("guest")
@@ -129,16 +148,28 @@ def parse_name(name: str) -> Scenario:
     preempt = match.group("preempt") is not None
     if preempt and after is None:
         raise ScenarioError(f"{name!r}: -preempt needs a postcopy mode")
+    suffix = (match.group("backend") or "-ram")[1:]
+    backend = "memfd-hugetlb" if suffix == "hugetlb" else suffix
+    minor = match.group("minor") is not None
+    if minor and (backend == "ram" or after is None):
+        raise ScenarioError(
+            f"{name!r}: -minor needs a postcopy mode and a memfd or hugetlb backend"
+        )
+    ram = parse_size(match.group("ram"))
+    if backend in ("memfd-hugetlb", "hugetlbfs") and ram % (2 << 20):
+        raise ScenarioError(f"{name!r}: RAM on huge pages must be a multiple of 2 MiB")
     return Scenario(
         name=name,
         guest=guest,
-        ram=parse_size(match.group("ram")),
+        ram=ram,
         vcpus=vcpus,
         postcopy_after_rounds=after,
         preempt=preempt,
         cpl=0 if match.group("cpl0") else 3,
         guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})),
         load=dict(DEFAULT_LOAD) if guest == "kvstore" else {},
+        backend=backend,
+        minor=minor,
     )
 
 
@@ -250,6 +281,8 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         parameters=parameters,
         description=str(entry.get("description", "")),
         load=load,
+        backend=base.backend,
+        minor=base.minor,
     )
 
 

@@ -63,11 +63,14 @@ class PageService:
 
     def push(self, writer: StreamWriter, check_cancel: Callable[[], None]) -> None:
         """Send every needed page; requested pages first, then onward from the last request."""
-        run_pages = self._sender.parameters.x_postcopy_run_pages or (
-            512 if self._urgent is not None else 64
-        )
+        configured = self._sender.parameters.x_postcopy_run_pages
+        # automatic: 2 MiB per run with an urgent channel, else 256 KiB, so that a queued
+        # request waits behind little (one huge page per run on hugetlb)
+        run_bytes = (512 if self._urgent is not None else 64) * 4096
         for index, block in enumerate(self._ram):
-            block_run_pages = run_pages_for(block, run_pages)
+            block_run_pages = run_pages_for(
+                block, configured or max(1, run_bytes // block.page_size)
+            )
             while True:  # passes until nothing is needed: a jump can leave pages behind
                 with self._needed_lock:
                     snapshot = self._needed[index].copy()
