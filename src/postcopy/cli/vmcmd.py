@@ -277,6 +277,11 @@ def run_vm(args: argparse.Namespace) -> int:
         backend = MemoryBackend.parse(
             args.memory_backend, None if args.share is None else args.share == "on"
         )
+        if args.x_memory_socket is not None and (backend.kind == "ram" or not backend.shared):
+            raise ValueError(
+                "--x-memory-socket shares RAM with a file behind it: use --memory-backend "
+                "memfd, memfd-hugetlb or file:PATH with --share on"
+            )
         _check_capabilities(args.migrate_capability)
         auth = AuthConfig.from_file(args.key) if args.key else None
         tls_server, tls_client = _tls_configs(args)
@@ -315,8 +320,8 @@ def run_vm(args: argparse.Namespace) -> int:
     pid = os.getpid()
     monitor: Any = None
     memory_share: Any = None
+    shared: Any = None
     try:
-        shared = None
         if args.x_memory_socket is not None:
             from postcopy.migration.shared import SharedClients
             from postcopy.vm.memshare import MemoryShareServer
@@ -384,7 +389,7 @@ def run_vm(args: argparse.Namespace) -> int:
             monitor.incoming.close()
         if memory_share is not None:
             memory_share.close()
-            monitor.shared.close()
+            shared.close()
         vm.close()
         if console_file is not None:
             console_file.close()
