@@ -37,12 +37,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from postcopy.linux.memory import Mapping
 from postcopy.migration.incoming import IncomingMigration
 from postcopy.migration.outgoing import OutgoingMigration
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.status import MigrationStatus
-from postcopy.ram import Bitmap, RamBlock, RamList
+from postcopy.ram import Bitmap, MemoryBackend, RamBlock, RamList, fold
 
 PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
@@ -131,8 +130,9 @@ class FakeVcpu:
 
 
 class FakeMachine:
-    """`migration.machine.Machine` without KVM: RAM is one anonymous block, the vCPUs are
-    `FakeVcpu` threads (created parked, as KVM's are, so their thread ids exist)."""
+    """`migration.machine.Machine` without KVM: RAM is one block (anonymous, or made by
+    `backend`: memfd, huge pages...), the vCPUs are `FakeVcpu` threads (created parked, as
+    KVM's are, so their thread ids exist)."""
 
     def __init__(
         self,
@@ -142,8 +142,9 @@ class FakeMachine:
         working_set: Iterable[int] | None = None,
         pace: float = 0.0,
         name: str = "pc.ram",
+        backend: MemoryBackend | None = None,
     ) -> None:
-        self.block = RamBlock(name, Mapping.anonymous(pages * PAGE_SIZE))
+        self.block = RamBlock(name, (backend or MemoryBackend()).allocate(pages * PAGE_SIZE))
         self._ram = RamList([self.block])
         self.pages = pages
         self.working_set = np.array(
@@ -212,7 +213,8 @@ class FakeMachine:
             dirty = self._dirty.copy()
             self._dirty[:] = False
             self._synced_at = [vcpu.passes for vcpu in self._vcpus]
-        return {self.block.name: dirty}
+        # as the micro-VM does: 4 KiB pages logged, the block's (huge) pages reported
+        return {self.block.name: fold(dirty, self.block.page_size // PAGE_SIZE)}
 
     def stop_dirty_log(self) -> None:
         with self._dirty_lock:
@@ -442,6 +444,8 @@ class Migration:
         working_set: Iterable[int] | None = None,
         proxy: bool = False,
         pace: float = 0.0,
+        backend: MemoryBackend | None = None,
+        destination_parameters: dict[str, Any] | None = None,
     ) -> None:
         self._exit = contextlib.ExitStack()
         self._switch_interval = sys.getswitchinterval()
@@ -451,18 +455,25 @@ class Migration:
         self._exit.callback(shutil.rmtree, self.directory, True)
         try:
             work = list(working_set) if working_set is not None else None
-            self.source = FakeMachine(pages, vcpus=vcpus, working_set=work, pace=pace)
+            self.source = FakeMachine(
+                pages, vcpus=vcpus, working_set=work, pace=pace, backend=backend
+            )
             self._exit.callback(self.source.close)
-            self.destination = FakeMachine(pages, vcpus=vcpus, working_set=work, pace=pace)
+            self.destination = FakeMachine(
+                pages, vcpus=vcpus, working_set=work, pace=pace, backend=backend
+            )
             self._exit.callback(self.destination.close)
             self.source.fill()
             self.parameters = Parameters()
             for name, value in (parameters or {}).items():
                 self.parameters.set(name, value)
+            destination_side = Parameters()
+            for name, value in (destination_parameters or {}).items():
+                destination_side.set(name, value)
             self.incoming = IncomingMigration(
                 self.destination,
                 f"unix:{self.directory}/destination.sock",
-                parameters=Parameters(),
+                parameters=destination_side,
                 capabilities=_capabilities(capabilities),
             )
             self._exit.callback(self.incoming.close)

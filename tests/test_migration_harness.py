@@ -115,3 +115,36 @@ def test_a_held_return_path_keeps_the_guest_running_on_the_source() -> None:
         pair.proxy.release()
         pair.finish()
         pair.verify()
+
+
+@pytest.mark.parametrize(
+    ("backend", "minor"),
+    [("memfd", False), ("memfd-hugetlb", False), ("memfd", True), ("memfd-hugetlb", True)],
+)
+def test_postcopy_on_shared_and_huge_page_memory(backend: str, minor: bool) -> None:
+    """The same migration with RAM on a memfd or hugetlb memfd (copy or minor-fault
+    placement): every 4 KiB page whole, in place, current; huge pages cross whole."""
+    from postcopy.ram import MemoryBackend
+    from tests.hugepages import huge_pages
+
+    with (
+        huge_pages(2 * PAGES // 512 if backend == "memfd-hugetlb" else 0),
+        Migration(
+            pages=PAGES,
+            vcpus=2,
+            working_set=TOP,
+            capabilities=["postcopy-ram", "postcopy-preempt"],
+            parameters={"x-postcopy-after-rounds": 1},
+            backend=MemoryBackend.parse(backend),
+            destination_parameters={"x-postcopy-minor-faults": minor},
+        ) as pair,
+    ):
+        pair.start()
+        pair.finish()
+        pair.verify()
+        info = pair.incoming.query()
+        expected = "copy" if backend == "memfd" else "copy-huge"
+        assert info["x-placement"] == {"pc.ram": "continue" if minor else expected}
+        needed = pair.outgoing.query()["x-postcopy"]["needed-pages"]
+        if backend == "memfd-hugetlb":
+            assert needed <= PAGES // 512  # in huge pages
