@@ -22,7 +22,7 @@ from postcopy.migration.shared import SharedClients
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
-from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig
+from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig, UriError, parse_uri
 from postcopy.vm.guests import GUESTS
 from postcopy.vm.machine import MicroVM, RunState
 from postcopy.vm.verify import ram_digest, verify
@@ -177,6 +177,10 @@ class VmMonitor:
             raise QmpError("postcopy recovery (resume) is not implemented yet")
         if args.get("blk") or args.get("inc"):
             raise QmpError("block migration is not supported")
+        try:
+            parse_uri(args["uri"])  # QEMU refuses a bad URI at once, not once it fails
+        except UriError as error:
+            raise QmpError(f"Parameter 'uri' expects a valid migration URI: {error}") from None
         with self._lock:
             if self._migration_busy():
                 raise QmpError("There's a migration process in progress")

@@ -32,7 +32,7 @@ import numpy as np
 from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import Feature, UserfaultFd
-from postcopy.migration import globalstate
+from postcopy.migration import failures, globalstate
 from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
@@ -56,6 +56,7 @@ from postcopy.transport import (
     Connection,
     Listener,
     TlsServerConfig,
+    TransportError,
     listen,
 )
 from postcopy.wire import (
@@ -73,6 +74,7 @@ from postcopy.wire import (
     Pong,
     PostcopyComplete,
     PrecopyComplete,
+    ProtocolError,
     RamRunHeader,
     Run,
     Shut,
@@ -248,7 +250,16 @@ class IncomingMigration(MigrationBase):
             self._receiver_done.set()
 
     def _fail(self, error: BaseException) -> None:
-        self.error = str(error) or type(error).__name__
+        if isinstance(error, OSError | TransportError | ProtocolError):
+            self.error = failures.link_error(error, "source")
+        else:
+            self.error = str(error) or type(error).__name__
+        if self.postcopy_start is not None and self.status.value not in FINISHED:
+            missing = [int((~r).sum()) for r in self.received]
+            missing_bytes = sum(
+                count * block.page_size for count, block in zip(missing, self._ram, strict=True)
+            )
+            self.error += "; " + failures.guest_lost_on_destination(sum(missing), missing_bytes)
         log.error("incoming migration failed: %s", self.error)
         if self._return is not None:
             with contextlib.suppress(OSError):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from postcopy.migration import globalstate
+from postcopy.migration import failures, globalstate
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
@@ -145,6 +145,17 @@ class OutgoingMigration(MigrationBase):
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def termination_notice(self) -> str | None:
+        """What ending this process now would do to the guest, or None if nothing: in
+        postcopy the guest runs on the destination and the pages not yet sent exist only
+        here (the source's RAM is the one copy a recovery could resume from, too)."""
+        if self.status.value != MigrationStatus.POSTCOPY_ACTIVE:
+            return None
+        remaining = self.counters.remaining
+        return failures.source_terminated_in_postcopy(
+            remaining // self.counters.page_size, remaining
+        )
+
     def query(self) -> dict[str, Any]:
         status = self.status.value
         info: dict[str, Any] = {"status": status.value}
@@ -196,10 +207,10 @@ class OutgoingMigration(MigrationBase):
         cancelled = isinstance(error, Cancelled) or self._cancel.is_set()
         if isinstance(error, OSError) and not cancelled:
             # a destination that refuses closes the connection after saying why; that
-            # reason, not our broken pipe, is what the user needs
-            shut = self._return_path.wait_shut_for(1.0)
-            if shut is not None and shut.error:
-                error = MigrationError(f"destination gave up: {shut.reason}")
+            # reason, not our broken pipe, is what the user needs; without one, what the
+            # return path saw (a reset, an end) names the cause better than a send's EPIPE
+            said = self._return_path.wait_failure_for(1.0)
+            error = MigrationError(said or failures.link_error(error))
         self.error = None if cancelled else str(error) or type(error).__name__
         if not cancelled:
             log.error("migration failed: %s", self.error)
@@ -224,14 +235,14 @@ class OutgoingMigration(MigrationBase):
             log.exception("stopping dirty logging")
 
     def _should_stop_waiting(self) -> bool:
-        return self._cancel.is_set() or self._return_path.gave_up() is not None
+        return self._cancel.is_set() or self._return_path.failure() is not None
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("migration cancelled")
-        shut = self._return_path.gave_up()
-        if shut is not None:
-            raise MigrationError(f"destination gave up: {shut.reason}")
+        failure = self._return_path.failure()
+        if failure is not None:
+            raise MigrationError(failure)
 
     def _migrate(self) -> None:
         set_thread_nice(self.parameters.x_migration_thread_nice)

@@ -4,7 +4,8 @@ Owns `ReturnPath` (QEMU's source_return_path_thread): the `return-path` thread r
 destination's stream on the main connection: REQ_PAGES (checked, then handed to the page
 service), PONG (recorded with its arrival time, waited on by the migration thread), SHUT
 (the destination finished or gave up). It runs SCHED_FIFO: it is one of the three hops of
-a page request. A broken return path counts as the destination giving up.
+a page request. A broken return path ends the migration too, and says what our socket
+saw (failures.py): a reset connection is not the destination giving up.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from postcopy.migration import failures
 from postcopy.migration.channel import StreamReader
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageRequest
@@ -43,8 +45,9 @@ class ReturnPath:
         self._clock = clock
         self._pong = threading.Condition()
         self._pongs: dict[int, float] = {}
-        self.shut: Shut | None = None
-        self._shut_event = threading.Event()
+        self.shut: Shut | None = None  # the destination's own last word
+        self.broken: str | None = None  # why the return path ended without one
+        self._shut_event = threading.Event()  # either of the two
 
     def start(self, reader: StreamReader) -> None:
         threading.Thread(target=self._run, args=(reader,), name="return-path", daemon=True).start()
@@ -53,30 +56,37 @@ class ReturnPath:
         """When the PONG for `value` arrived (after `wait_pong(value)`)."""
         return self._pongs[value]
 
-    def gave_up(self) -> Shut | None:
-        """The destination's SHUT if it (or the return path) failed, else None."""
+    def failure(self) -> str | None:
+        """What ended the migration on the destination's side, in the user's terms: its
+        SHUT's reason, or why the return path broke (failures.py); None while all is well."""
+        if not self._shut_event.is_set():
+            return None
         shut = self.shut
-        if self._shut_event.is_set() and shut is not None and shut.error:
-            return shut
-        return None
+        if shut is not None:
+            return failures.destination_gave_up(shut.reason) if shut.error else None
+        return self.broken
 
-    def wait_shut_for(self, timeout: float) -> Shut | None:
+    def wait_failure_for(self, timeout: float) -> str | None:
+        """`failure()` once the return path has ended, waiting up to `timeout` for it."""
         self._shut_event.wait(timeout)
-        return self.shut
+        return self.failure()
 
     def wait_pong(self, value: int, check_cancel: Callable[[], None]) -> None:
         with self._pong:
             while value not in self._pongs:
                 check_cancel()
-                if self.shut is not None:
-                    raise MigrationError(f"destination gave up: {self.shut.reason}")
+                if self._shut_event.is_set():
+                    raise MigrationError(
+                        self.failure() or "the destination ended the migration early"
+                    )
                 self._pong.wait(0.1)
 
     def wait_shut(self, cancelled: Callable[[], bool]) -> Shut:
         while not self._shut_event.wait(0.1):
             if cancelled():
                 raise Cancelled("migration cancelled")
-        assert self.shut is not None
+        if self.shut is None:
+            raise MigrationError(self.broken or "the return path ended")
         return self.shut
 
     def _run(self, reader: StreamReader) -> None:
@@ -109,7 +119,7 @@ class ReturnPath:
                     raise MigrationError(f"unexpected {type(message).__name__} on the return path")
         except Exception as error:
             if self.shut is None:
-                self.shut = Shut(error=True, reason=f"return path: {error}")
+                self.broken = failures.return_path_broken(error)
                 self._shut_event.set()
                 with self._pong:
                     self._pong.notify_all()

@@ -1,0 +1,178 @@
+"""Failures say what really happened and what it means for the guest (migration/failures.py):
+a reset connection is not "the destination gave up"; a source that dies in postcopy is
+reported by the destination as the loss of the guest; a source told to quit in postcopy
+says so and exits 1; a live VM's QMP path is refused in one line and left alone; a bad
+`migrate` URI is refused at once. Real processes, real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.hold import HOLD_RATE
+from tests.vmprocess import QmpCommandError, VmProcess, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+GUEST = ("--guest", "memtouch", "--ram", "64M")
+CAPS = ("--migrate-capability", "postcopy-ram")
+
+
+class ResettingProxy:
+    """Forwards TCP connections to `target`; `reset()` closes both sides of each with
+    SO_LINGER 0, so both peers get a TCP RST (ECONNRESET), as a dropped link does."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+
+    def reset(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.reset()
+
+
+def test_a_reset_connection_is_named_not_blamed_on_the_destination(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    port = free_port()
+    destination = VmProcess(tmp_path, "dst", *GUEST, "--incoming", f"tcp:127.0.0.1:{port}")
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *GUEST)
+    vms.append(source)
+    proxy = ResettingProxy(port)
+    try:
+        source.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})  # held active
+        source.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+        source.wait_migration({"active"})
+        proxy.reset()
+        failed = source.wait_migration({"failed", "completed"})
+    finally:
+        proxy.close()
+    assert failed["status"] == "failed"
+    assert "gave up" not in failed["error-desc"]
+    assert "was reset (ECONNRESET)" in failed["error-desc"], failed["error-desc"]
+    assert source.cmd("query-status")["running"]
+
+
+def postcopy_held(tmp_path: Path, vms: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
+    """A pair in postcopy whose push is held at 1 MiB/s (zero pages sent as data):
+    most of the guest's RAM is still only on the source."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    destination = VmProcess(tmp_path, "dst", *GUEST, *CAPS, "--incoming", uri)
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *GUEST, *CAPS)
+    vms.append(source)
+    source.cmd(
+        "migrate-set-parameters",
+        **{
+            "x-postcopy-after-rounds": 0,
+            "max-postcopy-bandwidth": HOLD_RATE,
+            "zero-page-detection": "none",
+        },
+    )
+    source.cmd("migrate", uri=uri)
+    source.wait_migration({"postcopy-active"})
+    destination.wait_migration({"postcopy-active"})
+    return source, destination
+
+
+def test_a_source_told_to_quit_in_postcopy_says_the_guest_is_lost_and_exits_1(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    source, destination = postcopy_held(tmp_path, vms)
+    source.process.send_signal(signal.SIGTERM)
+    source.process.wait(30)
+    assert source.process.returncode == 1
+    lines = [line for line in source.stderr().splitlines() if "postcopy vm run:" in line]
+    assert len(lines) == 1, source.stderr()
+    assert "terminated in postcopy: the guest runs on the destination and" in lines[0]
+    assert "of its RAM were still only here: the guest there is lost" in lines[0]
+    # and the destination says what the source's end means for the guest there
+    destination.process.wait(30)
+    assert destination.process.returncode == 1
+    said = destination.stderr()
+    assert "incoming migration failed:" in said
+    assert "of the guest's RAM never arrived from the source" in said, said
+    assert "it is stopped here and lost" in said
+    assert "Traceback" not in said
+
+
+def test_a_live_vms_qmp_path_is_refused_in_one_line_and_left_alone(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    live = VmProcess(tmp_path, "live", *GUEST)
+    vms.append(live)
+    before = Path(live.qmp_path).stat().st_ino
+    result = subprocess.run(
+        [sys.executable, "-m", "postcopy", "vm", "run", *GUEST, "--qmp", live.qmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("postcopy vm run: "), result.stderr
+    assert live.qmp_path in lines[0] and "in use" in lines[0]
+    # the live VM keeps its socket: same file, still answering
+    assert Path(live.qmp_path).stat().st_ino == before
+    assert live.cmd("query-status")["running"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("foo:bar", "unknown scheme 'foo'"),
+        ("tcp:127.0.0.1", "no port"),
+        ("tcp:127.0.0.1:99999", "outside 0..65535"),
+        ("unix:", "empty socket path"),
+        ("exec:cat > /dev/null", "not supported"),
+    ],
+)
+def test_a_bad_migrate_uri_is_refused_at_once(
+    tmp_path: Path, vms: list[VmProcess], uri: str, problem: str
+) -> None:
+    source = VmProcess(tmp_path, "src", *GUEST)
+    vms.append(source)
+    with pytest.raises(QmpCommandError, match="expects a valid migration URI") as error:
+        source.cmd("migrate", uri=uri)
+    assert problem in error.value.desc
+    assert source.cmd("query-migrate") == {}  # nothing was started
+    assert source.cmd("query-status")["running"]
