@@ -207,6 +207,7 @@ class VmMonitor:
                 auth=auth,
                 tls=tls,
                 guest=self.guest_identity,
+                on_completed=self.vm.mark_postmigrate,
             )
             self.outgoing = migration
             migration.start()
@@ -257,8 +258,6 @@ class VmMonitor:
 
     def _watch_outgoing(self, migration: OutgoingMigration) -> None:
         migration.join()
-        if migration.status.value == MigrationStatus.COMPLETED:
-            self.vm.mark_postmigrate()
         if self.trace_path:
             self._write_trace(migration.timeline, migration.query())
 

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,9 +79,13 @@ class OutgoingMigration(MigrationBase):
         auth: AuthConfig | None = None,
         tls: TlsClientConfig | None = None,
         guest: str = "",
+        on_completed: Callable[[], None] | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         super().__init__(capabilities, on_event, clock)
+        # called just before the status says completed (the VM's postmigrate run state):
+        # whoever sees "completed" sees the VM's new state too
+        self._on_completed = on_completed
         self.machine = machine
         self.uri = uri
         self.guest = guest  # what runs in the VM, named in the Handshake ("" = not known)
@@ -450,7 +455,9 @@ class OutgoingMigration(MigrationBase):
 
     def _complete(self) -> None:
         self._sender.accounting.complete(self._clock() - self.start_time, self.setup_time)
-        self._sender.close()  # before the status: the monitor marks postmigrate at our end
+        self._sender.close()
+        if self._on_completed is not None:
+            self._on_completed()
         self.status.move(MigrationStatus.COMPLETED)
 
     # -- postcopy ------------------------------------------------------------------------------
