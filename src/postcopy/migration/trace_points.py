@@ -96,7 +96,11 @@ ADVISE = TracePoint(
 )
 DISCARDS_DONE = TracePoint("discards-done", DESTINATION, (), "the source's discards are applied")
 LISTEN = TracePoint(
-    "listen", DESTINATION, (), "RAM registered on userfaultfd: faults become requests", (PLOT,)
+    "listen",
+    DESTINATION,
+    ("placement",),
+    "RAM registered on userfaultfd: faults become requests; how each block is placed",
+    (PLOT,),
 )
 RUN = TracePoint(
     "run", DESTINATION, (), "the guest runs on the destination: the downtime ends", (PLOT, BENCH)
