@@ -478,3 +478,22 @@ def test_source_handshake_rejects_a_destination_that_accepts_without_proof() -> 
     with pytest.raises(AuthenticationError, match="destination has none"):
         client_handshake(stream, KEY, channel="main", session=session, tls=False, peer="fake")
     assert stream.sent[HELLO_SIZE] == 3  # a REFUSE frame follows our hello
+
+
+def test_key_files_that_are_not_keys_are_refused_in_one_line(tmp_path: Path) -> None:
+    """Found by the QMP fuzzer (x-key-file takes any string): none of these may hang,
+    read without end or escape as a Python error."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    big = tmp_path / "big"
+    big.write_bytes(b"k" * (64 * 1024 + 1))
+    big.chmod(0o600)
+    for path, problem in (
+        ("key\0file", "contains a NUL byte"),
+        (str(fifo), "is not a regular file"),
+        (str(tmp_path), "is not a regular file"),
+        (str(big), "is larger than 65536 bytes"),
+        ("/dev/zero", "is not a regular file"),
+    ):
+        with pytest.raises(KeyFileError, match=problem):
+            AuthConfig.from_file(path)

@@ -22,7 +22,14 @@ from postcopy.migration.shared import SharedClients
 from postcopy.migration.status import FINISHED, MigrationStatus
 from postcopy.qmp.errors import QmpError
 from postcopy.qmp.server import QmpServer
-from postcopy.transport import AuthConfig, TlsClientConfig, TlsServerConfig, UriError, parse_uri
+from postcopy.transport import (
+    AuthConfig,
+    KeyFileError,
+    TlsClientConfig,
+    TlsServerConfig,
+    UriError,
+    parse_uri,
+)
 from postcopy.vm.guests import GUESTS
 from postcopy.vm.machine import MicroVM, RunState
 from postcopy.vm.verify import ram_digest, verify
@@ -194,7 +201,10 @@ class VmMonitor:
                 raise QmpError(f"the VM is in state {self.vm.status} and cannot migrate")
             auth = self.auth
             if self.parameters.x_key_file:
-                auth = AuthConfig.from_file(self.parameters.x_key_file)
+                try:
+                    auth = AuthConfig.from_file(self.parameters.x_key_file)
+                except KeyFileError as error:  # missing, unreadable, readable by others
+                    raise QmpError(str(error)) from None
             tls = self.tls_client
             if tls is not None and self.parameters.tls_hostname:
                 tls = dataclasses.replace(tls, server_hostname=self.parameters.tls_hostname)

@@ -162,6 +162,9 @@ class Stream(Protocol):
     def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
 
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True, eq=False)
 class AuthConfig:
     """A shared secret key; both ends of a migration must hold the same one."""
@@ -195,12 +198,24 @@ class AuthConfig:
     ) -> AuthConfig:
         """Read a key file: trailing newlines stripped, empty or group/other-accessible refused."""
         name = os.fspath(path)
+        if "\0" in name:
+            raise KeyFileError(f"cannot read key file {name!r}: the name contains a NUL byte")
         try:
-            with open(name, "rb") as file:
-                mode = os.fstat(file.fileno()).st_mode
-                key = file.read()
+            # O_NONBLOCK: a FIFO must not hang us; only a regular file of sane size is read
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    raise KeyFileError(f"key file {name} is not a regular file")
+                key = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
         except OSError as error:
             raise KeyFileError(f"cannot read key file {name}: {error.strerror or error}") from error
+        if len(key) > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(
+                f"key file {name} is larger than {MAX_KEY_FILE_BYTES} bytes: is it a key?"
+            )
         if check_permissions and mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise KeyFileError(
                 f"key file {name} is accessible by group or other users "
