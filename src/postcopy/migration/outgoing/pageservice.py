@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from postcopy.migration.channel import StreamWriter
-from postcopy.migration.outgoing.sender import RamSender, run_pages_for
+from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
 from postcopy.ram import Bitmap, RamList, runs, split_runs
 
 
@@ -122,7 +122,10 @@ class PageService:
 
         On the urgent channel the pages the push has already taken are sent again too: the
         destination asked, so the push's copy has not arrived, and it may sit behind
-        megabytes of the main channel. Whichever copy comes second meets EEXIST there."""
+        megabytes of the main channel. Whichever copy comes second meets EEXIST there. Not
+        huge pages (QEMU's ram_save_host_page_urgent skips the page the precopy channel is
+        sending): the push's copy is at most a run or two ahead, and a second 2 MiB copy
+        of every page a vCPU waits for halved the bandwidth where it waits."""
         block = self._ram[request.block]
         claimed = self._claim(request.block, request.first_page, request.page_count)
         for start, length in claimed:
@@ -130,7 +133,7 @@ class PageService:
             # one thread serves requests in a given mode (the return path with preempt,
             # else the push): each of these counters has one writer
             self._counters.pages_requested += length
-        if urgent:
+        if urgent and resend_taken_pages(block):
             taken = np.ones(request.page_count, dtype=np.bool_)
             for start, length in claimed:
                 taken[start - request.first_page : start - request.first_page + length] = False

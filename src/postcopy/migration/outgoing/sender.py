@@ -35,6 +35,16 @@ def run_pages_for(block: RamBlock, run_pages: int) -> int:
 THROTTLE_SLICE = 0.05  # seconds: the longest a new bandwidth limit waits to take effect
 
 
+RESEND_MAX_PAGE_SIZE = 64 << 10
+
+
+def resend_taken_pages(block: RamBlock) -> bool:
+    """Whether the urgent channel sends again a requested page the push has taken: small
+    pages yes (a resend costs little, the push's copy may be megabytes behind), huge pages
+    no (one page is megabytes: the push's copy is the next thing to arrive)."""
+    return block.page_size <= RESEND_MAX_PAGE_SIZE
+
+
 class RamSender:
     """Sends runs of one machine's RAM and accounts for them."""
 
