@@ -1,13 +1,18 @@
 # Two commands set up everything on a fresh Debian 12 machine as root:
-#   make demo   - system packages, .venv, the package, then the main job
+#   make demo   - system packages, .venv with the package and all the README's tour uses
+#                 (matplotlib for plots, qemu.qmp for qmp-shell), then `postcopy demo`
 #   make test   - the same with the dev extras, then the test suite
 # Both build .venv from nothing every time, so a missing install step shows at once.
+# VENV=DIR builds it elsewhere (the tour's test does); SYSTEM= skips the apt step.
 
 VENV ?= .venv
 PYTHON ?= python3
+SYSTEM ?= system
+# pip's own notices (a newer pip exists) are not the project's to show
+PIP := $(VENV)/bin/python -m pip --disable-pip-version-check
 SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps openssl util-linux
 
-.PHONY: system venv venv-dev demo test lint guests clean backends-soak soak fuzz
+.PHONY: system venv venv-dev demo test lint guests guest clean backends-soak soak fuzz
 
 system:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -19,17 +24,17 @@ system:
 	  echo "not root or no apt-get: assuming $(SYSTEM_PACKAGES) are present"; \
 	fi
 
-venv: system
+venv: $(SYSTEM)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[plot]'
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[plot,qmp]'
 
-venv-dev: system
+venv-dev: $(SYSTEM)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[dev,plot]'
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev,plot,qmp]'
 
 demo: venv
 	$(VENV)/bin/postcopy demo
@@ -64,6 +69,12 @@ fuzz:
 	FUZZ_ITERATIONS=1000000 $(VENV)/bin/python -m pytest -p no:cacheprovider -s -q \
 	  tests/test_wire_fuzz.py::test_fuzz_decoder_only_raises_protocol_error_and_stays_in_bounds \
 	  tests/test_qmp_fuzz.py::test_fuzz_qmp_answers_everything_and_no_handler_escapes
+
+# a guest of one's own, built as the built-in ones are: make guest SRC=my.S OUT=my.bin
+# (guests/examples/hello.S is a template; README, "Build your own guest")
+guest:
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make guest SRC=FILE.S|FILE.c OUT=FILE.bin" >&2; exit 2; }
+	guests/build.sh --source "$(SRC)" "$(OUT)"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -401,7 +401,7 @@ def test_destination_not_in_incoming_mode(tmp_path: Path, vms: list[VmProcess]) 
     )
     assert line == (
         f"postcopy migrate: the destination at {running.qmp_path} is not waiting "
-        "for a migration (its status is 'running'); start it with "
+        "for a migration (its status is running); start it with "
         "`postcopy vm run ... --incoming URI`"
     )
     assert source.cmd("query-migrate") == {}  # nothing was started

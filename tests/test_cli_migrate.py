@@ -1,13 +1,15 @@
 """`postcopy migrate` as the user runs it: a subprocess driving two real VM processes.
 
 Precopy with JSON progress lines, postcopy with the destination's socket (capabilities set
-there, blocktime in the summary, the run file), postcopy from the start, and Ctrl-C
-cancelling a precopy that the source survives.
+there, blocktime in the summary, figures that add up, the run file), postcopy from the
+start with nothing but JSON on stdout and stderr, a migrate started before its VMs (it
+waits for their sockets), and Ctrl-C cancelling a precopy that the source survives.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from postcopy.cli.report import postcopy_rows
 from postcopy.tools.runfile import load_run
 from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
@@ -111,13 +114,22 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
         "migration summary",
         "completed",
         "postcopy requests",
-        "blocktime",
-        "vCPU 0",
-        "vCPU 1",
+        "blocktime, all vCPUs at once",
+        "blocktime, vCPU 0",
+        "blocktime, vCPU 1",
         "request latency",
+        "average throughput",
+        "pages needed at the switch",
+        "pages in place at the end",
         "run written to",
     ):
         assert text in result.stdout, text
+    out = result.stdout
+    assert out.count("switched to postcopy") == 1, out  # the display's row, no echo
+    assert "live rate" not in out  # the final state shows the average, labelled so
+    for line in out.splitlines():
+        if "blocktime" in line:  # one unit, ms, for all blocktime figures
+            assert line.rstrip(" │").endswith(" ms") and "µs" not in line, line
     # migrate set the postcopy capabilities on the destination itself
     enabled = {c["capability"] for c in destination.cmd("query-migrate-capabilities") if c["state"]}
     assert {"postcopy-ram", "postcopy-blocktime"} <= enabled
@@ -135,6 +147,29 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
     assert len(run.destination["postcopy-vcpu-blocktime"]) == 2
     assert {"source", "destination"} <= {e["side"] for e in run.events}
     assert any(e["event"] == "round-end" for e in run.events_of("source"))
+    # the figures add up as the summary's names say
+    rows = dict(postcopy_rows(run.source, run.destination))
+    number = {
+        label: int(value.replace(",", ""))
+        for label, value in rows.items()
+        if re.fullmatch(r"[0-9,]+", value)
+    }
+    assert number["pages needed at the switch"] == (
+        number["├ pushed in the background"] + number["└ sent on request"]
+    )
+    assert number["vCPU faults (a vCPU touched a missing page)"] == (
+        number["├ needed a page from the source"] + number["└ resolved on the destination"]
+    )
+    assert number["pages in place at the end"] == (
+        number["├ placed from the stream (pushed + on request)"]
+        + number["└ moved back from precopy (no transfer)"]
+    )
+    ram = run.source["ram"]
+    resent = run.source["x-postcopy"].get("resent-pages", 0)
+    assert run.destination["x-pages-placed"] == (
+        ram["x-pages-pushed"] + ram["x-pages-requested"] + resent
+    )
+    assert run.destination["x-postcopy-requests-sent"] == ram["postcopy-requests"]
     # and the guest is intact on the destination
     destination.cmd("stop")
     verdict = destination.cmd("x-verify")
@@ -159,6 +194,9 @@ def test_switch_after_zero_rounds_is_postcopy_from_the_start(
         "--json",
     )
     assert result.returncode == 0, result.stderr
+    # --json: nothing but JSON on stdout and on stderr
+    json_lines(result.stdout)
+    json_lines(result.stderr)
     summary = json_lines(result.stdout)[-1]
     assert summary["status"] == "completed"
     assert summary["source"]["ram"]["precopy-bytes"] == 0
@@ -208,3 +246,53 @@ def test_ctrl_c_cancels_a_precopy_and_the_source_keeps_running(
     assert source.cmd("query-status")["running"]
     before = source.console().count(b"B")
     wait_passes(source, before + 1)
+
+
+def test_json_errors_are_json_too(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nothing.qmp")
+    result = postcopy_cli(
+        "migrate", "--qmp", missing, "--to", "tcp:127.0.0.1:1", "--json", "--qmp-wait", "0.5"
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    *notes, error = json_lines(result.stderr)  # a note that it waits, then the error
+    assert [note["event"] for note in notes] == ["note"]
+    assert error["event"] == "error" and f"no source QMP socket at {missing}" in error["error"]
+
+
+def test_migrate_waits_for_vms_that_are_still_starting(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    """The tour starts both VMs in the background and migrates at once: `migrate` waits
+    for sockets that are about to appear instead of failing."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    source_qmp, destination_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+    migrate = subprocess.Popen(
+        [
+            *POSTCOPY,
+            "migrate",
+            "--qmp",
+            str(source_qmp),
+            "--dest-qmp",
+            str(destination_qmp),
+            "--to",
+            uri,
+            "--postcopy",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        assert migrate.poll() is None, migrate.communicate()
+        common = ("--guest", "memtouch", "--ram", "64M")
+        vms.append(VmProcess(tmp_path, "dst", *common, "--incoming", uri))
+        vms.append(VmProcess(tmp_path, "src", *common))
+        out, err = migrate.communicate(timeout=90)
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()
+            migrate.wait()
+    assert migrate.returncode == 0, err
+    assert json_lines(out)[-1]["status"] == "completed"

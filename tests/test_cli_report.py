@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from postcopy.cli.main import main
 from postcopy.cli.report import write_png
-from postcopy.tools.runfile import load_run
+from postcopy.tools.plot import draw_run
+from postcopy.tools.runfile import Run, load_run
 from tests.hold import migrate_holding_postcopy
 from tests.vmprocess import VmProcess, free_port
 
@@ -185,3 +188,124 @@ def test_missing_and_malformed_files_are_one_line(
     code, out, err = report_in_process(capsys, str(empty))
     assert code == 1 and "no migration data" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_timeline_is_on_one_clock_in_true_order(
+    files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both sides stamp entries with the host's monotonic clock: the report orders them by
+    it and shows them as seconds after `migrate`, not by each side's own start."""
+    run = load_run(files.run)
+    monos = [float(e["mono"]) for e in run.events]
+    assert monos == sorted(monos)
+    origin = float(run.header["migrate-mono"])
+    for event in run.events:
+        assert float(event["t"]) == pytest.approx(float(event["mono"]) - origin, abs=1e-5)
+    sides = [e["side"] for e in run.events]
+    assert sides.index("destination") < len(sides) - 1 - sides[::-1].index("source")
+    code, out, err = report_in_process(capsys, str(files.run))
+    assert code == 0, err
+    table = out[out.index("timeline") : out.index("progress samples")]
+    shown = [float(m) for m in re.findall(r"^│\s*(\d+\.\d{3}) │", table, re.MULTILINE)]
+    assert len(shown) == len(run.events) and shown == sorted(shown)
+    # cells in words: no clock fields repeated, no Python notation
+    for python in ("mono=", "['", "True", "False", "swap_ram="):
+        assert python not in out, python
+
+
+def _synthetic_run(latencies: list[float]) -> Run:
+    """A postcopy run as the plotter sees it: samples from setup (where the source reports
+    0 remaining) to completed, both sides' steps, both sides' figures."""
+    total = 1 << 30
+    records: list[dict[str, Any]] = [{"event": "header", "migrate-mono": 100.0}]
+    statuses = ["setup"] * 2 + ["active"] * 20 + ["postcopy-active"] * 10 + ["completed"]
+    for index, status in enumerate(statuses):
+        t = index * 0.1
+        sent = min(index, 22) * total // 20
+        remaining = 0 if status in ("setup", "completed") else max(total - sent, total // 10)
+        records.append(
+            {
+                "event": "sample",
+                "t": t,
+                "mono": 100.0 + t,
+                "status": status,
+                "transferred": sent,
+                "remaining": remaining,
+                "total": total,
+                "rate": 5e8 if index else None,
+                "bytes-received": sent,
+                "vcpu-faults": max(index - 22, 0) * 100,
+                "requests-sent": max(index - 22, 0) * 3,
+            }
+        )
+    for side, name, t, fields in (
+        ("source", "status", 0.0, {"status": "setup"}),
+        ("source", "status", 0.2, {"status": "active"}),
+        ("source", "round-end", 2.2, {"round": 1, "remaining": total // 10}),
+        ("source", "status", 2.2, {"status": "postcopy-active"}),
+        ("source", "stop", 2.21, {"phase": "postcopy"}),
+        ("destination", "listen", 2.215, {}),
+        ("destination", "run", 2.22, {}),
+        ("destination", "completed", 3.2, {}),
+    ):
+        records.append({"event": name, "side": side, "mono": 100.0 + t, **fields})
+    records.append({"event": "summary", "side": "source", "status": "completed", "ram": {}})
+    records.append(
+        {
+            "event": "summary",
+            "side": "destination",
+            "status": "completed",
+            "x-postcopy-blocktime-us": 360.0,
+            "x-postcopy-vcpu-blocktime-us": [211324.3, 234445.9],
+        }
+    )
+    records.append({"event": "latency-samples", "side": "destination", "us": latencies})
+    return Run.from_records(records)
+
+
+def _boxes_overlap(a: Any, b: Any, slack: float = 1.0) -> bool:
+    return (
+        a.x0 + slack < b.x1 and b.x0 + slack < a.x1 and a.y0 + slack < b.y1 and b.y0 + slack < a.y1
+    )
+
+
+@pytest.mark.parametrize(
+    "latencies",
+    [
+        [1718.6],  # one requested page: it drew a crowd of overlapping log-scale labels
+        [950.0, 1010.0, 1035.0, 1036.8],  # a narrow range
+        [80.0 + 13 * i for i in range(300)] + [25_000.0],  # three decades
+    ],
+)
+def test_plots_keep_labels_apart_legends_off_the_data_and_no_false_jump(
+    latencies: list[float],
+) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = draw_run(_synthetic_run(latencies))
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        for axis in figure.axes:
+            for ticks in (axis.get_xticklabels(), axis.get_yticklabels()):
+                boxes = [
+                    label.get_window_extent(renderer)
+                    for label in ticks
+                    if label.get_visible() and label.get_text()
+                ]
+                for i, first in enumerate(boxes):
+                    for second in boxes[i + 1 :]:
+                        assert not _boxes_overlap(first, second), [t.get_text() for t in ticks]
+            legend = axis.get_legend()
+            if legend is not None:
+                for other in figure.axes:  # its own data, or a neighbour's
+                    assert not _boxes_overlap(
+                        legend.get_window_extent(renderer), other.get_window_extent(renderer)
+                    ), f"the legend of {axis.get_title()!r} lies over {other.get_title()!r}"
+        timeline = figure.axes[0]
+        [remaining] = [line for line in timeline.get_lines() if line.get_label() == "still to send"]
+        values = [float(v) for v in remaining.get_ydata() if v == v]  # finite ones
+        assert values and values[0] > 0.5 * values[0] >= 0  # it starts where the count does
+        assert values[0] == max(values)  # from all it still has to send, no climb from 0
+    finally:
+        plt.close(figure)

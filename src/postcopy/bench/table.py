@@ -235,7 +235,7 @@ def medians_table(
     rows = [
         (
             _named(scenario, link),
-            f"{len(group)} runs",
+            f"{len(group)} run" + ("s" if len(group) > 1 else ""),
             _median_figures(group),
         )
         for (scenario, link), group in grouped.items()
@@ -310,7 +310,12 @@ def print_summary(
     medians = medians_table(records, console, wide)
     if wide:  # as wide as the widest table needs, whatever the terminal
         needed = max(_width(console, t) for t in [table, *([medians[0]] if medians else [])])
-        console = Console(width=max(needed, console.width), force_terminal=console.is_terminal)
+        console = Console(
+            file=console.file,
+            width=max(needed, console.width),
+            force_terminal=console.is_terminal,
+            no_color=console.no_color,
+        )
     console.print(table)
     if medians is not None:
         console.print(medians[0])

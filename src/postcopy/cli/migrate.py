@@ -154,7 +154,7 @@ class Migration:
             if dest_status != "inmigrate":
                 raise MigrateError(
                     f"the destination at {self.destination.path} is not waiting for a "
-                    f"migration (its status is {dest_status!r}); start it with "
+                    f"migration (its status is {dest_status}); start it with "
                     "`postcopy vm run ... --incoming URI`"
                 )
             dest_migration = self.destination.execute("query-migrate").get("status", "none")

@@ -43,7 +43,12 @@ def write_png(run: Run, path: str | Path) -> Path:
 
 
 def _ms(value: Any) -> str:
-    return "-" if value is None else f"{float(value):,.2f} ms"
+    """Every time in ms (downtime and blocktime alike), with the digits that mean something."""
+    if value is None:
+        return "-"
+    value = float(value)
+    decimals = 2 if abs(value) < 10 else 1 if abs(value) < 1000 else 0
+    return f"{value:,.{decimals}f} ms"
 
 
 def _us(value: Any) -> str:

@@ -72,6 +72,30 @@ def plot_run(
     cpu_title: str = "",
 ) -> Path:
     """Draw `run` into a PNG at `path`; PlotError if matplotlib is missing."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_run(
+        run, title=title, rate_limit=rate_limit, cpu_lines=cpu_lines, cpu_title=cpu_title
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def draw_run(
+    run: Run,
+    *,
+    title: str | None = None,
+    rate_limit: float | None = None,
+    cpu_lines: Sequence[tuple[str, Sequence[float | None]]] = (),
+    cpu_title: str = "",
+) -> Any:
+    """The figure of `run` (a matplotlib Figure, for plot_run to save and the tests to
+    inspect); PlotError if matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -117,12 +141,7 @@ def plot_run(
             mark_phases(axes[name], run, labels=False)
     _latency(axes["latency"], run)
     _blocktime(axes["blocktime"], run)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def mark_phases(axis: Any, run: Run, *, labels: bool) -> None:

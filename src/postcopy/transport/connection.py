@@ -494,8 +494,8 @@ def check_listen_security(
         raise InsecureListenError(
             f"refusing to listen on {endpoint} without authentication: anyone who can reach "
             "it could feed this destination a VM to run. Give a key file (--key FILE), or "
-            "listen on a loopback address or a unix: socket, or pass "
-            "allow_insecure_network=True (--allow-insecure-network) on a trusted network"
+            "listen on a loopback address or a unix: socket, or, on a network you trust "
+            "completely, --allow-insecure-network"
         )
 
 

@@ -71,7 +71,7 @@ class GuestInfo:
             if param.name == name:
                 return param
         known = ", ".join(p.name for p in self.params) or "none"
-        raise KeyError(f"guest {self.name!r} has no parameter {name!r} (it has: {known})")
+        raise KeyError(f"the guest {self.name} has no parameter {name} (it has: {known})")
 
     def pack_params(self, values: Mapping[str, int] | None = None, **more: int) -> list[int]:
         """The parameter block as a list of u64, defaults filled in, every value checked."""
@@ -82,7 +82,9 @@ class GuestInfo:
         for name, value in merged.items():
             param = self.param(name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U64_MAX:
-                raise ValueError(f"guest {self.name!r}: {name}={value!r} is not a u64")
+                raise ValueError(
+                    f"the guest {self.name}: {name}={value} is not a number from 0 to 2**64-1"
+                )
             packed[param.index] = value
         return packed
 

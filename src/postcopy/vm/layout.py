@@ -6,8 +6,9 @@ postcopy.vm.guests restate its numbers for the guests' side).
 Guest ABI
 ---------
 A guest is a flat x86-64 binary of at most 448 KiB, loaded at guest physical 0x10000 and
-entered at its first byte on every vCPU at once, in 64-bit long mode at CPL3 (this host's
-KVM, a PVM backend, runs only CPL3 code natively; CPL0 code is emulated ~2000x slower).
+entered at its first byte on every vCPU at once, in 64-bit long mode at CPL3 (or at CPL0
+with `--guest-cpl 0`, as QEMU's own test guest runs; a KVM that runs inside a cloud VM
+through PVM runs only CPL3 code natively and emulates CPL0 code, ~200 times slower).
 A VM made with cpl=0 enters the same image at CPL0 instead: the privilege QEMU's own
 migration test guest runs at, so on this host a guest as slow as that one (memtouch: ~1 s
 per GiB pass instead of ~5 ms). Nothing else differs; the CPL travels with the vCPU state.
