@@ -275,6 +275,14 @@ def test_command_line_hugepages_option(
     assert run_check(["--hugepages", "2M"]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "fix huge pages:" in out
+    # a size it cannot read is the user's one line, not a traceback
+    assert run_check(["--hugepages", "lots"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err
+        == 'postcopy check: --hugepages "lots" is not a size (examples: 4096, 256M, 1G)\n'
+    )
 
 
 # -- the report policy -------------------------------------------------------------------

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 # the sections whose commands run on one host, in README order
 RUN_SECTIONS = ("A five-minute tour", "A whole migration by hand", "Build your own guest")
+NAMESPACES = ("unshare", "--mount", "--net", "--propagation", "private")
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -56,6 +58,8 @@ def tour_script(readme: str, workdir: Path) -> str:
     found = sections(readme)
     script = [
         "set -euo pipefail",
+        # whatever happens, the VMs started here end with the script
+        "trap 'jobs -p | xargs -r kill 2>/dev/null; wait' EXIT",
         "ip link set lo up",
         # a /tmp of our own, with the checkout's copy (itself under /tmp) moved into it
         f"mount --bind {workdir} /mnt && mount -t tmpfs tmpfs /tmp",
@@ -63,8 +67,9 @@ def tour_script(readme: str, workdir: Path) -> str:
         'wait_ready() { for f in "$@"; do for _ in $(seq 600); do [ -s "$f" ] && break;'
         ' sleep 0.1; done; [ -s "$f" ] || { echo "no $f" >&2; exit 1; }; done; }',
         "wait_migration_ended() { for _ in $(seq 600); do "
-        "printf 'query-migrate\\n' | qmp-shell \"$1\" | grep -q "
-        '\'"status": "\\(active\\|setup\\|postcopy-active\\|device\\)"\' || return 0;'
+        "printf 'query-migrate\\n' | qmp-shell \"$1\" | grep "
+        '\'"status": "\\(active\\|setup\\|postcopy-active\\|device\\)"\' >/dev/null'
+        " || return 0;"
         ' sleep 0.1; done; echo "$1: the migration did not end" >&2; exit 1; }',
     ]
     number = 0
@@ -133,23 +138,21 @@ def test_the_readme_works_as_written_after_make_demo(tmp_path: Path) -> None:
         "TERM": "dumb",
     }
     environment.pop("VIRTUAL_ENV", None)
-    tour = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--net",
-            "--propagation",
-            "private",
-            "bash",
-            str(tmp_path / "tour.sh"),
-        ],
+    tour = subprocess.Popen(
+        [*NAMESPACES, "bash", str(tmp_path / "tour.sh")],
         cwd=checkout,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env=environment,
+        start_new_session=True,  # its VMs too: one process group to end if it hangs
     )
-    out, err = tour.stdout, tour.stderr
+    try:
+        out, err = tour.communicate(timeout=600)
+    finally:
+        if tour.poll() is None:
+            os.killpg(tour.pid, signal.SIGKILL)
+            tour.wait()
     assert tour.returncode == 0, f"{out[-4000:]}\n--- stderr\n{err[-4000:]}"
     assert "Traceback" not in out + err, err
     # 1: the host can; 2: both VMs said they were ready

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from postcopy.linux import memory
 from postcopy.migration.hostcheck import HostReport, check_host
@@ -61,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from postcopy.migration.backendcheck import memory_type_of_backend
     from postcopy.ram import BackendError, MemoryBackend
 
-    sizes = [memory.page_size(), *(parse_size(size) for size in getattr(args, "hugepages", []))]
+    try:
+        huge = [parse_size(size) for size in getattr(args, "hugepages", [])]
+    except ValueError as error:
+        print(f"postcopy check: --hugepages {error}", file=sys.stderr)
+        return 2
+    sizes = [memory.page_size(), *huge]
     types: list[str] = []
     hugetlbfs_file = bool(getattr(args, "hugepages", []))
     try:
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ram = getattr(args, "ram", None)
         ram_bytes = parse_size(ram) if ram else None
     except (BackendError, ValueError, OSError) as error:
-        print(f"postcopy check: {error}")
+        print(f"postcopy check: {error}", file=sys.stderr)
         return 2
     report = check_host(
         ram_page_sizes=tuple(sorted(set(sizes))),
