@@ -246,7 +246,7 @@ def test_command_line_memory_backend_option(capsys: pytest.CaptureFixture[str]) 
     report = json.loads(capsys.readouterr().out)
     assert report["facts"]["memory_types"] == ["shmem"]
     assert run_check(["--memory-backend", "disk"]) == 2
-    assert "unknown memory backend 'disk'" in capsys.readouterr().out
+    assert "unknown memory backend 'disk'" in capsys.readouterr().err  # an error goes to stderr
 
 
 def test_huge_page_ram_needs_a_pool_and_a_mount(monkeypatch: pytest.MonkeyPatch) -> None:
