@@ -161,6 +161,11 @@ def test_the_verifier_catches_a_corrupt_table(service: Service) -> None:
         report = kv.verify_kvstore(ram, RAM, params)
         assert not report.ok and "checksum" in report.detail
         ram[slot + 16] ^= 1
+        # a byte beyond the value's 16 bytes
+        ram[slot + 16 + 20] = 7
+        report = kv.verify_kvstore(ram, RAM, params)
+        assert not report.ok and "beyond its value's length" in report.detail
+        ram[slot + 16 + 20] = 0
         # a key emptied without the header knowing
         saved = ram[slot : slot + 64].copy()
         ram[slot : slot + 64] = 0
