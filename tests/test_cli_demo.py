@@ -224,6 +224,9 @@ def test_bad_arguments_are_one_line() -> None:
         (["--max-bandwidth", "x"], '"x" is not a size'),
         (["--guest", "nosuch"], "unknown guest"),
         (["--vcpus", "0"], "--vcpus"),
+        (["--service", "--modes", "precopy,sideways"], "--modes: sideways"),
+        (["--service", "--rate", "0"], "--rate 0"),
+        (["--service", "--ram", "1536K"], "whole number of MiB"),
     ):
         result = subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2

@@ -204,7 +204,7 @@ def plot_service(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
         service = record["service"]
         series = service.get("series") or {}
         run = bench_run(record)
-        mark_phases(axis, run, labels=axis is axes[0][0])
+        mark_phases(axis, run, labels=True)
         worst = np.array(series.get("max_us") or [], dtype=float) / 1000
         times = float(series.get("start", 0.0)) + np.arange(worst.size) * float(
             series.get("bin", 0.01)
@@ -240,8 +240,11 @@ def plot_service(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
         )
         axis.grid(True, which="both", alpha=0.2)
     axes[0][0].set_ylabel("request latency (ms, log)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    legend: dict[str, Any] = {}
+    for axis in axes[0]:  # each mode has its own phases: one legend for all
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    figure.legend(legend.values(), legend.keys(), loc="lower center", ncol=3, fontsize=8)
     figure.tight_layout(rect=(0, 0.16, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

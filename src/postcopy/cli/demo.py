@@ -73,11 +73,19 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="keep the working directory (consoles, logs, traces) at the end",
     )
+    from postcopy.cli.servicedemo import add_arguments
+
+    add_arguments(parser)  # --service: the kvstore service under load, three ways
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from postcopy.migration.hostcheck import check_host
+
+    if args.service:
+        from postcopy.cli.servicedemo import run_service_demo
+
+        return run_service_demo(args)
 
     try:
         ram = parse_size(args.ram)

@@ -48,6 +48,12 @@ I/O ports:
 - OUT to 0x501 (any value, any size): "this vCPU is done". The vCPU stops for good;
   when every vCPU is done the VM's status becomes "shutdown". A guest should repeat the
   OUT in a loop, in case it is ever resumed.
+- With the request device (`vm run --service URI`, always for the kvstore guest):
+  `rep insb` of 1024 bytes from 0x510 into a 1 KiB-aligned buffer is an exchange (the
+  answers of the last batch in rax = count, at most 344, and the bytes in rbx, rbp,
+  rsi, r8-r15, xmm0-xmm15; whole request frames come back, then zeros; it waits for
+  requests while there are none); OUT to 0x511 hands over answers alone, in the same
+  registers. postcopy.vm.requestdev and guests/kvstore.c have the details.
 - Any other OUT is ignored; any other IN reads all ones.
 
 Every I/O exit is a round trip through Python (~30-60 us): print rarely.
