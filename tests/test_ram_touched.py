@@ -61,19 +61,32 @@ def test_same_answer_as_reading_every_page() -> None:
             assert found.tolist() == zero_pages(block.page_view(first, count), PAGE).tolist()
 
 
-def test_shared_memory_is_read_page_by_page() -> None:
-    # a shared page can hold data in the page cache with no mapping in this process
-    with Mapping.memfd(8 * PAGE) as mapping, Pagemap() as pagemap:
-        alias = mmap.mmap(mapping.fd, 8 * PAGE)
+def test_shared_memory_holes_are_zero_and_data_is_found_wherever_written() -> None:
+    # a shared page can hold data in the page cache with no mapping in this process: the
+    # file says where its data is, the holes are zero pages, never read (nor allocated)
+    with Mapping.memfd(64 * PAGE) as mapping, Pagemap() as pagemap:
+        alias = mmap.mmap(mapping.fd, 64 * PAGE)
         try:
             alias[2 * PAGE] = 1  # written through another mapping: absent from ours
+            mapping.view[10 * PAGE : 12 * PAGE] = bytes(2 * PAGE)  # written, zeros
+            mapping.view[40 * PAGE + 7] = 3
             block = RamBlock("pc.ram", mapping)
             finder = ZeroPageFinder(block, pagemap)
-            zero = finder.zero_pages(0, 8)
-            assert zero.tolist() == [True, True, False, True, True, True, True, True]
-            assert finder.pages_skipped == 0
+            zero = finder.zero_pages(0, 64)
+            assert np.flatnonzero(~zero).tolist() == [2, 40]
+            assert finder.pages_skipped == 60  # only pages 2, 10, 11 and 40 were read
+            assert finder.zero_pages(30, 20).tolist() == [i != 10 for i in range(20)]
+            assert zero.tolist() == zero_pages(block.page_view(0, 64), PAGE).tolist()
         finally:
             alias.close()
+
+
+def test_private_file_memory_is_read_page_by_page() -> None:
+    with Mapping.memfd(8 * PAGE, shared=False) as mapping, Pagemap() as pagemap:
+        mapping.view[3 * PAGE] = 5  # a private copy: the file itself stays a hole
+        finder = ZeroPageFinder(RamBlock("pc.ram", mapping), pagemap)
+        assert np.flatnonzero(~finder.zero_pages(0, 8)).tolist() == [3]
+        assert finder.pages_skipped == 0
 
 
 def test_without_a_pagemap_every_page_is_read() -> None:

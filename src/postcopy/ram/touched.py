@@ -7,13 +7,19 @@ guest that uses a tenth of its RAM. The kernel already knows, so we ask it: one
 PAGEMAP_SCAN per run of pages (Linux 6.7+; before that, the run's pagemap entries), and
 only the pages it reports as holding memory of their own are read and checked.
 
-Only private anonymous memory qualifies: a page of shared memory (memfd, shmem,
-hugetlbfs) can hold data in the page cache while this process has no mapping of it.
+Private anonymous memory asks the page tables. Shared memory cannot: a page of a memfd
+can hold data in the page cache while this process has no mapping of it. There the file
+itself is asked: SEEK_DATA/SEEK_HOLE on a shmem memfd (or a tmpfs file) give the holes,
+which read as zeros, and reading one would even allocate a page for it (shmem maps no
+shared zero page): a 1 GiB memfd guest that used a tenth of its RAM spent ~3 s of its bulk
+round allocating and zeroing the rest. Private file mappings and hugetlbfs (whose files
+report no holes) are read page by page.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
 import numpy as np
 
@@ -40,14 +46,23 @@ class ZeroPageFinder:
         self.block = block
         eligible = block.mapping.kind == "anonymous" and not block.shared
         self._pagemap = pagemap if eligible else None
+        # a shared mapping of a shmem file: its holes are zero pages (see the module doc)
+        self._file = (
+            block.mapping.fd
+            if block.shared and block.mapping.fd is not None and block.memory_type == "shmem"
+            else None
+        )
         self._scan = True  # PAGEMAP_SCAN until the kernel says it has none
         self.pages_skipped = 0  # never touched: not read at all
 
     def zero_pages(self, first: int, count: int) -> Bitmap:
         block = self.block
-        if self._pagemap is None:
+        if self._file is not None:
+            held = self._held_by_file(self._file, first, count)
+        elif self._pagemap is None:
             return zero_pages(block.page_view(first, count), block.page_size)
-        held = self._held(first, count)
+        else:
+            held = self._held(first, count)
         if held.all():
             return zero_pages(block.page_view(first, count), block.page_size)
         zero = ~held
@@ -78,6 +93,27 @@ class ZeroPageFinder:
         held = (entries & np.uint64(PM_PRESENT | PM_SWAPPED)) != 0
         # as root the frame number shows the shared zero page too; else it reads 0 and a
         # page that was only read counts as held (it is then read: correct, only slower)
+        return held
+
+    def _held_by_file(self, fd: int, first: int, count: int) -> Bitmap:
+        """Pages of the run that hold data in the file (not in a hole), two lseeks per
+        stretch of data."""
+        page_size = self.block.page_size
+        held = np.zeros(count, dtype=np.bool_)
+        start, end = first * page_size, (first + count) * page_size
+        position = start
+        while position < end:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # no data from here to the end of the file
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            held[(data - start) // page_size : -(-(hole - start) // page_size)] = True
+            position = hole
         return held
 
     def _held_by_scan(self, start: int, end: int, count: int) -> Bitmap:
