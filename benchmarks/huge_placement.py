@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import threading
 import time
 
 import numpy as np
@@ -25,7 +26,7 @@ from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import UserfaultFd
 from postcopy.migration.backends import features_for
-from postcopy.migration.incoming.placement import placement_for
+from postcopy.migration.incoming.placement import HugePagePlacement, placement_for
 from postcopy.ram import RamBlock, discard_range
 
 MiB = 1 << 20
@@ -47,6 +48,9 @@ def measure(make: str, size: int, passes: int, minor: bool = False) -> dict[str,
         with UserfaultFd.open(features_for([block], minor=minor)) as uffd:
             received = np.zeros(block.pages, dtype=np.bool_)
             placement = placement_for(block, uffd, received, minor=minor)
+            if isinstance(placement, HugePagePlacement):  # the copy alone, not the pipeline
+                placement.close()
+                placement = HugePagePlacement(block, uffd, pipelined=False)
             placement.register()
             per_huge = HUGE_PAGE_2M // block.page_size
             zero = np.zeros(per_huge, dtype=np.bool_)
@@ -59,14 +63,16 @@ def measure(make: str, size: int, passes: int, minor: bool = False) -> dict[str,
                     started = time.perf_counter()
                     started_cpu = time.thread_time()
                     landing = placement.landing(first, zero)
-                    if landing.views is not None:  # minor: the data goes to the page cache
+                    if landing.views is not None:  # the page cache, or a pipeline buffer
                         for view in landing.views:
                             ctypes.memmove(
                                 ctypes.addressof(ctypes.c_char.from_buffer(view)),
                                 staging.address,
                                 view.nbytes,
                             )
-                    placement.place(first, zero, staging.address, landing)
+                    done = threading.Event()
+                    placement.place(first, zero, staging.address, landing, done.set)
+                    done.wait()
                     samples.append(time.perf_counter() - started)
                     cpu.append(time.thread_time() - started_cpu)
             placement.close()
