@@ -885,7 +885,10 @@ def test_legacy_sync_client(server: QmpServer, sock_path: str) -> None:
         assert event["event"] == "STOP"
     finally:
         qmp.close()
-        qmp._aloop.close()  # the shim leaves its private event loop open
+        # the shim runs on this thread's current event loop and leaves it open; closed, it
+        # must not stay current, or the next sync client in this process finds it closed
+        qmp._aloop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.mark.skipif(not os.path.exists(QMP_SHELL), reason="qmp-shell not installed")
