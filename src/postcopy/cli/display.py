@@ -52,9 +52,10 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_rate(bytes_per_second: float | None) -> str:
+    """A rate as the summary gives it: MB/s and Mbit/s (powers of ten, as links are sold)."""
     if bytes_per_second is None:
         return "-"
-    return f"{format_bytes(bytes_per_second)}/s ({bytes_per_second * 8 / 1e6:,.0f} Mbit/s)"
+    return f"{bytes_per_second / 1e6:,.0f} MB/s ({bytes_per_second * 8 / 1e6:,.0f} Mbit/s)"
 
 
 class ProgressView:
@@ -100,10 +101,7 @@ class ProgressView:
         sent = int(sample.get("transferred") or 0)
         table.add_row("elapsed", format_duration(elapsed))
         table.add_row("sent", format_bytes(sent))
-        if status in FINAL_STATUSES:
-            average = sent / elapsed if elapsed > 0 else None
-            table.add_row("average throughput", format_rate(average))
-        else:
+        if status not in FINAL_STATUSES:  # at the end the summary gives the average
             table.add_row("live rate (last second)", format_rate(sample.get("rate")))
         table.add_row("remaining", format_bytes(remaining))
         page_size = int(sample.get("page-size") or 4096)
