@@ -156,7 +156,7 @@ def test_the_readme_works_as_written_after_make_demo(tmp_path: Path) -> None:
     assert tour.returncode == 0, f"{out[-4000:]}\n--- stderr\n{err[-4000:]}"
     assert "Traceback" not in out + err, err
     # 1: the host can; 2: both VMs said they were ready, and the guest made passes
-    assert re.search(r"^AAB+$", out, re.M), "no memtouch passes on the source console"
+    assert re.search(r"^A*B{2,}$", out, re.M), "no memtouch passes on the source console"
     assert "postcopy migration is possible on this host" in out
     assert len(re.findall(r"^postcopy vm run: ready \(PID \d+\): QMP /tmp/\S+", out, re.M)) == 8
     # 3: completed, with the figures that add up; 4: the destination's memory verified
