@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import threading
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import UserfaultFd
 from postcopy.migration.backends import features_for
-from postcopy.migration.incoming.placement import HugePagePlacement, placement_for
+from postcopy.migration.incoming.placement import placement_for
 from postcopy.ram import RamBlock, discard_range
 
 MiB = 1 << 20
@@ -48,9 +47,6 @@ def measure(make: str, size: int, passes: int, minor: bool = False) -> dict[str,
         with UserfaultFd.open(features_for([block], minor=minor)) as uffd:
             received = np.zeros(block.pages, dtype=np.bool_)
             placement = placement_for(block, uffd, received, minor=minor)
-            if isinstance(placement, HugePagePlacement):  # the copy alone, not the pipeline
-                placement.close()
-                placement = HugePagePlacement(block, uffd, pipelined=False)
             placement.register()
             per_huge = HUGE_PAGE_2M // block.page_size
             zero = np.zeros(per_huge, dtype=np.bool_)
@@ -63,16 +59,14 @@ def measure(make: str, size: int, passes: int, minor: bool = False) -> dict[str,
                     started = time.perf_counter()
                     started_cpu = time.thread_time()
                     landing = placement.landing(first, zero)
-                    if landing.views is not None:  # the page cache, or a pipeline buffer
+                    if landing.views is not None:  # minor: the data goes to the page cache
                         for view in landing.views:
                             ctypes.memmove(
                                 ctypes.addressof(ctypes.c_char.from_buffer(view)),
                                 staging.address,
                                 view.nbytes,
                             )
-                    done = threading.Event()
-                    placement.place(first, zero, staging.address, landing, done.set)
-                    done.wait()
+                    placement.place(first, zero, staging.address, landing)
                     samples.append(time.perf_counter() - started)
                     cpu.append(time.thread_time() - started_cpu)
             placement.close()

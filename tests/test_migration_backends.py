@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -66,21 +65,6 @@ def wait_faults(uffd: UserfaultFd, count: int) -> list[PageFault]:
     return faults
 
 
-def land(placement: Placement, first: int, zero: np.ndarray, source: int) -> None:
-    """Place a run as a receiver does: read (here: copy) its data where the placement
-    wants it, place it, wait until it is placed (a pipelined placement copies later)."""
-    landing = placement.landing(first, zero)
-    if landing.views is not None:
-        offset = 0
-        for view in landing.views:
-            target = ctypes.addressof(ctypes.c_char.from_buffer(view))
-            ctypes.memmove(target, source + offset, view.nbytes)
-            offset += view.nbytes
-    done = threading.Event()
-    placement.place(first, zero, source, landing, done.set)
-    assert done.wait(WAIT), "the run was never placed"
-
-
 def first_bytes(block: RamBlock) -> list[int]:
     return [block.view[page * block.page_size] for page in range(block.pages)]
 
@@ -123,9 +107,9 @@ def test_shmem_runs_are_copied_and_zero_pages_zero_filled(scene: Scene) -> None:
     placement.register()
     staging = scene.map(staged(3, PAGE, 0x10))
     zero = np.array([1, 0, 0, 1, 0, 1], dtype=np.bool_)
-    land(placement, 1, zero, staging.address)
+    placement.place(1, zero, staging.address, placement.landing(1, zero))
     assert placement.duplicates == 0
-    land(placement, 1, zero, staging.address)  # a resend
+    placement.place(1, zero, staging.address, placement.landing(1, zero))  # a resend
     assert placement.duplicates > 0
     with block.mapping.alias() as other:  # what a second process mapping the memfd sees
         assert [other.view[p * PAGE] for p in range(1, 7)] == [0, 0x10, 0x11, 0, 0x12, 0]
@@ -147,14 +131,13 @@ def test_huge_pages_are_placed_one_copy_each_and_zero_ones_without_zeropage(
         uffd.zeropage = no_zeropage  # type: ignore[method-assign]
         staging = scene.map(staged(2, HUGE_PAGE_2M, 0x40))
         zero = np.array([0, 1, 0], dtype=np.bool_)
-        land(placement, 0, zero, staging.address)
+        placement.place(0, zero, staging.address, placement.landing(0, zero))
         assert placement.ioctls == 3  # one per huge page, the zero one included
         assert placement.placement_us()["count"] == 2
         # a fault on the fourth (never sent, known zero) is filled locally
         assert placement.resolve_fault(3)
         assert first_bytes(block) == [0x40, 0, 0x41, 0]
         assert block.view[HUGE_PAGE_2M - 1] == 0x40  # the whole huge page came over
-        placement.close()
 
 
 def test_a_vcpu_like_waiter_anywhere_in_a_huge_page_is_woken_by_its_copy(
@@ -171,10 +154,9 @@ def test_a_vcpu_like_waiter_anywhere_in_a_huge_page_is_woken_by_its_copy(
     assert faults == [PageFault(block.host_address + HUGE_PAGE_2M, PageFaultFlags(0), 0)]
     staging = scene.map(staged(1, HUGE_PAGE_2M, 0x77))
     zero = np.zeros(1, dtype=np.bool_)
-    land(placement, 1, zero, staging.address)
+    placement.place(1, zero, staging.address, placement.landing(1, zero))
     assert toucher.done.wait(WAIT)
     assert readback.raw == b"\x77" * 4
-    placement.close()
 
 
 # -- minor-fault mode ------------------------------------------------------------------------
@@ -202,7 +184,7 @@ def test_minor_mode_receives_into_the_page_cache_and_continues(scene: Scene, hug
         assert landing.views[0].nbytes == size  # page 0 is taken: scratch
         for view, byte in zip(landing.views, (0x11, 0x22), strict=True):
             ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(view)), byte, view.nbytes)
-        placement.place(0, zero, None, landing, lambda: None)
+        placement.place(0, zero, None, landing)
         assert toucher.done.wait(WAIT) and readback.raw == b"\x00"  # page 2: a zero page
         # page 1 came in, page 0 kept what the guest had: never written again
         assert [block.view[p * size] for p in range(3)] == [0x99, 0x22, 0]

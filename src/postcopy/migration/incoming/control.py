@@ -566,7 +566,7 @@ class IncomingMigration(MigrationBase):
                     )
                 if self._placer is None:  # assigned once, by the receiver at LISTEN
                     raise IncomingError("urgent pages arrived before LISTEN")
-                self._placer.receive_run(reader, header, staging, None, urgent=True)
+                self._placer.receive_run(reader, header, staging, None)
         except Exception as error:
             if self.status.value == MigrationStatus.POSTCOPY_ACTIVE and not self._all_received():
                 log.error("preempt channel: %s", error)

@@ -5,10 +5,7 @@ run from LISTEN on and the fault thread (faults.py) calls to fill a known page:
 - `Placement`: UFFDIO_COPY for normal pages, UFFDIO_ZEROPAGE for zero pages (anonymous
   memory without the RAM swap, shmem);
 - `HugePagePlacement` (hugetlb): one UFFDIO_COPY per whole huge page, zero huge pages
-  copied from a zero buffer (QEMU's postcopy_place_page / _place_page_zero). The main
-  receiver's runs are copied on a thread of their own (`CopyPipeline`) while the receiver
-  reads the next run, so the 2 MiB copy does not add to the wire time; urgent runs are
-  placed at once;
+  copied from a zero buffer (QEMU's postcopy_place_page / _place_page_zero);
 - `MinorPlacement` (x-postcopy-minor-faults, shmem or hugetlb, shared): the run is read
   into a second mapping of the RAM's file, then UFFDIO_CONTINUE maps it.
 What each backend needs of userfaultfd, and why, is in migration/backends.py. No Python
@@ -18,7 +15,6 @@ EEXIST is counted as a duplicate, EAGAIN retried with pauses (eagain.py).
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +26,7 @@ from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import Ioctl, PageExistsError, RetryError, UserfaultFd
 from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_possible, uffd_needs
 from postcopy.migration.incoming.eagain import Retrier
-from postcopy.migration.incoming.errors import IncomingError
 from postcopy.ram import Bitmap, RamBlock, runs
-from postcopy.wire import max_run_pages
 
 PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
 
@@ -40,74 +34,10 @@ PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-p
 @dataclass
 class Landing:
     """Where a run's data goes: `views` (one per normal page run, read in order) or, if
-    None, the receiver's staging buffer. `mine`: the pages this receiver claimed;
-    `buffer`: a pipeline buffer the views are in."""
+    None, the receiver's staging buffer. `mine`: the pages this receiver claimed."""
 
     views: list[memoryview] | None = None
     mine: Bitmap | None = None
-    buffer: Mapping | None = None
-
-
-Done = Callable[[], None]
-PIPELINE_BUFFERS = 3
-
-
-class CopyPipeline:
-    """Copies placed by a thread of their own, from buffers the receiver fills meanwhile.
-
-    `take()` hands out a free buffer (waiting for one); `submit()` queues its placement and
-    returns; the thread runs it, then gives the buffer back. A failed placement fails the
-    next `take()`/`submit()`. Buffers are MAP_NORESERVE: only what runs use is resident."""
-
-    def __init__(self, buffer_bytes: int, name: str) -> None:
-        self._free: queue.Queue[Mapping] = queue.Queue()
-        self._buffers = [Mapping.anonymous(buffer_bytes) for _ in range(PIPELINE_BUFFERS)]
-        for buffer in self._buffers:
-            self._free.put(buffer)
-        self._jobs: queue.Queue[tuple[Callable[[], None], Mapping] | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def take(self) -> Mapping:
-        self._check()
-        while True:
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                self._check()
-
-    def submit(self, job: Callable[[], None], buffer: Mapping) -> None:
-        self._check()
-        self._jobs.put((job, buffer))
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise IncomingError(f"placing pages: {self._error}") from self._error
-        if not self._thread.is_alive():
-            raise IncomingError("the page placement thread is gone")
-
-    def _run(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, buffer = item
-            try:
-                job()
-            except BaseException as error:  # reported to the receiver at its next call
-                self._error = error
-                return
-            finally:
-                self._free.put(buffer)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(10)
-        if not self._thread.is_alive():
-            for buffer in self._buffers:
-                buffer.close()
 
 
 _zero_lock = threading.Lock()
@@ -155,29 +85,16 @@ class Placement:
                 f"(registered {needs.describe()})"
             )
 
-    def landing(self, first_page: int, zero: Bitmap, *, urgent: bool = False) -> Landing:
+    def landing(self, first_page: int, zero: Bitmap) -> Landing:
         """Where a run's normal pages are to be read before `place`: by default into the
-        receiver's staging buffer, back to back (then `place` gets its address). `urgent`:
-        a run a vCPU waits for (the preempt channel), placed at once."""
+        receiver's staging buffer, back to back (then `place` gets its address)."""
         return Landing()
 
     def place(
-        self,
-        first_page: int,
-        zero: Bitmap,
-        data_address: int | None,
-        landing: Landing,
-        on_placed: Done,
-    ) -> None:
-        """Place a run: its normal pages lie back to back at `data_address` (staging), or
-        where `landing` said; then `on_placed()` (from another thread if the placement
-        copies asynchronously: nothing may count the pages as placed before)."""
-        self._place(first_page, zero, data_address, landing)
-        on_placed()
-
-    def _place(
         self, first_page: int, zero: Bitmap, data_address: int | None, landing: Landing
     ) -> None:
+        """Place a run: its normal pages lie back to back at `data_address` (staging), or
+        where `landing` said."""
         assert data_address is not None
         size = self.page_size
         base = self.block.host_address + first_page * size
@@ -241,46 +158,11 @@ class HugePagePlacement(Placement):
 
     name = "copy-huge"
 
-    def __init__(self, block: RamBlock, uffd: UserfaultFd, *, pipelined: bool = True) -> None:
+    def __init__(self, block: RamBlock, uffd: UserfaultFd) -> None:
         super().__init__(block, uffd)
         self._zero_address = zero_buffer(self.page_size)
         self._samples = np.zeros(PLACEMENT_SAMPLES, dtype=np.float64)
         self._sampled = 0
-        self._pipeline = (
-            CopyPipeline(max_run_pages(self.page_size) * self.page_size, "place-huge")
-            if pipelined
-            else None
-        )
-
-    def landing(self, first_page: int, zero: Bitmap, *, urgent: bool = False) -> Landing:
-        if self._pipeline is None or urgent:
-            return Landing()
-        buffer = self._pipeline.take()
-        length = int(np.count_nonzero(~zero)) * self.page_size
-        return Landing(views=[buffer.view[:length]] if length else [], buffer=buffer)
-
-    def place(
-        self,
-        first_page: int,
-        zero: Bitmap,
-        data_address: int | None,
-        landing: Landing,
-        on_placed: Done,
-    ) -> None:
-        buffer = landing.buffer
-        if buffer is None or self._pipeline is None:
-            super().place(first_page, zero, data_address, landing, on_placed)
-            return
-
-        def job() -> None:
-            self._place(first_page, zero, buffer.address, landing)
-            on_placed()
-
-        self._pipeline.submit(job, buffer)
-
-    def close(self) -> None:
-        if self._pipeline is not None:
-            self._pipeline.close()
 
     def _copy(self, destination: int, source: int, length: int) -> None:
         for offset in range(0, length, self.page_size):
@@ -338,7 +220,7 @@ class MinorPlacement(Placement):
         with self._lock:
             self._claimed[first_page : first_page + count] = False
 
-    def landing(self, first_page: int, zero: Bitmap, *, urgent: bool = False) -> Landing:
+    def landing(self, first_page: int, zero: Bitmap) -> Landing:
         count = zero.size
         with self._lock:
             window = self._claimed[first_page : first_page + count]
@@ -363,7 +245,7 @@ class MinorPlacement(Placement):
                 views.append(self._scratch.view)
         return Landing(views, mine)
 
-    def _place(
+    def place(
         self, first_page: int, zero: Bitmap, data_address: int | None, landing: Landing
     ) -> None:
         mine = landing.mine

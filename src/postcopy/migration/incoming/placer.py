@@ -63,13 +63,7 @@ class PagePlacer:
         return self._duplicates + sum(p.duplicates for p in self.placements)
 
     def receive_run(
-        self,
-        reader: StreamReader,
-        header: RamRunHeader,
-        staging: Mapping,
-        side: Mapping | None,
-        *,
-        urgent: bool = False,
+        self, reader: StreamReader, header: RamRunHeader, staging: Mapping, side: Mapping | None
     ) -> None:
         """Read a run's normal pages from the stream to where they land, then place it.
 
@@ -77,8 +71,7 @@ class PagePlacer:
         the stale precopy pages, warm memory already allocated, so that they move in
         instead of being copied (allocating and zeroing a page per UFFDIO_COPY is most of
         the cost of placing a page on this host). Else where the block's placement says
-        (the page cache in minor-fault mode, a buffer of the huge page copy pipeline), or
-        back to back into `staging`. `urgent`: the preempt channel's runs, placed at once."""
+        (the page cache, in minor-fault mode), or back to back into `staging`."""
         block = self.ram[header.block]
         if side is not None:
             starts, lengths = runs(~header.zero)
@@ -87,19 +80,17 @@ class PagePlacer:
                 reader.read_data_into(side.view[offset : offset + length * block.page_size])
             self.place_from_side(header.block, header.first_page, header.zero, side.address)
             return
-        landing = self.landing(header.block, header.first_page, header.zero, urgent=urgent)
+        landing = self.landing(header.block, header.first_page, header.zero)
         if landing.views is not None:
-            for view in landing.views:  # where the block's placement wants them
+            for view in landing.views:  # straight into the page cache (minor-fault mode)
                 reader.read_data_into(view)
         elif header.data_length:
             reader.read_data_into(staging.view[: header.data_length])
         self.place(header.block, header.first_page, header.zero, staging.address, landing)
 
-    def landing(
-        self, block_index: int, first_page: int, zero: Bitmap, *, urgent: bool = False
-    ) -> Landing:
+    def landing(self, block_index: int, first_page: int, zero: Bitmap) -> Landing:
         """Where the receiver reads the run's normal pages (see Placement.landing)."""
-        return self.placements[block_index].landing(first_page, zero, urgent=urgent)
+        return self.placements[block_index].landing(first_page, zero)
 
     def place(
         self,
@@ -111,14 +102,8 @@ class PagePlacer:
     ) -> None:
         """Place a run read into staging (normal pages back to back), or where `landing`
         said, as the block's backend needs."""
-        count = int(zero.size)
-        self.placements[block_index].place(
-            first_page,
-            zero,
-            staging_address,
-            landing or Landing(),
-            lambda: self._record(block_index, first_page, count),
-        )
+        self.placements[block_index].place(first_page, zero, staging_address, landing or Landing())
+        self._record(block_index, first_page, int(zero.size))
 
     def place_from_side(
         self, block_index: int, first_page: int, zero: Bitmap, side_address: int
