@@ -98,3 +98,17 @@ def test_without_a_pagemap_every_page_is_read() -> None:
             False,
             *([True] * 6),
         ]
+
+
+def test_shared_pages_the_page_cache_lacks_are_found_by_seek_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a swapped-out shmem page is absent from mincore's answer yet holds data: stand in
+    # for swap by making mincore say nothing is resident
+    with Mapping.memfd(64 * PAGE) as mapping, Pagemap() as pagemap:
+        for page in (0, 1, 2, 17, 40, 63):
+            mapping.view[page * PAGE + 5] = 9
+        monkeypatch.setattr(mapping, "resident", lambda offset, length: bytearray(length // PAGE))
+        finder = ZeroPageFinder(RamBlock("pc.ram", mapping), pagemap)
+        assert np.flatnonzero(~finder.zero_pages(0, 64)).tolist() == [0, 1, 2, 17, 40, 63]
+        assert np.flatnonzero(~finder.zero_pages(16, 30)).tolist() == [1, 24]

@@ -82,6 +82,9 @@ _munlock = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, use_
 _fallocate = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, use_errno=True
 )(("fallocate", libc))
+_mincore = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, use_errno=True
+)(("mincore", libc))
 # fstatfs(2) into a buffer as large as struct statfs (120 bytes on 64-bit); f_type first
 _fstatfs = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, use_errno=True)(
     ("fstatfs", libc)
@@ -485,6 +488,17 @@ class Mapping(Closing):
             )
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             raise MappingError(ctypes.get_errno(), "fallocate PUNCH_HOLE", address, length)
+
+    def resident(self, offset: int = 0, length: int | None = None) -> bytearray:
+        """mincore(2): one byte per base page of the range, bit 0 set if the page is in
+        memory. For a shared file mapping that is the page cache, also for pages this
+        process never mapped (a shmem page swapped out reads as absent)."""
+        address, length = self._range(offset, length)
+        vector = bytearray(-(-length // page_size()))
+        buffer = (ctypes.c_ubyte * len(vector)).from_buffer(vector)
+        if _mincore(address, length, ctypes.addressof(buffer)) != 0:
+            raise MappingError(ctypes.get_errno(), "mincore", address, length)
+        return vector
 
     def allocate(self, offset: int = 0, length: int | None = None) -> None:
         """Give the backing file zeroed pages in the range where it has holes (fallocate

@@ -9,10 +9,13 @@ only the pages it reports as holding memory of their own are read and checked.
 
 Private anonymous memory asks the page tables. Shared memory cannot: a page of a memfd
 can hold data in the page cache while this process has no mapping of it. There the file
-itself is asked: SEEK_DATA/SEEK_HOLE on a shmem memfd (or a tmpfs file) give the holes,
-which read as zeros, and reading one would even allocate a page for it (shmem maps no
-shared zero page): a 1 GiB memfd guest that used a tenth of its RAM spent ~3 s of its bulk
-round allocating and zeroing the rest. Private file mappings and hugetlbfs (whose files
+itself is asked: mincore on the shared mapping says which pages the page cache holds
+(mapped here or not), and SEEK_DATA confirms the pages it calls absent (a shmem page that
+was swapped out reads as absent, yet holds data): the holes read as zeros, and reading one
+would even allocate a page for it (shmem maps no shared zero page): a 1 GiB memfd guest
+that used a tenth of its RAM spent ~3 s of its bulk round allocating and zeroing the rest.
+(SEEK_HOLE is no use here: it walks every page of data to the next hole, to the end of a
+full file, for each run: seconds per GiB.) Private file mappings and hugetlbfs (whose files
 report no holes) are read page by page.
 """
 
@@ -96,24 +99,34 @@ class ZeroPageFinder:
         return held
 
     def _held_by_file(self, fd: int, first: int, count: int) -> Bitmap:
-        """Pages of the run that hold data in the file (not in a hole), two lseeks per
-        stretch of data."""
+        """Pages of the run that hold data in the file: in the page cache (mincore), or
+        absent from it but not in a hole (SEEK_DATA lands on them: swapped out). One
+        SEEK_DATA per stretch of absent pages, each stopping at the next data."""
         page_size = self.block.page_size
-        held = np.zeros(count, dtype=np.bool_)
-        start, end = first * page_size, (first + count) * page_size
-        position = start
-        while position < end:
+        vector = self.block.mapping.resident(first * page_size, count * page_size)
+        held = (np.frombuffer(vector, dtype=np.uint8) & 1).astype(np.bool_)
+        start = first * page_size
+        absent = np.flatnonzero(~held)
+        index = 0
+        while index < absent.size:
+            page = int(absent[index])
             try:
-                data = os.lseek(fd, position, os.SEEK_DATA)
+                data = os.lseek(fd, start + page * page_size, os.SEEK_DATA)
             except OSError as error:
                 if error.errno == errno.ENXIO:  # no data from here to the end of the file
                     break
                 raise
-            if data >= end:
+            found = (data - start) // page_size
+            if found >= count:
                 break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            held[(data - start) // page_size : -(-(hole - start) // page_size)] = True
-            position = hole
+            if found == page:
+                held[page] = True  # data the page cache does not hold: swapped out
+                index += 1
+            else:  # a hole up to `found`: go on with the first absent page after it
+                index = int(np.searchsorted(absent, found, side="left"))
+                if index < absent.size and int(absent[index]) == found:
+                    held[found] = True
+                    index += 1
         return held
 
     def _held_by_scan(self, start: int, end: int, count: int) -> Bitmap:
