@@ -223,7 +223,7 @@ def change_length(
     (length,) = struct.unpack_from(">I", frame, 4)
     choice = rng.random()
     if choice < 0.5:
-        length = max(0, length + rng.randint(-16, 16))
+        length = min(max(0, length + rng.randint(-16, 16)), 0xFFFFFFFF)  # u32 on the wire
     elif choice < 0.8:
         length = rng.choice(INTERESTING) & 0xFFFFFFFF
     else:
