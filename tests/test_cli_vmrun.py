@@ -243,3 +243,23 @@ def test_x_verify_on_a_guest_of_ones_own_answers_a_digest_equal_on_both_sides(
     assert answers[0]["digest"] == answers[1]["digest"]
     assert re.fullmatch(r"[0-9a-f]{64}", answers[0]["digest"])
     assert "ok" not in answers[0] and "no verifier" in answers[0]["detail"]
+
+
+def test_the_console_shows_a_byte_at_once_even_when_none_follows(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    """A guest that prints once and then computes: its byte is in the console file at
+    once, not when (if ever) the next one comes."""
+    image = tmp_path / "once.bin"
+    # mov dx, 0x3f8; mov al, 'A'; out dx, al; jmp $
+    image.write_bytes(bytes.fromhex("66baf803b041eeebfe"))
+    console = tmp_path / "once.console"
+    vm_run(
+        started,
+        *("--guest-image", str(image), "--qmp", str(tmp_path / "q.qmp")),
+        *("--console", str(console)),
+    )
+    deadline = time.monotonic() + 10
+    while not (console.exists() and console.read_bytes() == b"A"):
+        assert time.monotonic() < deadline, "the guest's one byte never reached the console"
+        time.sleep(0.05)

@@ -373,7 +373,8 @@ def run_vm(args: argparse.Namespace) -> int:
         if args.pidfile is not None:
             _write_pidfile(args.pidfile, pid)
         print(ready_line(args, pid), flush=True)
-        while not quit_event.wait(0.2):
+        while not quit_event.wait(0.1):
+            vm.flush_console()  # a byte the guest printed before it went quiet
             incoming = monitor.incoming
             if (
                 incoming is not None

@@ -510,6 +510,13 @@ class MicroVM(Closing):
         with self._console_lock:
             return bytes(self._console_tail)
 
+    def flush_console(self) -> None:
+        """Pass on console bytes a vCPU has held back waiting for more (call it now and
+        then: `vm run` does every 0.1 s), so that a guest that prints once and computes
+        is seen at once."""
+        for thread in list(self._threads):
+            thread.flush_stale_console()
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -103,7 +103,9 @@ class VcpuThread:
         self._go = False
         self._quit = False
         self._pending_console = bytearray()
-        self._console_since = 0.0
+        self._console_since = 0.0  # when the oldest pending byte came
+        # the vCPU thread appends and passes on; flush_stale_console() passes on too
+        self._console_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
 
     # -- control (owner side) ----------------------------------------------------------
@@ -267,17 +269,32 @@ class VcpuThread:
             pass
 
     def _console_out(self, data: bytes) -> None:
-        if not self._pending_console:
-            self._console_since = time.monotonic()
-        self._pending_console += data
-        if (
-            b"\n" in data
-            or len(self._pending_console) >= CONSOLE_FLUSH_BYTES
-            or time.monotonic() - self._console_since >= CONSOLE_FLUSH_SECONDS
-        ):
-            self._flush_console()
+        """Bytes are passed on in batches (a line, or what came within CONSOLE_FLUSH_SECONDS):
+        a byte per OUT would cost the console consumer a call each."""
+        with self._console_lock:
+            if not self._pending_console:
+                self._console_since = time.monotonic()
+            self._pending_console += data
+            if (
+                b"\n" in data
+                or len(self._pending_console) >= CONSOLE_FLUSH_BYTES
+                or time.monotonic() - self._console_since >= CONSOLE_FLUSH_SECONDS
+            ):
+                self._pass_on_console()
 
     def _flush_console(self) -> None:
+        with self._console_lock:
+            self._pass_on_console()
+
+    def flush_stale_console(self, max_age: float = CONSOLE_FLUSH_SECONDS) -> None:
+        """From any thread: pass on bytes that waited `max_age` for more. A guest that
+        prints once and then computes (memtouch's 'A', a 'B' per pass) would otherwise be
+        shown only at its next byte, seconds later or never."""
+        with self._console_lock:
+            if self._pending_console and time.monotonic() - self._console_since >= max_age:
+                self._pass_on_console()
+
+    def _pass_on_console(self) -> None:
         if self._pending_console:
             data = bytes(self._pending_console)
             self._pending_console.clear()
