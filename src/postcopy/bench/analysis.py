@@ -133,6 +133,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "vcpu_blocktime_ms": dst.get("postcopy-vcpu-blocktime"),
         "vcpu_blocktime_us": dst.get("x-postcopy-vcpu-blocktime-us"),
         "vcpu_faults": dst.get("x-postcopy-vcpu-faults"),
+        **_per_run_figures(record, src, dst),
         "request_latency_count": latency.get("count"),
         "request_latency_p50_us": latency.get("p50-us") if latency.get("count") else None,
         "request_latency_p99_us": latency.get("p99-us") if latency.get("count") else None,
@@ -150,6 +151,38 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "verify_ok": verify.get("ok"),
         **_cpu_figures(record, dst.get("x-bytes-received")),
         **service_figures(record),
+    }
+
+
+def _per_run_figures(
+    record: dict[str, Any], src: dict[str, Any], dst: dict[str, Any]
+) -> dict[str, Any]:
+    """What the comparison with QEMU reads: the worst vCPU's blocktime (QEMU 7.2's
+    all-vCPU total undercounts), whether postcopy really happened, faults and requests per
+    GiB, the precopy bytes against RAM (passes before the switch), and the switch itself."""
+    ram = src.get("ram") or {}
+    per_vcpu = dst.get("postcopy-vcpu-blocktime") or []
+    per_vcpu_us = dst.get("x-postcopy-vcpu-blocktime-us") or []
+    gib = int((record.get("scenario") or {}).get("ram") or 0) / (1 << 30)
+    requests, faults = ram.get("postcopy-requests"), dst.get("x-postcopy-vcpu-faults")
+    switch = record.get("switch") or {}
+    return {
+        "worst_vcpu_blocktime_ms": max(per_vcpu) if per_vcpu else None,
+        "worst_vcpu_blocktime_us": max(per_vcpu_us) if per_vcpu_us else None,
+        "postcopy_happened": bool(ram.get("postcopy-bytes")) and "x-postcopy" in src,
+        "postcopy_requests_per_gib": round(requests / gib, 1) if requests and gib else None,
+        "vcpu_faults_per_gib": round(faults / gib, 1) if faults and gib else None,
+        "precopy_bytes_vs_ram": (
+            round(ram["precopy-bytes"] / (gib * (1 << 30)), 3)
+            if ram.get("precopy-bytes") is not None and gib
+            else None
+        ),
+        "switch_requested_at_ms": (
+            round(switch["requested_at_s"] * 1000, 1)
+            if switch.get("requested_at_s") is not None
+            else None
+        ),
+        "switch_dirty_sync_count": switch.get("count_at_switch"),
     }
 
 
@@ -191,6 +224,10 @@ def ratios(figures: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
         "throughput_vs_fill_rate": _ratio(throughput, limits.get("fill_rate")),
         "bulk_round_vs_line_rate": _ratio(
             figures.get("bulk_round_bytes_per_s"), limits.get("line_rate")
+        ),
+        # issue 18's target: the bulk round against min(line rate, first-touch fill rate)
+        "bulk_round_vs_limit": _ratio(
+            figures.get("bulk_round_bytes_per_s"), limits.get("throughput_limit")
         ),
         "latency_p50_vs_fault_rtt": _ratio(latency, limits.get("fault_rtt_p50_us")),
         "latency_p50_vs_handler_rtt": _ratio(latency, limits.get("handler_rtt_p50_us")),

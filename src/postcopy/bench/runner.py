@@ -33,6 +33,7 @@ from typing import Any
 
 from postcopy.bench.analysis import analyse, bench_run
 from postcopy.bench.cleanup import Cleanup
+from postcopy.bench.libvirt import POLL_SECONDS, LibvirtSwitch
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
 from postcopy.bench.procinfo import (
@@ -349,8 +350,20 @@ def _migrate(
             )
         )
         source.qmp.execute("migrate", {"uri": uri})
+        interval = options.poll_interval
+        switch: LibvirtSwitch | None = None
+        if scenario.switch_at_sync_count is not None:
+            switch = LibvirtSwitch(source.qmp, scenario.switch_at_sync_count)
+            interval = min(interval, POLL_SECONDS)
+        next_sample = [started]
 
         def on_poll(poll: Poll) -> None:
+            if switch is not None:
+                switch.check(poll.t, poll.source)
+                # the switch polls at 10 ms; samples and /proc keep their own interval
+                if poll.mono < next_sample[0]:
+                    return
+                next_sample[0] = poll.mono + options.poll_interval - POLL_SECONDS / 2
             recorder.write(sampler.sample(poll))
             cpu_series.polls += 1
             for vm in vms:
@@ -365,13 +378,15 @@ def _migrate(
                 source.qmp,
                 destination.qmp,
                 started=started,
-                interval=options.poll_interval,
+                interval=interval,
                 on_poll=on_poll,
                 timeout=timeout,
             )
         except WatchTimeout as error:
             raise RunError(str(error)) from None
         record["wall_seconds"] = round(time.monotonic() - started, 4)
+        if switch is not None:
+            record["switch"] = switch.as_json()
         record["cpu"] = _cpu_usage(
             vms,
             cpu_before,

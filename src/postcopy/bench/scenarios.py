@@ -1,9 +1,13 @@
 """Benchmark scenarios: what one run migrates and how, named so the name says it all.
 
-A scenario name is `<guest>-<ram>-<N>cpu-<mode>[-preempt][-cpl0][-<backend>][-minor]`,
+A scenario name is
+`<guest>-<ram>-<N>cpu-<mode>[-libvirt][-preempt][-cpl0][-<backend>][-minor]`,
 for example `memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy
 after one precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the
-start), `postcopyN` (postcopy after N precopy rounds); `-preempt` adds the
+start), `postcopyN` (postcopy after N precopy rounds); `-libvirt` makes that switch as a
+management tool does instead of the source itself (the bench polls query-migrate every
+10 ms and sends migrate-start-postcopy once `dirty-sync-count` reaches N + 1, as libvirt
+does for N = 1); `-preempt` adds the
 postcopy-preempt channel; `-cpl0` runs the guest at CPL0, emulated on this host like
 QEMU's own test guest (a guest that touches memory ~200x slower). The RAM backend is
 private anonymous memory unless `-memfd` (a shmem memfd), `-hugetlb` (a hugetlb memfd,
@@ -46,7 +50,7 @@ DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
 
 NAME = re.compile(
     r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
-    r"(?P<mode>precopy|postcopy\d+)(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?"
+    r"(?P<mode>precopy|postcopy\d+)(?P<libvirt>-libvirt)?(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?"
     r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<minor>-minor)?$"
 )
 
@@ -64,6 +68,9 @@ class Scenario:
     postcopy_after_rounds: int | None  # None: precopy only
     preempt: bool = False
     cpl: int = 3
+    # the switch made by the bench as libvirt makes it (migrate-start-postcopy from a 10 ms
+    # poll once dirty-sync-count >= postcopy_after_rounds + 1), not by the source itself
+    switch_by_tool: bool = False
     guest_params: Mapping[str, int] = field(default_factory=dict)
     parameters: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -98,8 +105,18 @@ class Scenario:
     def migration_parameters(self) -> dict[str, Any]:
         merged = {**DEFAULT_PARAMETERS, **self.parameters}
         if self.postcopy_after_rounds is not None:
-            merged["x-postcopy-after-rounds"] = self.postcopy_after_rounds
+            merged["x-postcopy-after-rounds"] = (
+                -1 if self.switch_by_tool else self.postcopy_after_rounds
+            )
         return merged
+
+    @property
+    def switch_at_sync_count(self) -> int | None:
+        """With `-libvirt`: the dirty-sync-count at which the bench switches (QEMU counts
+        the setup's sync, so the end of pass N reads N + 1)."""
+        if not self.switch_by_tool or self.postcopy_after_rounds is None:
+            return None
+        return self.postcopy_after_rounds + 1
 
     @property
     def warmup(self) -> tuple[bytes, int]:
@@ -118,6 +135,7 @@ class Scenario:
             "postcopy_after_rounds": self.postcopy_after_rounds,
             "preempt": self.preempt,
             "cpl": self.cpl,
+            "switch": "libvirt" if self.switch_by_tool else "source",
             "capabilities": self.capabilities,
             "guest_params": dict(self.guest_params),
             "parameters": self.migration_parameters,
@@ -133,7 +151,7 @@ def parse_name(name: str) -> Scenario:
     if not match:
         raise ScenarioError(
             f"{name!r} is not a scenario name: expected "
-            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-preempt][-cpl0]"
+            "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-libvirt][-preempt][-cpl0]"
             "[-memfd|-hugetlb|-hugetlbfs][-minor], "
             "e.g. memtouch-1g-1cpu-postcopy1"
         )
@@ -158,6 +176,9 @@ def parse_name(name: str) -> Scenario:
     ram = parse_size(match.group("ram"))
     if backend in ("memfd-hugetlb", "hugetlbfs") and ram % (2 << 20):
         raise ScenarioError(f"{name!r}: RAM on huge pages must be a multiple of 2 MiB")
+    libvirt = match.group("libvirt") is not None
+    if libvirt and not after:
+        raise ScenarioError(f"{name!r}: -libvirt needs postcopyN with N >= 1 (a pass to wait for)")
     return Scenario(
         name=name,
         guest=guest,
@@ -166,6 +187,7 @@ def parse_name(name: str) -> Scenario:
         postcopy_after_rounds=after,
         preempt=preempt,
         cpl=0 if match.group("cpl0") else 3,
+        switch_by_tool=libvirt,
         guest_params=dict(DEFAULT_GUEST_PARAMS.get(guest, {})),
         load=dict(DEFAULT_LOAD) if guest == "kvstore" else {},
         backend=backend,
@@ -277,6 +299,7 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         postcopy_after_rounds=base.postcopy_after_rounds,
         preempt=base.preempt,
         cpl=base.cpl,
+        switch_by_tool=base.switch_by_tool,
         guest_params=guest_params,
         parameters=parameters,
         description=str(entry.get("description", "")),
