@@ -49,6 +49,7 @@ from postcopy.bench.scenarios import Scenario
 from postcopy.bench.service import ServiceRun
 from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool
 from postcopy.linux.memory import Advice, Mapping
+from postcopy.migration.hops import hop_summary, join_hops
 from postcopy.tools.qmpclient import QmpClientError
 from postcopy.tools.runfile import RunWriter, Sampler, end_records, header_record
 from postcopy.tools.vmchild import VmChild, VmChildError, free_port
@@ -257,6 +258,17 @@ def _cpu_usage(
     return usage
 
 
+def _request_hops(source: VmHandle, destination: VmHandle) -> dict[str, Any] | None:
+    """Where the page requests' latency went, hop by hop (migration/hops.py)."""
+    try:
+        outgoing = source.qmp.execute("x-request-hops").get("outgoing") or {}
+        incoming = destination.qmp.execute("x-request-hops").get("incoming") or {}
+    except QmpClientError:
+        return None
+    joined = join_hops(incoming, outgoing)
+    return hop_summary(joined) if joined else None
+
+
 def _migrate(
     scenario: Scenario,
     options: RunOptions,
@@ -414,6 +426,7 @@ def _migrate(
         if service is not None:  # before x-verify: a guest idle between batches verifies
             record["service"] = service.finish(bench_run(record))
         record["cpu_series"] = cpu_series.cpu
+        record["request_hops"] = _request_hops(source, destination)
         record["destination_console_passes"] = destination.console().count(marker)
         if destination.process.poll() is None:
             record["destination_memory"] = memory_figures(destination.pid, scenario.ram)

@@ -118,6 +118,7 @@ class VmMonitor:
         register("x-console", self.x_console)
         register("x-migration-timeline", self.x_migration_timeline)
         register("x-request-latency-samples", self.x_request_latency_samples)
+        register("x-request-hops", self.x_request_hops)
         register("x-request-device", self.x_request_device)
         self.server.on_quit(self._quit)
 
@@ -381,6 +382,14 @@ class VmMonitor:
         if count > self.LATENCY_SAMPLES_MAX:
             samples = samples[:: -(-count // self.LATENCY_SAMPLES_MAX)]
         return {"us": [round(value * 1e6, 1) for value in samples.tolist()], "count": count}
+
+    def x_request_hops(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Both roles' page-request hop logs (migration/hops.py): `outgoing` as a source,
+        `incoming` as a destination; each {requests, placed, served} as columns."""
+        return {
+            "outgoing": self.outgoing.hops.as_qmp() if self.outgoing is not None else None,
+            "incoming": self.incoming.hops.as_qmp() if self.incoming is not None else None,
+        }
 
     def x_request_device(self, args: dict[str, Any]) -> dict[str, Any]:
         """The request device's state and counters (postcopy.vm.requestdev)."""

@@ -36,6 +36,7 @@ from postcopy.migration import failures, globalstate
 from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.hops import URGENT, HopLog
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
@@ -125,6 +126,7 @@ class IncomingMigration(MigrationBase):
         self.received = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
         self.latency = LatencyRecorder([block.pages for block in ram], clock)
         self.blocktime = BlocktimeTracker(machine.vcpu_count, clock)
+        self.hops = HopLog(clock)  # the requests' hops, for x-request-hops
         self.uffd: UserfaultFd | None = None
         self._listener: Listener | None = None
         self._main: Connection | None = None
@@ -486,6 +488,7 @@ class IncomingMigration(MigrationBase):
             self.blocktime,
             self._placements,
             self._shared,
+            hops=self.hops,
         )
         assert self._return is not None
         self._faults = FaultThread(
@@ -499,6 +502,7 @@ class IncomingMigration(MigrationBase):
             clock=self._clock,
             placements=self._placements,
             shared=self._shared,
+            hops=self.hops,
         )
         self._faults.start()
         if self._swap is not None:
@@ -566,7 +570,7 @@ class IncomingMigration(MigrationBase):
                     )
                 if self._placer is None:  # assigned once, by the receiver at LISTEN
                     raise IncomingError("urgent pages arrived before LISTEN")
-                self._placer.receive_run(reader, header, staging, None)
+                self._placer.receive_run(reader, header, staging, None, channel=URGENT)
         except Exception as error:
             if self.status.value == MigrationStatus.POSTCOPY_ACTIVE and not self._all_received():
                 log.error("preempt channel: %s", error)

@@ -25,6 +25,7 @@ import numpy as np
 from postcopy.linux.memory import EventFd
 from postcopy.linux.userfaultfd import PageFault, RetryError, UserfaultFd
 from postcopy.migration.channel import StreamWriter
+from postcopy.migration.hops import HopLog
 from postcopy.migration.incoming.eagain import DEFER_SECONDS
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.placement import Placement
@@ -55,8 +56,10 @@ class FaultThread:
         clock: Clock,
         placements: list[Placement],
         shared: SharedClients | None = None,
+        hops: HopLog | None = None,
     ) -> None:
         self._uffd = uffd
+        self._hops = hops
         self._ram = ram
         self._block_index = {block: index for index, block in enumerate(ram)}
         self._received = received
@@ -141,6 +144,10 @@ class FaultThread:
             for request in coalesce(requests):
                 self._return.send(request)
                 self.requests_sent += 1  # this thread is its only writer (QMP reads it)
+                if self._hops is not None:
+                    self._hops.request_sent(
+                        request.block, request.first_page, request.page_count, now
+                    )
 
     def _locate_event(
         self, event: PageFault, client: SharedClient | None, now: float

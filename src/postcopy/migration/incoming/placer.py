@@ -18,6 +18,7 @@ from collections.abc import Callable
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
 from postcopy.migration.channel import StreamReader
+from postcopy.migration.hops import MAIN, HopLog
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.placement import Landing, Placement
 from postcopy.migration.shared import SharedClients
@@ -45,8 +46,10 @@ class PagePlacer:
         blocktime: BlocktimeTracker,
         placements: list[Placement],
         shared: SharedClients | None = None,
+        hops: HopLog | None = None,
     ) -> None:
         self.uffd = uffd
+        self.hops = hops
         self.ram = ram
         self.received = received
         self.latency = latency
@@ -63,6 +66,23 @@ class PagePlacer:
         return self._duplicates + sum(p.duplicates for p in self.placements)
 
     def receive_run(
+        self,
+        reader: StreamReader,
+        header: RamRunHeader,
+        staging: Mapping,
+        side: Mapping | None,
+        *,
+        channel: int = MAIN,
+    ) -> None:
+        """Read a run and place it (`_receive_run`); logged in the request hops."""
+        header_read = self.hops.clock() if self.hops is not None else 0.0
+        self._receive_run(reader, header, staging, side)
+        if self.hops is not None:
+            self.hops.run_placed(
+                header.block, header.first_page, int(header.zero.size), header_read, channel
+            )
+
+    def _receive_run(
         self, reader: StreamReader, header: RamRunHeader, staging: Mapping, side: Mapping | None
     ) -> None:
         """Read a run's normal pages from the stream to where they land, then place it.

@@ -24,6 +24,7 @@ from postcopy.migration import failures, globalstate
 from postcopy.migration.base import EventSink, MigrationBase
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.discard import discard_ranges, page_ranges
+from postcopy.migration.hops import HopLog
 from postcopy.migration.machine import Machine
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageService
@@ -94,7 +95,8 @@ class OutgoingMigration(MigrationBase):
         self.tls = tls
         self._sender = RamSender(machine.ram, parameters, clock, self._should_stop_waiting)
         self.counters = self._sender.counters
-        self._pages = PageService(machine.ram, self._sender)
+        self.hops = HopLog(clock)  # the requests' hops, for x-request-hops
+        self._pages = PageService(machine.ram, self._sender, self.hops)
         self._return_path = ReturnPath(
             machine.ram, self.status, self.counters, self._pages.request, clock
         )

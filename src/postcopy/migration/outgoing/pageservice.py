@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from postcopy.migration.channel import StreamWriter
+from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
 from postcopy.ram import Bitmap, RamList, runs, split_runs
 
@@ -29,13 +30,15 @@ class PageRequest:
     block: int
     first_page: int
     page_count: int
+    read_at: float = 0.0  # when the return path read it (hops.py)
 
 
 class PageService:
     """Serves the pages a destination in postcopy still needs."""
 
-    def __init__(self, ram: RamList, sender: RamSender) -> None:
+    def __init__(self, ram: RamList, sender: RamSender, hops: HopLog | None = None) -> None:
         self._ram = ram
+        self._hops = hops
         self._sender = sender
         self._counters = sender.counters
         self._urgent: StreamWriter | None = None  # the preempt channel's writer, if any
@@ -149,3 +152,7 @@ class PageService:
                 )
                 self._counters.pages_resent += length
         self._jump = (request.block, request.first_page + request.page_count)
+        if self._hops is not None:
+            self._hops.request_served(
+                request.block, request.first_page, request.page_count, request.read_at
+            )

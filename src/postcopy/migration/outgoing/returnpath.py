@@ -103,7 +103,9 @@ class ReturnPath:
                     if message.first_page + message.page_count > block.pages:
                         raise MigrationError(f"page request outside block {block.name!r}")
                     self._on_request(
-                        PageRequest(message.block, message.first_page, message.page_count)
+                        PageRequest(
+                            message.block, message.first_page, message.page_count, self._clock()
+                        )
                     )
                 elif isinstance(message, Pong):
                     with self._pong:

@@ -1,0 +1,61 @@
+"""Unit tests of the request hop log and the join of both sides' logs (migration/hops.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from postcopy.migration.hops import MAIN, URGENT, HopLog, hop_summary, join_hops
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 10.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_request_is_matched_with_its_service_and_its_placement() -> None:
+    clock = FakeClock()
+    destination, source = HopLog(clock), HopLog(clock)
+    # request for page 7 of block 0: fault read at 10.000, sent at 10.001
+    clock.now = 10.001
+    destination.request_sent(0, 7, 1, fault_read=10.000)
+    # a push run holding page 7 was placed before the request: not its placement
+    clock.now = 10.0005
+    destination.run_placed(0, 0, 64, header_read=10.0004, channel=MAIN)
+    # the source reads it at 10.002 and has sent it at 10.003
+    clock.now = 10.003
+    source.request_served(0, 7, 1, read=10.002)
+    # an unrelated run, then the urgent one
+    clock.now = 10.0035
+    destination.run_placed(1, 0, 1, header_read=10.0034, channel=URGENT)
+    clock.now = 10.005
+    destination.run_placed(0, 7, 1, header_read=10.004, channel=URGENT)
+    joined = join_hops(destination.as_qmp(), source.as_qmp())
+    assert len(joined) == 1
+    row = joined[0]
+    assert row["read"] == pytest.approx(10.002) and row["served"] == pytest.approx(10.003)
+    assert row["header_read"] == pytest.approx(10.004)
+    assert row["placed"] == pytest.approx(10.005)
+    assert row["channel"] == URGENT
+    summary = hop_summary(joined)
+    assert summary["fault read -> placed"]["p50-us"] == pytest.approx(5000, abs=1)
+    assert summary["request sent -> read by the source"]["p50-us"] == pytest.approx(1000, abs=1)
+    assert summary["header read -> placed"]["count"] == 1
+
+
+def test_a_request_without_a_match_keeps_the_hops_it_has() -> None:
+    clock = FakeClock()
+    destination = HopLog(clock)
+    destination.request_sent(0, 3, 2, fault_read=9.9)
+    joined = join_hops(destination.as_qmp(), HopLog(clock).as_qmp())
+    assert set(joined[0]) == {"fault_read", "sent"}
+    assert list(hop_summary(joined)) == ["fault read -> request sent"]
+
+
+def test_the_log_is_bounded() -> None:
+    log = HopLog(FakeClock(), capacity=2)
+    for page in range(5):
+        log.request_sent(0, page, 1, fault_read=1.0)
+    assert log.as_qmp()["requests"]["first"] == [0, 1]
