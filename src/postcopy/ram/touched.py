@@ -37,6 +37,9 @@ from postcopy.ram.bitmap import Bitmap, zero_pages
 from postcopy.ram.block import RamBlock
 
 HELD = PageCategory.PRESENT | PageCategory.SWAPPED
+# runs this short of private anonymous memory are read: a scan costs more than reading a
+# few pages (a requested page); shared memory never reads a hole (it would allocate)
+SMALL_RUN_PAGES = 16
 
 
 class ZeroPageFinder:
@@ -62,7 +65,7 @@ class ZeroPageFinder:
         block = self.block
         if self._file is not None:
             held = self._held_by_file(self._file, first, count)
-        elif self._pagemap is None:
+        elif self._pagemap is None or count <= SMALL_RUN_PAGES:
             return zero_pages(block.page_view(first, count), block.page_size)
         else:
             held = self._held(first, count)
