@@ -55,6 +55,13 @@ ROUND_END = TracePoint(
     "a precopy round ended: bytes still dirty, the measured bandwidth (bytes/s)",
     (PLOT, BENCH),
 )
+ROUND_SYNC = TracePoint(
+    "round-sync",
+    SOURCE,
+    ("round", "pending"),
+    "the dirty log was synced before the round's end, as QEMU does once the rest fits in "
+    "downtime-limit (dirty-sync-count and MIGRATION_PASS advance): bytes pending after it",
+)
 DRAINED = TracePoint(
     "drained", SOURCE, (), "the destination has read all that was sent (PING answered)"
 )
@@ -123,6 +130,7 @@ TRACE_POINTS: tuple[TracePoint, ...] = (
     STATUS,
     ROUND_START,
     ROUND_END,
+    ROUND_SYNC,
     DRAINED,
     STOP,
     FINAL_SYNC,

@@ -62,6 +62,13 @@ from postcopy.wire import (
 
 log = logging.getLogger(__name__)
 
+# how a round ended (_send_round)
+ROUND_SENT, ROUND_SYNCED, ROUND_POSTCOPY, ROUND_CONVERGED = (
+    "sent",
+    "synced",
+    "postcopy",
+    "converged",
+)
 SETUP_PING = 1
 RUN_PING = 2
 
@@ -322,17 +329,27 @@ class OutgoingMigration(MigrationBase):
             self.counters.remaining = sum(
                 int(np.count_nonzero(d)) * b.page_size for d, b in zip(dirty, ram, strict=True)
             )
-            switched = self._send_round(main, sent, dirty)
-            if switched:
-                self._postcopy(main, sent, dirty)
+            later = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+            outcome = self._send_round(main, sent, dirty, later)
+            if outcome != ROUND_SENT and outcome != ROUND_SYNCED:
+                both = [d | lt for d, lt in zip(dirty, later, strict=True)]
+                if outcome == ROUND_POSTCOPY:
+                    self._postcopy(main, sent, both)
+                else:
+                    self._complete_precopy(main, both)
                 return
             main.send(EndOfRound(self.rounds))
-            dirty = self._sync_dirty()
-            # the round sent every pending page: all that the sync found is newly dirty
-            self._count_sync(
-                sum(int(np.count_nonzero(d)) for d in dirty), self._pending_bytes(dirty)
-            )
-            remaining = self.counters.remaining
+            if outcome == ROUND_SENT:  # no sync during the round: one now
+                at_end = self._sync_dirty()
+                newly = sum(
+                    int(np.count_nonzero(f & ~lt)) for f, lt in zip(at_end, later, strict=True)
+                )
+                for later_pages, found_now in zip(later, at_end, strict=True):
+                    later_pages |= found_now
+                self._count_sync(newly, self._pending_bytes(later))
+            dirty[:] = later
+            remaining = self._pending_bytes(dirty)
+            self.counters.remaining = remaining
             bandwidth = max(self._sender.bandwidth(), 1.0)
             self._trace(
                 "round-end",
@@ -345,8 +362,12 @@ class OutgoingMigration(MigrationBase):
                 self._postcopy(main, sent, dirty)
                 return
             max_rounds = self.parameters.x_max_rounds
-            # QEMU's test (migration_iteration_run): pending below bandwidth x downtime-limit
-            converged = remaining / bandwidth * 1000 <= self.parameters.downtime_limit
+            # QEMU's test (migration_iteration_run): pending below bandwidth x downtime-limit;
+            # after a sync within the round, the next round's first run makes it
+            converged = (
+                outcome == ROUND_SENT
+                and remaining / bandwidth * 1000 <= self.parameters.downtime_limit
+            )
             if converged or (max_rounds and self.rounds >= max_rounds and not postcopy):
                 self._complete_precopy(main, dirty)
                 return
@@ -390,20 +411,61 @@ class OutgoingMigration(MigrationBase):
         if self.capabilities["events"]:
             self._emit("MIGRATION_PASS", {"pass": number})
 
-    def _send_round(self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap]) -> bool:
-        """Send every dirty page; returns True if postcopy was requested meanwhile."""
-        for index, block in enumerate(self.machine.ram):
+    def _send_round(
+        self, writer: StreamWriter, sent: list[Bitmap], dirty: list[Bitmap], later: list[Bitmap]
+    ) -> str:
+        """Send every page of `dirty` (cleared as they go). As QEMU does (ram_save_pending),
+        the dirty log is synced as soon as what is left of the round would cross in
+        downtime-limit at the current bandwidth, not at its very end: what the sync finds
+        goes to `later` (the next round), MIGRATION_PASS tells a management tool that the
+        pass is as good as over, and the tool's migrate-start-postcopy still comes before
+        the next pass. If everything pending then fits in downtime-limit, precopy can
+        complete (QEMU's migration_iteration_run). Returns ROUND_SENT (no sync), ROUND_SYNCED,
+        ROUND_POSTCOPY (postcopy was asked for) or ROUND_CONVERGED."""
+        ram = self.machine.ram
+        rest = self._pending_bytes(dirty)
+        synced = False
+        for index, block in enumerate(ram):
             run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
             starts, lengths = split_runs(*runs(dirty[index]), run_pages)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                if not synced and rest < self._threshold_bytes():
+                    synced = True
+                    if self._sync_within_round(dirty, later):
+                        return ROUND_CONVERGED
                 self._sender.wait_for_bandwidth("precopy")
                 self._check_cancel()
                 if self._postcopy_requested.is_set():
-                    return True
+                    return ROUND_POSTCOPY
                 self._sender.send_pages(writer, index, block, start, length, phase="precopy")
                 sent[index][start : start + length] = True
                 dirty[index][start : start + length] = False
-        return False
+                rest -= length * block.page_size
+        return ROUND_SYNCED if synced else ROUND_SENT
+
+    def _threshold_bytes(self) -> float:
+        """QEMU's threshold_size: what the link carries in downtime-limit at the bandwidth
+        of the last window; 0 until a window has been measured (no sync before that)."""
+        return self._sender.accounting.bandwidth * self.parameters.downtime_limit / 1000
+
+    def _sync_within_round(self, dirty: list[Bitmap], later: list[Bitmap]) -> bool:
+        """Sync while `dirty` still holds the round's unsent pages: found pages not among
+        them go to `later`. True if precopy may complete now: all pending fits in
+        downtime-limit, and no postcopy switch is due at this round's end (our
+        x-postcopy-after-rounds; a requested switch comes in QEMU's order, after this)."""
+        found = self._sync_dirty()
+        newly = 0
+        for pending_now, pending_later, found_now in zip(dirty, later, found, strict=True):
+            fresh = found_now & ~pending_now
+            newly += int(np.count_nonzero(fresh & ~pending_later))
+            pending_later |= fresh
+        pending = self._pending_bytes(dirty) + self._pending_bytes(later)
+        self._count_sync(newly, pending)
+        self._trace("round-sync", round=self.rounds, pending=pending)
+        after = self.parameters.x_postcopy_after_rounds
+        if self.capabilities["postcopy-ram"] and after >= 0 and self.rounds >= after:
+            return False
+        return pending < self._threshold_bytes()
 
     def _drain(self, writer: StreamWriter) -> None:
         """Wait until the destination has consumed everything sent so far (a Ping's Pong).
