@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,17 @@ def setup_of_ours(record: dict[str, Any]) -> str:
     return name + ("-preempt" if scenario.get("preempt") else "")
 
 
-def spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+def spread(values: Sequence[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
         return "-"
-    median = statistics.median(values)
-    if len(values) == 1:
-        return f"{median:.4g}"
-    return f"{median:.4g} [{min(values):.4g}-{max(values):.4g}]"
+    middle = statistics.median(present)
+    if len(present) == 1:
+        return f"{middle:.4g}"
+    return f"{middle:.4g} [{min(present):.4g}-{max(present):.4g}]"
 
 
-def median(values: list[float | None]) -> float | None:
+def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
 
@@ -101,6 +102,13 @@ def main() -> int:
             ("request p99 / fault RTT p99", "latency_p99_vs_fault_rtt_p99", "<= 5"),
         ):
             print(f"| {label} | {spread([r.get(key) for r in rat])} | - | ({target}) |")
+        hops: dict[str, list[tuple[float, float]]] = {}
+        for record in mine:
+            for hop, values in (record.get("request_hops") or {}).items():
+                hops.setdefault(hop, []).append((values["p50-us"], values["p99-us"]))
+        for hop, values in hops.items():
+            p50s, p99s = [v[0] for v in values], [v[1] for v in values]
+            print(f"| hop {hop}, p50 / p99 µs | {spread(p50s)} / {spread(p99s)} | - | |")
         print()
     return 0
 
