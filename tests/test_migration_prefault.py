@@ -99,3 +99,27 @@ def test_nothing_is_populated_after_close(block: RamBlock) -> None:
 def test_the_window_must_hold_a_run(block: RamBlock) -> None:
     with pytest.raises(ValueError, match="at least one run"):
         Prefaulter([block], [np.zeros(PAGES, dtype=np.bool_)], window_runs=0)
+
+
+def test_a_side_mapping_is_populated_where_it_holds_no_stale_page(block: RamBlock) -> None:
+    """Postcopy: the target is the RAM swap's side mapping, not guest RAM; pages already
+    there when it starts (stale precopy pages) and received pages are left alone."""
+    side = Mapping.anonymous(PAGES * PAGE)
+    try:
+        side.view[(RUN + 3) * PAGE] = 1  # a stale page in the window
+        received = [np.zeros(PAGES, dtype=np.bool_)]
+        received[0][RUN + 10] = True  # placed already
+        prefaulter = Prefaulter([block], received, window_runs=1, targets=[side])
+        try:
+            prefaulter.advance(0, 0, RUN, normal_pages=RUN)
+            settle(prefaulter, RUN - 2)
+        finally:
+            prefaulter.close()
+        with Pagemap() as pagemap:
+            held = pagemap.present(side.address, side.length)
+        assert held[RUN : 2 * RUN].sum() == RUN - 1  # all but the received page
+        assert not held[RUN + 10]
+        assert prefaulter.pages_populated == RUN - 2  # neither the stale nor the received
+        assert not present(block).any()  # guest RAM untouched
+    finally:
+        side.close()

@@ -15,6 +15,11 @@ received: those are warm.
 
 It must be closed before RAM is registered on a userfaultfd: from then on no thread may
 touch guest RAM that can be missing (populating a missing page would wait for ourselves).
+In postcopy, a second one populates the RAM swap's side mappings instead (`targets`):
+pushed runs are read there before they move into guest RAM, and those mappings are never
+registered. The stale precopy pages already there (`skip`, found with the kernel's pagemap
+when it starts) need nothing; postcopy from the start has none, so every pushed page would
+otherwise be allocated and zeroed by the receiver's read.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import threading
 
 import numpy as np
 
-from postcopy.linux.memory import Advice, MappingError
+from postcopy.linux.memory import Advice, Mapping, MappingError
 from postcopy.migration.scheduling import set_thread_nice
 from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.ram.touched import present_pages
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +45,21 @@ class Prefaulter:
     """Populates guest RAM ahead of the precopy receiver, `window_runs` runs ahead."""
 
     def __init__(
-        self, ram: list[RamBlock], received: list[Bitmap], *, window_runs: int = 4, nice: int = 0
+        self,
+        ram: list[RamBlock],
+        received: list[Bitmap],
+        *,
+        window_runs: int = 4,
+        nice: int = 0,
+        targets: list[Mapping] | None = None,
     ) -> None:
+        """`targets`: the mappings to populate instead of the blocks' own (same layout);
+        their pages present when the thread starts are left alone."""
         if window_runs < 1:
             raise ValueError("the prefault window must be at least one run")
         self._ram = ram
+        self._targets = targets or [block.mapping for block in ram]
+        self._skip: list[Bitmap] | None = None if targets is None else []
         self._received = received
         self.window_runs = window_runs
         self.prefaulted = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
@@ -79,6 +95,8 @@ class Prefaulter:
 
     def _populate_loop(self) -> None:
         set_thread_nice(self._nice)
+        if self._skip is not None:
+            self._skip = [present_pages(target) for target in self._targets]
         while True:
             item = self._work.get()
             if item is None or not self._enabled:
@@ -94,18 +112,19 @@ class Prefaulter:
                 return
 
     def _populate(self, block_index: int, first: int, count: int) -> None:
-        block = self._ram[block_index]
+        block, target = self._ram[block_index], self._targets[block_index]
         # read while the receiver sets these bits, without a lock: a hint only. A page
         # that arrives meanwhile is populated for nothing (MADV_POPULATE_WRITE leaves a
-        # present page as it is); this thread stops before LISTEN, when pages can go missing
+        # present page as it is); on guest RAM this thread stops before LISTEN, when
+        # pages can go missing (the side mappings are never registered)
         missing = ~self._received[block_index][first : first + count]
+        if self._skip:
+            missing &= ~self._skip[block_index][first : first + count]
         starts, lengths = runs(missing)
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
             if not self._enabled:
                 return
             page = first + start
-            block.mapping.madvise(
-                Advice.POPULATE_WRITE, page * block.page_size, length * block.page_size
-            )
+            target.madvise(Advice.POPULATE_WRITE, page * block.page_size, length * block.page_size)
             self.prefaulted[block_index][page : page + length] = True
             self.pages_populated += length

@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 
+from postcopy.linux.memory import Mapping
 from postcopy.linux.pagemap import (
     PM_PRESENT,
     PM_SWAPPED,
@@ -40,6 +41,43 @@ HELD = PageCategory.PRESENT | PageCategory.SWAPPED
 # runs this short of private anonymous memory are read: a scan costs more than reading a
 # few pages (a requested page); shared memory never reads a hole (it would allocate)
 SMALL_RUN_PAGES = 16
+
+
+def present_pages(mapping: Mapping) -> Bitmap:
+    """Which base pages of `mapping` have memory of their own now (present or swapped,
+    the shared zero page not counted). A kernel without PAGEMAP_SCAN (before 6.7)
+    answers all False."""
+    pages = mapping.length // mapping.page_size
+    with Pagemap() as pagemap:
+        try:
+            return _scan_held(pagemap, mapping.address, pages, mapping.page_size)
+        except PagemapError as error:
+            if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            return np.zeros(pages, dtype=np.bool_)
+
+
+def _scan_held(pagemap: Pagemap, start: int, count: int, page_size: int) -> Bitmap:
+    """Pages of [start, +count pages) held, by PAGEMAP_SCAN, 64 ranges per call."""
+    end = start + count * page_size
+    held = np.zeros(count, dtype=np.bool_)
+    position = start
+    while position < end:
+        regions, walk_end = pagemap.scan(
+            position,
+            end,
+            category_anyof_mask=HELD,
+            return_mask=HELD | PageCategory.PFNZERO,
+            max_regions=64,
+        )
+        for region_start, region_end, categories in regions.tolist():
+            if not categories & PageCategory.PFNZERO:
+                low = (region_start - start) // page_size
+                held[low : (region_end - start) // page_size] = True
+        if len(regions) < 64:
+            break
+        position = walk_end
+    return held
 
 
 class ZeroPageFinder:
@@ -90,7 +128,7 @@ class ZeroPageFinder:
         end = start + count * self.block.page_size
         if self._scan:
             try:
-                return self._held_by_scan(start, end, count)
+                return _scan_held(self._pagemap, start, count, self.block.page_size)
             except PagemapError as error:
                 if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
@@ -130,26 +168,4 @@ class ZeroPageFinder:
                 if index < absent.size and int(absent[index]) == found:
                     held[found] = True
                     index += 1
-        return held
-
-    def _held_by_scan(self, start: int, end: int, count: int) -> Bitmap:
-        assert self._pagemap is not None
-        page_size = self.block.page_size
-        held = np.zeros(count, dtype=np.bool_)
-        position = start
-        while position < end:
-            regions, walk_end = self._pagemap.scan(
-                position,
-                end,
-                category_anyof_mask=HELD,
-                return_mask=HELD | PageCategory.PFNZERO,
-                max_regions=64,
-            )
-            for region_start, region_end, categories in regions.tolist():
-                if not categories & PageCategory.PFNZERO:
-                    low = (region_start - start) // page_size
-                    held[low : (region_end - start) // page_size] = True
-            if len(regions) < 64:
-                break
-            position = walk_end
         return held

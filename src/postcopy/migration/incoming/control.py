@@ -192,8 +192,8 @@ class IncomingMigration(MigrationBase):
         info["x-postcopy-requests-sent"] = faults.requests_sent if faults is not None else 0
         info["x-local-zero-faults"] = faults.local_zero_faults if faults is not None else 0
         prefaulter = self._prefaulter
-        info["x-pages-prefaulted"] = (
-            prefaulter.pages_populated if prefaulter is not None else self.pages_prefaulted
+        info["x-pages-prefaulted"] = self.pages_prefaulted + (
+            prefaulter.pages_populated if prefaulter is not None else 0
         )
         if self._placer is not None:
             info["x-duplicate-pages"] = self._placer.duplicates
@@ -389,13 +389,20 @@ class IncomingMigration(MigrationBase):
             return
         assert self._placer is not None
         side = self._swap.side(header.block) if self._swap is not None else None
+        if self._prefaulter is not None:  # the side mappings' (see _listen)
+            self._prefaulter.advance(
+                header.block,
+                header.first_page,
+                header.zero.size,
+                header.data_length // block.page_size,
+            )
         self._placer.receive_run(reader, header, self._staging, side)
 
     def _stop_prefaulting(self) -> None:
         prefaulter, self._prefaulter = self._prefaulter, None
         if prefaulter is not None:
             prefaulter.close()
-            self.pages_prefaulted = prefaulter.pages_populated
+            self.pages_prefaulted += prefaulter.pages_populated
 
     # -- postcopy ------------------------------------------------------------------------------
 
@@ -507,6 +514,14 @@ class IncomingMigration(MigrationBase):
         self._faults.start()
         if self._swap is not None:
             self._swap.start_mover()
+            # pushed runs land in the side mappings: populate them ahead of the receiver
+            # where no stale page is (postcopy from the start: everywhere); see prefault.py
+            self._prefaulter = Prefaulter(
+                self._ram,
+                self.received,
+                nice=self.parameters.x_migration_thread_nice,
+                targets=self._swap.sides(),
+            )
         self._trace("listen", placement=[p.name for p in self._placements])
 
     def _run_package(self, package: Package) -> None:
@@ -609,6 +624,7 @@ class IncomingMigration(MigrationBase):
         self._release_uffd()
         if self._shared is not None:
             self._shared.end()  # the sharing processes' ranges go too: every page is here
+        self._stop_prefaulting()  # it populates the side mappings
         if self._swap is not None:
             self._swap.free_side_mappings()
         for block in self._ram:

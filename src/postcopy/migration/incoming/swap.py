@@ -65,6 +65,10 @@ class RamSwap:
             self._old_mappings[index] = block.mapping.move_pages_out()
             self._unmoved[index] = received[index].copy()
 
+    def sides(self) -> list[Mapping]:
+        """Every block's side mapping (before they are freed)."""
+        return [old for old in self._old_mappings if old is not None]
+
     def side(self, block_index: int) -> Mapping | None:
         """The block's side mapping (None once freed)."""
         return self._old_mappings[block_index]
