@@ -31,10 +31,14 @@ class VmProcess:
         self.console_path = self.child.console_path
         try:
             self.child.wait_until_ready()
-        except VmChildError as error:
-            raise RuntimeError(f"{error}\nstderr: {self.stderr()}") from None
-        self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        self.qmp.connect(negotiate=True)
+            self.qmp = QEMUMonitorProtocol(self.qmp_path)
+            self.qmp.connect(negotiate=True)
+        except BaseException as error:
+            # never appended to a test's list: end it here, or it outlives the test
+            self.child.end()
+            if isinstance(error, VmChildError):
+                raise RuntimeError(f"{error}\nstderr: {self.stderr()}") from None
+            raise
 
     def stderr(self) -> str:
         return self.child.stderr_tail(100_000)
