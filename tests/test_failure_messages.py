@@ -1,8 +1,10 @@
 """Failures say what really happened and what it means for the guest (migration/failures.py):
 a reset connection is not "the destination gave up"; a source that dies in postcopy is
-reported by the destination as the loss of the guest; a source told to quit in postcopy
-says so and exits 1; a live VM's QMP path is refused in one line and left alone; a bad
-`migrate` URI is refused at once. Real processes, real sockets."""
+reported by the destination as the loss of the guest; either side told to quit in
+postcopy says so and exits 1; a connection killed on the source's host is named so; a
+trace file that cannot be written costs the trace only; a live VM's QMP path is refused
+in one line and left alone; a bad `migrate` URI is refused at once. Real processes, real
+sockets."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,34 @@ def test_a_reset_connection_is_named_not_blamed_on_the_destination(
     assert source.cmd("query-status")["running"]
 
 
+def test_a_connection_killed_on_this_host_is_named_so(tmp_path: Path, vms: list[VmProcess]) -> None:
+    """An operator's `ss -K` (or a firewall rule) aborts the source's sockets on its own
+    host: ECONNABORTED, named as that, not as a generic failure; both sides say why."""
+    port = free_port()
+    destination = VmProcess(tmp_path, "dst", *GUEST, "--incoming", f"tcp:127.0.0.1:{port}")
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *GUEST)
+    vms.append(source)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})  # held active
+    source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    source.wait_migration({"active"})
+    # the source's ends of this migration's connections (no one else's: the port is ours)
+    killed = subprocess.run(
+        ["ss", "-K", "-t", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert f"127.0.0.1:{port}" in killed.stdout, (killed.stdout, killed.stderr)
+    failed = source.wait_migration({"failed", "completed"})
+    assert failed["status"] == "failed"
+    assert "aborted on this host (ECONNABORTED)" in failed["error-desc"], failed["error-desc"]
+    assert source.cmd("query-status")["running"]
+    destination.process.wait(30)
+    assert destination.process.returncode == 1
+    assert "incoming migration failed: the connection to the source" in destination.stderr()
+
+
 def postcopy_held(tmp_path: Path, vms: list[VmProcess]) -> tuple[VmProcess, VmProcess]:
     """A pair in postcopy whose push is held at 1 MiB/s (zero pages sent as data):
     most of the guest's RAM is still only on the source."""
@@ -132,6 +163,49 @@ def test_a_source_told_to_quit_in_postcopy_says_the_guest_is_lost_and_exits_1(
     assert "of the guest's RAM never arrived from the source" in said, said
     assert "it is stopped here and lost" in said
     assert "Traceback" not in said
+
+
+def test_a_destination_told_to_quit_in_postcopy_says_the_guest_is_lost_and_exits_1(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    source, destination = postcopy_held(tmp_path, vms)
+    destination.process.send_signal(signal.SIGTERM)
+    destination.process.wait(30)
+    assert destination.process.returncode == 1  # it used to exit 0 without a word
+    lines = [line for line in destination.stderr().splitlines() if "postcopy vm run:" in line]
+    assert len(lines) == 1, destination.stderr()
+    assert "terminated in postcopy: the guest ran here and" in lines[0]
+    assert "of its RAM had not yet arrived: the guest is lost" in lines[0]
+    assert "Traceback" not in destination.stderr()
+    assert source.wait_migration({"failed"})["status"] == "failed"
+
+
+def test_a_trace_file_on_a_full_disk_costs_the_trace_not_the_migration(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    """/dev/full answers every write with ENOSPC, as a full disk does: both sides complete,
+    and each says in one line that its trace was not written (it was a traceback from the
+    watcher thread)."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    trace = ("--trace", "/dev/full")
+    destination = VmProcess(tmp_path, "dst", *GUEST, *trace, "--incoming", uri)
+    vms.append(destination)
+    source = VmProcess(tmp_path, "src", *GUEST, *trace)
+    vms.append(source)
+    source.cmd("migrate", uri=uri)
+    assert source.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert destination.wait_migration({"completed", "failed"})["status"] == "completed"
+    expected = "the migration's trace was not written to /dev/full: No space left on device"
+    for vm in (source, destination):
+        for _ in range(100):  # written by the watcher thread once the migration ended
+            if expected in vm.stderr():
+                break
+            time.sleep(0.05)
+        said = vm.stderr()
+        assert said.count(expected) == 1 and "(ENOSPC)" in said, said
+        assert "Traceback" not in said, said
+    destination.cmd("stop")
+    assert destination.cmd("x-verify")["ok"]
 
 
 def test_a_live_vms_qmp_path_is_refused_in_one_line_and_left_alone(

@@ -256,6 +256,15 @@ def test_splitter_waits_for_the_end_of_a_message() -> None:
     assert splitter.pending == 0
 
 
+def test_splitter_answers_a_stray_closing_bracket_at_once() -> None:
+    # nothing is open, so nothing can follow it: a client sending "]" and waiting for the
+    # answer got none (it waited for a blank, as a number or a keyword would)
+    splitter = JsonStreamSplitter()
+    assert splitter.feed(b"]") == [b"]"]
+    assert splitter.feed(b'}{"a": 1}') == [b"}", b'{"a": 1}']
+    assert splitter.pending == 0
+
+
 def test_splitter_skips_an_oversized_message_without_holding_it() -> None:
     splitter = JsonStreamSplitter(max_message_size=100)
     big = b'{"x": "' + b"a" * 1000 + b'", "y": "}"}'

@@ -402,6 +402,30 @@ def test_non_postcopy_peer_is_refused(closing: list[Connection | Listener]) -> N
             listener.accept(5)
 
 
+@pytest.mark.parametrize(
+    ("sent", "named"),
+    [
+        # shorter than a hello, and the peer waits for an answer: named at once
+        (b"SSH-2.0-OpenSSH_9.2\r\n", 'its first bytes are "SSH-2.0-" (text)'),
+        (bytes(range(0xF0, 0x100)), "its first bytes are f0 f1 f2 f3 f4 f5 f6 f7 (hex)"),
+    ],
+)
+def test_a_stranger_is_named_by_its_first_bytes_in_the_users_terms(
+    closing: list[Connection | Listener], sent: bytes, named: str
+) -> None:
+    from postcopy.transport import HandshakeError
+
+    listener = listen("tcp:127.0.0.1:0", auth=None)
+    closing.append(listener)
+    with contextlib.closing(socket.create_connection(("127.0.0.1", listener.uri.port))) as raw:
+        raw.sendall(sent)  # and stays open, silent
+        with pytest.raises(HandshakeError) as caught:
+            listener.accept(5)
+    text = str(caught.value)
+    assert "not a postcopy peer" in text and named in text, text
+    assert "b'" not in text and '"POSTCOPY"' in text, text
+
+
 def test_a_silent_peer_does_not_hold_back_the_source_behind_it(
     pool: ThreadPoolExecutor, closing: list[Connection | Listener]
 ) -> None:

@@ -11,9 +11,9 @@ line on stdout, `postcopy vm run: ready (PID N): QMP PATH, ...`, and writes its 
 whose incoming migration fails exits with status 1 and the reason on stderr, freeing its
 RAM (QEMU's exit-on-error; `migrate-incoming` can say false). Peers that fail the
 handshake before that (a port scan, garbage, a wrong key) are dropped with one line each,
-and the destination keeps waiting for its source. A source told to quit in postcopy (the
-guest runs on the destination, part of its RAM is only here) says that the guest there is
-lost and exits with status 1 (QEMU exits 0). A guest that stops for good (a triple
+and the destination keeps waiting for its source. A side told to quit in postcopy (the
+guest runs on the destination, part of its RAM is only on the source) says that the guest
+is lost and exits with status 1 (QEMU exits 0). A guest that stops for good (a triple
 fault, say) leaves the VM in `internal-error`, with the reason on stderr, for QMP to
 inspect.
 """
@@ -384,12 +384,13 @@ def run_vm(args: argparse.Namespace) -> int:
             ):
                 exit_code = 1  # the migration logged why (incoming migration failed: ...)
                 break
-        outgoing = monitor.outgoing
-        notice = outgoing.termination_notice() if outgoing is not None else None
+        migration = monitor.migration
+        notice = migration.termination_notice() if migration is not None else None
         if notice is not None:
-            # told to quit (SIGTERM, Ctrl-C, QMP quit) while the guest runs on the
-            # destination and part of its RAM is only here: QEMU exits too (status 0),
-            # and the guest there dies with us; we say so and exit 1
+            # told to quit (SIGTERM, Ctrl-C, QMP quit) in postcopy: as a source, the guest
+            # runs on the destination and part of its RAM is only here; as a destination,
+            # the guest ran here and part of its RAM is not here yet. QEMU exits too
+            # (status 0), and the guest dies with us; we say so and exit 1
             print(f"postcopy vm run: {notice}", file=sys.stderr)
             exit_code = 1
     finally:

@@ -37,6 +37,11 @@ def link_error(error: BaseException, peer: str = "destination") -> str:
             f"the connection to the {peer} was reset (ECONNRESET): its process died, or "
             "something on the way (a firewall, a proxy, the network) dropped the connection"
         )
+    if isinstance(error, OSError) and error.errno == errno.ECONNABORTED:
+        return (
+            f"the connection to the {peer} was aborted on this host (ECONNABORTED): "
+            "something here closed it (ss -K, a firewall rule, the kernel)"
+        )
     if isinstance(error, OSError) and error.errno == errno.EPIPE:
         return f"the connection to the {peer} is broken (EPIPE): it is gone"
     if isinstance(error, OSError) and error.strerror:
@@ -64,6 +69,20 @@ def guest_lost_on_destination(missing_pages: int, missing_bytes: int) -> str:
     return (
         f"{_amount(missing_pages, missing_bytes)} of the guest's RAM never arrived from the "
         "source: the guest cannot go on, it is stopped here and lost"
+    )
+
+
+def destination_terminated_in_postcopy(missing_pages: int, missing_bytes: int) -> str:
+    """The destination is told to exit while the guest runs here in postcopy."""
+    if missing_pages <= 0:
+        return (
+            "terminated in postcopy: every page had arrived, but the source had not been "
+            "told so; the guest ends with this process"
+        )
+    return (
+        "terminated in postcopy: the guest ran here and "
+        f"{_amount(missing_pages, missing_bytes)} of its RAM had not yet arrived: the "
+        "guest is lost (the source's copy is older than the one that ran here)"
     )
 
 

@@ -107,6 +107,13 @@ class JsonStreamSplitter:
         elif byte in _RESET_BYTES:
             self._reset(byte, out)
             return pos + 1
+        elif byte in _CLOSE:
+            # a closing bracket with nothing open is a text of its own, answered at once
+            # (QEMU's streamer parses when its bracket count drops below zero): a client
+            # waiting for the answer would otherwise wait for a blank that never comes
+            self._keep(view, pos, pos + 1)
+            self._finish(out)
+            return pos + 1
         else:
             self._junk = True
             return pos

@@ -7,9 +7,12 @@ RESUME, SHUTDOWN from the VM; MIGRATION and MIGRATION_PASS from the migration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -263,9 +266,11 @@ class VmMonitor:
 
     def _watch_incoming(self, migration: IncomingMigration) -> None:
         migration.join()
-        if self.trace_path:
-            self._write_trace(migration.timeline, migration.query())
-        self.incoming_done.set()
+        try:
+            if self.trace_path:
+                self._write_trace(migration.timeline, migration.query())
+        finally:
+            self.incoming_done.set()
 
     def _watch_outgoing(self, migration: OutgoingMigration) -> None:
         migration.join()
@@ -273,11 +278,36 @@ class VmMonitor:
             self._write_trace(migration.timeline, migration.query())
 
     def _write_trace(self, timeline: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Append the run to the trace file, whole or not at all: a full disk or a file
+        that cannot be written costs the trace (one line says so), never the migration,
+        and leaves no half run for a reader to trip on."""
         assert self.trace_path is not None
-        with Path(self.trace_path).open("a") as out:
-            for entry in timeline:
-                out.write(json.dumps(entry) + "\n")
-            out.write(json.dumps({"event": "summary", **summary}) + "\n")
+        path = Path(self.trace_path)
+        text = "".join(json.dumps(entry) + "\n" for entry in timeline)
+        text += json.dumps({"event": "summary", **summary}) + "\n"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                data = memoryview(text.encode())
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            name = errno.errorcode.get(error.errno or 0)
+            log.error(
+                "the migration's trace was not written to %s: %s%s",
+                path,
+                reason,
+                f" ({name})" if name else "",
+            )
 
     def migrate_cancel(self, args: dict[str, Any]) -> None:
         if self.outgoing is not None:

@@ -268,17 +268,8 @@ class Hello:
     @classmethod
     def unpack(cls, data: bytes, peer: str) -> Hello:
         """Decode a hello; raises `HandshakeError` for a peer that is not speaking postcopy."""
-        magic, version, flags, channel, session, nonce = _HELLO.unpack(data)
-        if magic != MAGIC:
-            if data[:1] == b"\x16" and data[1:2] == b"\x03":
-                raise TlsError(
-                    f"{peer} started a TLS handshake but this side is not configured for TLS "
-                    "(give TLS certificate options on both sides, or on neither)"
-                )
-            raise HandshakeError(
-                f"{peer} is not a postcopy peer: its first bytes are {data[:16]!r}, "
-                f"expected {MAGIC!r}"
-            )
+        check_magic(data, peer)
+        _, version, flags, channel, session, nonce = _HELLO.unpack(data)
         name = channel.rstrip(b"\0").decode("ascii", "replace")
         return cls(flags, name, session, nonce, version)
 
@@ -327,7 +318,7 @@ def client_handshake(
     flags = (FLAG_KEY if auth else 0) | (FLAG_TLS if tls else 0)
     own = Hello(flags, channel, session, secrets.token_bytes(NONCE_SIZE)).pack()
     stream.sendall(own)
-    raw = _recv_exact(stream, HELLO_SIZE, "the destination's hello", peer)
+    raw = _recv_hello(stream, "the destination's hello", peer)
     theirs = Hello.unpack(raw, peer)
     if theirs.version != PROTOCOL_VERSION:
         raise HandshakeError(
@@ -378,7 +369,7 @@ def server_handshake(
     `refuse` makes the destination answer the hello and then refuse with that reason
     (used to tell a plain-text source that TLS is required, in words it can read).
     """
-    raw = _recv_exact(stream, HELLO_SIZE, "the source's hello", peer)
+    raw = _recv_hello(stream, "the source's hello", peer)
     theirs = Hello.unpack(raw, peer)
     flags = FLAG_DESTINATION | (FLAG_KEY if auth else 0) | (FLAG_TLS if tls else 0)
     echo_channel = theirs.channel if _CHANNEL_NAME.fullmatch(theirs.channel) else MAIN_CHANNEL
@@ -436,11 +427,48 @@ def server_handshake(
     return result
 
 
+def check_magic(data: bytes, peer: str) -> None:
+    """Raise `HandshakeError` unless `data` starts with the hello's magic: a stranger (a
+    port scan's probe, an HTTP health check, an SSH client, a TLS client hello) is named
+    as soon as its first bytes arrive."""
+    if data[: len(MAGIC)] == MAGIC:
+        return
+    if data[:1] == b"\x16" and data[1:2] == b"\x03":
+        raise TlsError(
+            f"{peer} started a TLS handshake but this side is not configured for TLS "
+            "(give TLS certificate options on both sides, or on neither)"
+        )
+    raise HandshakeError(
+        f"{peer} is not a postcopy peer: its first bytes are {describe_bytes(data[:16])}, "
+        f'expected "{MAGIC.decode()}"'
+    )
+
+
+def describe_bytes(data: bytes) -> str:
+    """Bytes from a peer in the user's terms: quoted text if they are printable ASCII (an
+    HTTP request, an SSH banner), else hex."""
+    if data and all(0x20 <= byte < 0x7F for byte in data):
+        return f'"{data.decode("ascii")}" (text)'
+    return f"{data.hex(' ')} (hex)"
+
+
+def _recv_hello(stream: Stream, what: str, peer: str) -> bytes:
+    """A peer's hello, its magic checked before the rest is awaited: a stranger that sent
+    fewer bytes than a hello (an SSH banner) is named for what it is at once."""
+    magic = _recv_exact(stream, len(MAGIC), what, peer, whole=HELLO_SIZE)
+    check_magic(magic, peer)
+    rest = _recv_exact(stream, HELLO_SIZE - len(MAGIC), what, peer, len(MAGIC), HELLO_SIZE)
+    return magic + rest
+
+
 def _tls_flag(hello: Hello) -> bool:
     return bool(hello.flags & FLAG_TLS)
 
 
-def _recv_exact(stream: Stream, size: int, what: str, peer: str) -> bytes:
+def _recv_exact(
+    stream: Stream, size: int, what: str, peer: str, done: int = 0, whole: int | None = None
+) -> bytes:
+    """`size` bytes of `what`, which is `whole` bytes long of which `done` came before."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     received = 0
@@ -448,8 +476,8 @@ def _recv_exact(stream: Stream, size: int, what: str, peer: str) -> bytes:
         count = stream.recv_into(view[received:])
         if count == 0:
             raise ConnectionClosed(
-                f"{peer} closed the connection during the handshake after {received} of "
-                f"{size} bytes of {what}"
+                f"{peer} closed the connection during the handshake after "
+                f"{done + received} of {whole or size} bytes of {what}"
             )
         received += count
     return bytes(buffer)

@@ -213,6 +213,19 @@ class IncomingMigration(MigrationBase):
             info["error-desc"] = self.error
         return info
 
+    def termination_notice(self) -> str | None:
+        """What ending this process now would do to the guest, or None if nothing: in
+        postcopy the guest has run here, and the pages still missing are lost with it."""
+        if self.status.value != MigrationStatus.POSTCOPY_ACTIVE:
+            return None
+        return failures.destination_terminated_in_postcopy(*self._missing())
+
+    def _missing(self) -> tuple[int, int]:
+        """Pages not yet received, and their bytes."""
+        missing = [int((~r).sum()) for r in self.received]
+        size = sum(count * block.page_size for count, block in zip(missing, self._ram, strict=True))
+        return sum(missing), size
+
     def close(self) -> None:
         self.cancel()
         self._stop_fault_thread()
@@ -257,11 +270,7 @@ class IncomingMigration(MigrationBase):
         else:
             self.error = str(error) or type(error).__name__
         if self.postcopy_start is not None and self.status.value not in FINISHED:
-            missing = [int((~r).sum()) for r in self.received]
-            missing_bytes = sum(
-                count * block.page_size for count, block in zip(missing, self._ram, strict=True)
-            )
-            self.error += "; " + failures.guest_lost_on_destination(sum(missing), missing_bytes)
+            self.error += "; " + failures.guest_lost_on_destination(*self._missing())
         log.error("incoming migration failed: %s", self.error)
         if self._return is not None:
             with contextlib.suppress(OSError):
