@@ -17,8 +17,8 @@ the whole system, over real processes on loopback:
    that drops the connection in the middle of precopy, and a migration cancelled in
    precopy (the fake destinations run in this process, on the package's own transport
    and wire code). After each, the VM must still run; its open fds, threads and RSS are
-   sampled, and after a warm-up must stay flat: fds and threads exactly, RSS within
-   `--rss-slack`.
+   sampled (before the first failure too, as at_start), and after a warm-up must stay
+   flat: fds and threads exactly, RSS within `--rss-slack`.
 
 One JSON line per hop and per sample; the last line is the summary; the exit status is 1
 if anything failed.
@@ -275,6 +275,9 @@ def failures_soak(
     samples: list[dict[str, Any]] = []
     try:
         client = vm.connect(60)
+        start = {"event": "sample", "after": 0, **settled_resources(vm.pid)}
+        samples.append(start)
+        emit(start)
         for index in range(1, count + 1):
             kind = FAILURES[(index - 1) % len(FAILURES)]
             final = fail_once(client, kind)
@@ -295,6 +298,7 @@ def failures_soak(
     summary = {
         "migrations": count,
         "unexpected": bad,
+        "at_start": {k: samples[0][k] for k in ("fds", "threads", "rss_kib")},
         "after_warmup": {k: base[k] for k in ("fds", "threads", "rss_kib")},
         "at_end": {k: last[k] for k in ("fds", "threads", "rss_kib")},
         "rss_growth_kib": last["rss_kib"] - base["rss_kib"],
