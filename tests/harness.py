@@ -31,12 +31,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from postcopy.closing import Closing
 from postcopy.migration.incoming import IncomingMigration
 from postcopy.migration.outgoing import OutgoingMigration
 from postcopy.migration.parameters import Capabilities, Parameters
@@ -427,7 +427,7 @@ class Proxy:
                 self.links.append(_Link(downstream, upstream, self._held))
 
 
-class Migration:
+class Migration(Closing):
     """A source and a destination FakeMachine in this process, migrating over unix:.
 
     `capabilities` are enabled on both sides; `parameters` (QMP names) are set on the
@@ -494,17 +494,6 @@ class Migration:
         except BaseException:
             self._exit.close()
             raise
-
-    def __enter__(self) -> Migration:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Start the source's vCPUs, then the migration."""

@@ -52,20 +52,13 @@ def start_pair(
     return source, destination, uri
 
 
-def wait_passes(vm: VmProcess, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while vm.console().count(b"B") < count:
-        assert time.monotonic() < deadline, f"only {vm.console().count(b'B')} passes"
-        time.sleep(0.05)
-
-
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_precopy_prints_json_progress_and_a_summary(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms, vcpus=1)
-    wait_passes(source, 2)
+    source.wait_passes(b"B", 2)
     result = postcopy_cli("migrate", "--qmp", source.qmp_path, "--to", uri, "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -92,7 +85,7 @@ def test_postcopy_with_the_destination_socket_shows_blocktime_and_writes_the_run
     tmp_path: Path, vms: list[VmProcess]
 ) -> None:
     source, destination, uri = start_pair(tmp_path, vms)
-    wait_passes(source, 4)
+    source.wait_passes(b"B", 4)
     timeline = tmp_path / "run.jsonl"
     result = migrate_holding_postcopy(
         source.qmp_path,
@@ -182,7 +175,7 @@ def test_switch_after_zero_rounds_is_postcopy_from_the_start(
     tmp_path: Path, vms: list[VmProcess]
 ) -> None:
     source, destination, uri = start_pair(tmp_path, vms, vcpus=1)
-    wait_passes(source, 1)
+    source.wait_passes(b"B", 1)
     result = postcopy_cli(
         "migrate",
         "--qmp",
@@ -247,7 +240,7 @@ def test_ctrl_c_cancels_a_precopy_and_the_source_keeps_running(
     assert source.cmd("query-migrate")["status"] == "cancelled"
     assert source.cmd("query-status")["running"]
     before = source.console().count(b"B")
-    wait_passes(source, before + 1)
+    source.wait_passes(b"B", before + 1)
 
 
 def test_json_errors_are_json_too(tmp_path: Path) -> None:

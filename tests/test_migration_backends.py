@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -38,15 +37,6 @@ from tests.test_linux_userfaultfd import WAIT, Scene, read_at
 pytestmark = pytest.mark.timeout(60, method="thread")
 
 PAGE = mmap.PAGESIZE
-
-
-@pytest.fixture
-def scene() -> Iterator[Scene]:
-    scene = Scene()
-    try:
-        yield scene
-    finally:
-        scene.close()
 
 
 def staged(pages: int, size: int, first_byte: int) -> Mapping:

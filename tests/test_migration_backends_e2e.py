@@ -73,14 +73,6 @@ def start_pair(
     return source, destination, uri
 
 
-def wait_passes(vm: VmProcess, marker: bytes, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while vm.console().count(marker) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"console has {vm.console().count(marker)} of {count} {marker!r}")
-        time.sleep(0.05)
-
-
 def migrate_and_verify(
     source: VmProcess,
     destination: VmProcess,
@@ -99,7 +91,7 @@ def migrate_and_verify(
     assert info["status"] == "completed", (info.get("error-desc"), destination.stderr())
     dest_info = destination.wait_migration({"completed", "failed"})
     assert dest_info["status"] == "completed", dest_info
-    wait_passes(destination, marker, destination.console().count(marker) + 1)
+    destination.wait_passes(marker, destination.console().count(marker) + 1)
     destination.cmd("stop")
     result = destination.cmd("x-verify")
     assert result["ok"], result["detail"]
@@ -144,7 +136,7 @@ def test_a_guest_on_each_backend_migrates_and_verifies(
         if minor:
             destination.cmd("migrate-set-parameters", **{"x-postcopy-minor-faults": True})
         marker = b"B" if guest == "memtouch" else b"W"
-        wait_passes(source, marker, vcpus)
+        source.wait_passes(marker, vcpus)
         info, dest_info = migrate_and_verify(
             source, destination, uri, after_rounds=after_rounds, marker=marker
         )
@@ -275,7 +267,7 @@ def test_a_second_process_reads_unreceived_pages_through_the_request_path(
             assert helper.stdin is not None and helper.stdout is not None
             hello = json.loads(helper.stdout.readline())
             assert hello["mode"] == ("minor" if minor else "missing")
-            wait_passes(source, b"B", 1)
+            source.wait_passes(b"B", 1)
             source.cmd(
                 "migrate-set-parameters",
                 **{"x-postcopy-after-rounds": 0, "max-postcopy-bandwidth": HOLD_RATE},

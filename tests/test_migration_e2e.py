@@ -42,15 +42,6 @@ def start_pair(
     return source, destination, uri
 
 
-def wait_passes(vm: VmProcess, marker: bytes, count: int, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while vm.console().count(marker) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"console has {vm.console().count(marker)} of {count} {marker!r}")
-        time.sleep(0.05)
-    return vm.console().count(marker)
-
-
 def stop_and_verify(vm: VmProcess) -> dict:
     vm.cmd("stop")
     result = vm.cmd("x-verify")
@@ -60,7 +51,7 @@ def stop_and_verify(vm: VmProcess) -> dict:
 
 def test_precopy_memtouch_moves_and_keeps_running(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms, vcpus=2)
-    wait_passes(source, b"B", 2)
+    source.wait_passes(b"B", 2)
     source.cmd("migrate", uri=uri)
     info = source.wait_migration({"completed", "failed"})
     assert info["status"] == "completed", info
@@ -70,7 +61,7 @@ def test_precopy_memtouch_moves_and_keeps_running(tmp_path: Path, vms: list[VmPr
     assert destination.wait_migration({"completed"})["status"] == "completed"
     assert destination.cmd("query-status")["running"]
     before = destination.console().count(b"B")
-    wait_passes(destination, b"B", before + 2)
+    destination.wait_passes(b"B", before + 2)
     stop_and_verify(destination)
 
 
@@ -78,7 +69,7 @@ def test_postcopy_after_one_round_with_preempt(tmp_path: Path, vms: list[VmProce
     caps = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
     source, destination, uri = start_pair(tmp_path, vms, vcpus=2, caps=caps)
     source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
-    wait_passes(source, b"B", 2)
+    source.wait_passes(b"B", 2)
     source.cmd("migrate", uri=uri)
     info = source.wait_migration({"completed", "failed"})
     assert info["status"] == "completed", info
@@ -97,14 +88,14 @@ def test_postcopy_after_one_round_with_preempt(tmp_path: Path, vms: list[VmProce
     assert counts["needed-pages"] <= placed <= counts["needed-pages"] + counts["resent-pages"]
     assert counts["discarded-pages"] <= counts["needed-pages"]
     before = destination.console().count(b"B")
-    wait_passes(destination, b"B", before + 2)
+    destination.wait_passes(b"B", before + 2)
     stop_and_verify(destination)
 
 
 def test_postcopy_from_the_start_without_preempt(tmp_path: Path, vms: list[VmProcess]) -> None:
     source, destination, uri = start_pair(tmp_path, vms, caps=("postcopy-ram",))
     source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0})
-    wait_passes(source, b"B", 1)
+    source.wait_passes(b"B", 1)
     source.cmd("migrate", uri=uri)
     info = source.wait_migration({"completed", "failed"})
     assert info["status"] == "completed", info
@@ -121,7 +112,7 @@ def test_randwrite_digest_matches_on_a_paused_destination(
         tmp_path, vms, guest="randwrite", caps=("postcopy-ram",), dest_args=("-S",)
     )
     source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 1})
-    wait_passes(source, b"W", 1)
+    source.wait_passes(b"W", 1)
     source.cmd("migrate", uri=uri)
     assert source.wait_migration({"completed", "failed"})["status"] == "completed"
     destination.wait_migration({"completed"})
@@ -139,7 +130,7 @@ def test_a_paused_source_arrives_paused(
     source, destination, uri = start_pair(tmp_path, vms, ram="64M", caps=caps)
     if postcopy:
         source.cmd("migrate-set-parameters", **{"x-postcopy-after-rounds": 0})
-    wait_passes(source, b"B", 1)
+    source.wait_passes(b"B", 1)
     source.cmd("stop")
     source.cmd("migrate", uri=uri)
     assert source.wait_migration({"completed", "failed"})["status"] == "completed"
@@ -152,7 +143,7 @@ def test_a_paused_source_arrives_paused(
     assert destination.cmd("x-verify")["ok"]
     before = destination.console().count(b"B")
     destination.cmd("cont")
-    wait_passes(destination, b"B", before + 1)
+    destination.wait_passes(b"B", before + 1)
 
 
 def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmProcess]) -> None:
@@ -167,7 +158,7 @@ def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmPr
     assert info["error-desc"]
     assert source.cmd("query-status")["running"]
     before = source.console().count(b"B")
-    wait_passes(source, b"B", before + 1)
+    source.wait_passes(b"B", before + 1)
     stop_and_verify(source)
 
 
@@ -180,7 +171,7 @@ def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProce
     source.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20, "downtime-limit": 0})
     # a guest that has not begun to write dirties nothing, and its untouched RAM crosses
     # as zero markers in no time: that round would converge
-    wait_passes(source, b"B", 1)
+    source.wait_passes(b"B", 1)
     source.cmd("migrate", uri=uri)
     deadline = time.monotonic() + 60
     # the setup's sync, then three rounds: expected-downtime (QEMU's) exists once a
@@ -273,11 +264,11 @@ def test_destination_guest_makes_progress_during_postcopy(
             "zero-page-detection": "none",
         },
     )
-    wait_passes(source, b"W", 1)
+    source.wait_passes(b"W", 1)
     source.cmd("migrate", uri=uri)
     destination.wait_migration({"postcopy-active"})
     before = destination.console().count(b"W")
-    wait_passes(destination, b"W", before + 3, timeout=60)
+    destination.wait_passes(b"W", before + 3, timeout=60)
     assert destination.cmd("query-migrate")["status"] == "postcopy-active"
     source.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     assert source.wait_migration({"completed", "failed"})["status"] == "completed"
@@ -320,7 +311,7 @@ def test_a_migrated_vm_migrates_again_in_a_chain(tmp_path: Path, vms: list[VmPro
     cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))
     current = VmProcess(tmp_path, "hop0", *common, *cap_args)
     vms.append(current)
-    passes = wait_passes(current, b"B", 2)
+    passes = current.wait_passes(b"B", 2)
     for hop, rounds in enumerate((None, 1, 0), start=1):
         uri = f"tcp:127.0.0.1:{free_port()}"
         following = VmProcess(tmp_path, f"hop{hop}", *common, *cap_args, "--incoming", uri)
@@ -343,6 +334,6 @@ def test_a_migrated_vm_migrates_again_in_a_chain(tmp_path: Path, vms: list[VmPro
         assert arrived["status"] == "completed", (hop, arrived)
         assert following.cmd("query-status")["running"]
         # the console count travels with the VM: the guest goes on where it was
-        passes = wait_passes(following, b"B", max(passes, following.console().count(b"B")) + 1)
+        passes = following.wait_passes(b"B", max(passes, following.console().count(b"B")) + 1)
         current = following
     stop_and_verify(current)

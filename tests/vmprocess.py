@@ -52,6 +52,15 @@ class VmProcess:
             raise QmpCommandError(name, response["error"]["desc"])
         return response["return"]
 
+    def wait_passes(self, marker: bytes, count: int, timeout: float = 60) -> int:
+        """Wait until the console shows `count` of the guest's pass markers; return how many."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.console().count(marker)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"console has {seen} of {count} {marker!r}")
+            time.sleep(0.05)
+        return seen
+
     def wait_migration(self, statuses: set[str], timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
