@@ -8,8 +8,10 @@ pass would cross within downtime-limit (300 ms): 2 means "the first pass is as g
 over", and the tool's request arrives before the pass ends, so precopy cannot complete
 first. With a count that started at 0, or a sync only at the pass's very end, a tool would
 switch a pass late (or precopy would converge first). The source's precopy is capped at
-128 MiB/s, so a pass of the 256 MiB guest takes two seconds and the sync comes with 0.3 s
-of it left: a switch that came a pass late shows in the bytes sent before it.
+128 MiB/s, so a pass of the 256 MiB guest takes two seconds, and downtime-limit is 1 s
+here, so the sync comes with 1 s of it left: a switch that came a pass late shows in the
+bytes sent before it. (With QEMU's 300 ms the test process had to answer within 0.3 s of
+the sync, which a loaded 2-core host does not promise: the window is held wide instead.)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.timeout(240)
 RAM = 256 << 20
 CAP = 128 << 20  # bytes/s: a precopy pass takes 2 s
 POLL = 0.010  # libvirt's interval
+WINDOW_MS = 1000  # downtime-limit: the sync comes with this much of the first pass left
 SWITCH_AT = 2
 
 
@@ -43,7 +46,7 @@ def _migrate_with_cap(tmp_path: Path, vms: list[VmProcess], *caps: str) -> tuple
     source, destination, uri = start_pair(
         tmp_path, vms, caps=("postcopy-ram", "postcopy-blocktime", *caps)
     )
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": CAP})
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": CAP, "downtime-limit": WINDOW_MS})
     wait_passes(source, b"B", 1)
     source.cmd("migrate", uri=uri)
     return source, destination
@@ -56,9 +59,9 @@ def _check_switch_right_after_the_first_pass(
     ram = info["ram"]
     # postcopy really happened
     assert ram["postcopy-bytes"] > 0 and "x-postcopy" in info
-    # the first pass, but for what was left of it when the sync came (at most 0.3 s at the
-    # cap: 15% of RAM) and the tool answered (10 ms polls): every page of memtouch has data
-    assert 0.7 * RAM < ram["precopy-bytes"] < RAM, ram
+    # the first pass, but for what was left of it when the sync came (at most 1 s at the
+    # cap: half of RAM) and the tool answered (10 ms polls): every page of memtouch has data
+    assert 0.4 * RAM < ram["precopy-bytes"] < RAM, ram
     assert info["x-rounds"] == 1  # the switch came within the first pass
     # setup, end of the first pass, and the switchover's final sync (QEMU's three)
     assert ram["dirty-sync-count"] == 3
