@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_migration_e2e import start_pair, stop_and_verify, wait_passes
+from tests.test_migration_e2e import start_pair, stop_and_verify
 from tests.vmprocess import VmProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -47,7 +47,7 @@ def _migrate_with_cap(tmp_path: Path, vms: list[VmProcess], *caps: str) -> tuple
         tmp_path, vms, caps=("postcopy-ram", "postcopy-blocktime", *caps)
     )
     source.cmd("migrate-set-parameters", **{"max-bandwidth": CAP, "downtime-limit": WINDOW_MS})
-    wait_passes(source, b"B", 1)
+    source.wait_passes(b"B", 1)
     source.cmd("migrate", uri=uri)
     return source, destination
 
