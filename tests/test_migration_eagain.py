@@ -3,7 +3,7 @@
 The kernel answers UFFDIO_COPY with EAGAIN for as long as a non-cooperative event (here a
 MADV_DONTNEED under Feature.EVENT_REMOVE) waits to be read: the real way to hold EAGAIN.
 The fault thread's deferral is a policy, tested with a uffd stand-in that answers EAGAIN
-a few times.
+for one page until the test lets it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import errno
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -116,14 +116,19 @@ def test_a_placement_that_keeps_meeting_eagain_fails_instead_of_spinning(
 
 class _FlakyUffd:
     """A stand-in for the fault thread's userfaultfd: hands out queued faults through an
-    eventfd, and answers ZEROPAGE with EAGAIN `refusals` times before it succeeds."""
+    eventfd, and answers ZEROPAGE at `stuck` with EAGAIN until `release()` (as the kernel
+    does until another thread has done its part), every other page at once."""
 
-    def __init__(self, refusals: int) -> None:
-        self.refusals = refusals
-        self.attempts = 0
-        self.resolved = threading.Event()
+    def __init__(self, stuck: int) -> None:
+        self.stuck = stuck
+        self.refusals = 0
+        self.zeroed: list[int] = []
+        self._released = threading.Event()
         self._ready = EventFd()
         self._faults: list[PageFault] = []
+
+    def release(self) -> None:
+        self._released.set()
 
     def fault(self, address: int) -> None:
         self._faults.append(PageFault(address, PageFaultFlags.WRITE, 0))
@@ -138,23 +143,33 @@ class _FlakyUffd:
         return faults
 
     def zeropage(self, start: int, length: int) -> int:
-        self.attempts += 1
-        if self.attempts <= self.refusals:
+        if start == self.stuck and not self._released.is_set():
+            self.refusals += 1
             raise RetryError(errno.EAGAIN, "UFFDIO_ZEROPAGE", start, length)
-        self.resolved.set()
+        self.zeroed.append(start)
         return length
 
     def wake(self, start: int, length: int) -> None:
-        self.resolved.set()
+        pass
 
     def close(self) -> None:
         self._ready.close()
 
 
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
 def test_the_fault_thread_defers_a_fault_that_meets_eagain(ram: RamList) -> None:
     """EAGAIN on the fault thread (SCHED_FIFO) is neither spun on nor fatal: the fault is
-    tried again at the next poll until it is resolved, and the thread lives on."""
-    uffd = _FlakyUffd(refusals=3)
+    tried again at the next polls, the thread serves other faults meanwhile (a thread
+    that spun on the stuck page would serve none), and once the kernel lets it the
+    deferred fault is resolved."""
+    stuck = ram[0].host_address + 5 * PAGE
+    uffd = _FlakyUffd(stuck)
     received = [np.ones(PAGES, dtype=np.bool_)]  # known pages: resolved locally
     faults = FaultThread(
         cast(UserfaultFd, uffd),
@@ -169,15 +184,14 @@ def test_the_fault_thread_defers_a_fault_that_meets_eagain(ram: RamList) -> None
     )
     faults.start()
     try:
-        uffd.fault(ram[0].host_address + 5 * PAGE)
-        assert uffd.resolved.wait(10), f"unresolved after {uffd.attempts} attempts"
-        assert uffd.attempts == 4
-        assert faults.local_zero_faults == 1
-        uffd.fault(ram[0].host_address + 6 * PAGE)  # and it serves the next one
-        deadline = time.monotonic() + 10
-        while faults.local_zero_faults < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert faults.local_zero_faults == 2
+        uffd.fault(stuck)
+        _until(lambda: uffd.refusals >= 2, "the EAGAIN fault was not tried again")
+        uffd.fault(ram[0].host_address + 6 * PAGE)  # served while page 5 is still stuck
+        _until(lambda: faults.local_zero_faults == 1, "no other fault served meanwhile")
+        assert uffd.zeroed == [ram[0].host_address + 6 * PAGE]
+        uffd.release()
+        _until(lambda: faults.local_zero_faults == 2, "the deferred fault was not resolved")
+        assert uffd.zeroed[-1] == stuck
     finally:
         faults.stop()
         faults.close()
