@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
 import pytest
 
+from postcopy.transport import connect
+from postcopy.wire import MAIN_MAGIC, PROTOCOL_VERSION
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -85,6 +88,43 @@ def test_a_silent_connection_does_not_block_the_real_source(
         # had its source the listener closed without a word about it
         assert destination.cmd("query-migrate")["x-refused-connections"] == 0
     assert refused_lines(destination) == []
+
+
+def test_peers_that_fail_the_streams_part_are_dropped_and_do_not_hold_back_the_source(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    """Peers that pass the transport's hello (anyone can: no key here) and then fail the
+    stream's part: a stream of another protocol version, garbage, and one that says
+    nothing more, held open for the whole migration. The first two are dropped and
+    named; the silent one does not hold back the source behind it (it was: 10 s of
+    setup, then it was refused, while the source waited)."""
+    port = free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    destination = VmProcess(tmp_path, "dst", *GUEST, "--incoming", uri)
+    vms.append(destination)
+    newer = connect(uri)
+    newer.send_all([struct.pack(">8sII", MAIN_MAGIC, PROTOCOL_VERSION + 1, 0)])
+    garbage = connect(uri)
+    garbage.send_all([bytes(range(0x80, 0x90)) * 4])
+    silent = connect(uri)
+    try:
+        wait_refused(destination, 2)
+        lines = refused_lines(destination)
+        assert any(
+            f"StreamHeader.version={PROTOCOL_VERSION + 1} is not supported" in line
+            for line in lines
+        )
+        assert any("StreamHeader.magic=80 81 82 83 84 85 86 87 (hex)" in line for line in lines)
+        source = VmProcess(tmp_path, "src", *GUEST)
+        vms.append(source)
+        migrate_and_verify(source, destination, uri)
+        # the silent peer was never refused: the source did not wait out its handshake
+        assert destination.cmd("query-migrate")["x-refused-connections"] == 2
+    finally:
+        for peer in (newer, garbage, silent):
+            peer.close()
+    assert len(refused_lines(destination)) == 2, destination.stderr()
+    assert "Traceback" not in destination.stderr()
 
 
 def test_a_wrong_key_is_refused_and_the_right_one_then_migrates(

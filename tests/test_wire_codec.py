@@ -802,7 +802,10 @@ def test_handshake_payload_errors() -> None:
         (handshake([], good, tail=b"\x03RAM"), r"BlockInfo.backend='RAM' is not a backend name"),
         (handshake([], good, count=2), r"Handshake.payload=\d+ bytes ends inside a block name"),
         (handshake([b"xbzrle", b"postcopy-ram"], b"", count=0), r"Handshake.blocks=0 must be"),
-        (handshake([], b"\x03r\xffm" + good[4:]), r"BlockInfo.name=b'r\\xffm' is not valid UTF-8"),
+        (
+            handshake([], b"\x03r\xffm" + good[4:]),
+            r"BlockInfo.name=72 ff 6d \(hex\) is not valid UTF-8",
+        ),
         (handshake([], good + good, count=2), r"Handshake.blocks='ram' is declared twice"),
         (handshake([b"xbzrle"], b"\x00" + good[4:]), r"BlockInfo.name.length=0"),
     ]

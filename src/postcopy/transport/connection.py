@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from postcopy.closing import Closing
 from postcopy.transport.acceptor import Acceptor, RefusalSink
@@ -63,6 +63,8 @@ __all__ = ["Connection", "Listener", "check_listen_security", "connect", "listen
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+# the rest of a peer's handshake, the user's (listen's `vet`): raises to refuse the peer
+Vet = Callable[["Connection"], None]
 
 # Socket buffer size asked for with SO_SNDBUF/SO_RCVBUF; None leaves the kernel's
 # autotuning alone. Measured on loopback, 1 GiB in 1 MiB buffers, 11 alternating runs:
@@ -263,8 +265,10 @@ class Listener(Closing):
         unix_identity: tuple[int, int] | None,
         socket_buffer: int | None,
         on_refused: RefusalSink | None = None,
+        vet: Vet | None = None,
     ) -> None:
         self._sock = sock
+        self._vet = vet
         self._uri = uri
         self._auth = auth
         self._tls_context = tls_context
@@ -355,10 +359,27 @@ class Listener(Closing):
 
     def _handshake_accepted(self, sock: socket.socket, address: object) -> Connection:
         try:
-            return self._handshake(sock, address)
+            connection = self._handshake(sock, address)
         except BaseException:
             sock.close()
             raise
+        if self._vet is not None:
+            # the user's part of the handshake, on this thread and within the same limit:
+            # a peer that passed ours and then says nothing holds back no one
+            try:
+                connection.set_timeout(self.handshake_timeout)
+                self._vet(connection)
+                connection.set_timeout(None)
+            except TimeoutError:
+                connection.close()
+                raise HandshakeError(
+                    f"source {connection.peer} did not complete the handshake within "
+                    f"{self.handshake_timeout} s"
+                ) from None
+            except BaseException:
+                connection.close()
+                raise
+        return connection
 
     def _handshake(self, sock: socket.socket, address: object) -> Connection:
         peer = describe_peer(sock, self._uri, address)
@@ -436,11 +457,15 @@ def listen(
     backlog: int = 16,
     socket_buffer: int | None = DEFAULT_SOCKET_BUFFER,
     on_refused: RefusalSink | None = None,
+    vet: Vet | None = None,
 ) -> Listener:
     """Listen on `uri` for sources; `auth` is required knowingly (pass None for no key).
 
     `on_refused` gets the refusal of every peer that fails its handshake (from the
-    handshake's thread), and `accept` then returns only sources that passed.
+    handshake's thread), and `accept` then returns only sources that passed. `vet`, if
+    given, is the rest of the handshake (the migration's stream header and Handshake
+    frame): it runs on the same thread once ours has passed, within the same time limit,
+    and refuses the peer by raising.
 
     A TCP address that is not loopback needs a key or TLS client verification, unless
     `allow_insecure_network` says the network is trusted: whoever connects to a
@@ -461,6 +486,7 @@ def listen(
             unix_identity=identity,
             socket_buffer=socket_buffer,
             on_refused=on_refused,
+            vet=vet,
         )
     sock = bind_tcp(endpoint, backlog, socket_buffer)
     bound = endpoint.with_port(sock.getsockname()[1])
@@ -472,6 +498,7 @@ def listen(
         unix_identity=None,
         socket_buffer=socket_buffer,
         on_refused=on_refused,
+        vet=vet,
     )
 
 

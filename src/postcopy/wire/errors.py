@@ -13,9 +13,18 @@ _MAX_VALUE_CHARS = 120
 
 
 def format_value(value: object) -> str:
-    """Render a field's value for an error message: ints plainly, the rest by repr, short."""
+    """Render a field's value for an error message: ints plainly, bytes as quoted text if
+    they are printable ASCII, else hex (a peer's bytes, never a Python repr), the rest by
+    repr; short."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        if data and all(0x20 <= byte < 0x7F for byte in data):
+            text = f'"{data.decode("ascii")}"'
+        else:
+            text = f"{data[:32].hex(' ')}{' ...' if len(data) > 32 else ''} (hex)"
+        return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 3] + "..."
     text = repr(value)
     if len(text) > _MAX_VALUE_CHARS:
         # Payloads can be a megabyte; the message must stay one readable line.

@@ -215,7 +215,8 @@ def parse_stream_header(buf: bytes | bytearray | memoryview, direction: Directio
         raise ProtocolError(
             "StreamHeader.magic",
             magic,
-            f"is not {expected!r} (the {direction.value} stream){hint}",
+            f'is not "{expected[:-1].decode()}" and a zero byte, the '
+            f"{direction.value} stream's magic{hint}",
         )
     if version != PROTOCOL_VERSION:
         raise ProtocolError(

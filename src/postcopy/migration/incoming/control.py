@@ -42,7 +42,7 @@ from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
 from postcopy.migration.incoming.placement import HugePagePlacement, Placement, placement_for
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
-from postcopy.migration.incoming.strangers import RefusalCounter, wait_for_source
+from postcopy.migration.incoming.strangers import Door, RefusalCounter
 from postcopy.migration.incoming.swap import RamSwap, can_swap_ram, register_for_swap
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
@@ -120,6 +120,7 @@ class IncomingMigration(MigrationBase):
         self.guest = guest  # the guest this destination expects ("" = any)
         # peers dropped in their handshake (x-refused-connections)
         self._refused = RefusalCounter(lambda: self.bound_uri or self.uri)
+        self._door = Door()
         self.peer_capabilities: frozenset[str] = frozenset()
         ram = list(machine.ram)
         self._ram = ram
@@ -161,6 +162,7 @@ class IncomingMigration(MigrationBase):
             tls=self.tls,
             allow_insecure_network=self.allow_insecure_network,
             on_refused=self._refused,
+            vet=self._door.vet,
         )
         self.bound_uri = str(self._listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)
@@ -249,7 +251,7 @@ class IncomingMigration(MigrationBase):
     def _run(self) -> None:
         try:
             assert self._listener is not None
-            self._main, self._return, reader, handshake = wait_for_source(
+            self._main, self._return, reader, handshake = self._door.wait_for_source(
                 self._listener, self._refused
             )
             self.start_time = self._clock()
