@@ -180,6 +180,25 @@ def test_a_destination_told_to_quit_in_postcopy_says_the_guest_is_lost_and_exits
     assert source.wait_migration({"failed"})["status"] == "failed"
 
 
+def test_a_destination_killed_in_postcopy_leaves_the_source_saying_what_was_lost(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    """SIGKILL to the destination in postcopy: the source fails, says the guest's run on
+    the destination is lost and that it keeps the guest stopped as at the switchover (it
+    said only that the connection was reset)."""
+    source, destination = postcopy_held(tmp_path, vms)
+    destination.process.kill()
+    destination.process.wait(30)
+    failed = source.wait_migration({"failed", "completed"})
+    assert failed["status"] == "failed"
+    said = failed["error-desc"]
+    assert "was reset (ECONNRESET)" in said or "closed the connection" in said, said
+    assert "the guest ran on the destination since the switchover" in said, said
+    assert "kept here stopped, as it was at the switchover" in said
+    assert source.cmd("query-status")["status"] != "running"
+    assert source.process.poll() is None
+
+
 def test_a_trace_file_on_a_full_disk_costs_the_trace_not_the_migration(
     tmp_path: Path, vms: list[VmProcess]
 ) -> None:

@@ -86,6 +86,15 @@ def destination_terminated_in_postcopy(missing_pages: int, missing_bytes: int) -
     )
 
 
+def destination_lost_in_postcopy() -> str:
+    """The source's postcopy failed: the guest ran on the destination since the switchover."""
+    return (
+        "the failure came in postcopy: the guest ran on the destination since the "
+        "switchover, and what it did there is lost; it is kept here stopped, as it was at "
+        "the switchover (cont would run that older state)"
+    )
+
+
 def source_terminated_in_postcopy(pending_pages: int, pending_bytes: int) -> str:
     """The source is told to exit while the guest runs on the destination."""
     if pending_pages <= 0:

@@ -226,9 +226,11 @@ class OutgoingMigration(MigrationBase):
             said = self._return_path.wait_failure_for(1.0)
             error = MigrationError(said or failures.link_error(error))
         self.error = None if cancelled else str(error) or type(error).__name__
+        status = self.status.value
+        if self.error and status == MigrationStatus.POSTCOPY_ACTIVE:
+            self.error += "; " + failures.destination_lost_in_postcopy()
         if not cancelled:
             log.error("migration failed: %s", self.error)
-        status = self.status.value
         if status in (MigrationStatus.POSTCOPY_ACTIVE,):
             # The destination runs the guest; our RAM is its only complete copy: keep the
             # VM stopped and every page, so a recovery can still finish the job.
