@@ -149,6 +149,9 @@ def target() -> Iterator[Target]:
             made.close()
 
 
+LONG = b"1" + b"0" * 4400  # more digits than Python's int() converts
+
+
 class Generator:
     """Requests from the commands' schemas, mutated; and byte streams."""
 
@@ -276,7 +279,7 @@ class Generator:
             elif how == 2:
                 data[at:at] = rng.choice((b"{", b"}", b"[", b"]", b'"', b"\\", b",", b":", b"\x00"))
             elif how == 3:
-                data[at:at] = rng.choice((b"\xff", b"\x1b", b"\xc0\x80", b"NaN", b"1e999"))
+                data[at:at] = rng.choice((b"\xff", b"\x1b", b"\xc0\x80", b"NaN", b"1e999", LONG))
             elif how == 4:
                 del data[at : at + rng.randrange(1, 8)]
             else:
@@ -286,7 +289,10 @@ class Generator:
 
 def check_response(response: dict[str, object]) -> str:
     """A well-formed QMP answer; returns its error class or "return"."""
-    json.dumps(response)  # what the server sends must be JSON
+    try:
+        json.dumps(response, allow_nan=False)  # what the server sends must be JSON, as sent
+    except ValueError as error:
+        raise Escape(f"an answer that cannot be sent ({error}): {response}") from None
     keys = set(response) - {"id"}
     if keys == {"return"}:
         return "return"

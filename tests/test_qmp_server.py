@@ -446,6 +446,13 @@ def test_malformed_requests_are_answered(
         ),
         (b'{"execute": "\xe9"}', "JSON parse error, invalid UTF-8 sequence"),
         (b'{"execute": "echo" \xff', "JSON parse error, invalid byte 0xff"),
+        # more digits than Python converts (its ValueError dropped the connection)
+        (
+            b'{"execute": "echo", "arguments": {"x": 1' + b"0" * 5000 + b"}}",
+            "JSON parse error, a number of 5001 digits (at most 4000)",
+        ),
+        # inf to Python: an id is echoed, and the answer could not be written (dropped)
+        (b'{"execute": "echo", "id": 1e999}', "JSON parse error, the number 1e999 is out"),
     ],
 )
 def test_bad_json_gets_an_error_and_the_connection_survives(

@@ -12,11 +12,13 @@ usable.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 MAX_MESSAGE_SIZE = 1 << 20
+MAX_INTEGER_DIGITS = 4000  # below Python's own limit of 4300 for int()
 # Python's json decoder recurses per level; QMP messages nest a handful of levels, so a
 # limit far below the interpreter's recursion limit costs nothing and keeps decode safe.
 MAX_NESTING = 256
@@ -232,12 +234,35 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _integer(digits: str) -> int:
+    # Python refuses to convert more digits than this with a ValueError of its own
+    # (sys.get_int_max_str_digits), which escaped as a dropped connection
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ParseError(
+            f"JSON parse error, a number of {len(digits.lstrip('-'))} digits "
+            f"(at most {MAX_INTEGER_DIGITS})"
+        )
+    return int(digits)
+
+
+def _number(text: str) -> float:
+    # 1e999 is inf to Python: nothing QMP takes, and no JSON can carry it back (an id is
+    # echoed in the answer: the answer could not be written and the connection dropped)
+    value = float(text)
+    if not math.isfinite(value):
+        raise ParseError(f"JSON parse error, the number {text[:40]} is out of range")
+    return value
+
+
 def decode_text(text: bytes) -> object:
-    """Decode one framed JSON text strictly (UTF-8, no NaN, no duplicate keys)."""
+    """Decode one framed JSON text strictly (UTF-8, no NaN, no duplicate keys, integers of
+    at most MAX_INTEGER_DIGITS digits, finite numbers)."""
     try:
         return json.loads(
             text.decode("utf-8"),
             parse_constant=_reject_constant,
+            parse_int=_integer,
+            parse_float=_number,
             object_pairs_hook=_object_without_duplicates,
         )
     except UnicodeDecodeError:
