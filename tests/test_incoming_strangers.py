@@ -16,6 +16,7 @@ import pytest
 
 from postcopy.transport import connect
 from postcopy.wire import MAIN_MAGIC, PROTOCOL_VERSION
+from tests.hold import HOLD_RATE
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -125,6 +126,38 @@ def test_peers_that_fail_the_streams_part_are_dropped_and_do_not_hold_back_the_s
             peer.close()
     assert len(refused_lines(destination)) == 2, destination.stderr()
     assert "Traceback" not in destination.stderr()
+
+
+def test_a_second_source_while_a_migration_runs_is_told_so(
+    tmp_path: Path, vms: list[VmProcess]
+) -> None:
+    """A source that comes while another's migration runs here (held in precopy) fails at
+    once with the reason, is counted, and the first migration completes (the second used
+    to wait in setup until the first had ended, then fail without a reason)."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    destination = VmProcess(tmp_path, "dst", *GUEST, "--incoming", uri)
+    vms.append(destination)
+    first = VmProcess(tmp_path, "first", *GUEST)
+    vms.append(first)
+    second = VmProcess(tmp_path, "second", *GUEST)
+    vms.append(second)
+    first.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})
+    first.cmd("migrate", uri=uri)
+    first.wait_migration({"active"})
+    second.cmd("migrate", uri=uri)
+    failed = second.wait_migration({"failed", "completed"})
+    assert failed["status"] == "failed"
+    assert "already receiving a migration from tcp:127.0.0.1:" in failed["error-desc"], failed
+    assert second.cmd("query-status")["running"]
+    wait_refused(destination, 1)
+    [line] = refused_lines(destination)
+    assert "came while a migration from tcp:127.0.0.1:" in line
+    assert first.cmd("query-migrate")["status"] == "active"  # held: it was running all along
+    first.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    assert first.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert destination.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.cmd("stop")
+    assert destination.cmd("x-verify")["ok"]
 
 
 def test_a_wrong_key_is_refused_and_the_right_one_then_migrates(

@@ -8,19 +8,22 @@ back the source behind it. A peer that fails either before any RAM is written (a
 scan, a health check, garbage, a wrong key, a stream of another version, silence) is a
 stranger: it is dropped and reported to `on_refused` (one log line, one count), and the
 destination goes on waiting. What comes after the Handshake is the migration's, and ends
-it.
+it. A second source that passes the handshake while one migration is under way is told
+so (a SHUT with the reason: it waited in setup for the first migration to end, then
+failed without one) and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.incoming.errors import IncomingError
-from postcopy.transport import MAIN_CHANNEL, Connection, Listener
-from postcopy.wire import Direction, Handshake, StreamContext
+from postcopy.transport import MAIN_CHANNEL, Connection, Listener, TransportError
+from postcopy.wire import MAX_SHUT_REASON_BYTES, Direction, Handshake, Shut, StreamContext
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class Door:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._passed: dict[Connection, Passed] = {}
+        self._source: str | None = None  # the peer whose migration runs here
 
     def vet(self, connection: Connection) -> None:
         """On the peer's handshake thread, its socket under the handshake's time limit:
@@ -68,7 +72,11 @@ class Door:
                 "not a handshake"
             )
         with self._lock:
-            self._passed[connection] = (writer, reader, handshake)
+            source = self._source
+            if source is None:
+                self._passed[connection] = (writer, reader, handshake)
+                return
+        raise _turn_away(connection, writer, source)
 
     def wait_for_source(
         self, listener: Listener, on_refused: Callable[[Exception], None]
@@ -88,4 +96,22 @@ class Door:
                     )
                 )
                 continue
+            with self._lock:
+                self._source = connection.peer
+                others = [(other, w) for other, (w, _, _) in self._passed.items()]
+                self._passed.clear()
+            for other, writer in others:  # passed just as this one did: too late
+                on_refused(_turn_away(other, writer, connection.peer))
+                other.close()
             return connection, *passed
+
+
+def _turn_away(connection: Connection, writer: StreamWriter, source: str) -> IncomingError:
+    """Tell a second source that a migration from `source` runs here (as its SHUT's
+    reason); return the refusal to log."""
+    reason = f"this destination is already receiving a migration from {source}"
+    with contextlib.suppress(OSError, TransportError):
+        writer.send(
+            Shut(error=True, reason=reason.encode()[:MAX_SHUT_REASON_BYTES].decode(errors="ignore"))
+        )
+    return IncomingError(f"{connection.peer} came while a migration from {source} runs here")
