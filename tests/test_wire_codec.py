@@ -1018,3 +1018,41 @@ def test_ram_run_equality_compares_contents() -> None:
     assert a != RamRun(0, 1, zero, b"\x02" * 4096)
     assert a != RamRun(0, 1, ~zero, b"\x01" * 4096)
     assert a != RamRun(0, 2, zero, b"\x01" * 4096)
+
+
+@given(st.lists(st.tuples(st.integers(0, 250), st.integers(1, 6)), max_size=60))
+def test_discard_frames_are_the_frames_of_each_group(ranges: list[tuple[int, int]]) -> None:
+    # the bulk path (numpy, all frames at once) writes what encode() writes per Discard
+    encoder = Encoder(Direction.MAIN, blocks=BLOCKS)
+    starts = np.array([start for start, _ in ranges], dtype=np.int64)
+    lengths = np.array([count for _, count in ranges], dtype=np.int64)
+    expected = b"".join(
+        encoder.encode(Discard(1, tuple(ranges[i : i + MAX_DISCARD_RANGES])))
+        for i in range(0, len(ranges), MAX_DISCARD_RANGES)
+    )
+    assert encoder.discard_frames(1, starts, lengths) == expected
+    # and the reader gives back the same ranges (from_wire: without per-pair checks)
+    decoded: list[tuple[int, int]] = []
+    for event in decode_all(Direction.MAIN, main_stream(expected, prefix=TO_ADVISE))[2:]:
+        assert isinstance(event, Discard) and event.block == 1
+        assert event == Discard(1, event.ranges)
+        decoded += event.ranges
+    assert decoded == ranges
+
+
+def test_discard_frames_check_every_range() -> None:
+    # block 1 (vga.vram) has 256 pages; the bad range is the 20th, in the second frame
+    encoder = Encoder(Direction.MAIN, blocks=BLOCKS)
+    starts = np.arange(20, dtype=np.int64) * 12
+    ones = np.ones(20, dtype=np.int64)
+    past_end = starts.copy()
+    past_end[19] = 255
+    with pytest.raises(ProtocolError, match=r"Discard.page_count=2 pages from page 255 run past"):
+        encoder.discard_frames(1, past_end, ones * 2)
+    with pytest.raises(ProtocolError, match=r"Discard.ranges.count=0"):
+        encoder.discard_frames(1, starts, np.where(starts == 36, 0, ones))
+    with pytest.raises(ProtocolError, match=r"Discard.block=3"):
+        encoder.discard_frames(3, starts, ones)
+    with pytest.raises(ProtocolError, match=r"main stream"):
+        Encoder(Direction.RETURN, blocks=BLOCKS).discard_frames(1, starts, ones)
+    assert encoder.discard_frames(1, starts[:0], ones[:0]) == b""

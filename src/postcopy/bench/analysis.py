@@ -47,14 +47,17 @@ def bench_run(record: dict[str, Any]) -> Run:
 
 def bulk_round(run: Run) -> tuple[int, float] | None:
     """Bytes sent in the first precopy round (all of RAM) and its seconds, from the
-    source's round-start/round-end timeline entries."""
+    source's round-start/round-end timeline entries. A round that postcopy cut short (a
+    management tool's switch on the sync inside it) has no end: up to that sync, then,
+    which comes with most of RAM sent."""
     start = end = None
     for entry in run.events_of("source", tp.ROUND_START):
         if entry.get("round") == 1:
             start = (float(entry["t"]), entry.get("transferred"))
-    for entry in run.events_of("source", tp.ROUND_END):
-        if entry.get("round") == 1:
-            end = (float(entry["t"]), entry.get("transferred"))
+    for point in (tp.ROUND_END, tp.ROUND_SYNC):
+        for entry in run.events_of("source", point):
+            if entry.get("round") == 1 and end is None:
+                end = (float(entry["t"]), entry.get("transferred"))
     if start is None or end is None or start[1] is None or end[1] is None or end[0] <= start[0]:
         return None
     return int(end[1]) - int(start[1]), end[0] - start[0]

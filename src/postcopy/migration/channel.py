@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from postcopy.ram import Bitmap, RamBlock, runs
 from postcopy.transport import Connection
@@ -57,6 +58,17 @@ class StreamWriter:
         size = len(header) + int(np.count_nonzero(~zero)) * block.page_size
         self._send(buffers)
         return size
+
+    def send_discards(
+        self, block_index: int, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+    ) -> int:
+        """DISCARD the runs (starts[i], lengths[i]) of a block: every frame in one send.
+        Returns the pages discarded."""
+        with self._lock:
+            data = self._encoder.discard_frames(block_index, starts, lengths)
+            if data:
+                self.connection.send_all([data])
+        return int(lengths.sum())
 
     def _send(self, buffers: list[Any]) -> None:
         with self._lock:

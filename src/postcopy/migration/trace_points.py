@@ -58,9 +58,11 @@ ROUND_END = TracePoint(
 ROUND_SYNC = TracePoint(
     "round-sync",
     SOURCE,
-    ("round", "pending"),
+    ("round", "pending", "transferred"),
     "the dirty log was synced before the round's end, as QEMU does once the rest fits in "
-    "downtime-limit (dirty-sync-count and MIGRATION_PASS advance): bytes pending after it",
+    "downtime-limit (dirty-sync-count and MIGRATION_PASS advance): bytes pending after it, "
+    "bytes on the wire so far (the bulk round's end when postcopy cuts the round short)",
+    (BENCH,),
 )
 DRAINED = TracePoint(
     "drained", SOURCE, (), "the destination has read all that was sent (PING answered)"
@@ -73,8 +75,20 @@ STOP = TracePoint(
     (PLOT, BENCH),
 )
 FINAL_SYNC = TracePoint("final-sync", SOURCE, (), "the last dirty-log sync of the stopped guest")
+STALE_HARVEST = TracePoint(
+    "stale-harvest",
+    SOURCE,
+    ("pages",),
+    "postcopy switchover, the guest still running: the dirty log read again (not a sync "
+    "of its own: the final one counts for both) and the pages written since they were sent "
+    "discarded, so that few are left for the downtime",
+)
 DISCARDS_SENT = TracePoint(
-    "discards-sent", SOURCE, (), "the pages dirtied since they were sent are discarded"
+    "discards-sent",
+    SOURCE,
+    ("pages",),
+    "the pages dirtied since they were sent are discarded: those the final sync found, in "
+    "the downtime",
 )
 PACKAGE_SENT = TracePoint(
     "package-sent",
@@ -134,6 +148,7 @@ TRACE_POINTS: tuple[TracePoint, ...] = (
     DRAINED,
     STOP,
     FINAL_SYNC,
+    STALE_HARVEST,
     DISCARDS_SENT,
     PACKAGE_SENT,
     DESTINATION_RUNNING,

@@ -442,6 +442,26 @@ class Discard:
             )
         _set(self, "ranges", tuple(normalised))
 
+    @classmethod
+    def from_wire(cls, block: int, ranges: tuple[tuple[int, int], ...]) -> Discard:
+        """A Discard from what the reader unpacked: u64 pairs (plain ints, in range by
+        construction), 1 to MAX_DISCARD_RANGES of them. Checks only what the wire leaves
+        open (the block index, a count of 0) and skips the constructor's per-pair checks:
+        thousands of these frames may arrive inside the downtime."""
+        if not 0 <= block < MAX_BLOCKS:
+            raise ProtocolError("Discard.block", block, f"out of range [0, {MAX_BLOCKS - 1}]")
+        if not 1 <= len(ranges) <= MAX_DISCARD_RANGES:
+            raise ProtocolError(
+                "Discard.ranges", len(ranges), f"ranges; must be 1 to {MAX_DISCARD_RANGES}"
+            )
+        for _, count in ranges:
+            if count < 1:
+                raise ProtocolError("Discard.ranges.count", count, f"out of range [1, {U64_MAX}]")
+        message = object.__new__(cls)
+        _set(message, "block", block)
+        _set(message, "ranges", ranges)
+        return message
+
 
 @dataclass(frozen=True, slots=True)
 class Listen:

@@ -213,11 +213,9 @@ def _read_discard(ctx: StreamContext, flags: int, payload: bytes | memoryview) -
         raise ProtocolError(
             "Discard.payload", len(payload), f"bytes; {count} ranges need {expected}"
         )
-    ranges = tuple(
-        (int(start), int(length))
-        for start, length in layout.DISCARD_RANGE.iter_unpack(payload[layout.DISCARD_HEAD.size :])
-    )
-    return Discard(block, ranges)
+    # struct gives plain ints, each a u64: in range by construction
+    ranges = tuple(layout.DISCARD_RANGE.iter_unpack(payload[layout.DISCARD_HEAD.size :]))
+    return Discard.from_wire(block, ranges)
 
 
 def _read_empty(message: type) -> Read:
