@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_ranges
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
+from postcopy.migration.prepaging import BACKWARD, FORWARD, FaultWindow
 from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
@@ -152,3 +153,37 @@ def test_urgent_threads_run_real_time_and_bulk_threads_at_their_nice() -> None:
     assert seen["urgent"] == (os.SCHED_FIFO, 1)
     assert seen["fallback"] == (os.SCHED_OTHER, -10)
     assert seen["bulk"] == -5
+
+
+def test_prepaging_window_grows_along_a_walk_and_starts_over_elsewhere() -> None:
+    """Adaptive pre-paging: a fault out of the blue brings in `base` pages from it; faults
+    at the far edge of the last window (a guest walking up or down its memory) double the
+    window in that direction, up to the maximum; a fault elsewhere starts again."""
+    faults = FaultWindow(base=64, maximum=256)
+    first = faults.window(0, 1000, 10_000)
+    assert (first.first, first.count, first.direction, first.pivot) == (1000, 64, FORWARD, 1064)
+    up = [faults.window(0, page, 10_000) for page in (1064, 1192, 1448)]
+    assert [(w.first, w.count) for w in up] == [(1064, 128), (1192, 256), (1448, 256)]
+    assert faults.streak_faults == 3
+    elsewhere = faults.window(0, 5000, 10_000)
+    assert (elsewhere.first, elsewhere.count) == (5000, 64)
+    # another block is elsewhere too, whatever the page
+    assert faults.window(1, 5064, 10_000).count == 64
+    # walking down: the window turns and grows below the fault, the pivot at its low edge
+    down = [faults.window(1, page, 10_000) for page in (5063, 4935, 4679)]
+    assert [(w.first, w.count, w.direction) for w in down] == [
+        (4936, 128, BACKWARD),
+        (4680, 256, BACKWARD),
+        (4424, 256, BACKWARD),
+    ]
+    assert down[-1].pivot == 4424
+
+
+@given(st.lists(st.integers(0, 999), min_size=1, max_size=50))
+def test_prepaging_window_always_holds_the_fault_and_stays_in_the_block(pages: list[int]) -> None:
+    faults = FaultWindow(base=16, maximum=128)
+    for page in pages:
+        window = faults.window(3, page, 1000)
+        assert window.block == 3
+        assert window.first <= page < window.end <= 1000
+        assert 1 <= window.count <= 128

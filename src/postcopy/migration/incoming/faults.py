@@ -3,7 +3,8 @@
 Owns `FaultThread` (QEMU's postcopy_ram_fault_thread), from LISTEN to completion: it polls
 the userfaultfd, those of other processes sharing guest RAM (shared.py) and a quit eventfd,
 reads faults in batches, and for each one either resolves it locally (moving back the
-still-valid precopy page a vCPU waits for and the 63 after it, zero-filling a page known to
+still-valid precopy page a vCPU waits for and its neighbours in the direction the faults
+go, a window that grows along a streak of faults (prepaging.py), zero-filling a page known to
 be zero, waking a vCPU whose page was placed after the fault was raised) or sends REQ_PAGES
 on the return path, once per page (`requested`). Pages are the block's pages: a fault
 anywhere in a huge page asks for the huge page; how a page is filled here depends on the
@@ -30,6 +31,7 @@ from postcopy.migration.incoming.eagain import DEFER_SECONDS
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.placement import Placement
 from postcopy.migration.incoming.swap import RamSwap
+from postcopy.migration.prepaging import FaultWindow, Window
 from postcopy.migration.scheduling import prefer_this_thread
 from postcopy.migration.shared import SharedClient, SharedClients
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
@@ -37,7 +39,8 @@ from postcopy.ram import Bitmap, RamList
 from postcopy.wire import ReqPages
 
 FAULT_BATCH = 64
-FAULT_MOVE_PAGES = 64  # valid pages moved back on a fault: the faulting one and those after
+FAULT_MOVE_PAGES = 64  # valid pages moved back on a fault before its vCPU is woken
+PREPAGE_MAX_PAGES = 1024  # the most a streak of faults brings in at once (prepaging.py)
 
 
 class FaultThread:
@@ -71,6 +74,8 @@ class FaultThread:
         self._placements = placements
         self._shared = shared
         self._requested = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+        self._window = FaultWindow(FAULT_MOVE_PAGES, PREPAGE_MAX_PAGES)
+        self._ahead: list[Window] = []  # windows to bring in once this batch is answered
         self._quit = EventFd()
         self._tid_to_vcpu: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="fault", daemon=True)
@@ -148,6 +153,7 @@ class FaultThread:
                     self._hops.request_sent(
                         request.block, request.first_page, request.page_count, now
                     )
+            self._bring_in_ahead()
 
     def _locate_event(
         self, event: PageFault, client: SharedClient | None, now: float
@@ -194,12 +200,20 @@ class FaultThread:
         swap = self._swap
         # `_unmoved` is cleared by the mover too, without a lock: see RamSwap.is_unmoved
         if swap is not None and swap.is_unmoved(block_index, page):
-            # and the valid pages after it: a guest that touched this one is likely to
-            # touch those next, and each fault costs a trip through this thread (no lock
-            # with the mover: see RamSwap._mover)
-            swap.move_pages(block_index, page, FAULT_MOVE_PAGES, on_demand=True)
+            # and the valid pages around it, in the direction the faults go: a guest that
+            # touched this one is likely to touch those next, and each fault costs a trip
+            # through this thread (no lock with the mover: see RamSwap._mover). The
+            # faulting page's own chunk first, so its vCPU waits for that alone; the rest
+            # of the window once this batch's faults are answered (`_bring_in_ahead`)
+            window = self._window.window(block_index, page, self._ram[block_index].pages)
+            near = max(window.first, min(page, window.end - FAULT_MOVE_PAGES))
+            swap.move_pages(block_index, near, FAULT_MOVE_PAGES, on_demand=True)
             if swap.is_unmoved(block_index, page):
                 return False  # not known to be in guest RAM: a ZEROPAGE now would lose it
+            if window.count > FAULT_MOVE_PAGES:
+                self._ahead.append(window)
+            else:
+                swap.follow(block_index, window.pivot)
         # `received` is set only after a page is placed (PagePlacer._record): a page seen
         # here as received is in guest RAM or a known zero page, and a page placed after
         # this read is asked for once more at worst (the source sends it again; EEXIST)
@@ -214,6 +228,18 @@ class FaultThread:
             self._latency.asked(block_index, page, 1, now)
             requests.append(ReqPages(block_index, page, 1))
         return True
+
+    def _bring_in_ahead(self) -> None:
+        """Move the rest of this batch's pre-paging windows, then point the mover at the
+        far edge of the last one (Hines and Gopalan's pivot): it goes on from there."""
+        swap, ahead, self._ahead = self._swap, self._ahead, []
+        if swap is None:
+            return
+        for window in ahead:
+            # an EAGAIN leaves the rest to the mover or the next fault: nobody waits here
+            swap.move_pages(window.block, window.first, window.count, on_demand=True)
+        if ahead:
+            swap.follow(ahead[-1].block, ahead[-1].pivot)
 
     def _locate(self, address: int) -> tuple[int, int]:
         try:

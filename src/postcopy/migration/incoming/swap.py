@@ -33,7 +33,7 @@ from postcopy.linux.userfaultfd import (
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.scheduling import BACKGROUND_NICE, set_thread_nice
-from postcopy.ram import Bitmap, RamBlock, runs, split_runs
+from postcopy.ram import Bitmap, RamBlock, runs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RamSwap:
         self._guest_started = threading.Event()
         self._quit_moving = threading.Event()
         self._moved_on_demand = 0  # written by the fault thread only
+        self._pivot: tuple[int, int] | None = None  # where the mover goes on (`follow`)
         self._moved_in_background = 0  # written by the mover only
         for index, block in enumerate(ram):
             self._old_mappings[index] = block.mapping.move_pages_out()
@@ -79,6 +80,13 @@ class RamSwap:
         the page is there; a True that is already stale only leads to a second move,
         which finds a hole and skips it."""
         return bool(self._unmoved[block_index][page])
+
+    def follow(self, block_index: int, page: int) -> None:
+        """The fault thread's pre-paging (prepaging.py) ended at `page`: the mover goes on
+        from there, where the guest is heading, instead of in address order."""
+        # a hint, read and cleared by the mover without a lock: one lost between the read
+        # and the clear leaves the mover where it was (it still moves every page)
+        self._pivot = (block_index, page)
 
     def start_mover(self) -> None:
         mover = threading.Thread(target=self._mover, name="mover", daemon=True)
@@ -109,12 +117,23 @@ class RamSwap:
         self._guest_started.wait()
         set_thread_nice(BACKGROUND_NICE)
         try:
-            for index, unmoved in enumerate(self._unmoved):
-                starts, lengths = split_runs(*runs(unmoved.copy()), MOVE_CHUNK_PAGES)
-                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                    if self._quit_moving.is_set():
-                        return
-                    self.move_pages(index, start, length, on_demand=False)
+            block, position = 0, [0] * len(self._unmoved)
+            while True:
+                if self._quit_moving.is_set():
+                    return
+                pivot, self._pivot = self._pivot, None  # see follow()
+                if pivot is not None:
+                    block, position[block] = pivot[0], pivot[1]
+                start = _next_set(self._unmoved[block], position[block])
+                if start is None:  # none from there on: from the block's start, other blocks
+                    left = [i for i, bits in enumerate(self._unmoved) if bits.any()]
+                    if not left:
+                        break
+                    block = left[0] if block not in left else block
+                    position[block] = 0
+                    continue
+                self.move_pages(block, start, MOVE_CHUNK_PAGES, on_demand=False)
+                position[block] = start + MOVE_CHUNK_PAGES
             self._finish_moving()
         except Exception as error:
             log.error("moving precopy pages back: %s", error)
@@ -200,6 +219,15 @@ class RamSwap:
             if old is not None:
                 old.close()
                 self._old_mappings[index] = None
+
+
+def _next_set(bits: Bitmap, start: int) -> int | None:
+    """The first set bit at or after `start`, or None."""
+    rest = bits[start:]
+    if rest.size == 0:
+        return None
+    found = int(np.argmax(rest))  # stops at the first True
+    return start + found if rest[found] else None
 
 
 def _close_all(mappings: list[Mapping]) -> None:
