@@ -431,6 +431,27 @@ def test_ram_run_header_refuses_what_decoding_would() -> None:
         Encoder(Direction.MAIN).ram_run_header(0, 0, np.ones(1, dtype=bool), 5000)
 
 
+@given(st.integers(0, 262143), st.booleans())
+def test_ram_page_header_is_ram_run_header_of_one_page(page: int, zero: bool) -> None:
+    """A requested page's header (no numpy) is byte for byte a one-page run's."""
+    encoder = Encoder(Direction.MAIN, blocks=BLOCKS)
+    assert encoder.ram_page_header(0, page, zero, 4096) == encoder.ram_run_header(
+        0, page, np.array([zero]), 4096
+    )
+
+
+def test_ram_page_header_refuses_what_decoding_would() -> None:
+    encoder = Encoder(Direction.MAIN, blocks=BLOCKS)
+    with pytest.raises(ProtocolError, match=r"RamRun.page_size=4096 differs"):
+        encoder.ram_page_header(2, 0, True, 4096)
+    with pytest.raises(ProtocolError, match=r"RamRun.block=3 out of range"):
+        encoder.ram_page_header(3, 0, True, 4096)
+    with pytest.raises(ProtocolError, match=r"RamRun.first_page=262144 out of range"):
+        encoder.ram_page_header(0, 262144, True, 4096)
+    with pytest.raises(ProtocolError, match=r"RamRun.page_size=5000"):
+        Encoder(Direction.MAIN).ram_page_header(0, 0, True, 5000)
+
+
 def test_encoder_checks_messages_against_its_blocks() -> None:
     encoder = Encoder(Direction.MAIN)
     encoder.encode(HANDSHAKE)  # the encoder learns the blocks from its own Handshake

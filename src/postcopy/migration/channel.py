@@ -70,6 +70,15 @@ class StreamWriter:
                 self.connection.send_all([data])
         return int(lengths.sum())
 
+    def send_ram_page(self, block_index: int, block: RamBlock, page: int, zero: bool) -> int:
+        """`send_ram_run` for one page (a requested page), without numpy."""
+        header = self._encoder.ram_page_header(block_index, page, zero, block.page_size)
+        if zero:
+            self._send([header])
+            return len(header)
+        self._send([header, block.page_view(page, 1)])
+        return len(header) + block.page_size
+
     def _send(self, buffers: list[Any]) -> None:
         with self._lock:
             self.connection.send_all(buffers)

@@ -100,16 +100,27 @@ class LatencyRecorder:
         self._clock = clock
         self._asked_at = [np.full(pages, np.nan) for pages in block_pages]
         self._samples: list[npt.NDArray[np.float64]] = []
+        self._single: list[float] = []  # samples of one-page runs, kept without numpy
         self._lock = threading.Lock()
 
     def asked(self, block: int, first_page: int, count: int, when: float) -> None:
         with self._lock:
-            self._asked_at[block][first_page : first_page + count] = when
+            if count == 1:
+                self._asked_at[block][first_page] = when
+            else:
+                self._asked_at[block][first_page : first_page + count] = when
 
     def placed(self, block: int, first_page: int, count: int) -> None:
         # two receivers may place the same page (a request raced the push): the lock makes
         # test-and-clear one step, so each request yields one sample
         with self._lock:
+            if count == 1:  # a requested page: scalar work (a numpy call costs microseconds)
+                asked_at = self._asked_at[block]
+                when = float(asked_at[first_page])
+                if when == when:  # not NaN: asked for
+                    self._single.append(self._clock() - when)
+                    asked_at[first_page] = np.nan
+                return
             asked = self._asked_at[block][first_page : first_page + count]
             waiting = ~np.isnan(asked)
             if waiting.any():
@@ -117,8 +128,7 @@ class LatencyRecorder:
                 asked[waiting] = np.nan
 
     def summary(self) -> dict[str, float | int]:
-        with self._lock:
-            samples = np.concatenate(self._samples) if self._samples else np.zeros(0)
+        samples = self.samples()
         if samples.size == 0:
             return {"count": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
         p50, p99 = np.percentile(samples, [50, 99])
@@ -131,7 +141,7 @@ class LatencyRecorder:
 
     def samples(self) -> npt.NDArray[np.float64]:
         with self._lock:
-            return np.concatenate(self._samples) if self._samples else np.zeros(0)
+            return np.concatenate([*self._samples, np.array(self._single, dtype=np.float64)])
 
 
 @dataclass

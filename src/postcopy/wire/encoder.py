@@ -167,3 +167,30 @@ class Encoder:
             payload = layout.DISCARD_HEAD.pack(block, rest) + tail.tobytes()
             data += layout.FRAME_HEADER.pack(FrameType.DISCARD, 0, 0, len(payload)) + payload
         return data
+
+    def ram_page_header(self, block: int, page: int, zero: bool, page_size: int) -> bytes:
+        """`ram_run_header` for a run of one page (a requested page: the latency-critical
+        path), the same bytes and checks without numpy."""
+        if not is_page_size(page_size):
+            raise ProtocolError("RamRun.page_size", page_size, "is not a valid page size")
+        if not 0 <= block < MAX_BLOCKS:
+            raise ProtocolError("RamRun.block", block, f"out of range [0, {MAX_BLOCKS - 1}]")
+        if not 0 <= page <= U64_MAX:
+            raise ProtocolError("RamRun.first_page", page, f"out of range [0, {U64_MAX}]")
+        info = check_ram_run(self._blocks, block, page, 1)
+        if info is not None and info.page_size != page_size:
+            raise ProtocolError(
+                "RamRun.page_size",
+                page_size,
+                f"differs from block {info.name!r}'s {info.page_size}",
+            )
+        return (
+            _ONE_PAGE_FRAME_HEADER
+            + layout.RAM_RUN.pack(block, page, 1)
+            + (_ZERO_BIT if zero else _NORMAL_BIT)
+        )
+
+
+# a one-page RAM_RUN: its payload is the fixed part and one byte of zero bitmap (bit 0)
+_ONE_PAGE_FRAME_HEADER = layout.FRAME_HEADER.pack(FrameType.RAM_RUN, 0, 0, layout.RAM_RUN.size + 1)
+_ZERO_BIT, _NORMAL_BIT = b"\x01", b"\x00"

@@ -98,6 +98,12 @@ class Placement:
         assert data_address is not None
         size = self.page_size
         base = self.block.host_address + first_page * size
+        if zero.size == 1:  # a requested page: no numpy (microseconds a call here)
+            if zero[0]:
+                self._zero(base, size)
+            else:
+                self._copy(base, data_address, size)
+            return
         starts, lengths = runs(~zero)
         offset = 0
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):

@@ -24,6 +24,23 @@ from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
 from postcopy.ram import Bitmap, RamList, runs, split_runs
 
+SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
+
+
+def _runs_of(first: int, bits: list[bool]) -> list[tuple[int, int]]:
+    """(start, length) of the runs of True in `bits`, whose first is page `first`."""
+    found: list[tuple[int, int]] = []
+    start = -1
+    for offset, bit in enumerate(bits):
+        if bit and start < 0:
+            start = offset
+        elif not bit and start >= 0:
+            found.append((first + start, offset - start))
+            start = -1
+    if start >= 0:
+        found.append((first + start, len(bits) - start))
+    return found
+
 
 @dataclass
 class PageRequest:
@@ -103,11 +120,17 @@ class PageService:
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
         """Take the still-needed pages of a range (test and clear), as runs."""
+        if count <= SMALL_CLAIM_PAGES:  # a page request: Python beats numpy's call overhead
+            with self._needed_lock:
+                window = self._needed[index][first : first + count]
+                wanted = window.tolist()
+                window[:] = False
+            return _runs_of(first, wanted)
         with self._needed_lock:
             window = self._needed[index][first : first + count]
-            wanted = window.copy()
+            wanted_bits = window.copy()
             window[:] = False
-        starts, lengths = runs(wanted)
+        starts, lengths = runs(wanted_bits)
         return [(first + s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
     def _serve_queued_requests(self, writer: StreamWriter) -> None:
@@ -137,18 +160,13 @@ class PageService:
             # else the push): each of these counters has one writer
             self._counters.pages_requested += length
         if urgent and resend_taken_pages(block):
-            taken = np.ones(request.page_count, dtype=np.bool_)
+            taken = [True] * request.page_count
             for start, length in claimed:
-                taken[start - request.first_page : start - request.first_page + length] = False
-            starts, lengths = runs(taken)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                offset = start - request.first_page
+                taken[offset : offset + length] = [False] * length
+            for start, length in _runs_of(request.first_page, taken):
                 self._sender.send_pages(
-                    writer,
-                    request.block,
-                    block,
-                    request.first_page + start,
-                    length,
-                    phase="requested",
+                    writer, request.block, block, start, length, phase="requested"
                 )
                 self._counters.pages_resent += length
         self._jump = (request.block, request.first_page + request.page_count)

@@ -1,0 +1,81 @@
+"""The source's page service on a real socket pair: what a page request sends, and that
+every page is claimed once (migration/outgoing/pageservice.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from postcopy.linux.memory import Mapping
+from postcopy.migration.channel import StreamWriter
+from postcopy.migration.outgoing.pageservice import PageRequest, PageService
+from postcopy.migration.outgoing.sender import RamSender
+from postcopy.migration.parameters import Parameters
+from postcopy.ram import RamBlock, RamList
+from postcopy.transport.connection import Connection
+from postcopy.wire import Direction, layout
+
+PAGES = 64
+PAGE = 4096
+
+
+def _runs_sent(raw: bytes) -> list[tuple[int, int, list[bool], bytes]]:
+    """(first page, count, zero bits, data) of each RAM_RUN frame in `raw`."""
+    found = []
+    position = 0
+    while position < len(raw):
+        _, _, _, length = layout.FRAME_HEADER.unpack_from(raw, position)
+        position += layout.FRAME_HEADER.size
+        _, first, count = layout.RAM_RUN.unpack_from(raw, position)
+        bits = np.unpackbits(
+            np.frombuffer(raw[position + layout.RAM_RUN.size : position + length], np.uint8),
+            bitorder="little",
+        )[:count].astype(bool)
+        position += length
+        data_length = int(np.count_nonzero(~bits)) * PAGE
+        found.append((first, count, bits.tolist(), raw[position : position + data_length]))
+        position += data_length
+    return found
+
+
+def test_a_request_sends_what_is_needed_and_again_what_the_push_took() -> None:
+    mapping = Mapping.anonymous(PAGES * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    for page in range(0, PAGES, 2):  # odd pages stay zero
+        mapping.view[page * PAGE : (page + 1) * PAGE] = bytes([page + 1]) * PAGE
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    service = PageService(ram, sender)
+    ours, theirs = Connection.socketpair()
+    received = bytearray()
+
+    def drain() -> None:
+        buffer = memoryview(bytearray(1 << 16))
+        while count := theirs.recv_into(buffer):
+            received.extend(buffer[:count])
+
+    with mapping, ours, theirs:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        service.set_urgent_channel(StreamWriter(ours, Direction.MAIN))
+        needed = np.ones(PAGES, dtype=np.bool_)
+        needed[11] = False  # the push took page 11 already
+        service.set_needed([needed])
+        service.request(PageRequest(0, 10, 1))  # one page with data
+        service.request(PageRequest(0, 9, 1))  # one zero page
+        service.request(PageRequest(0, 10, 4))  # 10 served, 11 taken: 12-13 and 10-11 again
+        ours.shutdown()
+        reader.join(5)
+        sent = _runs_sent(bytes(received))
+    assert [(first, count, bits) for first, count, bits, _ in sent] == [
+        (10, 1, [False]),
+        (9, 1, [True]),
+        (12, 2, [False, True]),
+        (10, 2, [False, True]),
+    ]
+    assert sent[0][3] == bytes([11]) * PAGE and sent[2][3] == bytes([13]) * PAGE
+    assert not needed[9:14].any() and needed[14:].all() and needed[:9].all()
+    counters = sender.counters
+    assert (counters.pages_requested, counters.pages_resent) == (4, 2)
+    assert (counters.normal, counters.duplicate) == (3, 3)
