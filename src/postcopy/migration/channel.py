@@ -4,6 +4,9 @@ StreamWriter sends whole frames (several threads may share one, a lock keeps fra
 and sends RAM runs straight from guest memory with one scatter-gather send.
 StreamReader reads frames; for a RAM run it returns the checked header and the caller reads
 the page data itself, into guest RAM or a staging buffer, so no copy is made in between.
+BufferedStreamReader, for the channels of small frames on a page request's path (the return
+path, the preempt channel), takes in one receive what has arrived instead of one receive
+per header, payload and page.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from postcopy.ram import Bitmap, RamBlock, runs
-from postcopy.transport import Connection
+from postcopy.transport import Connection, ConnectionClosed
 from postcopy.wire import (
     FRAME_HEADER_SIZE,
     STREAM_HEADER_SIZE,
@@ -110,3 +113,73 @@ class StreamReader:
     def read_data_into(self, view: memoryview) -> None:
         self.connection.recv_exact_into(view)
         self.bytes_received += len(view)
+
+
+class BufferedStreamReader(StreamReader):
+    """A StreamReader that receives into a buffer of its own: one receive takes whatever
+    has arrived, often a whole frame with its page (a requested page is one sendmsg), where
+    StreamReader makes three, each a system call and a hand-over of the GIL on the page
+    request's path. Frame data beyond what is buffered is received straight into the
+    caller's view, as StreamReader does. Nothing here reads or writes guest RAM: a page is
+    copied from this buffer into the caller's view (a staging buffer), never into RAM that
+    can be missing (the GIL rule)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        direction: Direction,
+        context: StreamContext,
+        buffer_size: int = 64 << 10,
+    ) -> None:
+        super().__init__(connection, direction, context)
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+        self._start = 0  # buffered bytes are _buffer[_start:_end]
+        self._end = 0
+
+    def read_stream_header(self) -> int:
+        data = self._take(STREAM_HEADER_SIZE)
+        self.bytes_received += len(data)
+        return parse_stream_header(data, self.direction)
+
+    def read(self) -> Message | RamRunHeader:
+        header = parse_frame_header(self._take(FRAME_HEADER_SIZE), self.direction)
+        payload = self._take(header.length) if header.length else b""
+        self.bytes_received += FRAME_HEADER_SIZE + header.length
+        return self.context.parse_payload(header, payload)
+
+    def read_data_into(self, view: memoryview) -> None:
+        self._read_into(view)
+        self.bytes_received += len(view)
+
+    def _read_into(self, view: memoryview) -> None:
+        """Fill `view`: first from the buffer, the rest straight from the connection."""
+        target = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        buffered = min(self._end - self._start, target.nbytes)
+        target[:buffered] = self._view[self._start : self._start + buffered]
+        self._start += buffered
+        if buffered < target.nbytes:
+            self.connection.recv_exact_into(target[buffered:])
+
+    def _take(self, size: int) -> bytes:
+        """The next `size` bytes, receiving as needed."""
+        if size > len(self._buffer):  # a large frame (a bitmap): past the buffer
+            large = bytearray(size)
+            self._read_into(memoryview(large))
+            return bytes(large)
+        if self._end - self._start < size:
+            held = self._end - self._start
+            if self._start:  # move what is left to the front
+                self._buffer[:held] = self._view[self._start : self._end]
+                self._start, self._end = 0, held
+            while self._end < size:
+                count = self.connection.recv_into(self._view[self._end :])
+                if count == 0:
+                    raise ConnectionClosed(
+                        f"{self.connection.peer} closed the connection after "
+                        f"{self._end} of {size} bytes"
+                    )
+                self._end += count
+        data = bytes(self._view[self._start : self._start + size])
+        self._start += size
+        return data

@@ -35,7 +35,7 @@ from postcopy.linux.userfaultfd import Feature, UserfaultFd
 from postcopy.migration import failures, globalstate
 from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
-from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.channel import BufferedStreamReader, StreamReader, StreamWriter
 from postcopy.migration.hops import URGENT, HopLog
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
@@ -577,7 +577,7 @@ class IncomingMigration(MigrationBase):
         except Exception as error:
             log.error("preempt channel never came: %s", error)
             return
-        reader = StreamReader(
+        reader = BufferedStreamReader(
             self._preempt,
             Direction.MAIN,
             StreamContext(Direction.MAIN, blocks=_declared(self._ram)),

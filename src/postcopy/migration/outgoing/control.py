@@ -22,7 +22,7 @@ import numpy as np
 
 from postcopy.migration import failures, globalstate
 from postcopy.migration.base import EventSink, MigrationBase
-from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.channel import BufferedStreamReader, StreamWriter
 from postcopy.migration.discard import page_runs, stale_runs
 from postcopy.migration.hops import HopLog
 from postcopy.migration.machine import Machine
@@ -289,7 +289,7 @@ class OutgoingMigration(MigrationBase):
             for block in ram:
                 summary |= block.page_size
             main.send(Advise(page_size_summary=summary, target_page_size=4096))
-        reader = StreamReader(
+        reader = BufferedStreamReader(
             self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
         )
         self._return_path.start(reader)
