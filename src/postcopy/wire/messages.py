@@ -561,6 +561,16 @@ class ReqPages:
     page_count: int
 
     def __post_init__(self) -> None:
+        block, first, count = self.block, self.first_page, self.page_count
+        if (  # plain ints in range, as both ends make them: a page request's hot path
+            type(block) is int
+            and type(first) is int
+            and type(count) is int
+            and 0 <= block < MAX_BLOCKS
+            and 0 <= first <= U64_MAX
+            and 1 <= count <= U32_MAX
+        ):
+            return
         _set(self, "block", _integer("ReqPages", "block", self.block, 0, MAX_BLOCKS - 1))
         _set(self, "first_page", _integer("ReqPages", "first_page", self.first_page, 0, U64_MAX))
         _set(self, "page_count", _integer("ReqPages", "page_count", self.page_count, 1, U32_MAX))

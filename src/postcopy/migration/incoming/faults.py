@@ -116,7 +116,7 @@ class FaultThread:
             if any(fd == self._quit.fileno() for fd, _ in ready):
                 return
             now = self._clock()
-            requests: list[ReqPages] = []
+            requests: list[tuple[int, int]] = []  # (block, page): built into frames once
             retry, deferred = deferred, []
             for block_index, page, client in retry:
                 if not self._handle(block_index, page, now, requests, client):
@@ -146,13 +146,11 @@ class FaultThread:
                     block_index, page = located
                     if not self._handle(block_index, page, now, requests, source):
                         deferred.append((block_index, page, source))
-            for request in coalesce(requests):
-                self._return.send(request)
+            for block_index, first, count in coalesce(requests):
+                self._return.send(ReqPages(block_index, first, count))
                 self.requests_sent += 1  # this thread is its only writer (QMP reads it)
                 if self._hops is not None:
-                    self._hops.request_sent(
-                        request.block, request.first_page, request.page_count, now
-                    )
+                    self._hops.request_sent(block_index, first, count, now)
             self._bring_in_ahead()
 
     def _locate_event(
@@ -191,7 +189,7 @@ class FaultThread:
         block_index: int,
         page: int,
         now: float,
-        requests: list[ReqPages],
+        requests: list[tuple[int, int]],
         client: SharedClient | None = None,
     ) -> bool:
         """One fault: resolved here, or asked for (in `requests`), or False: the kernel
@@ -226,7 +224,7 @@ class FaultThread:
         if not self._requested[block_index][page]:
             self._requested[block_index][page] = True
             self._latency.asked(block_index, page, 1, now)
-            requests.append(ReqPages(block_index, page, 1))
+            requests.append((block_index, page))
         return True
 
     def _bring_in_ahead(self) -> None:
@@ -262,17 +260,13 @@ class FaultThread:
         return True
 
 
-def coalesce(requests: list[ReqPages]) -> list[ReqPages]:
-    """Merge requests for adjacent pages of one block (faults often come in order)."""
-    merged: list[ReqPages] = []
-    for request in sorted(requests, key=lambda r: (r.block, r.first_page)):
-        if (
-            merged
-            and merged[-1].block == request.block
-            and merged[-1].first_page + merged[-1].page_count == request.first_page
-        ):
-            last = merged[-1]
-            merged[-1] = ReqPages(last.block, last.first_page, last.page_count + request.page_count)
+def coalesce(requests: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(block, first page, count) of the runs of adjacent pages asked for (faults often come
+    in order), from (block, page) pairs."""
+    merged: list[tuple[int, int, int]] = []
+    for block, page in sorted(requests):
+        if merged and merged[-1][0] == block and merged[-1][1] + merged[-1][2] == page:
+            merged[-1] = (block, merged[-1][1], merged[-1][2] + 1)
         else:
-            merged.append(request)
+            merged.append((block, page, 1))
     return merged
