@@ -27,6 +27,7 @@ from postcopy.vm import reqframe
 from postcopy.vm.reqframe import FrameReader
 from postcopy.vm.requestdev import (
     ANSWER_PORT,
+    BATCH_TARGET_SECONDS,
     BLOCK_SIZE,
     EXCHANGE_PORT,
     REGISTER_BYTES,
@@ -235,5 +236,39 @@ def test_a_bad_device_state_is_refused_by_name(change: dict[str, Any], complaint
         device.load(_state())  # the good one loads
         with pytest.raises(ValueError, match=complaint):
             device.load(_state(**change))
+    finally:
+        device.close()
+
+
+def test_after_a_migration_batches_start_small_and_follow_the_guests_pace() -> None:
+    """A device whose state came by migration hands one request per exchange, doubles the
+    batch while the guest serves it within BATCH_TARGET_SECONDS, and shrinks it in
+    proportion when the guest is slower (pages still at the source); then the limit goes
+    and a block is as full as it gets (a fresh device's: the test above). The guest's time
+    is played by a fake clock."""
+    now = [0.0]
+    queued = b"".join(kv.request(kv.GET, tag, tag) for tag in range(1, 201))
+    device = RequestDevice(None, clock=lambda: now[0])
+    answers = b""
+
+    def batch(guest_seconds: float) -> int:
+        nonlocal answers
+        frames = exchange(device, answers)
+        answers = b"".join(record(reqframe.frame_id(f), b"v") for f in frames)
+        now[0] += guest_seconds
+        return len(frames)
+
+    try:
+        device.load(_state(accepted=200, pending=[], inbound=base64.b64encode(queued).decode()))
+        device.resume()
+        fast = BATCH_TARGET_SECONDS / 4
+        assert [batch(fast) for _ in range(4)] == [1, 2, 4, 8]
+        # the guest takes 10 target-times over those 8 requests: the next batch is sized
+        # to take about one target-time (8 / 10 -> 1 request)
+        now[0] += 10 * BATCH_TARGET_SECONDS - fast
+        assert [batch(fast) for _ in range(6)] == [1, 2, 4, 8, 16, 32]
+        assert batch(fast) == 42  # as many as fit: the limit is gone
+        assert device.batch_limit is None
+        assert device.stats()["answered"] == 15 + 63  # every batch but the last
     finally:
         device.close()

@@ -28,6 +28,16 @@ answer record the guest has only half written, and answers not yet sent. save() 
 stopped VM on the source, load() on the destination: the destination answers exactly
 what the source took and did not answer, and says in its HELLO the highest tag it holds,
 so the front re-sends exactly the rest. See postcopy.vm.reqframe for the frames.
+
+How many requests one exchange hands over: as many as fit while the guest serves a batch
+within BATCH_TARGET_SECONDS; a batch that took longer shrinks the next one in proportion
+(to one request at the least), a quick one doubles it. The guest answers a batch at its
+end (or each register load of answers), so a batch whose requests wait for missing pages
+holds back the answers of all of them: right after a postcopy switchover a full block of
+~40 requests, each faulting on a page or two still at the source, answered nothing for
+~0.1-0.4 s, though each request waited only a few milliseconds. So a device whose state
+arrived by migration (`load`) starts at one request per exchange and grows from there,
+as TCP starts a connection slowly; in steady state the batch is the whole block.
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from postcopy.linux.kvm import IoDirection, IoExit, KvmVcpu
@@ -59,6 +71,8 @@ GPR_BYTES = 88  # rbx, rbp, rsi, r8..r15
 REGISTER_BYTES = GPR_BYTES + 16 * 16  # and xmm0..xmm15: 344
 VALUE_MAX = 255  # a record's value length is a u8
 WAIT_SECONDS = 0.1  # longest an idle exchange keeps its vCPU in the device
+# a batch the guest served slower than this shrinks the next one (see the module docstring)
+BATCH_TARGET_SECONDS = 0.002
 INBOUND_LIMIT = 256 * 1024  # stop reading from the front while this much is queued
 RECONNECT_SECONDS = 0.2
 STATE_FORMAT = "postcopy-request-device/1"
@@ -72,8 +86,11 @@ class RequestDevice:
     name: str = "request-device"
     ports: tuple[int, ...] = (EXCHANGE_PORT, ANSWER_PORT)
 
-    def __init__(self, backend: str | None = None) -> None:
+    def __init__(
+        self, backend: str | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.backend: Uri | None = parse_uri(backend) if backend else None
+        self._clock = clock
         self._condition = threading.Condition()
         self._paused = True
         self._closed = False
@@ -85,6 +102,11 @@ class RequestDevice:
         self._partial = bytearray()  # answer record bytes short of a whole record
         self._outbound = bytearray()  # answer frames not yet sent to the front
         self._control = bytearray()  # hellos, sent before any answer
+        # requests per exchange (None: as many as fit); the last batch and when it went
+        # in; vCPU threads only (one exchange at a time per guest)
+        self.batch_limit: int | None = None
+        self._batch = 0
+        self._batch_at = 0.0
         self.counters = {
             "accepted": 0,
             "delivered": 0,
@@ -165,6 +187,7 @@ class RequestDevice:
             self._pending = deque(loaded["pending"])
             self._partial = bytearray(loaded["partial"])
             self._outbound = bytearray(loaded["outbound"])
+            self.batch_limit = 1  # most of the guest's memory may still be at the source
             for key, value in loaded["counters"].items():
                 if key in self.counters and key != "connects":
                     self.counters[key] = value
@@ -200,6 +223,7 @@ class RequestDevice:
                     "bytes, 1 KiB-aligned)",
                     exit,
                 )
+            self._adapt_batch()
             self._take_answers(vcpu, regs.rax, regs)
             self.counters["exchanges"] += 1
             return self._fill_block(exit.count)
@@ -267,13 +291,26 @@ class RequestDevice:
         if answered and not paused:
             self._poke()
 
+    def _adapt_batch(self) -> None:
+        """Size the next batch by how long the guest took to serve the last one."""
+        if not self._batch:
+            return
+        took = self._clock() - self._batch_at
+        if took <= BATCH_TARGET_SECONDS:
+            if self.batch_limit is not None:
+                grown = self.batch_limit * 2
+                self.batch_limit = None if grown >= BLOCK_SIZE // reqframe.HEADER_SIZE else grown
+        else:
+            self.batch_limit = max(1, int(self._batch * BATCH_TARGET_SECONDS / took))
+
     def _fill_block(self, size: int) -> bytes:
         with self._condition:
             if not self._inbound and not self._paused:
                 self._condition.wait_for(lambda: bool(self._inbound) or self._paused, WAIT_SECONDS)
-            frames = []
+            frames: list[bytes] = []
             used = 0
-            while self._inbound and used + len(self._inbound[0]) <= size:
+            limit = self.batch_limit or size
+            while self._inbound and used + len(self._inbound[0]) <= size and len(frames) < limit:
                 frame = self._inbound.popleft()
                 frames.append(frame)
                 used += len(frame)
@@ -281,6 +318,8 @@ class RequestDevice:
             self._inbound_bytes -= used
             self.counters["delivered"] += len(frames)
             throttled = used and self._inbound_bytes + used >= INBOUND_LIMIT
+        self._batch = len(frames)
+        self._batch_at = self._clock()
         if throttled:
             self._poke()
         return b"".join(frames) + bytes(size - used)
