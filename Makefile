@@ -12,7 +12,8 @@ SYSTEM ?= system
 PIP := $(VENV)/bin/python -m pip --disable-pip-version-check
 SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps openssl util-linux
 
-.PHONY: system venv venv-dev demo test lint guests guest clean backends-soak soak fuzz fuzz-wire fuzz-qmp
+.PHONY: system venv venv-dev demo test lint guests guest clean backends-soak soak fuzz fuzz-wire fuzz-qmp \
+	service-bench
 
 system:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -77,6 +78,28 @@ fuzz-wire:
 
 fuzz-qmp:
 	$(FUZZ_PYTEST) tests/test_qmp_fuzz.py::test_fuzz_qmp_answers_everything_and_no_handler_escapes
+
+# not in the test suite: issue 15's figures. The bench set `service` (a 1 GiB kvstore guest
+# under 5,000 requests/s, migrated by precopy, postcopy and postcopy-preempt) run
+# SERVICE_PIECES times with --repeat SERVICE_REPEAT into one file (runs are numbered on),
+# then its summary (per mode: runs clean, p99, longest gap, downtime, blocktime; how much
+# each postcopy mode shortens the longest gap against precopy) and --plot, whose
+# <out>-service.png has the latency of each mode over time with the phases as bands.
+# On a shared machine take a lock per piece: make service-bench LOCK=/work/heavy.lock
+# (10 runs of each mode in two pieces of ~7 min on 2 cores). Exit status 1 if a run failed.
+SERVICE_STAMP := $(shell date +%Y%m%d-%H%M%S)
+SERVICE_OUT ?= runs/service-$(SERVICE_STAMP).jsonl
+SERVICE_PIECES ?= 2
+SERVICE_REPEAT ?= 5
+LOCK ?=
+
+service-bench:
+	@status=0; for piece in $$(seq $(SERVICE_PIECES)); do \
+	  $(if $(LOCK),flock $(LOCK)) $(VENV)/bin/postcopy bench service --repeat $(SERVICE_REPEAT) \
+	    --out $(SERVICE_OUT) >/dev/null || status=1; \
+	done; \
+	$(VENV)/bin/postcopy bench --from $(SERVICE_OUT) --plot; \
+	echo "results: $(SERVICE_OUT)"; exit $$status
 
 # a guest of one's own, built as the built-in ones are: make guest SRC=my.S OUT=my.bin
 # (guests/examples/hello.S is a template; README, "Build your own guest")

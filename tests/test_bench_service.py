@@ -3,6 +3,7 @@ windows on the migration's clock, and the per-mode comparison of the longest gap
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from postcopy.bench.scenarios import Catalogue, ScenarioError, parse_name
 from postcopy.bench.service import DEFAULT_LOAD, service_figures, service_record
 from postcopy.bench.servicereport import comparison_lines, comparisons, scenario_figures
+from postcopy.bench.suite import runs_so_far
 from postcopy.tools.runfile import Run
 
 
@@ -92,3 +94,16 @@ def test_the_comparison_says_how_much_shorter_the_worst_gap_is() -> None:
     found = {c["scenario"]: c["shorter_by"] for c in comparisons(rows)}
     assert found == {"kvstore-1g-1cpu-postcopy1": 0.5, "kvstore-1g-1cpu-postcopy1-preempt": 0.75}
     assert "shortens the longest gap without an answer by 75%" in comparison_lines(records)[1]
+
+
+def test_a_bench_in_pieces_numbers_each_scenarios_runs_on(tmp_path: Path) -> None:
+    out = tmp_path / "service.jsonl"
+    assert runs_so_far(out) == {}
+    lines = [
+        {"scenario": {"name": "kvstore-1g-1cpu-precopy"}, "repetition": 1},
+        {"scenario": {"name": "kvstore-1g-1cpu-precopy"}, "repetition": 5},
+        {"scenario": {"name": "kvstore-1g-1cpu-postcopy1"}, "repetition": 2},
+        {"scenario": "not a scenario", "repetition": 9},
+    ]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert runs_so_far(out) == {"kvstore-1g-1cpu-precopy": 5, "kvstore-1g-1cpu-postcopy1": 2}

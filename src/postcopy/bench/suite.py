@@ -2,8 +2,10 @@
 
 The link (and its namespaces) lives for the whole invocation; each run has its own
 limits, processes and files. Lines are appended and flushed as runs finish, so an
-interrupted bench keeps the runs it completed. SIGINT and SIGTERM interrupt the current
-run; its processes, then the link, are cleaned up before the bench exits.
+interrupted bench keeps the runs it completed, and a bench run in pieces into one file
+numbers each scenario's runs on from those already there (`make service-bench`). SIGINT
+and SIGTERM interrupt the current run; its processes, then the link, are cleaned up
+before the bench exits.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ def output_path(out: Path | None, now: dt.datetime | None = None) -> Path:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def runs_so_far(out: Path) -> dict[str, int]:
+    """The highest repetition of each scenario already in `out` (none: an empty dict)."""
+    found: dict[str, int] = {}
+    if not out.exists():
+        return found
+    for record in read_records(out):
+        scenario = record.get("scenario")
+        name = scenario.get("name") if isinstance(scenario, dict) else None
+        repetition = record.get("repetition")
+        if isinstance(name, str) and isinstance(repetition, int):
+            found[name] = max(found.get(name, 0), repetition)
+    return found
 
 
 @dataclass
@@ -76,9 +92,11 @@ def run_suite(
                 profile_prefix=out.with_suffix("") if options.profile else None,
                 wait_idle=options.wait_idle,
             )
+            before = runs_so_far(out)
             with out.open("a") as stream:
                 for scenario in scenarios:
-                    for repetition in range(1, options.repeat + 1):
+                    first = before.get(scenario.name, 0) + 1
+                    for repetition in range(first, first + options.repeat):
                         record = run_scenario(scenario, repetition, run_options)
                         stream.write(json.dumps(record) + "\n")
                         stream.flush()
