@@ -186,6 +186,9 @@ class FakeMachine:
             self._condition.wait_for(lambda: self._busy == 0)
         return time.perf_counter() - started
 
+    def quiesce_devices(self, timeout: float) -> None:
+        pass  # no devices
+
     def cont(self) -> None:
         with self._condition:
             self._running = True

@@ -272,3 +272,26 @@ def test_after_a_migration_batches_start_small_and_follow_the_guests_pace() -> N
         assert device.stats()["answered"] == 15 + 63  # every batch but the last
     finally:
         device.close()
+
+
+def test_before_the_switchover_the_guest_finishes_its_batch_and_gets_no_new_one() -> None:
+    """quiesce() (the source, just before the stop): the requests the guest holds are
+    answered here, where all its memory is, and none is handed over until resume()."""
+    queued = b"".join(kv.request(kv.GET, tag, tag) for tag in range(4, 10))
+    device = RequestDevice(None)
+    try:
+        device.load(_state(accepted=9, inbound=base64.b64encode(queued).decode()))
+        device.resume()
+        assert not device.quiesce(0.01)  # the guest still holds requests 2 and 3
+        done: list[bool] = []
+        waiter = threading.Thread(target=lambda: done.append(device.quiesce(10.0)))
+        waiter.start()
+        # the guest hands its answers over in its next exchange and gets nothing new
+        assert exchange(device, record(2, b"a") + record(3, b"b")) == []
+        waiter.join(10)
+        assert done == [True]
+        assert device.stats()["queued-requests"] == 6
+        device.resume()  # the migration failed: the guest runs on here
+        assert [reqframe.frame_id(f) for f in exchange(device)] == [4]
+    finally:
+        device.close()

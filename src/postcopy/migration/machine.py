@@ -25,6 +25,10 @@ class Machine(Protocol):
     def stop(self) -> float:
         """Take every vCPU out of KVM_RUN and keep it out; returns the seconds it took."""
 
+    def quiesce_devices(self, timeout: float) -> None:
+        """Just before the stop for the switchover: devices give the guest no new work and
+        wait (at most `timeout` s) until it has finished what it holds; cont() ends it."""
+
     def cont(self) -> None:
         """Start (or resume) every vCPU."""
 

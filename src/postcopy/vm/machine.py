@@ -104,6 +104,7 @@ class PortDevice(Protocol):
     def io(self, vcpu: KvmVcpu, exit: IoExit) -> bytes: ...
     def start(self) -> None: ...
     def pause(self) -> None: ...
+    def quiesce(self, timeout: float) -> bool: ...
     def resume(self) -> None: ...
     def save(self) -> dict[str, Any]: ...
     def load(self, state: dict[str, Any]) -> None: ...
@@ -287,6 +288,17 @@ class MicroVM(Closing):
                 events.append(("STOP", {}))
         self._emit_all(events)
         return time.perf_counter() - started
+
+    def quiesce_devices(self, timeout: float) -> None:
+        """Before a stop for a migration's switchover: every device hands the guest no new
+        work and waits until the guest has finished what it holds (all of them within
+        `timeout` s), so that no half-done work crosses to a destination where the
+        guest's memory is still missing. cont() ends it. Nothing while not running."""
+        if self._status != RunState.RUNNING:
+            return
+        deadline = time.monotonic() + timeout
+        for device in self._devices:
+            device.quiesce(max(0.0, deadline - time.monotonic()))
 
     def cont(self) -> None:
         """Start or resume every vCPU that is not done."""
