@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -306,3 +307,35 @@ def test_bad_tls_files_name_the_file(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(TlsConfigError):
         TlsServerConfig(pki.server_cert, pki.client_key).context()  # key of another cert
     assert issubclass(TlsError, HandshakeError)
+
+
+def test_a_shutdown_never_hands_ciphertext_to_a_reader(
+    pki: Pki, pool: ThreadPoolExecutor, closing: Closing
+) -> None:
+    """Pausing a migration shuts down a connection that another thread is reading. The
+    reader must see the end of the stream, not the TLS records still in the kernel's
+    buffer as raw bytes (ssl.SSLSocket.shutdown drops the TLS state first: a recovery
+    test found such bytes placed in guest RAM as pages)."""
+    source, destination = attempt(
+        "tcp:127.0.0.1:0",
+        pool,
+        closing,
+        server_tls=server(pki),
+        client_tls=TlsClientConfig(pki.ca),
+    )
+    assert isinstance(source, Connection) and isinstance(destination, Connection)
+    source.send_all([bytes(MiB)])  # zeros: any other byte read below is not our data
+    first = np.ones(4096, dtype=np.uint8)
+    destination.recv_exact_into(first.data)
+    assert not first.any()
+    destination.shutdown()
+    rest = np.zeros(MiB, dtype=np.uint8)
+    view = memoryview(rest.data).cast("B")
+    read = 0
+    with contextlib.suppress(OSError):  # ConnectionClosed, or the TLS layer's own error
+        while read < MiB:
+            count = destination.recv_into(view[read:])
+            if count == 0:
+                break
+            read += count
+    assert not rest.any(), f"{np.count_nonzero(rest)} non-zero bytes after the shutdown"

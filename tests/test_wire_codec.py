@@ -280,7 +280,11 @@ CASES: dict[str, tuple[st.SearchStrategy[Message], Direction, tuple[Message, ...
         TO_LISTENING,
     ),
     "PostcopyComplete": (st.just(PostcopyComplete()), Direction.MAIN, TO_RUNNING),
-    "ResumeRequest": (st.just(ResumeRequest()), Direction.MAIN, TO_RUNNING),
+    "ResumeRequest": (
+        st.builds(ResumeRequest, st.binary(min_size=16, max_size=16), st.integers(1, 2**32 - 1)),
+        Direction.MAIN,
+        TO_RUNNING,
+    ),
     "RecvBitmapRequest": (
         st.integers(0, len(BLOCKS) - 1).map(RecvBitmapRequest),
         Direction.MAIN,
@@ -964,7 +968,7 @@ def test_recovery_continues_on_a_new_connection() -> None:
         pass
     decoder.new_connection()
     resumed: list[Message] = [
-        ResumeRequest(),
+        ResumeRequest(bytes(range(16)), 1),
         RecvBitmapRequest(0),
         PostcopyResume(),
         PostcopyComplete(),
@@ -972,6 +976,38 @@ def test_recovery_continues_on_a_new_connection() -> None:
     decoder.receive_data(frames(Direction.MAIN, resumed))
     assert [decoder.next_event() for _ in resumed] == resumed
     assert decoder.state.state is IncomingState.END
+
+
+def test_resume_request_layout_and_a_resumed_stream_context() -> None:
+    """RESUME_REQUEST: the 16-byte migration id, then the epoch; a recovery connection's
+    context starts in RUNNING without a Handshake, even if the old stream had ended."""
+    request = ResumeRequest(bytes(range(16)), 0x01020304)
+    frame = Encoder(Direction.MAIN, blocks=BLOCKS).encode(request)
+    assert frame == bytes([0x0C, 0, 0, 0, 0, 0, 0, 20]) + bytes(range(16)) + b"\x01\x02\x03\x04"
+    context = StreamContext(Direction.MAIN, blocks=BLOCKS, resumed=True)
+    assert context.state.state is IncomingState.RUNNING
+    assert context.parse_payload(parse_frame_header(frame[:8]), frame[8:]) == request
+    for message in (RecvBitmapRequest(0), PostcopyResume()):
+        encoded = Encoder(Direction.MAIN, blocks=BLOCKS).encode(message)
+        context.parse_payload(parse_frame_header(encoded[:8]), encoded[8:])
+    with pytest.raises(ProtocolError, match="Handshake is illegal"):
+        handshake = Encoder(Direction.MAIN).encode(Handshake(frozenset(), BLOCKS, 1))
+        context.parse_payload(parse_frame_header(handshake[:8]), handshake[8:])
+
+
+@pytest.mark.parametrize(
+    ("migration_id", "epoch", "field"),
+    [
+        (bytes(15), 1, "ResumeRequest.migration_id"),
+        ("x" * 16, 1, "ResumeRequest.migration_id"),
+        (bytes(16), 0, "ResumeRequest.epoch"),
+        (bytes(16), 2**32, "ResumeRequest.epoch"),
+    ],
+)
+def test_resume_request_fields_are_checked(migration_id: object, epoch: int, field: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        ResumeRequest(migration_id, epoch)  # type: ignore[arg-type]
+    assert caught.value.field == field
 
 
 # -- the error type ----------------------------------------------------------------------------

@@ -125,7 +125,12 @@ def valid_main(rng: random.Random) -> list[Message]:
     state = DeviceState(rng.randbytes(rng.randint(0, 100)))
     messages.append(Package((state, Run())) if rng.random() < 0.8 else Run())
     messages += runs()
-    messages += maybe(0.2, ResumeRequest(), RecvBitmapRequest(rng.randrange(3)), PostcopyResume())
+    messages += maybe(
+        0.2,
+        ResumeRequest(rng.randbytes(16), rng.randint(1, 2**32 - 1)),
+        RecvBitmapRequest(rng.randrange(3)),
+        PostcopyResume(),
+    )
     return [*messages, *maybe(0.3, Ping(7)), PostcopyComplete()]
 
 

@@ -154,6 +154,33 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "verify_ok": verify.get("ok"),
         **_cpu_figures(record, dst.get("x-bytes-received")),
         **service_figures(record),
+        **_recovery_figures(record, run),
+    }
+
+
+def _recovery_figures(record: dict[str, Any], run: Run) -> dict[str, Any]:
+    """A -cut scenario: where the link broke, how long the migration stayed paused, how
+    long a reconnect took to be active again, and what crossed twice."""
+    src, dst = run.source, run.destination
+    if not src.get("x-pauses") and "cut" not in record:
+        return {}
+    connected = run.first("source", tp.RECOVER_CONNECT)
+    resumed = [float(e["t"]) for e in run.events_of("source", tp.RESUMED)]
+    after = [t for t in resumed if connected is not None and t >= connected]
+    cut = record.get("cut") or {}
+    return {
+        "cut_frame_type": cut.get("frame_type"),
+        "cut_frame_offset": cut.get("frame_offset"),
+        "pauses": src.get("x-pauses"),
+        "recoveries": src.get("x-recoveries"),
+        "recovery_attempts": src.get("x-recovery-attempts"),
+        "paused_ms": src.get("x-paused-ms"),
+        "reconnect_to_active_ms": (
+            round((after[0] - connected) * 1000, 1) if after and connected is not None else None
+        ),
+        "recovery_resent_pages": src.get("x-recovery-resent-pages"),
+        "pending_pages_at_resume": dst.get("x-pending-pages"),
+        "pending_pages_served_ms": dst.get("x-pending-pages-ms"),
     }
 
 

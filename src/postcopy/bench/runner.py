@@ -18,6 +18,8 @@ derives the figures, ratios and target verdicts from it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -36,6 +38,7 @@ from postcopy.bench.cleanup import Cleanup
 from postcopy.bench.libvirt import POLL_SECONDS, LibvirtSwitch
 from postcopy.bench.limits import measure_limits
 from postcopy.bench.link import Link, Side
+from postcopy.bench.linkproxy import Cut, LinkProxy
 from postcopy.bench.procinfo import (
     host_cpu_times,
     host_cpu_usage,
@@ -60,6 +63,7 @@ from postcopy.tools.watch import (
     watch_until_final,
 )
 from postcopy.transport import AuthConfig
+from postcopy.wire import FrameType
 
 # 2: limits.fill_rate is the first (fresh-memory) pass; warm_fill_rate added
 # 3: the migration as a run record ("run", postcopy/tools/runfile.py) instead of "series",
@@ -361,7 +365,8 @@ def _migrate(
                 **{"migrate-mono": started},
             )
         )
-        source.qmp.execute("migrate", {"uri": uri})
+        proxy = _cut_link(scenario, link, uri, cleanup)
+        source.qmp.execute("migrate", {"uri": proxy.uri if proxy is not None else uri})
         interval = options.poll_interval
         switch: LibvirtSwitch | None = None
         if scenario.switch_at_sync_count is not None:
@@ -399,6 +404,9 @@ def _migrate(
         record["wall_seconds"] = round(time.monotonic() - started, 4)
         if switch is not None:
             record["switch"] = switch.as_json()
+        if proxy is not None:
+            with contextlib.suppress(TimeoutError):
+                record["cut"] = dataclasses.asdict(proxy.wait_cut(0))
         record["cpu"] = _cpu_usage(
             vms,
             cpu_before,
@@ -441,6 +449,18 @@ def _migrate(
         for vm in vms:
             vm.quit()
         record["exit_codes"] = {vm.name: vm.process.returncode for vm in vms}
+
+
+def _cut_link(scenario: Scenario, link: Link, uri: str, cleanup: Cleanup) -> LinkProxy | None:
+    """For a -cut scenario: the proxy the source migrates through, its cut armed."""
+    if not scenario.cut:
+        return None
+    if link.source.namespace is not None:
+        raise RunError("a -cut scenario runs on the loopback link (its proxy is on loopback)")
+    proxy = LinkProxy(uri)
+    cleanup.push("link proxy", proxy.close)
+    proxy.arm(Cut(frame=FrameType.PACKAGE, offset=scenario.cut_after, clip=False))
+    return proxy
 
 
 def run_scenario(scenario: Scenario, repetition: int, options: RunOptions) -> dict[str, Any]:

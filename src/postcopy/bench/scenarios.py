@@ -1,7 +1,7 @@
 """Benchmark scenarios: what one run migrates and how, named so the name says it all.
 
 A scenario name is
-`<guest>-<ram>-<N>cpu-<mode>[-libvirt][-preempt][-cpl0][-<backend>][-minor]`,
+`<guest>-<ram>-<N>cpu-<mode>[-libvirt][-preempt][-cpl0][-<backend>][-minor][-cut]`,
 for example `memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy
 after one precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the
 start), `postcopyN` (postcopy after N precopy rounds); `-libvirt` makes that switch as a
@@ -13,7 +13,11 @@ QEMU's own test guest (a guest that touches memory ~200x slower). The RAM backen
 private anonymous memory unless `-memfd` (a shmem memfd), `-hugetlb` (a hugetlb memfd,
 2 MiB pages) or `-hugetlbfs` (a file on a hugetlbfs mount the bench makes); the bench
 takes the huge pages from the pool for the run and gives them back. `-minor` puts the
-destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends). A
+destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends).
+`-cut` is postcopy recovery: the link goes through a proxy (bench/linkproxy.py) that
+resets every connection `cut_after` bytes (16 MiB; a TOML `cut_after` changes it) into
+the push that follows the switchover, and the source reconnects by itself
+(x-postcopy-auto-recover); loopback only. A
 kvstore scenario also runs the service under load through the migration
 (postcopy.bench.service.DEFAULT_LOAD; a TOML `load` table changes it). Any name of that
 form is a scenario; the grid
@@ -47,11 +51,12 @@ DEFAULT_GUEST_PARAMS: dict[str, dict[str, int]] = {"randwrite": {"working_set_pp
 # precopy of a guest that dirties everything never converges; bound the rounds so a
 # precopy-only run ends (with the forced stop's downtime, which is what it measures)
 DEFAULT_PARAMETERS: dict[str, Any] = {"x-max-rounds": 5}
+CUT_AFTER = 16 << 20  # -cut: bytes of the postcopy push before the link is reset
 
 NAME = re.compile(
     r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
     r"(?P<mode>precopy|postcopy\d+)(?P<libvirt>-libvirt)?(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?"
-    r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<minor>-minor)?$"
+    r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<minor>-minor)?(?P<cut>-cut)?$"
 )
 
 
@@ -77,6 +82,8 @@ class Scenario:
     load: Mapping[str, Any] = field(default_factory=dict)  # kvstore: the service's load
     backend: str = "ram"  # ram, memfd, memfd-hugetlb, hugetlbfs (a file on a mount)
     minor: bool = False  # the destination in minor-fault mode
+    cut: bool = False  # the link is reset in postcopy, and the migration recovers
+    cut_after: int = CUT_AFTER  # bytes of the push after the PACKAGE before the cut
 
     @property
     def hugetlb(self) -> bool:
@@ -104,6 +111,8 @@ class Scenario:
     @property
     def migration_parameters(self) -> dict[str, Any]:
         merged = {**DEFAULT_PARAMETERS, **self.parameters}
+        if self.cut:
+            merged["x-postcopy-auto-recover"] = True
         if self.postcopy_after_rounds is not None:
             merged["x-postcopy-after-rounds"] = (
                 -1 if self.switch_by_tool else self.postcopy_after_rounds
@@ -143,6 +152,7 @@ class Scenario:
             **({"load": dict(self.load)} if self.load else {}),
             "backend": self.backend,
             "minor": self.minor,
+            **({"cut_after": self.cut_after} if self.cut else {}),
         }
 
 
@@ -152,7 +162,7 @@ def parse_name(name: str) -> Scenario:
         raise ScenarioError(
             f"{name!r} is not a scenario name: expected "
             "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-libvirt][-preempt][-cpl0]"
-            "[-memfd|-hugetlb|-hugetlbfs][-minor], "
+            "[-memfd|-hugetlb|-hugetlbfs][-minor][-cut], "
             "e.g. memtouch-1g-1cpu-postcopy1"
         )
     guest = match.group("guest")
@@ -173,6 +183,9 @@ def parse_name(name: str) -> Scenario:
         raise ScenarioError(
             f"{name!r}: -minor needs a postcopy mode and a memfd or hugetlb backend"
         )
+    cut = match.group("cut") is not None
+    if cut and after is None:
+        raise ScenarioError(f"{name!r}: -cut needs a postcopy mode (the link breaks in it)")
     ram = parse_size(match.group("ram"))
     if backend in ("memfd-hugetlb", "hugetlbfs") and ram % (2 << 20):
         raise ScenarioError(f"{name!r}: RAM on huge pages must be a multiple of 2 MiB")
@@ -192,6 +205,7 @@ def parse_name(name: str) -> Scenario:
         load=dict(DEFAULT_LOAD) if guest == "kvstore" else {},
         backend=backend,
         minor=minor,
+        cut=cut,
     )
 
 
@@ -306,7 +320,21 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         load=load,
         backend=base.backend,
         minor=base.minor,
+        cut=base.cut,
+        cut_after=_cut_after(entry, base, path),
     )
+
+
+def _cut_after(entry: dict[str, Any], base: Scenario, path: Path) -> int:
+    if "cut_after" not in entry:
+        return base.cut_after
+    value = entry["cut_after"]
+    if not base.cut or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ScenarioError(
+            f"{path}: scenario {entry.get('name')!r}: cut_after must be a byte count >= 0 "
+            "on a -cut scenario"
+        )
+    return value
 
 
 def default_scenario_dirs() -> list[Path]:

@@ -288,6 +288,27 @@ def cpu_lines(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def recovery_line(record: dict[str, Any]) -> str | None:
+    """A -cut run: where the link broke and what the recovery cost."""
+    figures = record.get("figures") or {}
+    if figures.get("pauses") is None:
+        return None
+    frame = figures.get("cut_frame_type")
+    where = (
+        f"cut {figures.get('cut_frame_offset')} bytes into a frame of type {frame:#04x}"
+        if isinstance(frame, int)
+        else "cut"
+    )
+    return (
+        f"{record.get('run_id')}: {where}; paused {figures.get('pauses')} time(s), "
+        f"{figures.get('paused_ms')} ms; reconnect to postcopy-active "
+        f"{figures.get('reconnect_to_active_ms')} ms; {figures.get('recovery_resent_pages')} "
+        f"pages sent again; {figures.get('pending_pages_at_resume')} pending requests served "
+        f"{figures.get('pending_pages_served_ms')} ms after the resume; blocktime "
+        f"{figures.get('blocktime_ms')} ms"
+    )
+
+
 def _limits_line(record: dict[str, Any]) -> str | None:
     limits = record.get("limits") or {}
     if not limits:
@@ -338,6 +359,9 @@ def print_summary(
         for comparison in comparison_lines(records):
             console.print(comparison)
     for record in records:
+        recovery = recovery_line(record)
+        if recovery:
+            console.print(f"  {recovery}", highlight=False)
         limits = _limits_line(record)
         if limits and wide:
             console.print(f"  {limits}", highlight=False)

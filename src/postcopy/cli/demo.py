@@ -1,5 +1,10 @@
 """`postcopy demo`: one whole postcopy migration on this machine, shown and verified.
 
+With --cut-link the link goes through a proxy that breaks it (a TCP reset of every
+connection) in the middle of postcopy: both sides pause, keeping every page, the source
+reconnects by itself (x-postcopy-auto-recover) and the migration goes on from what the
+destination has received.
+
 It starts two `postcopy vm run` processes — a source running the memtouch guest and a
 destination waiting on a free loopback port with postcopy-ram, postcopy-preempt and
 postcopy-blocktime enabled — lets the guest make a few passes over its memory, migrates
@@ -15,6 +20,7 @@ Exit status 0 only when the migration completed and the verification passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import sys
@@ -33,6 +39,7 @@ from postcopy.units import format_bytes, parse_rate, parse_size
 
 DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
 PASSES_TIMEOUT = 60.0  # seconds for the guest to make the passes we wait for
+CUT_AFTER_PACKAGE = 4 << 20  # --cut-link: bytes of the postcopy push before the cut
 
 
 class DemoError(Exception):
@@ -60,6 +67,12 @@ def add_parser(subparsers: Any) -> None:
         metavar="RATE",
         help="cap the link, e.g. 100M (bytes per second, precopy and postcopy "
         "alike), to watch a slow migration",
+    )
+    parser.add_argument(
+        "--cut-link",
+        action="store_true",
+        help="break the link (a TCP reset) in the middle of postcopy and watch the "
+        "migration pause and recover by itself",
     )
     parser.add_argument(
         "--out",
@@ -198,6 +211,18 @@ def _demo(
             )
         return rows
 
+    proxy = None
+    if args.cut_link:
+        from postcopy.bench.linkproxy import Cut, LinkProxy
+        from postcopy.wire import FrameType
+
+        proxy = LinkProxy(uri)
+        # 4 MiB into the push that follows the PACKAGE: the guest already runs there
+        proxy.arm(Cut(frame=FrameType.PACKAGE, offset=CUT_AFTER_PACKAGE, clip=False))
+        console.print(
+            f"the link goes through a proxy on {proxy.uri}: it will reset every connection "
+            f"{format_bytes(CUT_AFTER_PACKAGE)} into postcopy"
+        )
     view = ProgressView(f"migrating to {uri}", extra_rows=guest_rows)
     live = LiveProgress(view, console)
 
@@ -222,8 +247,11 @@ def _demo(
         switch_after_rounds=1,
         max_bandwidth=bandwidth,
         max_postcopy_bandwidth=bandwidth,
+        auto_recover=args.cut_link,
     )
-    with RunWriter(run_path) as recorder:
+    if proxy is not None:
+        options.uri = proxy.uri
+    with RunWriter(run_path) as recorder, proxy or contextlib.nullcontext():
         migration = Migration(
             source_qmp,
             destination_qmp,
@@ -268,6 +296,15 @@ def _demo(
         )
 
     console.print(summary_table(outcome.source, outcome.destination))
+    if args.cut_link:
+        recoveries = outcome.source.get("x-recoveries", 0)
+        console.print(
+            f"the link was cut in postcopy: both sides paused and recovered {recoveries} "
+            f"time(s), {outcome.source.get('x-paused-ms', 0)} ms paused, "
+            f"{outcome.source.get('x-recovery-resent-pages', 0)} pages sent again"
+            if recoveries
+            else "the link was to be cut in postcopy, but the migration ended first"
+        )
     console.print(
         f"the guest kept running on the destination: {during_postcopy} passes while "
         f"its memory was still arriving (postcopy), {after} passes in all there"

@@ -26,7 +26,9 @@ PHASE_TEXT = {
     "active": "precopy: copying RAM while the guest runs",
     "device": "stop-and-copy: guest stopped, sending the last dirty pages",
     "postcopy-active": "postcopy: the guest runs on the destination, pages follow on demand",
-    "postcopy-paused": "postcopy paused: the link broke",
+    "postcopy-paused": "postcopy paused: the link broke; both sides keep every page",
+    "postcopy-recover-setup": "postcopy recovering: reconnecting to the destination",
+    "postcopy-recover": "postcopy recovering: resuming from the destination's received pages",
     "cancelling": "cancelling",
     "cancelled": "cancelled: the source VM keeps running",
     "completed": "completed",
@@ -36,6 +38,9 @@ PHASE_STYLE = {
     "active": "blue",
     "device": "yellow",
     "postcopy-active": "green",
+    "postcopy-paused": "bold yellow",
+    "postcopy-recover-setup": "yellow",
+    "postcopy-recover": "yellow",
     "completed": "bold green",
     "failed": "bold red",
     "cancelled": "bold red",
@@ -111,6 +116,15 @@ class ProgressView:
         if self.switched_at is not None:
             table.add_row("switched to postcopy", f"at {self.switched_at:.2f} s")
         table.add_row("postcopy requests", f"{int(sample.get('postcopy-requests') or 0):,}")
+        if sample.get("pauses"):
+            paused = format_duration(int(sample.get("paused-ms") or 0) / 1000)
+            table.add_row(
+                "link broken",
+                f"{sample['pauses']} time(s), {paused} paused, "
+                f"{int(sample.get('recoveries') or 0)} recovered",
+            )
+            if status.startswith("postcopy-") and status != "postcopy-active":
+                table.add_row("why", str(sample.get("error") or "-"))
         if sample.get("expected-downtime") is not None and status == "active":
             table.add_row("expected downtime", f"{sample['expected-downtime']} ms")
         if status not in FINAL_STATUSES:

@@ -57,6 +57,7 @@ class MigrateOptions:
     downtime_limit: int | None = None
     key_file: str | None = None
     poll_interval: float = 0.1
+    auto_recover: bool = False
 
     @property
     def uses_postcopy(self) -> bool:
@@ -204,6 +205,8 @@ class Migration:
             parameters["max-postcopy-bandwidth"] = options.max_postcopy_bandwidth
         if options.downtime_limit is not None:
             parameters["downtime-limit"] = options.downtime_limit
+        # a broken link pauses postcopy; with this the source reconnects by itself
+        parameters["x-postcopy-auto-recover"] = options.auto_recover
         # without --key, the source uses the key it was started with (if any), not one a
         # previous `postcopy migrate --key` left in its parameters
         parameters["x-key-file"] = (
@@ -283,6 +286,7 @@ class Migration:
             except QmpCommandError as error:
                 self.on_note(f"could not cancel: {error.desc}")
         elif interrupted and status.startswith("postcopy") and not self._postcopy_warned:
+            # postcopy-paused too: the guest runs on the destination, the source must stay
             self._postcopy_warned = True
             self.on_note(
                 "interrupted, but postcopy cannot be cancelled: the guest already "
@@ -385,6 +389,13 @@ def add_parser(subparsers: Any) -> None:
         "--key", metavar="FILE", help="authentication key file (the destination must use the same)"
     )
     parser.add_argument(
+        "--auto-recover",
+        action="store_true",
+        help="if the link breaks in postcopy (both sides pause, keeping every page), "
+        "reconnect to --to by itself, again and again with a growing delay (0.5 s up to "
+        "30 s), until the migration resumes (x-postcopy-auto-recover)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per progress sample and a final summary instead of the display",
@@ -430,6 +441,7 @@ def options_from_args(args: argparse.Namespace) -> MigrateOptions:
         downtime_limit=args.downtime_limit,
         key_file=args.key,
         poll_interval=max(args.interval, 0.01),
+        auto_recover=args.auto_recover,
     )
 
 

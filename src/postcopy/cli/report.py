@@ -151,6 +151,19 @@ def postcopy_rows(source: dict[str, Any], destination: dict[str, Any]) -> list[t
         ]
         if resent:
             rows.append(("  (and sent again on the preempt channel)", _count(resent)))
+        if source.get("x-pauses"):
+            rows += [
+                (
+                    "link broken, paused, recovered",
+                    f"{_count(source['x-pauses'])} time(s), "
+                    f"{_count(source.get('x-paused-ms'))} ms paused in all, "
+                    f"{_count(source.get('x-recoveries'))} recovered",
+                ),
+                (
+                    "  pages on their way at a cut, sent again",
+                    _count(source.get("x-recovery-resent-pages")),
+                ),
+            ]
     faults = destination.get("x-postcopy-vcpu-faults")
     latency = destination.get("x-request-latency") or {}
     requested = latency.get("count")

@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from postcopy.units import parse_size
 
 SWITCH_INTERVAL = 0.0002  # seconds
+# told to quit, the process ends within this even if a thread of its teardown is stuck (QEMU
+# quits promptly in every state; a supervisor's grace, vmchild.STOP_TIMEOUT, is 10 s)
+TEARDOWN_SECONDS = 6.0
 VERBOSE_LOG = "%(asctime)s %(name)s: %(message)s"
 
 
@@ -394,6 +399,7 @@ def run_vm(args: argparse.Namespace) -> int:
             print(f"postcopy vm run: {notice}", file=sys.stderr)
             exit_code = 1
     finally:
+        watchdog = _teardown_watchdog(lambda: exit_code, args.pidfile, pid)
         # a deliberate end: what the teardown says (a listener closed, ...) is no news
         logging.getLogger("postcopy.migration").setLevel(logging.CRITICAL)
         server.close()
@@ -407,4 +413,30 @@ def run_vm(args: argparse.Namespace) -> int:
             console_file.close()
         if args.pidfile is not None:
             _remove_pidfile(args.pidfile, pid)
+        watchdog.cancel()
     return exit_code
+
+
+def _teardown_watchdog(
+    exit_code: Callable[[], int], pidfile: Path | None, pid: int
+) -> threading.Timer:
+    """A timer that ends the process if its teardown outlasts TEARDOWN_SECONDS: it says
+    so, dumps every thread's stack (the stuck one is a bug to fix) and exits with the exit
+    status already decided; the kernel closes the fds, the uffd and the guest's RAM."""
+
+    def stuck() -> None:
+        print(
+            f"postcopy vm run: the teardown took more than {TEARDOWN_SECONDS:g} s: "
+            "exiting without it; the threads were:",
+            file=sys.stderr,
+            flush=True,
+        )
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        if pidfile is not None:
+            _remove_pidfile(pidfile, pid)
+        os._exit(exit_code() or 1)
+
+    timer = threading.Timer(TEARDOWN_SECONDS, stuck)
+    timer.daemon = True
+    timer.start()
+    return timer

@@ -1,17 +1,22 @@
 """Frames over a connection: the glue between the sans-IO codec and a transport.
 
 StreamWriter sends whole frames (several threads may share one, a lock keeps frames whole)
-and sends RAM runs straight from guest memory with one scatter-gather send.
+and sends RAM runs straight from guest memory with one scatter-gather send. `send_soon`
+is for heartbeats: it never blocks (a stuck link must not stop the thread that watches
+for one) and goes out right after the frame being sent when the channel is busy.
 StreamReader reads frames; for a RAM run it returns the checked header and the caller reads
 the page data itself, into guest RAM or a staging buffer, so no copy is made in between.
 BufferedStreamReader, for the channels of small frames on a page request's path (the return
 path, the preempt channel), takes in one receive what has arrived instead of one receive
 per header, payload and page.
+It records when the last frame arrived (`last_activity`), for the heartbeat.
 """
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +42,7 @@ class StreamWriter:
         self.connection = connection
         self._encoder = Encoder(direction)
         self._lock = threading.Lock()
+        self._soon: Message | None = None  # a heartbeat waiting for the channel
 
     def send_stream_header(self) -> None:
         self._send([self._encoder.stream_header()])
@@ -45,7 +51,36 @@ class StreamWriter:
         with self._lock:
             frame = self._encoder.encode(message)
             self.connection.send_all([frame])
+            self._send_waiting()
         return len(frame)
+
+    def send_soon(self, message: Message) -> bool:
+        """Send a small, stateless frame (PING, PONG) without blocking: at once if the
+        channel is free and the socket has room, else right after the frame another
+        thread is sending (a newer one replaces one still waiting). True if sent now."""
+        if not self._lock.acquire(blocking=False):
+            self._soon = message
+            return False
+        try:
+            try:
+                _, ready, _ = select.select([], [self.connection.fileno()], [], 0)
+            except (OSError, ValueError):
+                ready = []
+            if not ready:
+                self._soon = message
+                return False
+            frame = self._encoder.encode(message)
+            self.connection.send_all([frame])
+            return True
+        finally:
+            self._lock.release()
+
+    def _send_waiting(self) -> None:
+        """With the lock held, after a frame: the heartbeat that waited for it, if any."""
+        message, self._soon = self._soon, None
+        if message is not None:
+            frame = self._encoder.encode(message)
+            self.connection.send_all([frame])
 
     def send_ram_run(self, block_index: int, block: RamBlock, first_page: int, zero: Bitmap) -> int:
         """Send pages first_page.. of `block`: zero pages as markers, the rest from guest RAM.
@@ -85,6 +120,7 @@ class StreamWriter:
     def _send(self, buffers: list[Any]) -> None:
         with self._lock:
             self.connection.send_all(buffers)
+            self._send_waiting()
 
 
 class StreamReader:
@@ -96,6 +132,7 @@ class StreamReader:
         self.context = context
         self._header = bytearray(FRAME_HEADER_SIZE)
         self.bytes_received = 0
+        self.last_activity = time.monotonic()
 
     def read_stream_header(self) -> int:
         data = self.connection.recv_exact(STREAM_HEADER_SIZE)
@@ -108,11 +145,13 @@ class StreamReader:
         header = parse_frame_header(self._header, self.direction)
         payload = self.connection.recv_exact(header.length) if header.length else b""
         self.bytes_received += FRAME_HEADER_SIZE + header.length
+        self.last_activity = time.monotonic()
         return self.context.parse_payload(header, payload)
 
     def read_data_into(self, view: memoryview) -> None:
         self.connection.recv_exact_into(view)
         self.bytes_received += len(view)
+        self.last_activity = time.monotonic()
 
 
 class BufferedStreamReader(StreamReader):
@@ -146,11 +185,13 @@ class BufferedStreamReader(StreamReader):
         header = parse_frame_header(self._take(FRAME_HEADER_SIZE), self.direction)
         payload = self._take(header.length) if header.length else b""
         self.bytes_received += FRAME_HEADER_SIZE + header.length
+        self.last_activity = time.monotonic()
         return self.context.parse_payload(header, payload)
 
     def read_data_into(self, view: memoryview) -> None:
         self._read_into(view)
         self.bytes_received += len(view)
+        self.last_activity = time.monotonic()
 
     def _read_into(self, view: memoryview) -> None:
         """Fill `view`: first from the buffer, the rest straight from the connection."""

@@ -113,6 +113,21 @@ class Parameters:
     tls_creds: str = ""
     tls_hostname: str = ""
     announce_initial: int = 50
+    # -- postcopy recovery (docs/ARCHITECTURE.md, "Recovery"); QEMU leaves all of this to
+    # libvirt. The source reconnects by itself after a pause, to the same URI, first after
+    # x-recover-backoff-ms and then doubling up to x-recover-backoff-max-ms, for ever: a
+    # pause never gives up (neither side holds the whole guest).
+    x_postcopy_auto_recover: bool = False
+    x_recover_backoff_ms: int = 500
+    x_recover_backoff_max_ms: int = 30000
+    # the source PINGs every x-heartbeat-interval-ms (0 = no heartbeat); a side that hears
+    # nothing from its peer for x-heartbeat-timeout-ms declares the link dead, and the
+    # same figure is every socket's TCP_USER_TIMEOUT (unacknowledged data). The default
+    # lets a blip of a few seconds pass: a transient outage should never become a pause.
+    x_heartbeat_interval_ms: int = 1000
+    x_heartbeat_timeout_ms: int = 15000
+    # a recovery handshake that has not finished after this long goes back to paused
+    x_recover_timeout_ms: int = 30000
 
     _LIMITS: ClassVar[dict[str, tuple[int, int]]] = {
         "max_bandwidth": (0, 2**62),
@@ -124,6 +139,11 @@ class Parameters:
         "x_precopy_run_pages": (1, 512),
         "x_migration_thread_nice": (-20, 19),
         "announce_initial": (1, 100000),
+        "x_recover_backoff_ms": (10, 3600000),
+        "x_recover_backoff_max_ms": (10, 3600000),
+        "x_heartbeat_interval_ms": (0, 3600000),
+        "x_heartbeat_timeout_ms": (100, 3600000),
+        "x_recover_timeout_ms": (100, 3600000),
     }
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {

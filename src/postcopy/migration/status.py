@@ -19,6 +19,7 @@ class MigrationStatus(enum.Enum):
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
     POSTCOPY_RECOVER = "postcopy-recover"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -26,6 +27,22 @@ class MigrationStatus(enum.Enum):
 
 
 FINISHED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
+POSTCOPY = frozenset(
+    {
+        MigrationStatus.POSTCOPY_ACTIVE,
+        MigrationStatus.POSTCOPY_PAUSED,
+        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+        MigrationStatus.POSTCOPY_RECOVER,
+    }
+)
+"""Every status of a postcopy that has not finished (migrate_cancel is refused in all)."""
+PAUSED_OR_RECOVERING = frozenset(
+    {
+        MigrationStatus.POSTCOPY_PAUSED,
+        MigrationStatus.POSTCOPY_RECOVER_SETUP,
+        MigrationStatus.POSTCOPY_RECOVER,
+    }
+)
 
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     MigrationStatus.NONE: frozenset({MigrationStatus.SETUP, MigrationStatus.FAILED}),
@@ -44,14 +61,21 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     MigrationStatus.DEVICE: frozenset(
         {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLING}
     ),
+    # FAILED only before the destination runs the guest (then the source resumes it)
     MigrationStatus.POSTCOPY_ACTIVE: frozenset(
         {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED}
     ),
+    # QEMU: "never fail a postcopy migration; switch back to PAUSED instead". Neither side
+    # holds the whole guest any more, so no path leads from here to FAILED.
+    # RECOVER_SETUP is the source's (connecting); the destination goes PAUSED -> RECOVER.
     MigrationStatus.POSTCOPY_PAUSED: frozenset(
-        {MigrationStatus.POSTCOPY_RECOVER, MigrationStatus.FAILED}
+        {MigrationStatus.POSTCOPY_RECOVER_SETUP, MigrationStatus.POSTCOPY_RECOVER}
+    ),
+    MigrationStatus.POSTCOPY_RECOVER_SETUP: frozenset(
+        {MigrationStatus.POSTCOPY_RECOVER, MigrationStatus.POSTCOPY_PAUSED}
     ),
     MigrationStatus.POSTCOPY_RECOVER: frozenset(
-        {MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.FAILED}
+        {MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED}
     ),
     MigrationStatus.CANCELLING: frozenset({MigrationStatus.CANCELLED, MigrationStatus.FAILED}),
     MigrationStatus.COMPLETED: frozenset({MigrationStatus.SETUP}),

@@ -139,6 +139,53 @@ MOVED = TracePoint(
 COMPLETED = TracePoint(
     "completed", DESTINATION, (), "every page is in place; the migration completed", (PLOT,)
 )
+PAUSED = TracePoint(
+    "paused",
+    BOTH,
+    ("reason",),
+    "postcopy paused: a channel failed, the heartbeat heard nothing, or migrate-pause",
+)
+RESUMED = TracePoint(
+    "resumed",
+    BOTH,
+    ("epoch", "paused_ms"),
+    "postcopy resumed on a new connection (its epoch); how long it had been paused",
+    (BENCH,),
+)
+RECOVER_WAIT = TracePoint(
+    "recover-wait",
+    SOURCE,
+    ("seconds",),
+    "paused with x-postcopy-auto-recover: the next reconnect comes after this delay",
+)
+RECOVER_CONNECT = TracePoint(
+    "recover-connect",
+    SOURCE,
+    ("epoch",),
+    "reconnected: RESUME_REQUEST with this epoch and the RECV_BITMAP_REQUESTs are sent",
+    (BENCH,),
+)
+BITMAPS = TracePoint(
+    "bitmaps",
+    SOURCE,
+    ("missing", "resent"),
+    "every block's received bitmap is in: pages still to send, of them sent before already",
+)
+RECOVER_LISTEN = TracePoint(
+    "recover-listen", DESTINATION, ("uri",), "migrate-recover: reconnects are taken here"
+)
+RECOVER_ACCEPT = TracePoint(
+    "recover-accept",
+    DESTINATION,
+    ("epoch",),
+    "a reconnect of this migration (its id, a new epoch) is taken: postcopy-recover",
+)
+PENDING_SERVED = TracePoint(
+    "pending-served",
+    DESTINATION,
+    ("pages", "ms"),
+    "every page requested before a resume has arrived, this long after the resume",
+)
 
 TRACE_POINTS: tuple[TracePoint, ...] = (
     STATUS,
@@ -161,6 +208,14 @@ TRACE_POINTS: tuple[TracePoint, ...] = (
     RUNSTATE,
     MOVED,
     COMPLETED,
+    PAUSED,
+    RESUMED,
+    RECOVER_WAIT,
+    RECOVER_CONNECT,
+    BITMAPS,
+    RECOVER_LISTEN,
+    RECOVER_ACCEPT,
+    PENDING_SERVED,
 )
 CATALOGUE: dict[str, TracePoint] = {point.name: point for point in TRACE_POINTS}
 # the keys every entry has, whatever its trace point

@@ -22,8 +22,9 @@ from postcopy.migration.incoming import IncomingMigration
 from postcopy.migration.outgoing import MigrationError, OutgoingMigration
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
 from postcopy.migration.shared import SharedClients
-from postcopy.migration.status import FINISHED, MigrationStatus
+from postcopy.migration.status import FINISHED, POSTCOPY, MigrationStatus
 from postcopy.qmp.errors import QmpError
+from postcopy.qmp.recovery import migrate_resume, register_recovery_commands
 from postcopy.qmp.server import QmpServer
 from postcopy.transport import (
     AuthConfig,
@@ -103,6 +104,7 @@ class VmMonitor:
             "migrate-incoming", self.migrate_incoming, args={"uri": str, "exit-on-error?": bool}
         )
         register("migrate_cancel", self.migrate_cancel)
+        register_recovery_commands(self)
         register("migrate-start-postcopy", self.migrate_start_postcopy)
         register("query-migrate", self.query_migrate)
         register(
@@ -185,7 +187,8 @@ class VmMonitor:
 
     def migrate(self, args: dict[str, Any]) -> None:
         if args.get("resume"):
-            raise QmpError("postcopy recovery (resume) is not implemented yet")
+            migrate_resume(self, args["uri"])
+            return
         if args.get("blk") or args.get("inc"):
             raise QmpError("block migration is not supported")
         try:
@@ -311,8 +314,8 @@ class VmMonitor:
 
     def migrate_cancel(self, args: dict[str, Any]) -> None:
         if self.outgoing is not None:
-            if self.outgoing.status.value == MigrationStatus.POSTCOPY_ACTIVE:
-                raise QmpError("Postcopy is already in progress; it cannot be cancelled")
+            if self.outgoing.status.value in POSTCOPY:
+                raise QmpError("Postcopy migration in progress, cannot cancel.")
             self.outgoing.cancel()
 
     def migrate_start_postcopy(self, args: dict[str, Any]) -> None:

@@ -54,6 +54,10 @@ SAMPLE_SOURCE_FIELDS = {
     "pages-requested": ("ram", "x-pages-requested"),
     "rounds": (None, "x-rounds"),
     "expected-downtime": (None, "expected-downtime"),
+    "pauses": (None, "x-pauses"),
+    "recoveries": (None, "x-recoveries"),
+    "paused-ms": (None, "x-paused-ms"),
+    "error": (None, "error-desc"),
 }
 SAMPLE_DESTINATION_FIELDS = {
     "destination-status": "status",

@@ -83,11 +83,19 @@ class StreamContext:
     `parse_payload` for every frame; `Decoder` is built on the same object.
     """
 
-    def __init__(self, direction: Direction, *, blocks: Sequence[BlockInfo] | None = None) -> None:
+    def __init__(
+        self,
+        direction: Direction,
+        *,
+        blocks: Sequence[BlockInfo] | None = None,
+        resumed: bool = False,
+    ) -> None:
+        """`resumed` (main stream): a recovery connection's stream, which carries on a
+        postcopy whose guest runs (no Handshake; the state starts at RUNNING)."""
         self.direction = direction
         self._blocks = own_blocks(blocks)
         self._target_page_size: int | None = None
-        self._state = IncomingStateMachine() if direction is Direction.MAIN else None
+        self._state = IncomingStateMachine(resumed=resumed) if direction is Direction.MAIN else None
         self.last_req_block: int | None = None
 
     @property

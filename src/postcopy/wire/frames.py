@@ -147,7 +147,12 @@ _MAINSPECS: Final = [
         (FrameType.RUN, Run, 0, 0),
         (FrameType.PACKAGE, Package, FRAME_HEADER_SIZE, MAX_PAYLOAD),
         (FrameType.POSTCOPY_COMPLETE, PostcopyComplete, 0, 0),
-        (FrameType.RESUME_REQUEST, ResumeRequest, 0, 0),
+        (
+            FrameType.RESUME_REQUEST,
+            ResumeRequest,
+            layout.RESUME_REQUEST.size,
+            layout.RESUME_REQUEST.size,
+        ),
         (FrameType.RECV_BITMAP_REQUEST, RecvBitmapRequest, 2, 2),
         (FrameType.POSTCOPY_RESUME, PostcopyResume, 0, 0),
         # QEMU's MIG_CMD_PING: the source learns the destination got this far (the answer,

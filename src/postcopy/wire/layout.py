@@ -11,6 +11,7 @@ from typing import Final
 
 from postcopy.wire.messages import (
     FRAME_HEADER_SIZE,
+    MIGRATION_ID_BYTES,
     RAM_RUN_FIXED_PAYLOAD,
     RECV_BITMAP_FIXED_PAYLOAD,
 )
@@ -26,6 +27,7 @@ DISCARD_RANGE: Final = struct.Struct(">QQ")
 REQ_PAGES_NAMED: Final = struct.Struct(">HQI")
 REQ_PAGES: Final = struct.Struct(">QI")
 RECV_BITMAP: Final = struct.Struct(">HQ")
+RESUME_REQUEST: Final = struct.Struct(">16sI")
 HANDSHAKE_HEAD: Final = struct.Struct(">II")
 BLOCK_TAIL: Final = struct.Struct(">QI")
 U8: Final = struct.Struct(">B")
@@ -34,6 +36,7 @@ U32: Final = struct.Struct(">I")
 
 assert RAM_RUN.size == RAM_RUN_FIXED_PAYLOAD
 assert RECV_BITMAP.size == RECV_BITMAP_FIXED_PAYLOAD
+assert RESUME_REQUEST.size == MIGRATION_ID_BYTES + 4
 assert FRAME_HEADER.size == FRAME_HEADER_SIZE
 assert STREAM_HEADER.size == STREAM_HEADER_SIZE
 

@@ -47,6 +47,8 @@ MAX_CAPABILITY_NAME_BYTES: Final = 64
 MAX_BACKEND_NAME_BYTES: Final = 32
 MAX_GUEST_BYTES: Final = 255
 MAX_SHUT_REASON_BYTES: Final = 1024
+MIGRATION_ID_BYTES: Final = 16
+"""ResumeRequest's migration id: the transport session id of the first main connection."""
 U16_MAX: Final = (1 << 16) - 1
 U32_MAX: Final = (1 << 32) - 1
 U64_MAX: Final = (1 << 64) - 1
@@ -520,7 +522,28 @@ class PostcopyComplete:
 
 @dataclass(frozen=True, slots=True)
 class ResumeRequest:
-    """Recovery: after a reconnect, the source asks to resume a paused postcopy."""
+    """Recovery: after a reconnect, the source asks to resume a paused postcopy.
+
+    `migration_id` names the migration (the session id of its first main connection) and
+    `epoch` counts the source's reconnects (1, 2, ...): the destination takes only its own
+    migration's, and only an epoch above every earlier one (a late stale attempt cannot
+    take over a newer one)."""
+
+    migration_id: bytes
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.migration_id, bytes):
+            raise ProtocolError(
+                "ResumeRequest.migration_id", type(self.migration_id).__name__, "is not bytes"
+            )
+        if len(self.migration_id) != MIGRATION_ID_BYTES:
+            raise ProtocolError(
+                "ResumeRequest.migration_id",
+                len(self.migration_id),
+                f"bytes; a migration id is {MIGRATION_ID_BYTES}",
+            )
+        _set(self, "epoch", _integer("ResumeRequest", "epoch", self.epoch, 1, U32_MAX))
 
 
 @dataclass(frozen=True, slots=True)

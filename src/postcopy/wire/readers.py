@@ -255,6 +255,13 @@ def _read_package(ctx: StreamContext, flags: int, payload: bytes | memoryview) -
     return Package(tuple(messages))
 
 
+def _read_resume_request(
+    ctx: StreamContext, flags: int, payload: bytes | memoryview
+) -> ResumeRequest:
+    migration_id, epoch = layout.RESUME_REQUEST.unpack(payload)
+    return ResumeRequest(migration_id, epoch)
+
+
 def _read_recv_bitmap_request(
     ctx: StreamContext, flags: int, payload: bytes | memoryview
 ) -> RecvBitmapRequest:
@@ -323,7 +330,7 @@ READERS: Final[dict[FrameType, Read]] = {
     FrameType.RUN: _read_empty(Run),
     FrameType.PACKAGE: _read_package,
     FrameType.POSTCOPY_COMPLETE: _read_empty(PostcopyComplete),
-    FrameType.RESUME_REQUEST: _read_empty(ResumeRequest),
+    FrameType.RESUME_REQUEST: _read_resume_request,
     FrameType.RECV_BITMAP_REQUEST: _read_recv_bitmap_request,
     FrameType.POSTCOPY_RESUME: _read_empty(PostcopyResume),
     FrameType.REQ_PAGES: _read_req_pages,

@@ -122,9 +122,11 @@ def _event_type(message: object) -> type:
 class IncomingStateMachine:
     """The destination's PostcopyState, advanced by every main-stream message it receives."""
 
-    def __init__(self) -> None:
-        self._state = IncomingState.NONE
-        self._handshake_seen = False
+    def __init__(self, *, resumed: bool = False) -> None:
+        """`resumed`: the machine of a recovery connection, which carries on a stream whose
+        guest runs: it starts in RUNNING, its Handshake long seen (docs/PROTOCOL.md §4.11)."""
+        self._state = IncomingState.RUNNING if resumed else IncomingState.NONE
+        self._handshake_seen = resumed
 
     @property
     def state(self) -> IncomingState:

@@ -27,6 +27,7 @@ from postcopy.wire.messages import (
     RecvBitmap,
     RecvBitmapRequest,
     ReqPages,
+    ResumeRequest,
     Shut,
 )
 
@@ -113,6 +114,10 @@ def _write_package(encoder: Encoder, message: Package) -> tuple[int, bytes]:
     return 0, b"".join(parts)
 
 
+def _write_resume_request(encoder: Encoder, message: ResumeRequest) -> tuple[int, bytes]:
+    return 0, layout.RESUME_REQUEST.pack(message.migration_id, message.epoch)
+
+
 def _write_recv_bitmap_request(encoder: Encoder, message: RecvBitmapRequest) -> tuple[int, bytes]:
     return 0, layout.U16.pack(message.block)
 
@@ -150,7 +155,7 @@ WRITERS: Final[dict[FrameType, Write]] = {
     FrameType.RUN: _write_empty,
     FrameType.PACKAGE: _write_package,
     FrameType.POSTCOPY_COMPLETE: _write_empty,
-    FrameType.RESUME_REQUEST: _write_empty,
+    FrameType.RESUME_REQUEST: _write_resume_request,
     FrameType.RECV_BITMAP_REQUEST: _write_recv_bitmap_request,
     FrameType.POSTCOPY_RESUME: _write_empty,
     FrameType.REQ_PAGES: _write_req_pages,

@@ -14,6 +14,10 @@ Owns the incoming migration's state and the threads that read the stream:
 - `preempt` (with postcopy-preempt): a second receiver for the urgent pages of the
   preempt channel, placed with the same `PagePlacer`.
 
+Once the guest runs, a broken link pauses instead of failing: the receiver waits in
+recovery.py (`DestinationRecovery`) until a reconnect has resumed the migration, then goes
+on with the new stream; each connection's receivers know its generation.
+
 The GIL rule: once RAM is registered, no Python code here reads or writes guest RAM; only
 ioctls (which release the GIL) and socket reads into the staging buffer touch pages.
 """
@@ -29,29 +33,36 @@ from typing import Any
 
 import numpy as np
 
-from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import Feature, UserfaultFd
 from postcopy.migration import failures, globalstate
 from postcopy.migration.backends import BackendUnsupported, features_for
 from postcopy.migration.base import EventSink, MigrationBase
-from postcopy.migration.channel import BufferedStreamReader, StreamReader, StreamWriter
-from postcopy.migration.hops import URGENT, HopLog
+from postcopy.migration.channel import StreamReader, StreamWriter
+from postcopy.migration.hops import HopLog
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
-from postcopy.migration.incoming.placement import HugePagePlacement, Placement, placement_for
+from postcopy.migration.incoming.placement import (
+    HugePagePlacement,
+    Placement,
+    check_huge_page_pool,
+    placement_for,
+)
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
+from postcopy.migration.incoming.preempt import PreemptReceivers
+from postcopy.migration.incoming.recovery import DestinationRecovery
 from postcopy.migration.incoming.strangers import Door, RefusalCounter
 from postcopy.migration.incoming.swap import RamSwap, can_swap_ram, register_for_swap
 from postcopy.migration.machine import Machine
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.prefault import Prefaulter
-from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
+from postcopy.migration.recovery import HEARTBEAT_PING, watch_link
+from postcopy.migration.scheduling import set_thread_nice
 from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
-from postcopy.migration.status import FINISHED, MigrationStatus
-from postcopy.ram import RamBlock, runs
+from postcopy.migration.status import FINISHED, PAUSED_OR_RECOVERING, POSTCOPY, MigrationStatus
+from postcopy.ram import runs
 from postcopy.transport import (
     AuthConfig,
     Connection,
@@ -65,7 +76,6 @@ from postcopy.wire import (
     Advise,
     BlockInfo,
     DeviceState,
-    Direction,
     Discard,
     EndOfRound,
     Handshake,
@@ -79,7 +89,6 @@ from postcopy.wire import (
     RamRunHeader,
     Run,
     Shut,
-    StreamContext,
     backend_mismatch,
 )
 
@@ -120,7 +129,6 @@ class IncomingMigration(MigrationBase):
         self.guest = guest  # the guest this destination expects ("" = any)
         # peers dropped in their handshake (x-refused-connections)
         self._refused = RefusalCounter(lambda: self.bound_uri or self.uri)
-        self._door = Door()
         self.peer_capabilities: frozenset[str] = frozenset()
         ram = list(machine.ram)
         self._ram = ram
@@ -129,13 +137,13 @@ class IncomingMigration(MigrationBase):
         self.blocktime = BlocktimeTracker(machine.vcpu_count, clock)
         self.hops = HopLog(clock)  # the requests' hops, for x-request-hops
         self.uffd: UserfaultFd | None = None
-        self._listener: Listener | None = None
-        self._main: Connection | None = None
-        self._preempt: Connection | None = None
-        self._return: StreamWriter | None = None
-        self._placer: PagePlacer | None = None  # from LISTEN on
+        self.listener: Listener | None = None
+        self.main: Connection | None = None
+        self.preempt_connection: Connection | None = None
+        self.return_writer: StreamWriter | None = None
+        self.placer: PagePlacer | None = None  # from LISTEN on
         self._placements: list[Placement] = []  # from LISTEN on, one per block
-        self._faults: FaultThread | None = None  # from LISTEN on
+        self.faults: FaultThread | None = None  # from LISTEN on
         self._shared = shared  # other processes mapping guest RAM (vhost-user's part)
         self._staging = Mapping.anonymous(staging_bytes(ram))
         self._prefaulter: Prefaulter | None = None  # precopy only: see _receive_run
@@ -151,20 +159,34 @@ class IncomingMigration(MigrationBase):
         self.rounds = 0
         self.bound_uri: str | None = None
         self._receiver_done = threading.Event()
+        # this side's RAM as the handshake declares it, backends included
+        self.block_infos = tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
+        self.door = Door(self.block_infos)
+        self.recovery: DestinationRecovery | None = None  # from RUN on
+        self.source_heartbeats = False
+        self._reader: StreamReader | None = None  # the first main stream's
+        self.preempt = PreemptReceivers(self)  # with postcopy-preempt
+
+    # -- for recovery.py and preempt.py ----------------------------------------------------
+
+    def refused(self, error: Exception) -> None:
+        """A peer refused (x-refused-connections): a stranger, or a reconnect that is not
+        this migration's."""
+        self._refused(error)
 
     # -- control -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Listen (errors surface here, synchronously), then accept on a thread."""
-        self._listener = listen(
+        self.listener = listen(
             self.uri,
             auth=self.auth,
             tls=self.tls,
             allow_insecure_network=self.allow_insecure_network,
             on_refused=self._refused,
-            vet=self._door.vet,
+            vet=self.door.vet,
         )
-        self.bound_uri = str(self._listener.uri)
+        self.bound_uri = str(self.listener.uri)
         thread = threading.Thread(target=self._run, name="incoming", daemon=True)
         self._threads.append(thread)
         thread.start()
@@ -173,11 +195,11 @@ class IncomingMigration(MigrationBase):
         self._receiver_done.wait(timeout)
 
     def cancel(self) -> None:
-        for connection in (self._main, self._preempt):
+        for connection in (self.main, self.preempt_connection):
             if connection is not None:
                 connection.shutdown()
-        if self._listener is not None:
-            self._listener.close()
+        if self.listener is not None:
+            self.listener.close()
 
     def query(self) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.status.value.value}
@@ -190,16 +212,16 @@ class IncomingMigration(MigrationBase):
             info.update(self.blocktime.as_qmp())
         info["x-request-latency"] = self.latency.summary()
         info["x-bytes-received"] = self.bytes_received
-        faults = self._faults
+        faults = self.faults
         info["x-postcopy-requests-sent"] = faults.requests_sent if faults is not None else 0
         info["x-local-zero-faults"] = faults.local_zero_faults if faults is not None else 0
         prefaulter = self._prefaulter
         info["x-pages-prefaulted"] = self.pages_prefaulted + (
             prefaulter.pages_populated if prefaulter is not None else 0
         )
-        if self._placer is not None:
-            info["x-duplicate-pages"] = self._placer.duplicates
-            info["x-pages-placed"] = self._placer.placed_pages
+        if self.placer is not None:
+            info["x-duplicate-pages"] = self.placer.duplicates
+            info["x-pages-placed"] = self.placer.placed_pages
             info["x-pages-moved"] = self._swap.pages_moved if self._swap is not None else 0
             info["x-ram-swapped"] = self._swap_ram
             info["x-placement"] = {
@@ -211,14 +233,16 @@ class IncomingMigration(MigrationBase):
                 info["x-huge-page-placement-us"] = huge[0].placement_us()
         if faults is not None and self._shared is not None:
             info["x-shared-faults"] = faults.shared_faults
+        if self.recovery is not None:
+            info.update(self.recovery.query())
         if self.error:
             info["error-desc"] = self.error
         return info
 
     def termination_notice(self) -> str | None:
         """What ending this process now would do to the guest, or None if nothing: in
-        postcopy the guest has run here, and the pages still missing are lost with it."""
-        if self.status.value != MigrationStatus.POSTCOPY_ACTIVE:
+        postcopy (paused too) the guest has run here; the pages still missing are lost."""
+        if self.status.value not in POSTCOPY:
             return None
         return failures.destination_terminated_in_postcopy(*self._missing())
 
@@ -229,8 +253,11 @@ class IncomingMigration(MigrationBase):
         return sum(missing), size
 
     def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.stop()
         self.cancel()
         self._stop_fault_thread()
+        self.preempt.join(5)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(5)
@@ -243,17 +270,18 @@ class IncomingMigration(MigrationBase):
         for placement in self._placements:
             placement.close()
         self._staging.close()
-        if self._faults is not None:
-            self._faults.close()
+        if self.faults is not None:
+            self.faults.close()
 
     # -- receiving -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            assert self._listener is not None
-            self._main, self._return, reader, handshake = self._door.wait_for_source(
-                self._listener, self._refused
+            assert self.listener is not None
+            self.main, self.return_writer, reader, handshake = self.door.wait_for_source(
+                self.listener, self._refused
             )
+            watch_link(self.main, self.parameters)
             self.start_time = self._clock()
             self.status.move(MigrationStatus.SETUP)
             self._receive(reader, handshake)
@@ -262,11 +290,15 @@ class IncomingMigration(MigrationBase):
         finally:
             if self.end_time is None:
                 self.end_time = self._clock()
-            if self._listener is not None:
-                self._listener.close()
+            if self.listener is not None:
+                self.listener.close()
             self._receiver_done.set()
 
     def _fail(self, error: BaseException) -> None:
+        if self.status.value in PAUSED_OR_RECOVERING:
+            # closed while paused: never failed, the source still has what we lack
+            log.error("incoming postcopy closed while paused: %s", error)
+            return
         if isinstance(error, OSError | TransportError | ProtocolError):
             self.error = failures.link_error(error, "source")
         else:
@@ -274,10 +306,10 @@ class IncomingMigration(MigrationBase):
         if self.postcopy_start is not None and self.status.value not in FINISHED:
             self.error += "; " + failures.guest_lost_on_destination(*self._missing())
         log.error("incoming migration failed: %s", self.error)
-        if self._return is not None:
+        if self.return_writer is not None:
             with contextlib.suppress(OSError):
-                reason = _clip_utf8(self.error, MAX_SHUT_REASON_BYTES)
-                self._return.send(Shut(error=True, reason=reason))
+                reason = self.error.encode()[:MAX_SHUT_REASON_BYTES].decode(errors="ignore")
+                self.return_writer.send(Shut(error=True, reason=reason))
         if self.postcopy_start is not None:
             # vCPUs may sleep on missing pages: ask them to stop, then release the faults
             # (unregistering wakes them); the guest's RAM is incomplete, it must not go on.
@@ -288,7 +320,7 @@ class IncomingMigration(MigrationBase):
             self._stop_fault_thread()
             self._release_uffd()
             stopper.join(10)
-        for connection in (self._main, self._preempt):
+        for connection in (self.main, self.preempt_connection):
             if connection is not None:
                 connection.close()
         if self.status.value not in FINISHED:
@@ -297,22 +329,34 @@ class IncomingMigration(MigrationBase):
             self.status.move(MigrationStatus.FAILED)
 
     def _receive(self, reader: StreamReader, handshake: Handshake) -> None:
-        assert self._main is not None and self._return is not None
+        assert self.main is not None and self.return_writer is not None
         self._check_configuration(handshake)
         self.peer_capabilities = handshake.capabilities
         if "postcopy-preempt" in handshake.capabilities:
             # the source opens the urgent-page channel as soon as we accept the configuration
-            preempt_thread = threading.Thread(
-                target=self._preempt_receiver, name="preempt", daemon=True
-            )
-            self._threads.append(preempt_thread)
-            preempt_thread.start()
+            self.preempt.start(None, 0)
         self.status.move(MigrationStatus.ACTIVE)
         self._trace("handshake", capabilities=sorted(handshake.capabilities))
         set_thread_nice(self.parameters.x_migration_thread_nice)
         self._prefaulter = Prefaulter(
             self._ram, self.received, nice=self.parameters.x_migration_thread_nice
         )
+        generation = 0
+        self._reader = reader
+        while True:
+            try:
+                self._receive_stream(reader, generation)
+                return
+            except Exception as error:
+                recovery = self.recovery
+                if recovery is None:
+                    raise  # the guest never ran here: the migration fails
+                recovery.link_failed(failures.link_error(error, "source"), generation)
+                reader, generation = recovery.wait_resumed(generation)
+
+    def _receive_stream(self, reader: StreamReader, generation: int) -> None:
+        """Act on every message of one connection's main stream, to the end of the
+        migration (returns) or of the connection (raises)."""
         while True:
             message = reader.read()
             if isinstance(message, RamRunHeader):
@@ -320,7 +364,10 @@ class IncomingMigration(MigrationBase):
             elif isinstance(message, EndOfRound):
                 self.rounds = message.round
             elif isinstance(message, Ping):
-                self._return.send(Pong(message.value))
+                if message.value & HEARTBEAT_PING:
+                    self.source_heartbeats = True  # silence from it means a dead link
+                assert self.return_writer is not None
+                self.return_writer.send(Pong(message.value))
             elif isinstance(message, Advise):
                 self._advise(message)
             elif isinstance(message, Discard):
@@ -337,14 +384,14 @@ class IncomingMigration(MigrationBase):
             elif isinstance(message, Run):
                 self._start_guest()
             elif isinstance(message, PostcopyComplete):
-                self._complete_postcopy()
+                self._complete_postcopy(generation)
                 return
             else:
                 raise IncomingError(f"unexpected {type(message).__name__} in the main stream")
             self.bytes_received = reader.bytes_received
 
     def _check_configuration(self, handshake: Handshake) -> None:
-        mismatch = backend_mismatch(handshake.blocks, _declared(self._ram))
+        mismatch = backend_mismatch(handshake.blocks, self.block_infos)
         if mismatch is not None:
             raise IncomingError(mismatch)
         ours = [f"{b.name}:{b.length}@{b.page_size}" for b in self._ram]
@@ -398,7 +445,7 @@ class IncomingMigration(MigrationBase):
                     block.discard(header.first_page + start, length)
             received[:] = True  # before LISTEN: the prefaulter's hint is all that reads it
             return
-        assert self._placer is not None
+        assert self.placer is not None
         side = self._swap.side(header.block) if self._swap is not None else None
         if self._prefaulter is not None:  # the side mappings' (see _listen)
             self._prefaulter.advance(
@@ -407,7 +454,7 @@ class IncomingMigration(MigrationBase):
                 header.zero.size,
                 header.data_length // block.page_size,
             )
-        self._placer.receive_run(reader, header, self._staging, side)
+        self.placer.receive_run(reader, header, self._staging, side)
 
     def _stop_prefaulting(self) -> None:
         prefaulter, self._prefaulter = self._prefaulter, None
@@ -437,7 +484,7 @@ class IncomingMigration(MigrationBase):
             # no MADV_HUGEPAGE: with THP defrag "madvise", huge page faults stall on
             # compaction here and made the precopy receive erratic (0.3-1.2 GB/s)
             block.discard(0, block.pages)
-        _check_pool(self._ram)
+        check_huge_page_pool(self._ram)
         for received in self.received:
             # in place: the prefaulter (and later the placer, the fault thread and the
             # swap) hold these same arrays; a new list would leave them a stale one
@@ -498,7 +545,7 @@ class IncomingMigration(MigrationBase):
             uffd.close()
             raise IncomingError(str(error)) from None
         self.uffd = uffd
-        self._placer = PagePlacer(
+        self.placer = PagePlacer(
             uffd,
             self._ram,
             self.received,
@@ -508,12 +555,11 @@ class IncomingMigration(MigrationBase):
             self._shared,
             hops=self.hops,
         )
-        assert self._return is not None
-        self._faults = FaultThread(
+        self.faults = FaultThread(
             uffd,
             self.machine.ram,
             self.received,
-            self._return,
+            self.return_writer,
             latency=self.latency,
             blocktime=self.blocktime,
             swap=self._swap,
@@ -522,7 +568,7 @@ class IncomingMigration(MigrationBase):
             shared=self._shared,
             hops=self.hops,
         )
-        self._faults.start()
+        self.faults.start()
         if self._swap is not None:
             self._swap.start_mover()
             # pushed runs land in the side mappings: populate them ahead of the receiver
@@ -549,12 +595,22 @@ class IncomingMigration(MigrationBase):
             raise IncomingError("RUN before any device state")
         self.machine.load_state(self._device_state)
         self.postcopy_start = self._clock()
-        if self._faults is not None:
-            self._faults.set_vcpu_threads(self.machine.vcpu_thread_ids())
+        if self.faults is not None:
+            self.faults.set_vcpu_threads(self.machine.vcpu_thread_ids())
+        # from here on a broken link pauses (recovery.py) instead of failing
+        assert self.listener is not None and self.main is not None
+        self.recovery = DestinationRecovery(self, self.listener, self.main.session)
+        if self.faults is not None:
+            self.faults.on_send_failed = lambda error, generation: self.link_failed(
+                error, generation
+            )
         self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
         self._resume_as_on_the_source()
         if self._swap is not None:
             self._swap.guest_started()
+        assert self._reader is not None
+        connections = [c for c in (self.main, self.preempt_connection) if c is not None]
+        self.recovery.start(connections, self._reader)
         self._trace("run")
 
     def _resume_as_on_the_source(self) -> None:
@@ -569,41 +625,11 @@ class IncomingMigration(MigrationBase):
         if globalstate.starts_guest(runstate, self.autostart):
             self.machine.cont()
 
-    def _preempt_receiver(self) -> None:
-        assert self._listener is not None and self._main is not None
-        prefer_this_thread()
-        try:
-            self._preempt = self._listener.accept_channel(self._main.session, "preempt", 30.0)
-        except Exception as error:
-            log.error("preempt channel never came: %s", error)
-            return
-        reader = BufferedStreamReader(
-            self._preempt,
-            Direction.MAIN,
-            StreamContext(Direction.MAIN, blocks=_declared(self._ram)),
-        )
-        staging = Mapping.anonymous(staging_bytes(self._ram))
-        try:
-            reader.read_stream_header()
-            handshake = reader.read()
-            if not isinstance(handshake, Handshake):
-                raise IncomingError("the preempt channel must begin with a handshake")
-            while True:
-                header = reader.read()
-                if not isinstance(header, RamRunHeader):
-                    raise IncomingError(
-                        f"unexpected {type(header).__name__} on the preempt channel"
-                    )
-                if self._placer is None:  # assigned once, by the receiver at LISTEN
-                    raise IncomingError("urgent pages arrived before LISTEN")
-                self._placer.receive_run(reader, header, staging, None, channel=URGENT)
-        except Exception as error:
-            if self.status.value == MigrationStatus.POSTCOPY_ACTIVE and not self._all_received():
-                log.error("preempt channel: %s", error)
-        finally:
-            staging.close()
+    def link_failed(self, error: BaseException, generation: int) -> None:
+        if self.recovery is not None:
+            self.recovery.link_failed(failures.link_error(error, "source"), generation)
 
-    def _all_received(self) -> bool:
+    def all_received(self) -> bool:
         # read by the receiver (and preempt) while the receivers set bits: a bit is set
         # only after its page is placed, and after LISTEN never cleared
         return all(bool(r.all()) for r in self.received)
@@ -614,23 +640,30 @@ class IncomingMigration(MigrationBase):
         self._stop_prefaulting()
         self.machine.load_state(self._device_state)
         self._resume_as_on_the_source()
-        assert self._return is not None
-        self._return.send(Shut(error=False))
+        assert self.return_writer is not None
+        self.return_writer.send(Shut(error=False))
         if self._shared is not None:
             self._shared.end()
         self.status.move(MigrationStatus.COMPLETED)
         self._trace("completed")
 
-    def _complete_postcopy(self) -> None:
+    def _complete_postcopy(self, generation: int) -> None:
+        recovery = self.recovery
+        assert recovery is not None
+        recovery.stream_complete = True  # no more frames: the main stream's silence is normal
         # with a preempt channel the last requested pages may still be on their way
         deadline = self._clock() + 30.0
-        while not self._all_received():
+        while not self.all_received():
+            recovery.check(generation)  # a link that breaks now: pause, and wait for them
             if self._clock() > deadline:
                 missing = sum(int((~r).sum()) for r in self.received)
                 raise IncomingError(f"postcopy completed with {missing} pages never received")
             time.sleep(0.001)
-        if self._swap is not None and not self._swap.wait_moved(30.0):
-            raise IncomingError("valid precopy pages were still being moved after 30 s")
+        while self._swap is not None and not self._swap.wait_moved(0.1):
+            recovery.check(generation)
+            if self._clock() > deadline + 30.0:
+                raise IncomingError("valid precopy pages were still being moved after 30 s")
+        recovery.stop()  # from here no pause: the last steps are local, and SHUT
         self._stop_fault_thread()
         self._release_uffd()
         if self._shared is not None:
@@ -642,16 +675,16 @@ class IncomingMigration(MigrationBase):
             if block.memory_type == "anonymous":
                 block.mapping.madvise(Advice.HUGEPAGE)
         self._thp_off = False
-        assert self._return is not None
-        self._return.send(Shut(error=False))
+        assert self.return_writer is not None
+        self.return_writer.send(Shut(error=False))
         self.status.move(MigrationStatus.COMPLETED)
         self._trace("completed")
 
     def _stop_fault_thread(self) -> None:
         if self._swap is not None:
             self._swap.stop()
-        if self._faults is not None:
-            self._faults.stop()
+        if self.faults is not None:
+            self.faults.stop()
 
     def _release_uffd(self) -> None:
         if self.uffd is None:
@@ -663,26 +696,3 @@ class IncomingMigration(MigrationBase):
             except OSError:
                 log.exception("unregistering %s", block.name)
         uffd.close()
-
-
-def _clip_utf8(text: str, limit: int) -> str:
-    return text.encode()[:limit].decode(errors="ignore")
-
-
-def _declared(ram: list[RamBlock]) -> tuple[BlockInfo, ...]:
-    """This side's RAM as the handshake declares it, backends included."""
-    return tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
-
-
-def _check_pool(ram: list[RamBlock]) -> None:
-    """Emptied huge pages went back to the pool (and their reservation with them): the
-    pages the source will send must still be there to take, or a placement fails later."""
-    for size in sorted({b.page_size for b in ram if b.hugetlb}):
-        needed = sum(b.pages for b in ram if b.hugetlb and b.page_size == size)
-        total, free = hugepages_reserved(size)
-        if free < needed:
-            raise IncomingError(
-                f"the {size >> 20} MiB huge page pool has {free} free pages of {total}, the "
-                f"RAM needs {needed} (grow it: echo {total + needed - free} > "
-                f"/sys/kernel/mm/hugepages/hugepages-{size >> 10}kB/nr_hugepages)"
-            )

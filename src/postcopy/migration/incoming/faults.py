@@ -12,6 +12,12 @@ RAM backend (backends.py). A sharing process's fault is served the same way, and
 process is woken once its page is here. It runs SCHED_FIFO: it is one of the three hops
 of a page request, and it never waits or spins: a fault the kernel cannot resolve now
 (EAGAIN) is deferred to its next poll, a millisecond later at most (eagain.py).
+
+While postcopy is paused (recovery.py) there is no return path: it goes on resolving
+locally what it can, and the requests for missing pages stay pending (requested, not
+received; the vCPU sleeps in the kernel meanwhile). A send that fails reports the broken
+link and leaves its requests pending too. On resume, `resend_pending` asks for all of
+them again on the new return path: the source lost its queue with the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import errno
 import select
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,7 +42,7 @@ from postcopy.migration.prepaging import FaultWindow, Window
 from postcopy.migration.scheduling import prefer_this_thread
 from postcopy.migration.shared import SharedClient, SharedClients
 from postcopy.migration.stats import BlocktimeTracker, Clock, LatencyRecorder
-from postcopy.ram import Bitmap, RamList
+from postcopy.ram import Bitmap, RamList, runs
 from postcopy.wire import ReqPages
 
 FAULT_BATCH = 64
@@ -51,7 +58,7 @@ class FaultThread:
         uffd: UserfaultFd,
         ram: RamList,
         received: list[Bitmap],
-        return_path: StreamWriter,
+        return_path: StreamWriter | None,
         *,
         latency: LatencyRecorder,
         blocktime: BlocktimeTracker,
@@ -67,6 +74,10 @@ class FaultThread:
         self._block_index = {block: index for index, block in enumerate(ram)}
         self._received = received
         self._return = return_path
+        self._generation = 0
+        self._return_lock = threading.Lock()
+        # called with the error and the generation of the return path that failed
+        self.on_send_failed: Callable[[BaseException, int], object] = lambda error, gen: None
         self._latency = latency
         self._blocktime = blocktime
         self._swap = swap
@@ -80,11 +91,60 @@ class FaultThread:
         self._tid_to_vcpu: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="fault", daemon=True)
         self.requests_sent = 0
+        self.resent_requests = 0
         self.local_zero_faults = 0
         self.shared_faults = 0
 
     def start(self) -> None:
         self._thread.start()
+
+    def set_return_path(self, writer: StreamWriter | None, generation: int) -> None:
+        """Where requests go from now on; None while paused (they stay pending)."""
+        with self._return_lock:
+            self._return, self._generation = writer, generation
+
+    def pending(self) -> list[Bitmap]:
+        """Per block, the pages requested and not received yet."""
+        return [r & ~got for r, got in zip(self._requested, self._received, strict=True)]
+
+    def resend_pending(self) -> None:
+        """Ask again for every page requested and not received (after a recovery)."""
+        with self._return_lock:
+            writer, generation = self._return, self._generation
+        if writer is None:
+            return
+        requests: list[ReqPages] = []
+        for index, pending in enumerate(self.pending()):
+            starts, lengths = runs(pending)
+            requests += [
+                ReqPages(index, start, length)
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)
+            ]
+        self.resent_requests += self._send(writer, generation, requests, None)
+
+    def _send(
+        self,
+        writer: StreamWriter,
+        generation: int,
+        requests: list[ReqPages],
+        fault_read: float | None,
+    ) -> int:
+        """Send requests until one fails; a failure is reported, the rest stay pending.
+        `fault_read` is when their faults were read (None for requests sent again after a
+        recovery: their hops were logged when first sent)."""
+        sent = 0
+        for request in requests:
+            try:
+                writer.send(request)
+            except OSError as error:
+                self.on_send_failed(error, generation)
+                break
+            sent += 1
+            if self._hops is not None and fault_read is not None:
+                self._hops.request_sent(
+                    request.block, request.first_page, request.page_count, fault_read
+                )
+        return sent
 
     def set_vcpu_threads(self, thread_ids: list[int]) -> None:
         """The vCPUs' native thread ids (index = vCPU), to charge faults to vCPUs."""
@@ -146,11 +206,12 @@ class FaultThread:
                     block_index, page = located
                     if not self._handle(block_index, page, now, requests, source):
                         deferred.append((block_index, page, source))
-            for block_index, first, count in coalesce(requests):
-                self._return.send(ReqPages(block_index, first, count))
-                self.requests_sent += 1  # this thread is its only writer (QMP reads it)
-                if self._hops is not None:
-                    self._hops.request_sent(block_index, first, count, now)
+            with self._return_lock:
+                writer, generation = self._return, self._generation
+            if writer is not None and requests:
+                frames = [ReqPages(b, first, count) for b, first, count in coalesce(requests)]
+                # this thread is the only writer of requests_sent (QMP reads it)
+                self.requests_sent += self._send(writer, generation, frames, now)
             self._bring_in_ahead()
 
     def _locate_event(

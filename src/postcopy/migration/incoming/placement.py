@@ -11,6 +11,7 @@ run from LISTEN on and the fault thread (faults.py) calls to fill a known page:
 What each backend needs of userfaultfd, and why, is in migration/backends.py. No Python
 runs per page: one ioctl per run of normal or zero pages (per huge page on hugetlb);
 EEXIST is counted as a duplicate, EAGAIN retried with pauses (eagain.py).
+`check_huge_page_pool`: after LISTEN emptied the RAM, the pool still holds its huge pages.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from postcopy.linux.hugepages import hugepages_reserved
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import Ioctl, PageExistsError, RetryError, UserfaultFd
 from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_possible, uffd_needs
 from postcopy.migration.incoming.eagain import Retrier
+from postcopy.migration.incoming.errors import IncomingError
 from postcopy.ram import Bitmap, RamBlock, runs
 
 PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
@@ -296,3 +299,17 @@ def placement_for(
     if block.hugetlb:
         return HugePagePlacement(block, uffd)
     return Placement(block, uffd)
+
+
+def check_huge_page_pool(ram: list[RamBlock]) -> None:
+    """Emptied huge pages went back to the pool (and their reservation with them): the
+    pages the source will send must still be there to take, or a placement fails later."""
+    for size in sorted({b.page_size for b in ram if b.hugetlb}):
+        needed = sum(b.pages for b in ram if b.hugetlb and b.page_size == size)
+        total, free = hugepages_reserved(size)
+        if free < needed:
+            raise IncomingError(
+                f"the {size >> 20} MiB huge page pool has {free} free pages of {total}, the "
+                f"RAM needs {needed} (grow it: echo {total + needed - free} > "
+                f"/sys/kernel/mm/hugepages/hugepages-{size >> 10}kB/nr_hugepages)"
+            )

@@ -10,7 +10,9 @@ stranger: it is dropped and reported to `on_refused` (one log line, one count), 
 destination goes on waiting. What comes after the Handshake is the migration's, and ends
 it. A second source that passes the handshake while one migration is under way is told
 so (a SHUT with the reason: it waited in setup for the first migration to end, then
-failed without one) and counted.
+failed without one) and counted. Once the source is in, a main channel may also be its
+reconnect (postcopy recovery): its stream begins with RESUME_REQUEST, kept for
+incoming/recovery.py (`take_reconnect`), which decides whether it belongs here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from collections.abc import Callable
 from postcopy.migration.channel import StreamReader, StreamWriter
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.transport import MAIN_CHANNEL, Connection, Listener, TransportError
-from postcopy.wire import MAX_SHUT_REASON_BYTES, Direction, Handshake, Shut, StreamContext
+from postcopy.wire import (
+    MAX_SHUT_REASON_BYTES,
+    BlockInfo,
+    Direction,
+    Handshake,
+    Message,
+    ProtocolError,
+    RamRunHeader,
+    Shut,
+    StreamContext,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +60,13 @@ class Door:
     """The stream's part of the handshake (`vet`, the listener's hook) and the wait for
     the first peer that passed it (`wait_for_source`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: tuple[BlockInfo, ...]) -> None:
+        self._blocks = blocks  # ours: a reconnect's stream carries on with them
         self._lock = threading.Lock()
         self._passed: dict[Connection, Passed] = {}
+        self._reconnects: dict[
+            Connection, tuple[StreamWriter, StreamReader, Message | RamRunHeader]
+        ] = {}
         self._source: str | None = None  # the peer whose migration runs here
 
     def vet(self, connection: Connection) -> None:
@@ -60,6 +76,11 @@ class Door:
             return  # a migration's second channel: wait_for_source or accept_channel decide
         writer = StreamWriter(connection, Direction.RETURN)
         writer.send_stream_header()
+        with self._lock:
+            source = self._source
+        if source is not None:
+            self._vet_reconnect(connection, writer, source)
+            return
         # no blocks of ours in the context: a source whose Handshake declares other blocks
         # is not a stranger but the wrong VM, a failed migration (the receiver's
         # configuration check); the context takes the blocks from the Handshake
@@ -77,6 +98,29 @@ class Door:
                 self._passed[connection] = (writer, reader, handshake)
                 return
         raise _turn_away(connection, writer, source)
+
+    def _vet_reconnect(self, connection: Connection, writer: StreamWriter, source: str) -> None:
+        """A main channel once the source is in: a reconnect's stream carries on ours (no
+        Handshake); one that begins with a Handshake is a second source, turned away."""
+        context = StreamContext(Direction.MAIN, blocks=self._blocks, resumed=True)
+        reader = StreamReader(connection, Direction.MAIN, context)
+        reader.read_stream_header()
+        try:
+            request = reader.read()
+        except ProtocolError as error:
+            if error.field == "event" and error.value == Handshake.__name__:
+                raise _turn_away(connection, writer, source) from None
+            raise
+        with self._lock:
+            self._reconnects[connection] = (writer, reader, request)
+
+    def take_reconnect(
+        self, connection: Connection
+    ) -> tuple[StreamWriter, StreamReader, Message | RamRunHeader] | None:
+        """What `vet` read of a reconnect: the return path's writer (its stream header
+        sent), the main stream's reader, and its first message; None if it was not vetted."""
+        with self._lock:
+            return self._reconnects.pop(connection, None)
 
     def wait_for_source(
         self, listener: Listener, on_refused: Callable[[Exception], None]

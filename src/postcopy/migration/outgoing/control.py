@@ -6,7 +6,8 @@ ADVISE, the preempt channel), the bulk round and the dirty rounds, then either t
 completion (stop, last dirty pages, device state) or the postcopy switchover (stop,
 DISCARD, LISTEN, PACKAGE(device state, RUN)) followed by the background push, which the
 page service runs (pageservice.py). Sending a run and its accounting is sender.py; the
-destination's messages are read by the return path (returnpath.py).
+destination's messages are read by the return path (returnpath.py). Once the package has
+left, a broken link pauses the migration and recovery.py reconnects and resumes it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from postcopy.migration.hops import HopLog
 from postcopy.migration.machine import Machine
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageService
+from postcopy.migration.outgoing.recovery import DestinationNeverRan, SourceRecovery
 from postcopy.migration.outgoing.returnpath import ReturnPath
 from postcopy.migration.outgoing.sender import RamSender, run_pages_for
 from postcopy.migration.parameters import Capabilities, Parameters
+from postcopy.migration.recovery import HEARTBEAT_PING, watch_link
 from postcopy.migration.scheduling import set_thread_nice
 from postcopy.migration.stats import Clock
-from postcopy.migration.status import FINISHED, MigrationStatus
+from postcopy.migration.status import FINISHED, PAUSED_OR_RECOVERING, POSTCOPY, MigrationStatus
 from postcopy.ram import Bitmap, runs, split_runs
 from postcopy.transport import (
     AuthConfig,
@@ -52,7 +55,6 @@ from postcopy.wire import (
     Listen,
     Package,
     Ping,
-    PostcopyComplete,
     PrecopyComplete,
     Run,
     Shut,
@@ -129,6 +131,38 @@ class OutgoingMigration(MigrationBase):
         self._thread: threading.Thread | None = None
         self._stopped_vm = False  # the migration stopped a running guest
         self._runstate = globalstate.RUNNING  # what the guest was before the migration stopped it
+        self.session = new_session()  # the migration id: every connection of it carries it
+        self.recovery = SourceRecovery(self)
+        self._return_path.on_broken = self._return_path_broken
+        self._return_path.on_recovery = self.recovery.recovery_message
+
+    # -- for recovery.py -------------------------------------------------------------------
+
+    @property
+    def return_path(self) -> ReturnPath:
+        return self._return_path
+
+    @property
+    def page_service(self) -> PageService:
+        return self._pages
+
+    @property
+    def sender(self) -> RamSender:
+        return self._sender
+
+    @property
+    def run_confirmed(self) -> bool:
+        """The destination answered the PING sent after RUN: it runs the guest."""
+        return self._return_path.has_pong(RUN_PING)
+
+    def set_connections(self, main: Connection, preempt: Connection | None) -> None:
+        self._main, self._preempt = main, preempt
+
+    def _return_path_broken(self, error: BaseException, generation: int) -> bool:
+        if not self.recovery.package_sent:
+            return False  # before the switchover: the migration fails (the guest runs here)
+        self.recovery.link_failed(failures.link_error(error), generation)
+        return True
 
     # -- control (any thread) --------------------------------------------------------------
 
@@ -169,7 +203,7 @@ class OutgoingMigration(MigrationBase):
         """What ending this process now would do to the guest, or None if nothing: in
         postcopy the guest runs on the destination and the pages not yet sent exist only
         here (the source's RAM is the one copy a recovery could resume from, too)."""
-        if self.status.value != MigrationStatus.POSTCOPY_ACTIVE:
+        if self.status.value not in POSTCOPY:
             return None
         remaining = self.counters.remaining
         return failures.source_terminated_in_postcopy(
@@ -190,6 +224,8 @@ class OutgoingMigration(MigrationBase):
             info["x-downtime-us"] = round(self.downtime * 1e6, 1)
         if self.downtime_to_run is not None:
             info["x-downtime-to-run-us"] = round(self.downtime_to_run * 1e6, 1)
+        if self.recovery.package_sent:
+            info.update(self.recovery.query())
         if self.postcopy_start is not None:
             info["x-postcopy"] = {
                 "discarded-pages": self.discarded_pages,
@@ -233,15 +269,27 @@ class OutgoingMigration(MigrationBase):
             error = MigrationError(said or failures.link_error(error))
         self.error = None if cancelled else str(error) or type(error).__name__
         status = self.status.value
-        if self.error and status == MigrationStatus.POSTCOPY_ACTIVE:
+        # the destination may run the guest: our RAM is its only complete copy
+        ran_there = (
+            status == MigrationStatus.POSTCOPY_ACTIVE
+            and self.recovery.package_sent
+            and not isinstance(error, DestinationNeverRan)
+        )
+        if self.error and ran_there:
             self.error += "; " + failures.destination_lost_in_postcopy()
         if not cancelled:
             log.error("migration failed: %s", self.error)
-        if status in (MigrationStatus.POSTCOPY_ACTIVE,):
-            # The destination runs the guest; our RAM is its only complete copy: keep the
-            # VM stopped and every page, so a recovery can still finish the job.
-            self.status.move(MigrationStatus.FAILED)
+        if status in PAUSED_OR_RECOVERING:
+            # never failed: our RAM holds pages the destination lacks (a bug got here)
+            log.error("postcopy stays paused after an internal error: %s", self.error)
             return
+        if status == MigrationStatus.POSTCOPY_ACTIVE:
+            self.status.move(MigrationStatus.FAILED)
+            if ran_there:
+                return  # keep the VM stopped and every page
+            # the destination never ran the guest: it goes on here, as after any failure
+            self.postcopy_start = None
+            status = MigrationStatus.FAILED
         if self._stopped_vm:
             self.machine.cont()
             self._stopped_vm = False
@@ -271,10 +319,11 @@ class OutgoingMigration(MigrationBase):
         ram = self.machine.ram
         postcopy = self.capabilities["postcopy-ram"]
         preempt = postcopy and self.capabilities["postcopy-preempt"]
-        session = new_session()
+        session = self.session
         self._main = connect(
             self.uri, auth=self.auth, tls=self.tls, channel="main", session=session
         )
+        watch_link(self._main, self.parameters)
         main = StreamWriter(self._main, Direction.MAIN)
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
         main.send_stream_header()
@@ -291,6 +340,10 @@ class OutgoingMigration(MigrationBase):
             for block in ram:
                 summary |= block.page_size
             main.send(Advise(page_size_summary=summary, target_page_size=4096))
+        if self.parameters.x_heartbeat_interval_ms:
+            # the destination takes silence for a dead link only from a source that says it
+            # sends heartbeats: this one says so before anything can go silent
+            main.send(Ping(HEARTBEAT_PING))
         reader = BufferedStreamReader(
             self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
         )
@@ -301,6 +354,7 @@ class OutgoingMigration(MigrationBase):
             self._preempt = connect(
                 self.uri, auth=self.auth, tls=self.tls, channel="preempt", session=session
             )
+            watch_link(self._preempt, self.parameters)
             urgent = StreamWriter(self._preempt, Direction.MAIN)
             urgent.send_stream_header()
             # the urgent channel is a stream of its own: it declares the same configuration
@@ -600,7 +654,10 @@ class OutgoingMigration(MigrationBase):
         self._trace("discards-sent", pages=in_downtime)
         writer.send(Listen())
         writer.send(Package((self._device_state(), Run())))
-        writer.send(Ping(RUN_PING))
+        # from here the destination may run the guest: a broken link pauses, never fails
+        self.recovery.package_on_its_way(
+            writer, [c for c in (self._main, self._preempt) if c is not None]
+        )
         # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
         # until the destination confirms the guest runs, comes with the Pong
         self.downtime = self._clock() - stop_time
@@ -609,14 +666,9 @@ class OutgoingMigration(MigrationBase):
         # not needed any more, and re-registering the memory slot takes a while: after RUN
         self.machine.stop_dirty_log()
         self._sender.restart_throttle()
-        self._pages.push(writer, self._check_cancel)
-        writer.send(PostcopyComplete())
-        self._trace("push-done")
-        self._wait_pong(RUN_PING)
-        self.downtime_to_run = self._return_path.pong_time(RUN_PING) - stop_time
-        shut = self._wait_shut()
-        if shut.error:
-            raise MigrationError(f"destination failed in postcopy: {shut.reason}")
+        self.recovery.finish_postcopy(writer, RUN_PING, self._check_cancel)
+        if self.run_confirmed:
+            self.downtime_to_run = self._return_path.pong_time(RUN_PING) - stop_time
         self._complete()
 
     def _harvest_stale(
@@ -647,5 +699,6 @@ class OutgoingMigration(MigrationBase):
 
     def _wait_shut(self) -> Shut:
         return self._return_path.wait_shut(
-            lambda: self._cancel.is_set() and self.status.value != MigrationStatus.POSTCOPY_ACTIVE
+            lambda: self._cancel.is_set() and self.status.value != MigrationStatus.POSTCOPY_ACTIVE,
+            lambda: None,
         )

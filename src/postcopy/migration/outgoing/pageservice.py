@@ -7,7 +7,8 @@ channel (`push`); requests overtake it: with postcopy-preempt the return-path th
 them at once on the preempt channel, otherwise they queue and the push serves them before
 each run. Every page is claimed (test and clear of `needed` under a lock) before it is
 sent, so none is forgotten and none is pushed twice. QEMU's ram_save_queue_pages and
-postcopy's page request handling in ram.c.
+postcopy's page request handling in ram.c. After a recovery, `rebuild` makes `needed`
+exactly what the destination's received bitmaps lack (QEMU's ram_dirty_bitmap_reload).
 """
 
 from __future__ import annotations
@@ -64,9 +65,33 @@ class PageService:
         self._needed_lock = threading.Lock()
         self._jump: tuple[int, int] | None = None
 
-    def set_urgent_channel(self, writer: StreamWriter) -> None:
-        """With postcopy-preempt: requested pages go out at once on `writer`."""
+    def set_urgent_channel(self, writer: StreamWriter | None) -> None:
+        """With postcopy-preempt: requested pages go out at once on `writer` (None while
+        the link is down: requests queue for the push)."""
         self._urgent = writer
+
+    def rebuild(self, received: list[Bitmap]) -> int:
+        """Recovery: the pages to send are exactly those the destination has not received
+        (pages that were on their way at the cut go again). Returns how many of them had
+        been sent already. Queued requests go: the destination sends its pending ones
+        again once resumed."""
+        with self._needed_lock:
+            resent = sum(
+                int(np.count_nonzero(~got & ~need))
+                for got, need in zip(received, self._needed, strict=True)
+            )
+            self._needed = [~got for got in received]
+            self._counters.remaining = sum(
+                int(np.count_nonzero(need)) * block.page_size
+                for need, block in zip(self._needed, self._ram, strict=True)
+            )
+        while True:
+            try:
+                self._requests.get_nowait()
+            except queue.Empty:
+                break
+        self._jump = None
+        return resent
 
     def set_needed(self, needed: list[Bitmap]) -> None:
         with self._needed_lock:
@@ -75,8 +100,9 @@ class PageService:
     def request(self, request: PageRequest) -> None:
         """A page request from the return path: served at once on the preempt channel, or
         queued for the push."""
-        if self._urgent is not None:
-            self._serve_request(self._urgent, request, urgent=True)
+        urgent = self._urgent
+        if urgent is not None:
+            self._serve_request(urgent, request, urgent=True)
         else:
             self._requests.put(request)
             self._sender.interrupt_wait()

@@ -4,8 +4,13 @@ Owns `ReturnPath` (QEMU's source_return_path_thread): the `return-path` thread r
 destination's stream on the main connection: REQ_PAGES (checked, then handed to the page
 service), PONG (recorded with its arrival time, waited on by the migration thread), SHUT
 (the destination finished or gave up). It runs SCHED_FIFO: it is one of the three hops of
-a page request. A broken return path ends the migration too, and says what our socket
-saw (failures.py): a reset connection is not the destination giving up.
+a page request. Before the switchover a broken return path ends the migration, and
+says what our socket saw (failures.py): a reset connection is not the destination giving
+up; from then on `on_broken` decides (recovery pauses). Each connection has its own
+thread, tagged with the connection's generation (recovery.py); on a recovery connection
+it also takes RECV_BITMAP and RESUME_ACK (handed to `on_recovery`), and a SHUT with an
+error there is the destination refusing to resume. `last_heard` is when any message last
+came (the heartbeat's evidence that the destination is alive).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from postcopy.migration import failures
 from postcopy.migration.channel import StreamReader
 from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageRequest
+from postcopy.migration.recovery import HEARTBEAT_PING, HEARTBEAT_PONG
 from postcopy.migration.scheduling import prefer_this_thread
 from postcopy.migration.stats import Clock, RamCounters
 from postcopy.migration.status import MigrationStatus, StatusHolder
 from postcopy.ram import RamList
-from postcopy.wire import Pong, ReqPages, Shut
+from postcopy.wire import Message, Pong, RecvBitmap, ReqPages, ResumeAck, Shut
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +54,25 @@ class ReturnPath:
         self.shut: Shut | None = None  # the destination's own last word
         self.broken: str | None = None  # why the return path ended without one
         self._shut_event = threading.Event()  # either of the two
+        self.last_heard: float | None = None
+        self.on_broken: Callable[[BaseException, int], bool] = lambda error, generation: False
+        self.on_recovery: Callable[[Message, int], None] | None = None
+        self._ended: dict[int, threading.Event] = {}
 
-    def start(self, reader: StreamReader) -> None:
-        threading.Thread(target=self._run, args=(reader,), name="return-path", daemon=True).start()
+    def start(self, reader: StreamReader, generation: int = 0) -> None:
+        ended = self._ended.setdefault(generation, threading.Event())
+        threading.Thread(
+            target=self._run, args=(reader, generation, ended), name="return-path", daemon=True
+        ).start()
+
+    def wait_ended(self, generation: int, timeout: float) -> None:
+        """Wait (at most `timeout` s) until the thread of `generation` has stopped reading."""
+        ended = self._ended.get(generation)
+        if ended is not None:
+            ended.wait(timeout)
+
+    def has_pong(self, value: int) -> bool:
+        return value in self._pongs
 
     def pong_time(self, value: int) -> float:
         """When the PONG for `value` arrived (after `wait_pong(value)`)."""
@@ -81,20 +103,24 @@ class ReturnPath:
                     )
                 self._pong.wait(0.1)
 
-    def wait_shut(self, cancelled: Callable[[], bool]) -> Shut:
+    def wait_shut(self, cancelled: Callable[[], bool], check: Callable[[], None]) -> Shut:
+        """Wait for the destination's SHUT; `check` raises if the wait must end (e.g. the
+        connection was given up)."""
         while not self._shut_event.wait(0.1):
             if cancelled():
                 raise Cancelled("migration cancelled")
+            check()
         if self.shut is None:
             raise MigrationError(self.broken or "the return path ended")
         return self.shut
 
-    def _run(self, reader: StreamReader) -> None:
+    def _run(self, reader: StreamReader, generation: int, ended: threading.Event) -> None:
         prefer_this_thread()
         try:
             reader.read_stream_header()
             while True:
                 message = reader.read()
+                self.last_heard = self._clock()
                 if isinstance(message, ReqPages):
                     self._counters.postcopy_requests += 1  # this thread is its only writer
                     if self._status.value != MigrationStatus.POSTCOPY_ACTIVE:
@@ -108,9 +134,15 @@ class ReturnPath:
                         )
                     )
                 elif isinstance(message, Pong):
+                    if message.value == HEARTBEAT_PONG or message.value & HEARTBEAT_PING:
+                        continue  # a heartbeat: `last_heard` is all it is for
                     with self._pong:
                         self._pongs[message.value] = self._clock()
                         self._pong.notify_all()
+                elif isinstance(message, RecvBitmap | ResumeAck) and self.on_recovery:
+                    self.on_recovery(message, generation)
+                elif isinstance(message, Shut) and message.error and generation > 0:
+                    raise MigrationError(f"the destination refused to resume: {message.reason}")
                 elif isinstance(message, Shut):
                     self.shut = message
                     self._shut_event.set()
@@ -120,8 +152,12 @@ class ReturnPath:
                 else:
                     raise MigrationError(f"unexpected {type(message).__name__} on the return path")
         except Exception as error:
+            if self.on_broken(error, generation):
+                return  # paused: a recovery will start another thread
             if self.shut is None:
                 self.broken = failures.return_path_broken(error)
                 self._shut_event.set()
                 with self._pong:
                     self._pong.notify_all()
+        finally:
+            ended.set()
