@@ -326,6 +326,13 @@ class OutgoingMigration(MigrationBase):
         watch_link(self._main, self.parameters)
         main = StreamWriter(self._main, Direction.MAIN)
         blocks = tuple(BlockInfo(b.name, b.length, b.page_size, b.backend) for b in ram)
+        # the return path reads from the start: a destination that refuses our configuration
+        # says why and closes, and a send after that fails with EPIPE; its reason must have
+        # been read by then, or the user is told only that the pipe broke
+        reader = BufferedStreamReader(
+            self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
+        )
+        self._return_path.start(reader)
         main.send_stream_header()
         main.send(
             Handshake(
@@ -344,10 +351,6 @@ class OutgoingMigration(MigrationBase):
             # the destination takes silence for a dead link only from a source that says it
             # sends heartbeats: this one says so before anything can go silent
             main.send(Ping(HEARTBEAT_PING))
-        reader = BufferedStreamReader(
-            self._main, Direction.RETURN, StreamContext(Direction.RETURN, blocks=blocks)
-        )
-        self._return_path.start(reader)
         main.send(Ping(SETUP_PING))
         self._wait_pong(SETUP_PING)  # the destination accepted the configuration (and ADVISE)
         if preempt:
