@@ -57,7 +57,6 @@ from postcopy.wire import (
     Ping,
     PrecopyComplete,
     Run,
-    Shut,
     StreamContext,
 )
 
@@ -589,7 +588,7 @@ class OutgoingMigration(MigrationBase):
         self.counters.remaining = 0
         writer.send(self._device_state())
         writer.send(PrecopyComplete())
-        shut = self._wait_shut()
+        shut = self._return_path.wait_shut(self._cancel.is_set, lambda: None)  # never postcopy
         if shut.error:
             raise MigrationError(f"destination failed to load the VM: {shut.reason}")
         self.downtime = self.downtime_to_run = self._clock() - stop_time
@@ -699,9 +698,3 @@ class OutgoingMigration(MigrationBase):
 
     def _wait_pong(self, value: int) -> None:
         self._return_path.wait_pong(value, self._check_cancel)
-
-    def _wait_shut(self) -> Shut:
-        return self._return_path.wait_shut(
-            lambda: self._cancel.is_set() and self.status.value != MigrationStatus.POSTCOPY_ACTIVE,
-            lambda: None,
-        )
