@@ -59,9 +59,12 @@ def _check_switch_right_after_the_first_pass(
     ram = info["ram"]
     # postcopy really happened
     assert ram["postcopy-bytes"] > 0 and "x-postcopy" in info
-    # the first pass, but for what was left of it when the sync came (at most 1 s at the
-    # cap: half of RAM) and the tool answered (10 ms polls): every page of memtouch has data
-    assert 0.4 * RAM < ram["precopy-bytes"] < RAM, ram
+    # part of the first pass, less what was left of it when the sync came and the tool
+    # answered: how much was left depends on the bandwidth the source measured, which on a
+    # loaded host (or with the socket buffers' first burst above the cap) is not the cap, so
+    # the lower bound is only "the switch did not come at setup"; the upper bound and one
+    # round are what says it did not come a pass late
+    assert 0.1 * RAM < ram["precopy-bytes"] < RAM, ram
     assert info["x-rounds"] == 1  # the switch came within the first pass
     # setup, end of the first pass, and the switchover's final sync (QEMU's three)
     assert ram["dirty-sync-count"] == 3
