@@ -93,7 +93,7 @@ fuzz-qmp:
 # then its summary (per mode: runs clean, p99, longest gap, downtime, blocktime; how much
 # each postcopy mode shortens the longest gap against precopy) and --plot, whose
 # <out>-service.png has the latency of each mode over time with the phases as bands.
-# On a shared machine take a lock per piece: make service-bench LOCK=/work/heavy.lock
+# On a shared machine take a lock per piece: make service-bench LOCK=/run/lock/bench.lock
 # (10 runs of each mode in two pieces of ~7 min on 2 cores). Exit status 1 if a run failed.
 SERVICE_STAMP := $(shell date +%Y%m%d-%H%M%S)
 SERVICE_OUT ?= runs/service-$(SERVICE_STAMP).jsonl
