@@ -513,9 +513,15 @@ class Migration(Closing):
     def wait_destination(self, *statuses: str, timeout: float = 20.0) -> str:
         return _wait(self.incoming.status, statuses, timeout)
 
-    def finish(self, timeout: float = 20.0) -> None:
-        """Wait until both sides completed; then stop the destination's vCPUs."""
-        source = self.wait_source("completed", "failed", "cancelled", timeout=timeout)
+    def finish(self, timeout: float = 90.0) -> None:
+        """Wait until both sides completed; then stop the destination's vCPUs. `timeout` is
+        a guard against a hang, not a figure: on a loaded host each of the fake guest's
+        syncs may wait up to 5 s for its passes (test_precopy hit 20 s twice in full runs)."""
+        try:
+            source = self.wait_source("completed", "failed", "cancelled", timeout=timeout)
+        except TimeoutError as error:
+            # where it stands, for the next reader of a CI log
+            raise TimeoutError(f"{error}; source: {self.outgoing.query()}") from None
         destination = self.wait_destination("completed", "failed", timeout=timeout)
         assert (source, destination) == ("completed", "completed"), (
             self.outgoing.query(),
