@@ -41,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from soak import SoakError, wait  # the chain soak's: same errors, same polling
 
 from postcopy.bench.linkproxy import Cut, LinkProxy
 from postcopy.tools.qmpclient import QmpClient
@@ -56,21 +57,6 @@ QUICK = {"x-heartbeat-interval-ms": 100, "x-heartbeat-timeout-ms": 1500}
 PUSH_RATE = 24 << 20  # bytes/s: postcopy lasts a few seconds, so the cut falls inside it
 HOLD = 4096  # bytes/s: the push "throttled to nothing"
 FINAL = {"completed", "failed", "cancelled"}
-
-
-class SoakError(RuntimeError):
-    pass
-
-
-def wait(condition: Callable[[], bool], timeout: float, what: str, *vms: VmChild) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for vm in vms:
-            if not vm.alive():
-                raise SoakError(f"{vm.name} exited: {vm.last_error()}")
-        if time.monotonic() > deadline:
-            raise SoakError(f"no {what} after {timeout:g} s")
-        time.sleep(0.02)
 
 
 def query(client: QmpClient) -> dict[str, Any]:
