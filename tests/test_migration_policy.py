@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +17,12 @@ from postcopy.migration.parameters import Capabilities, ParameterError, Paramete
 from postcopy.migration.prepaging import BACKWARD, FORWARD, FaultWindow
 from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
-from postcopy.migration.status import IllegalTransition, MigrationStatus, StatusHolder
+from postcopy.migration.status import (
+    CANCELLABLE,
+    IllegalTransition,
+    MigrationStatus,
+    StatusHolder,
+)
 
 
 class FakeClock:
@@ -95,6 +101,63 @@ def test_status_table_refuses_illegal_moves() -> None:
     status.move(MigrationStatus.POSTCOPY_ACTIVE)
     status.move(MigrationStatus.COMPLETED)
     assert [s.value for s in seen] == ["setup", "active", "postcopy-active", "completed"]
+
+
+class _LockThatLetsAnotherThreadIn:
+    """A lock that, the first time it is released, runs what another thread would do at
+    that instant (the migration thread's own step), to hold a race still in a test."""
+
+    def __init__(self, other_thread: Callable[[], None]) -> None:
+        self._real = threading.Lock()
+        self._other_thread: Callable[[], None] | None = other_thread
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._real.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._real.release()
+        other, self._other_thread = self._other_thread, None
+        if other is not None:
+            other()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _in_device_state() -> StatusHolder:
+    status = StatusHolder()
+    for step in (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE):
+        status.move(step)
+    return status
+
+
+def test_a_cancel_and_the_completion_racing_agree_on_one_winner() -> None:
+    # migrate_cancel checks "device" and the migration thread commits to completion at
+    # that very instant: the cancel must be taken whole (the completion then sees it)
+    # instead of raising IllegalTransition into the QMP command or the migration thread
+    status = _in_device_state()
+    completion_saw: list[bool] = []
+    racing = _LockThatLetsAnotherThreadIn(lambda: completion_saw.append(status.refuse_cancel()))
+    status._lock = racing  # type: ignore[assignment]
+    status._changed = threading.Condition(racing)  # type: ignore[arg-type]
+
+    assert status.move_if(CANCELLABLE, MigrationStatus.CANCELLING)
+    assert completion_saw == [False]  # the completion raises Cancelled: the source resumes
+    assert status.value == MigrationStatus.CANCELLING
+
+
+def test_a_cancel_after_the_source_committed_to_completion_loses() -> None:
+    # past this point the destination may run the guest: a cancel that resumed the source
+    # too would run it twice
+    status = _in_device_state()
+    assert status.refuse_cancel()
+    assert not status.move_if(CANCELLABLE, MigrationStatus.CANCELLING)
+    status.move(MigrationStatus.COMPLETED)
+    status.move(MigrationStatus.SETUP)  # the next migration takes cancels again
+    assert status.move_if(CANCELLABLE, MigrationStatus.CANCELLING)
 
 
 def test_parameters_and_capabilities_use_qemu_names_and_check_values() -> None:

@@ -27,6 +27,8 @@ class MigrationStatus(enum.Enum):
 
 
 FINISHED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
+# where migrate_cancel takes effect: before the destination can run the guest
+CANCELLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE})
 POSTCOPY = frozenset(
     {
         MigrationStatus.POSTCOPY_ACTIVE,
@@ -96,6 +98,7 @@ class StatusHolder:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._on_change = on_change
+        self._cancel_refused = False
 
     @property
     def value(self) -> MigrationStatus:
@@ -103,24 +106,42 @@ class StatusHolder:
 
     def move(self, new: MigrationStatus) -> None:
         with self._lock:
-            old = self._status
-            if new == old:
-                return
-            if new not in TRANSITIONS[old]:
-                raise IllegalTransition(
-                    f"migration status {old.value} -> {new.value} is not allowed"
-                )
-            self._status = new
-            self._changed.notify_all()
-        if self._on_change is not None:
+            changed = self._move_locked(new)
+        if changed and self._on_change is not None:
             self._on_change(new)
 
     def move_if(self, allowed_from: frozenset[MigrationStatus], new: MigrationStatus) -> bool:
-        """Move only if the current status is one of `allowed_from`; says whether it moved."""
+        """Move only if the current status is one of `allowed_from`; says whether it moved.
+        The check and the move are one step under the lock: a migrate_cancel racing the
+        migration thread's own move (to completed, say) must lose quietly, not raise."""
         with self._lock:
             if self._status not in allowed_from:
                 return False
-        self.move(new)
+            if new == MigrationStatus.CANCELLING and self._cancel_refused:
+                return False
+            changed = self._move_locked(new)
+        if changed and self._on_change is not None:
+            self._on_change(new)
+        return True
+
+    def refuse_cancel(self) -> bool:
+        """From now on a cancel (a move_if to cancelling) loses: the source is about to let
+        the destination run the guest, and resuming it here too would run it twice. False
+        if a cancel came first. A new migration (setup) takes cancels again."""
+        with self._lock:
+            self._cancel_refused = self._status != MigrationStatus.CANCELLING
+            return self._cancel_refused
+
+    def _move_locked(self, new: MigrationStatus) -> bool:
+        old = self._status
+        if new == old:
+            return False
+        if new not in TRANSITIONS[old]:
+            raise IllegalTransition(f"migration status {old.value} -> {new.value} is not allowed")
+        self._status = new
+        if new == MigrationStatus.SETUP:
+            self._cancel_refused = False
+        self._changed.notify_all()
         return True
 
     def wait_for(self, statuses: frozenset[MigrationStatus], timeout: float | None) -> bool:

@@ -36,15 +36,15 @@ from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.recovery import HEARTBEAT_PING, watch_link
 from postcopy.migration.scheduling import set_thread_nice
 from postcopy.migration.stats import Clock
-from postcopy.migration.status import FINISHED, PAUSED_OR_RECOVERING, POSTCOPY, MigrationStatus
-from postcopy.ram import Bitmap, runs, split_runs
-from postcopy.transport import (
-    AuthConfig,
-    Connection,
-    TlsClientConfig,
-    connect,
-    new_session,
+from postcopy.migration.status import (
+    CANCELLABLE,
+    FINISHED,
+    PAUSED_OR_RECOVERING,
+    POSTCOPY,
+    MigrationStatus,
 )
+from postcopy.ram import Bitmap, runs, split_runs
+from postcopy.transport import AuthConfig, Connection, TlsClientConfig, connect, new_session
 from postcopy.wire import (
     Advise,
     BlockInfo,
@@ -172,11 +172,8 @@ class OutgoingMigration(MigrationBase):
         self._thread.start()
 
     def cancel(self) -> None:
-        self._cancel.set()
-        if self.status.move_if(
-            frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE}),
-            MigrationStatus.CANCELLING,
-        ):
+        if self.status.move_if(CANCELLABLE, MigrationStatus.CANCELLING):
+            self._cancel.set()  # only now: a cancel that lost to the switchover is no cancel
             for connection in (self._main, self._preempt):
                 if connection is not None:
                     connection.shutdown()
@@ -587,6 +584,8 @@ class OutgoingMigration(MigrationBase):
                 self._sender.send_pages(writer, index, block, start, length, phase="downtime")
         self.counters.remaining = 0
         writer.send(self._device_state())
+        if not self.status.refuse_cancel():  # past this the destination may run the guest
+            raise Cancelled("migration cancelled")
         writer.send(PrecopyComplete())
         shut = self._return_path.wait_shut(self._cancel.is_set, lambda: None)  # never postcopy
         if shut.error:
