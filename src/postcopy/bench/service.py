@@ -40,9 +40,14 @@ from postcopy.tools.runfile import Run
 # privilege, `nice` says so on stderr and runs them at nice 0.
 CLIENT_NICE = -10
 POSTCOPY = ("nice", "-n", str(CLIENT_NICE), sys.executable, "-m", "postcopy")
-# 5,000 requests/s from 8 clients, Zipf over 100,000 keys, 90% GET, 1% DELETE
+# 5,250 requests/s from 8 clients, Zipf over 100,000 keys, 90% GET, 1% DELETE. The floor
+# is 5,000 answered/s (issue 15); the rate a run reports is answers over first send to
+# last answer, which counts the last request's latency too, so an open loop aimed at the
+# floor itself reports just under it (4,970-4,999/s at 5,000). 5% above covers a last
+# answer up to 0.4 s late on a ~9 s run.
+SERVICE_FLOOR = 5000.0
 DEFAULT_LOAD: dict[str, Any] = {
-    "rate": 5000.0,
+    "rate": 5250.0,
     "clients": 8,
     "keys": 100_000,
     "distribution": "zipf",
