@@ -17,7 +17,12 @@ from postcopy.bench.service import (
     service_figures,
     service_record,
 )
-from postcopy.bench.servicereport import comparison_lines, comparisons, scenario_figures
+from postcopy.bench.servicereport import (
+    comparison_lines,
+    comparisons,
+    scenario_figures,
+    service_figure,
+)
 from postcopy.bench.suite import runs_so_far
 from postcopy.service.checker import Request, summarise
 from postcopy.tools.runfile import Run
@@ -99,26 +104,77 @@ def test_the_load_is_cut_into_windows_on_the_migration_clock() -> None:
 
 
 def _record(name: str, after: int | None, preempt: bool, gap: float) -> dict[str, Any]:
+    during = {"p50_us": gap * 10, "p99_us": gap * 500, "max_us": gap * 1000}
     return {
         "status": "completed",
+        "run_id": f"{name}#1",
         "scenario": {"name": name, "postcopy_after_rounds": after, "preempt": preempt},
-        "service": {"summary": {}},
-        "figures": {"service_longest_gap_ms": gap, "service_clean": True, "service_rate": 5000},
+        "service": {
+            "summary": {},
+            "windows": {"migration": during},
+            "series": {"start": -1.0, "bin": 0.01, "max_us": [1000.0, 0.0, gap * 1000]},
+        },
+        "figures": {
+            "service_longest_gap_ms": gap,
+            "service_clean": True,
+            "service_rate": 5000,
+            "service_migration_p99_us": during["p99_us"],
+            "service_migration_max_us": during["max_us"],
+        },
     }
 
 
-def test_the_comparison_says_how_much_shorter_the_worst_gap_is() -> None:
-    records = [
+def _three_modes() -> list[dict[str, Any]]:
+    return [
         *(_record("kvstore-1g-1cpu-precopy", None, False, g) for g in (300, 400, 500)),
         *(_record("kvstore-1g-1cpu-postcopy1", 1, False, g) for g in (150, 200, 900)),
-        *(_record("kvstore-1g-1cpu-postcopy1-preempt", 1, True, g) for g in (90, 100, 110)),
+        *(_record("kvstore-1g-1cpu-postcopy1-preempt", 1, True, g) for g in (90, 100, 125)),
     ]
+
+
+def test_the_comparison_says_how_much_shorter_the_median_and_worst_gaps_are() -> None:
+    records = _three_modes()
     rows = scenario_figures(records)
     assert [r["mode"] for r in rows] == ["precopy", "postcopy", "postcopy-preempt"]
     assert rows[0]["gap_ms"] == 400 and rows[1]["worst_gap_ms"] == 900
-    found = {c["scenario"]: c["shorter_by"] for c in comparisons(rows)}
-    assert found == {"kvstore-1g-1cpu-postcopy1": 0.5, "kvstore-1g-1cpu-postcopy1-preempt": 0.75}
-    assert "shortens the longest gap without an answer by 75%" in comparison_lines(records)[1]
+    # p50 from the migration window, p99 and max its medians over runs
+    assert (rows[0]["p50_ms"], rows[0]["p99_ms"], rows[0]["max_ms"]) == (4.0, 200.0, 400.0)
+    found = {c["scenario"]: (c["ratio"], c["worst_ratio"]) for c in comparisons(rows)}
+    assert found == {
+        "kvstore-1g-1cpu-postcopy1": (0.5, 1.8),
+        "kvstore-1g-1cpu-postcopy1-preempt": (0.25, 0.25),
+    }
+    postcopy, preempt = comparison_lines(records)
+    assert "median 200.0 vs 400.0 ms (0.50x, 50% shorter)" in postcopy
+    assert "worst 900.0 vs 500.0 ms (1.80x, 80% longer)" in postcopy
+    assert "median 100.0 vs 400.0 ms (0.25x, 75% shorter)" in preempt
+    assert "worst 125.0 vs 500.0 ms (0.25x, 75% shorter)" in preempt
+
+
+def test_the_plot_puts_the_modes_side_by_side_and_every_runs_gap_beside_them() -> None:
+    import matplotlib.pyplot as plt
+
+    figure = service_figure(_three_modes())
+    try:
+        *timelines, gaps = figure.axes
+        assert [a.get_title().split(":")[0] for a in timelines] == [
+            "kvstore-1g-1cpu-precopy",
+            "kvstore-1g-1cpu-postcopy1",
+            "kvstore-1g-1cpu-postcopy1-preempt",
+        ]
+        assert "gap 400.0 ms" in timelines[0].get_title()  # the run with the median gap
+        assert [t.get_text() for t in gaps.get_xticklabels()] == [
+            "precopy",
+            "postcopy",
+            "postcopy-preempt",
+        ]
+        dots = sorted(y for line in gaps.get_lines() for y in line.get_ydata())
+        assert dots == sorted([300, 400, 500, 150, 200, 900, 90, 100, 125])
+        notes = [t.get_text() for t in gaps.texts]
+        assert notes == ["median 0.50x\nworst 1.80x", "median 0.25x\nworst 0.25x"]
+    finally:
+        plt.close(figure)
+    assert service_figure([]) is None
 
 
 def test_a_bench_in_pieces_numbers_each_scenarios_runs_on(tmp_path: Path) -> None:
