@@ -1,21 +1,25 @@
 """Recovery soak: real cuts at random points of postcopy, and every run must recover.
 
     .venv/bin/python benchmarks/recovery_soak.py [--runs 50] [--seed N] [--ram 256M]
-        [--out FILE.jsonl]
+        [--out FILE.jsonl] [--only MECHANISM,...]
 
 (`make recovery-soak`; not part of the test suite, which holds a handful of these.) Each
 run starts a source and a destination (`vm run`, memtouch), migrates with one precopy
 round then postcopy through a link proxy (bench/linkproxy.py), and breaks the link at a
 random point of postcopy, by turns:
 
-- `reset`: the proxy resets every connection N bytes into the push (N random),
+- `reset`: the proxy resets every connection N bytes into what is left of postcopy (N
+  random; the push is held at the switchover until the point is drawn and armed, so the
+  point is always before the end),
 - `reset-ram`: a reset K bytes into a RAM_RUN frame (inside its page data, K random),
-- `reset-bitmap`: a first reset, then another inside the RECV_BITMAP reply of the
-  reconnect (a double failure in the handshake),
-- `freeze`: the link goes silent both ways (the heartbeats find it, then it comes back),
-- `drop-up`: the return direction is lost (the source's heartbeat finds it),
-- `ss-kill`: `ss -K` destroys the source's main socket in the kernel (root only; else
-  a `reset`),
+- `reset-bitmap`: a first reset as `reset`, then another inside the RECV_BITMAP reply of
+  the reconnect (a double failure in the handshake),
+- `freeze`: the link goes silent both ways at such a point (the heartbeats find it, then
+  it comes back),
+- `drop-up`: the return direction is lost from such a point (the source's heartbeat
+  finds it),
+- `ss-kill`: the proxy holds the link at such a point and `ss -K` destroys its sockets to
+  the destination in the kernel (root only; else a `reset`),
 - `blocked`: the push is held at 4096 bytes/s, the guest's requests are dropped so that
   a vCPU waits on a missing page, then the link is reset: after the resume, the time to
   that page (x-pending-pages-ms) is what the issue bounds (100 ms),
@@ -46,7 +50,7 @@ from typing import Any
 
 from soak import SoakError, wait  # the chain soak's: same errors, same polling
 
-from postcopy.bench.linkproxy import Cut, LinkProxy
+from postcopy.bench.linkproxy import Action, Cut, LinkProxy
 from postcopy.tools.qmpclient import QmpClient
 from postcopy.tools.vmchild import VmChild, free_port
 from postcopy.units import parse_size
@@ -92,26 +96,16 @@ def one_run(
     try:
         dst, src = destination.connect(60), source.connect(60)
         dst.execute("migrate-set-parameters", QUICK)
-        rate = HOLD if mechanism == "blocked" else PUSH_RATE
         src.execute(
             "migrate-set-parameters",
             {
                 **QUICK,
                 "x-postcopy-after-rounds": 1,
-                "max-postcopy-bandwidth": rate,
+                "max-postcopy-bandwidth": HOLD,  # until the cut is armed: see cut_link
                 "x-postcopy-auto-recover": True,
             },
         )
         wait(lambda: source.console().count(b"B") >= vcpus, 60, "a first pass", *vms)
-        if mechanism in ("reset", "freeze", "drop-up"):
-            after = rng.randrange(0, 12 << 20)
-            record["cut_after_package"] = after
-            action = {"reset": "reset", "freeze": "freeze", "drop-up": "drop"}[mechanism]
-            direction = "up" if mechanism == "drop-up" else "down"
-            if direction == "up":  # drop the return path once the push is that far
-                proxy.arm(Cut(frame=FrameType.PACKAGE, offset=after, clip=False, action="freeze"))
-            else:
-                proxy.arm(Cut(frame=FrameType.PACKAGE, offset=after, clip=False, action=action))
         src.execute("migrate", {"uri": proxy.uri})
         wait(lambda: query(dst).get("status") == "postcopy-active", 60, "postcopy", *vms)
         cut = cut_link(mechanism, rng, proxy, src, dst, uri, record, vms)
@@ -166,11 +160,31 @@ def cut_link(
     record: dict[str, Any],
     vms: tuple[VmChild, ...],
 ) -> dict[str, Any]:
-    """Break the link in postcopy as `mechanism` says; the source then recovers by itself."""
+    """Break the link in postcopy as `mechanism` says; the source then recovers by itself.
+
+    The push is held (HOLD) from the switchover until the cut is armed, and the point is
+    drawn from what is left of postcopy then: how long postcopy lasts depends on what the
+    guest dirtied in the precopy round (11k-19k pages of 256 MiB in most runs, a few
+    hundred in some), so a point drawn in time or in bytes from the switchover, without
+    looking, may come after the end, and then nothing breaks."""
     found: dict[str, Any] = {}
-    if mechanism in ("reset", "freeze", "drop-up"):
+
+    def release() -> None:
+        src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": PUSH_RATE})
+
+    def arm_in_what_is_left(action: Action) -> None:
+        after = random_point(rng, src)
+        record["cut_after_bytes"] = after
+        proxy.arm(Cut(after=after, action=action))
+        release()
+
+    def reported() -> dict[str, Any]:
         report = proxy.wait_cut(120)
-        found = {"cut_frame": report.frame_type, "cut_offset": report.frame_offset}
+        return {"cut_frame": report.frame_type, "cut_offset": report.frame_offset}
+
+    if mechanism in ("reset", "freeze", "drop-up"):
+        arm_in_what_is_left("reset" if mechanism == "reset" else "freeze")
+        found = reported()
         if mechanism == "drop-up":
             proxy.thaw()  # the main stream flows again; the return direction is lost
             proxy.drop("up")
@@ -179,16 +193,17 @@ def cut_link(
             proxy.thaw()
     elif mechanism == "reset-ram":
         proxy.arm(Cut(frame=FrameType.RAM_RUN, offset=rng.randrange(0, 1 << 20)))
-        report = proxy.wait_cut(120)
-        found = {"cut_frame": report.frame_type, "cut_offset": report.frame_offset}
+        release()
+        found = reported()
     elif mechanism == "reset-bitmap":
+        arm_in_what_is_left("reset")
+        reported()
+        # the source reconnects after its first backoff (x-recover-backoff-ms, 500 ms)
         proxy.arm(Cut(frame=FrameType.RECV_BITMAP, direction="up", offset=rng.randrange(0, 9000)))
-        time.sleep(rng.uniform(0, 0.5))
-        proxy.reset()
-        report = proxy.wait_cut(120)
-        found = {"cut_frame": report.frame_type, "cut_offset": report.frame_offset}
+        found = reported()
     elif mechanism == "ss-kill" and os.geteuid() == 0 and shutil.which("ss"):
-        time.sleep(rng.uniform(0, 1.0))
+        arm_in_what_is_left("freeze")  # the point; the kernel breaks the link there
+        found = {**reported(), "cut_by": "ss -K"}
         port = uri.rsplit(":", 1)[1]
         # the proxy's upstream sockets go to the destination's port: kill them in the kernel
         subprocess.run(
@@ -196,7 +211,7 @@ def cut_link(
             check=True,
             capture_output=True,
         )
-        found = {"cut_frame": None}
+        proxy.thaw()
     elif mechanism == "blocked":
         proxy.drop("up")  # requests lost: a vCPU waits on a page that does not come
         wait(lambda: query(dst).get("x-postcopy-requests-sent", 0) > 0, 30, "a request", *vms)
@@ -204,12 +219,28 @@ def cut_link(
         proxy.reset()
         wait(lambda: query(src).get("x-recoveries", 0) > 0, 60, "a recovery", *vms)
         wait(lambda: "x-pending-pages-ms" in query(dst), 30, "the pending pages", *vms)
-        src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": PUSH_RATE})
-    else:  # ss-kill without root: a reset at a random moment
-        time.sleep(rng.uniform(0, 1.0))
-        proxy.reset()
-        found = {"cut_frame": None, "ss_kill": "not root: a proxy reset instead"}
+        release()
+    else:  # ss-kill without root: the proxy resets the link at the point instead
+        arm_in_what_is_left("reset")
+        found = {**reported(), "cut_by": "not root: a proxy reset instead of ss -K"}
     return found
+
+
+def random_point(rng: random.Random, src: QmpClient) -> int:
+    """A byte count from now into what is left of postcopy (the push held meanwhile).
+
+    What is left must all cross, on the main channel or on the preempt channel, so one of
+    them carries at least half of it; a third leaves room for the pages the guest asks
+    for between this query and the cut's arming."""
+    info = query(src)
+    counts = info.get("x-postcopy") or {}
+    left = (
+        counts.get("needed-pages", 0)
+        - counts.get("pushed-pages", 0)
+        - counts.get("requested-pages", 0)
+    )
+    page_size = int((info.get("ram") or {}).get("page-size") or 4096)
+    return rng.randrange(0, max(1, left * page_size // 3))
 
 
 def figures(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +254,8 @@ def figures(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, An
         "pending_ms": destination.get("x-pending-pages-ms"),
         "blocktime_ms": destination.get("postcopy-blocktime"),
         "refused": destination.get("x-refused-connections"),
+        "needed_pages": (source.get("x-postcopy") or {}).get("needed-pages"),
+        "postcopy_bytes": (source.get("ram") or {}).get("postcopy-bytes"),
     }
 
 
@@ -246,10 +279,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ram", default="256M")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--only",
+        default=",".join(MECHANISMS),
+        help="the mechanisms to take in turn, comma-separated (default: all)",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     ram = parse_size(args.ram)
+    mechanisms = args.only.split(",")
+    unknown = sorted(set(mechanisms) - set(MECHANISMS))
+    if unknown:
+        parser.error(f"unknown mechanism {unknown[0]!r}; known: {', '.join(MECHANISMS)}")
     out = args.out.open("w") if args.out else None
 
     def emit(record: dict[str, Any]) -> None:
@@ -263,7 +305,7 @@ def main() -> int:
     records = []
     with tempfile.TemporaryDirectory(prefix="recovery-soak-") as workdir:
         for index in range(args.runs):
-            mechanism = MECHANISMS[index % len(MECHANISMS)]
+            mechanism = mechanisms[index % len(mechanisms)]
             record = one_run(index, rng, Path(workdir), ram, mechanism)
             emit(record)
             records.append(record)
