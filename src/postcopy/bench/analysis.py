@@ -25,6 +25,7 @@ from postcopy.migration import trace_points as tp
 from postcopy.tools.runfile import Run
 
 DOWNTIME_TARGET_US = 5000.0
+OUTAGE_TAIL = 1.0  # s: "around the outage" runs from the first pause to this after the resume
 TARGETS: dict[str, tuple[str, float]] = {
     "throughput_vs_limit": (">=", 0.70),
     "bulk_round_vs_line_rate": (">=", 0.50),  # issue 5
@@ -181,6 +182,41 @@ def _recovery_figures(record: dict[str, Any], run: Run) -> dict[str, Any]:
         "recovery_resent_pages": src.get("x-recovery-resent-pages"),
         "pending_pages_at_resume": dst.get("x-pending-pages"),
         "pending_pages_served_ms": dst.get("x-pending-pages-ms"),
+        **outage_blocktime(run),
+    }
+
+
+def outage_blocktime(run: Run) -> dict[str, Any]:
+    """The destination's blocktime (all vCPUs blocked at once, QEMU's postcopy-blocktime)
+    that accrued around the outage, from the first pause on either side to OUTAGE_TAIL
+    after the last resume, and in a window as long just before the pause (from the
+    switchover at most), from the samples' live x-postcopy-blocktime-us: a vCPU blocked
+    through the outage counts when its page comes, after the resume."""
+    pauses = [t for side in ("source", "destination") if (t := run.first(side, tp.PAUSED))]
+    resumed = [float(e["t"]) for e in run.events_of("destination", tp.RESUMED)]
+    samples = [
+        (float(s["t"]), float(s["blocktime-us"])) for s in run.samples if "blocktime-us" in s
+    ]
+    if not pauses or not resumed or not samples:
+        return {}
+    start, end = min(pauses), max(resumed) + OUTAGE_TAIL
+    final = run.destination.get("x-postcopy-blocktime-us")
+
+    def at(t: float, after: bool) -> float:
+        """The blocktime at the sample just before `t` (or just after it, or the final
+        figure if the migration ended first)."""
+        if after:
+            later = [value for when, value in samples if when >= t]
+            return later[0] if later else float(final if final is not None else samples[-1][1])
+        earlier = [value for when, value in samples if when <= t]
+        return earlier[-1] if earlier else 0.0
+
+    before_start = max(start - (end - start), run.switchover() or 0.0)
+    return {
+        "outage_window_ms": round((end - start) * 1000, 1),
+        "outage_blocktime_ms": round((at(end, True) - at(start, False)) / 1000, 1),
+        "before_outage_window_ms": round((start - before_start) * 1000, 1),
+        "before_outage_blocktime_ms": round((at(start, False) - at(before_start, False)) / 1000, 1),
     }
 
 

@@ -305,7 +305,10 @@ def recovery_line(record: dict[str, Any]) -> str | None:
         f"{figures.get('reconnect_to_active_ms')} ms; {figures.get('recovery_resent_pages')} "
         f"pages sent again; {figures.get('pending_pages_at_resume')} pending requests served "
         f"{figures.get('pending_pages_served_ms')} ms after the resume; blocktime "
-        f"{figures.get('blocktime_ms')} ms"
+        f"{figures.get('blocktime_ms')} ms, {figures.get('outage_blocktime_ms')} ms of it in "
+        f"the {figures.get('outage_window_ms')} ms from the pause to 1 s after the resume "
+        f"({figures.get('before_outage_blocktime_ms')} ms in the "
+        f"{figures.get('before_outage_window_ms')} ms before)"
     )
 
 

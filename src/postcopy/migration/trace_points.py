@@ -144,6 +144,7 @@ PAUSED = TracePoint(
     BOTH,
     ("reason",),
     "postcopy paused: a channel failed, the heartbeat heard nothing, or migrate-pause",
+    (BENCH,),
 )
 RESUMED = TracePoint(
     "resumed",

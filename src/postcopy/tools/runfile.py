@@ -66,6 +66,7 @@ SAMPLE_DESTINATION_FIELDS = {
     "vcpu-faults": "x-postcopy-vcpu-faults",
     "pages-placed": "x-pages-placed",
     "pages-moved": "x-pages-moved",
+    "blocktime-us": "x-postcopy-blocktime-us",
 }
 LIVE_RATE_WINDOW = 1.0  # seconds: the live rate is over the last second or so
 
