@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -291,13 +292,17 @@ def test_five_pauses_in_one_migration(tmp_path: Path, vms: list[VmProcess]) -> N
 
 
 def test_a_vcpu_blocked_through_the_outage_gets_its_page_first(
-    tmp_path: Path, vms: list[VmProcess]
+    tmp_path: Path, vms: list[VmProcess], record_property: Any
 ) -> None:
     """A vCPU waits on a missing page when the link breaks (its request was lost on the
     way); the resume re-sends the request and the page comes as an answer, while the push
     is held at HOLD (a page a second): `pending-served` follows `resumed` on the
     destination, and the source answered at least those pages as requests after the
-    pause. (The time it takes is the bench's figure: `x-pending-pages-ms`.)"""
+    pause. The issue bounds the time (100 ms after the resume); a test asserts no wall
+    clock, so the figure, `x-pending-pages-ms` (resume -> the last pending page placed),
+    is recorded as the test's property `x-pending-pages-ms` (junit XML; printed with -s)
+    and measured by `make recovery-soak` (its `blocked` runs). Measured: 2.7 and 2.9 ms
+    (4928bbb), 2.6-3.3 ms in 7 soak runs on a loaded host."""
     pair = start_pair(tmp_path, vms)
     destination = pair.destination
     with LinkProxy(pair.uri) as proxy:
@@ -321,6 +326,8 @@ def test_a_vcpu_blocked_through_the_outage_gets_its_page_first(
         assert time.monotonic() < deadline, info
         time.sleep(0.05)
     assert info["x-pending-pages"] >= 1, info
+    record_property("x-pending-pages-ms", info["x-pending-pages-ms"])
+    print(f"x-pending-pages-ms {info['x-pending-pages-ms']} ({info['x-pending-pages']} pages)")
     events = [entry["event"] for entry in destination.cmd("x-migration-timeline")]
     assert events.index("pending-served") > len(events) - 1 - events[::-1].index("resumed")
     answered = pair.source.cmd("query-migrate")["x-postcopy"]
