@@ -79,3 +79,41 @@ def test_a_request_sends_what_is_needed_and_again_what_the_push_took() -> None:
     counters = sender.counters
     assert (counters.pages_requested, counters.pages_resent) == (4, 2)
     assert (counters.normal, counters.duplicate) == (3, 3)
+
+
+def test_zero_pages_found_ahead_are_found_again_after_a_sync() -> None:
+    # a sweep finds zero pages ahead of the runs it sends; a page written after that look
+    # goes out as a zero page (the dirty log has the write, and the next round sends it)
+    # unless a sync of the dirty log came in between: then it is looked at again
+    pages = 256
+    mapping = Mapping.anonymous(pages * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    mapping.view[5 * PAGE] = 1
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    ours, theirs = Connection.socketpair()
+    received = bytearray()
+
+    def drain() -> None:
+        buffer = memoryview(bytearray(1 << 16))
+        while count := theirs.recv_into(buffer):
+            received.extend(buffer[:count])
+
+    with mapping, ours, theirs:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        writer = StreamWriter(ours, Direction.MAIN)
+        block = ram[0]
+        sender.send_pages(writer, 0, block, 0, 64, phase="precopy", ahead=pages - 64)
+        mapping.view[100 * PAGE] = 7  # the guest writes a page found zero a moment ago
+        sender.send_pages(writer, 0, block, 64, 64, phase="precopy", ahead=pages - 128)
+        sender.forget_zero_pages()  # a sync (its dirty log holds page 100)
+        sender.send_pages(writer, 0, block, 64, 64, phase="precopy", ahead=pages - 128)
+        ours.shutdown()
+        reader.join(5)
+        sent = _runs_sent(bytes(received))
+    assert [(first, count) for first, count, _, _ in sent] == [(0, 64), (64, 64), (64, 64)]
+    assert np.flatnonzero(~np.array(sent[0][2])).tolist() == [5]
+    assert not any(not bit for bit in sent[1][2])  # page 100 went as a zero page
+    assert np.flatnonzero(~np.array(sent[2][2])).tolist() == [36]  # and now with its data
+    assert sent[2][3] == b"\x07" + bytes(PAGE - 1)
+    assert sender.pages_not_read == 63 + 64 + 63  # never touched, each time it was sent

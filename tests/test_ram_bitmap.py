@@ -47,6 +47,31 @@ def test_zero_pages_detects_each_page() -> None:
     assert zero.tolist() == [True, True, True, False, True, True, False, True]
 
 
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=24), st.integers(0, 200))
+def test_zero_rows_match_reading_every_word(places: list[int], seed: int) -> None:
+    # data in the first word, elsewhere in the first cache line, or only past it: each
+    # tier of zero_rows must find it, for all rows and for a choice of rows
+    rng = np.random.default_rng(seed)
+    pages = np.zeros((len(places), 64), dtype=np.uint64)  # 512-byte "pages"
+    for row, place in enumerate(places):
+        if place < 64:  # 64..70: a zero page
+            pages[row, place] = int(rng.integers(1, 1 << 62))
+    expected = [place >= 64 for place in places]
+    assert bm.zero_rows(pages).tolist() == expected
+    rows = np.flatnonzero(rng.random(len(places)) < 0.5)
+    assert bm.zero_rows(pages, rows).tolist() == [expected[r] for r in rows.tolist()]
+
+
+@given(st.lists(st.booleans(), max_size=300), st.integers(1, 17))
+def test_pages_after_counts_to_the_end_of_each_stretch(bits: list[bool], max_length: int) -> None:
+    starts, lengths = bm.split_runs(*bm.runs(np.array(bits, dtype=np.bool_)), max_length)
+    after = bm.pages_after(starts, lengths)
+    for start, length, ahead in zip(starts.tolist(), lengths.tolist(), after, strict=True):
+        end = start + length
+        assert all(bits[end : end + ahead])  # every page counted follows without a gap
+        assert end + ahead == len(bits) or not bits[end + ahead]  # and no further
+
+
 def test_range_helpers_check_bounds() -> None:
     bitmap = bm.new_bitmap(10)
     bm.set_range(bitmap, 2, 3)

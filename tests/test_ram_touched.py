@@ -12,7 +12,7 @@ import pytest
 from postcopy.linux.memory import Mapping
 from postcopy.linux.pagemap import Pagemap
 from postcopy.ram import RamBlock, zero_pages
-from postcopy.ram.touched import ZeroPageFinder
+from postcopy.ram.touched import LOOKAHEAD_BYTES, ZeroPageFinder
 
 pytestmark = pytest.mark.timeout(60, method="thread")
 
@@ -59,6 +59,49 @@ def test_same_answer_as_reading_every_page() -> None:
         for first, count in ((0, 512), (17, 100), (300, 212), (40, 3)):
             found = finder.zero_pages(first, count)
             assert found.tolist() == zero_pages(block.page_view(first, count), PAGE).tolist()
+
+
+def test_pages_found_ahead_are_found_once_with_the_same_answer_until_forgotten() -> None:
+    # a sweep that says what follows is looked at LOOKAHEAD_BYTES at a time: the answers
+    # are the ones reading every page gives, each untouched page is counted once, and
+    # after forget() (a dirty-log sync) a page written meanwhile is found again
+    lookahead = LOOKAHEAD_BYTES // PAGE
+    pages = lookahead + 700
+    rng = np.random.default_rng(5)
+    with Mapping.anonymous(pages * PAGE) as mapping, Pagemap() as pagemap:
+        block = RamBlock("pc.ram", mapping)
+        written = np.flatnonzero(rng.random(pages) < 0.3)
+        for page in written.tolist():
+            value = int(rng.integers(0, 3))  # some written pages hold only zeros
+            ctypes.memset(mapping.address + page * PAGE + int(rng.integers(0, PAGE)), value, 1)
+        expected = zero_pages(block.page_view(0, pages), PAGE)  # maps the shared zero page
+        finder = ZeroPageFinder(block, pagemap)
+        runs = [(first, min(512, pages - first)) for first in range(0, pages, 512)]
+        for first, count in runs:
+            found = finder.zero_pages(first, count, ahead=pages - first - count)
+            assert found.tolist() == expected[first : first + count].tolist()
+        assert finder.pages_skipped == pages - written.size
+        # found ahead and kept: a write now is not seen (the dirty log sees it) ...
+        finder.forget()
+        finder.zero_pages(0, 512, ahead=1000)  # [0, 1512) found at once
+        target = 600 + int(np.flatnonzero(expected[600:1400])[0])
+        ctypes.memset(mapping.address + target * PAGE + 9, 4, 1)
+        assert finder.zero_pages(target, 20)[0]
+        # ... until the next sync says to look again; past the window it looks again anyway
+        finder.forget()
+        assert not finder.zero_pages(target, 20)[0]
+        assert finder.zero_pages(lookahead + 600, 50).tolist() == (
+            expected[lookahead + 600 : lookahead + 650].tolist()
+        )
+
+
+def test_shared_memory_is_never_found_ahead() -> None:
+    # another process may write shared memory, and no dirty log sees it
+    with Mapping.memfd(64 * PAGE) as mapping, Pagemap() as pagemap:
+        finder = ZeroPageFinder(RamBlock("pc.ram", mapping), pagemap)
+        assert finder.zero_pages(0, 20, ahead=44).all()
+        mapping.view[30 * PAGE] = 1
+        assert np.flatnonzero(~finder.zero_pages(20, 20, ahead=24)).tolist() == [10]
 
 
 def test_shared_memory_holes_are_zero_and_data_is_found_wherever_written() -> None:

@@ -90,12 +90,15 @@ class StreamWriter:
         """
         header = self._encoder.ram_run_header(block_index, first_page, zero, block.page_size)
         buffers: list[bytes | memoryview] = [header]
-        normal_starts, normal_lengths = runs(~zero)
-        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
-            buffers.append(block.page_view(first_page + start, length))
-        size = len(header) + int(np.count_nonzero(~zero)) * block.page_size
+        normal = zero.size - int(np.count_nonzero(zero))
+        if normal == zero.size:  # the common case: every page has data, one buffer
+            buffers.append(block.page_view(first_page, normal))
+        elif normal:
+            normal_starts, normal_lengths = runs(~zero)
+            for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+                buffers.append(block.page_view(first_page + start, length))
         self._send(buffers)
-        return size
+        return len(header) + normal * block.page_size
 
     def send_discards(
         self, block_index: int, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]

@@ -7,11 +7,13 @@ from postcopy.ram.bitmap import (
     clear_range,
     fold,
     new_bitmap,
+    pages_after,
     runs,
     set_range,
     split_runs,
     unfold,
     zero_pages,
+    zero_rows,
 )
 from postcopy.ram.block import RamBlock, RamList
 
@@ -26,9 +28,11 @@ __all__ = [
     "discard_range",
     "fold",
     "new_bitmap",
+    "pages_after",
     "runs",
     "set_range",
     "split_runs",
     "unfold",
     "zero_pages",
+    "zero_rows",
 ]

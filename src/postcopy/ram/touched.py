@@ -34,10 +34,13 @@ from postcopy.linux.pagemap import (
     Pagemap,
     PagemapError,
 )
-from postcopy.ram.bitmap import Bitmap, zero_pages
+from postcopy.ram.bitmap import Bitmap, zero_pages, zero_rows
 from postcopy.ram.block import RamBlock
 
 HELD = PageCategory.PRESENT | PageCategory.SWAPPED
+# a run that the caller says more pages follow (`ahead`) is looked at with up to this much
+# RAM after it, at once: one PAGEMAP_SCAN and one zero check per 16 MiB instead of per run
+LOOKAHEAD_BYTES = 16 << 20
 # runs this short of private anonymous memory are read: a scan costs more than reading a
 # few pages (a requested page); shared memory never reads a hole (it would allocate)
 SMALL_RUN_PAGES = 16
@@ -84,7 +87,18 @@ class ZeroPageFinder:
     """`zero_pages(first, count)` of one block: which pages of the run are all zero.
 
     The caller must guarantee that the pages it reads are present (the GIL rule), as for
-    `ram.zero_pages`; on the source they always are."""
+    `ram.zero_pages`; on the source they always are.
+
+    Found ahead: a caller that will send the next `ahead` pages right after this run says
+    so, and private anonymous RAM is then looked at up to LOOKAHEAD_BYTES at once (a
+    PAGEMAP_SCAN and a zero check cost ~45 and ~60 us per call whatever their length up to
+    a few MiB: per 2 MiB run they were a third of the bulk round's sending thread, per
+    64-page push run a fifth of the push). The answers kept are as good as ones found when
+    the run is sent, as long as every write to the pages in between is sent again later:
+    the dirty log records it, and `forget` must be called at every sync of the dirty log
+    (a page still pending at a sync is not marked to send again, so an answer found before
+    the sync could hide a write made before it). Shared memory is never looked at ahead:
+    another process may write it, and no dirty log sees that."""
 
     def __init__(self, block: RamBlock, pagemap: Pagemap | None = None) -> None:
         self.block = block
@@ -98,19 +112,63 @@ class ZeroPageFinder:
         )
         self._scan = True  # PAGEMAP_SCAN until the kernel says it has none
         self.pages_skipped = 0  # never touched: not read at all
+        self._lookahead = max(1, LOOKAHEAD_BYTES // block.page_size)
+        # pages found ahead: (first, zero, untouched), replaced whole (the push and, with
+        # preempt, the return path may both ask; each reads one consistent tuple)
+        self._found: tuple[int, Bitmap, Bitmap] | None = None
 
-    def zero_pages(self, first: int, count: int) -> Bitmap:
+    def forget(self) -> None:
+        """Drop the answers found ahead: the dirty log was synced (see the class doc)."""
+        self._found = None
+
+    def zero_pages(self, first: int, count: int, ahead: int = 0) -> Bitmap:
+        """Which pages of [first, first + count) are zero; `ahead`: how many pages the
+        caller will ask for right after these, in the same sweep (see the class doc)."""
+        found = self._found
+        if found is not None:
+            low, zero, untouched = found
+            if low <= first and first + count <= low + zero.size:
+                offset = first - low
+                self.pages_skipped += int(np.count_nonzero(untouched[offset : offset + count]))
+                return zero[offset : offset + count].copy()
+        if ahead <= 0 or self._pagemap is None or count <= SMALL_RUN_PAGES:
+            return self._find(first, count)
+        total = min(count + min(ahead, self._lookahead), self.block.pages - first)
+        zero, untouched = self._find_untouched(first, total)
+        self._found = (first, zero, untouched)
+        self.pages_skipped += int(np.count_nonzero(untouched[:count]))
+        return zero[:count].copy()
+
+    def _find(self, first: int, count: int) -> Bitmap:
         block = self.block
         if self._file is not None:
             held = self._held_by_file(self._file, first, count)
         elif self._pagemap is None or count <= SMALL_RUN_PAGES:
             return zero_pages(block.page_view(first, count), block.page_size)
         else:
-            held = self._held(first, count)
+            zero, untouched = self._find_untouched(first, count)
+            self.pages_skipped += int(np.count_nonzero(untouched))
+            return zero
         if held.all():
             return zero_pages(block.page_view(first, count), block.page_size)
+        return self._check_held(first, count, held)
+
+    def _find_untouched(self, first: int, count: int) -> tuple[Bitmap, Bitmap]:
+        """Private anonymous RAM: (zero, never touched) of a run, not counted."""
+        block = self.block
+        held = self._held(first, count)
+        if held.all():
+            return zero_pages(block.page_view(first, count), block.page_size), ~held
+        return self._check_held(first, count, held, count_skipped=False), ~held
+
+    def _check_held(
+        self, first: int, count: int, held: Bitmap, *, count_skipped: bool = True
+    ) -> Bitmap:
+        """Zero pages of a run: those not `held`, and the held ones that read as zeros."""
+        block = self.block
         zero = ~held
-        self.pages_skipped += int(np.count_nonzero(zero))
+        if count_skipped:
+            self.pages_skipped += int(np.count_nonzero(zero))
         rows = np.flatnonzero(held)
         if rows.size:
             words = block.page_size // 8
@@ -118,7 +176,7 @@ class ZeroPageFinder:
                 count, words
             )
             # fancy indexing reads only the rows asked for: the untouched pages stay untouched
-            zero[rows] = ~pages[rows].any(axis=1)
+            zero[rows] = zero_rows(pages, rows)
         return zero
 
     def _held(self, first: int, count: int) -> Bitmap:

@@ -421,20 +421,22 @@ class IncomingMigration(MigrationBase):
         if self.uffd is None:
             # RAM is not registered yet: read normal pages straight into guest memory
             first, count = header.first_page, header.zero.size
+            normal = header.data_length // block.page_size
             received = self.received[header.block][first : first + count]
             prefaulter = self._prefaulter
             if prefaulter is not None and not received.all():
-                prefaulter.advance(
-                    header.block, first, count, header.data_length // block.page_size
-                )
+                prefaulter.advance(header.block, first, count, normal)
+            if normal == count:  # no zero page (most of a bulk round): one read, nothing to empty
+                reader.read_data_into(block.page_view(first, count))
+                received[:] = True
+                return
             normal_starts, normal_lengths = runs(~header.zero)
             for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
                 reader.read_data_into(block.page_view(first + start, length))
             held = received
             if prefaulter is not None:
-                # written by the prefault thread, read here without a lock: a page it
-                # populates just after this read stays populated with zeros, the right
-                # content, only not freed
+                # written by the prefault thread, read here without a lock: a page it populates
+                # just after this read stays populated with zeros, the right content, not freed
                 held = received | prefaulter.prefaulted[header.block][first : first + count]
             stale_zero = header.zero & held
             if stale_zero.any():

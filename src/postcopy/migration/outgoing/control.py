@@ -31,7 +31,7 @@ from postcopy.migration.outgoing.errors import Cancelled, MigrationError
 from postcopy.migration.outgoing.pageservice import PageService
 from postcopy.migration.outgoing.recovery import DestinationNeverRan, SourceRecovery
 from postcopy.migration.outgoing.returnpath import ReturnPath
-from postcopy.migration.outgoing.sender import RamSender, run_pages_for
+from postcopy.migration.outgoing.sender import RamSender, run_pages_for, runs_ahead
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.recovery import HEARTBEAT_PING, watch_link
 from postcopy.migration.scheduling import set_thread_nice
@@ -455,6 +455,7 @@ class OutgoingMigration(MigrationBase):
         """The pages the guest wrote since the last sync (KVM's dirty log)."""
         # the final sync happens with the guest stopped: nothing to protect again
         by_name = self.machine.sync_dirty_log(rearm=not final)
+        self._sender.forget_zero_pages()  # what was found of pending pages may be stale now
         return [by_name[block.name] for block in self.machine.ram]
 
     def _pending_bytes(self, pending: list[Bitmap]) -> int:
@@ -485,11 +486,10 @@ class OutgoingMigration(MigrationBase):
         ROUND_POSTCOPY (postcopy was asked for) or ROUND_CONVERGED."""
         ram = self.machine.ram
         rest = total = self._pending_bytes(dirty)
-        synced = False
+        synced, send = False, self._sender.send_pages
         for index, block in enumerate(ram):
             run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
-            starts, lengths = split_runs(*runs(dirty[index]), run_pages)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            for start, length, ahead in runs_ahead(dirty[index], run_pages):
                 if not synced and rest < self._threshold_bytes():
                     synced = True
                     if self._sync_within_round(dirty, later, started=rest < total):
@@ -498,7 +498,7 @@ class OutgoingMigration(MigrationBase):
                 self._check_cancel()
                 if self._postcopy_requested.is_set():
                     return ROUND_POSTCOPY
-                self._sender.send_pages(writer, index, block, start, length, phase="precopy")
+                send(writer, index, block, start, length, phase="precopy", ahead=ahead)
                 sent[index][start : start + length] = True
                 dirty[index][start : start + length] = False
                 rest -= length * block.page_size

@@ -23,7 +23,7 @@ import numpy as np
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
-from postcopy.ram import Bitmap, RamList, runs, split_runs
+from postcopy.ram import Bitmap, RamList, pages_after, runs, split_runs
 
 SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
 
@@ -123,6 +123,7 @@ class PageService:
                 starts, lengths = split_runs(*runs(snapshot), block_run_pages)
                 if starts.size == 0:
                     break
+                after = pages_after(starts, lengths)  # zero pages are found this far ahead
                 position = 0
                 while position < starts.size:
                     check_cancel()
@@ -136,10 +137,17 @@ class PageService:
                         # continue the push from just after the last requested page
                         position = max(int(np.searchsorted(starts, jump[1], side="right")) - 1, 0)
                     start, length = int(starts[position]), int(lengths[position])
+                    end = start + length + after[position]
                     position += 1
                     for sub_start, sub_length in self._claim(index, start, length):
                         self._sender.send_pages(
-                            writer, index, block, sub_start, sub_length, phase="postcopy"
+                            writer,
+                            index,
+                            block,
+                            sub_start,
+                            sub_length,
+                            phase="postcopy",
+                            ahead=end - sub_start - sub_length,
                         )
                         self._counters.pages_pushed += sub_length  # only the push writes it
         self._counters.remaining = 0

@@ -21,7 +21,7 @@ from postcopy.migration.accounting import Accounting
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.parameters import Parameters
 from postcopy.migration.stats import Clock, RamCounters, RateMeter
-from postcopy.ram import RamBlock, RamList
+from postcopy.ram import Bitmap, RamBlock, RamList, pages_after, runs, split_runs
 from postcopy.ram.touched import ZeroPageFinder
 from postcopy.wire import max_run_pages
 
@@ -30,6 +30,13 @@ def run_pages_for(block: RamBlock, run_pages: int) -> int:
     """At most `run_pages` pages per run, and no more than one RAM_RUN frame may carry for
     the block's page size (8 huge pages of 2 MiB: a huge page is always sent whole)."""
     return max(1, min(run_pages, max_run_pages(block.page_size)))
+
+
+def runs_ahead(pages: Bitmap, run_pages: int) -> list[tuple[int, int, int]]:
+    """The runs of set `pages` in order, at most `run_pages` long, each with the number of
+    pages that follow it without a gap (`send_pages`'s `ahead`)."""
+    starts, lengths = split_runs(*runs(pages), run_pages)
+    return list(zip(starts.tolist(), lengths.tolist(), pages_after(starts, lengths), strict=True))
 
 
 THROTTLE_SLICE = 0.05  # seconds: the longest a new bandwidth limit waits to take effect
@@ -91,6 +98,12 @@ class RamSender:
         """Pages found zero without being read: the process never touched them."""
         return sum(finder.pages_skipped for finder in self._zero.values())
 
+    def forget_zero_pages(self) -> None:
+        """The dirty log was synced: zero pages found ahead of the runs sent must be found
+        again (ram.touched.ZeroPageFinder)."""
+        for finder in self._zero.values():
+            finder.forget()
+
     def restart_throttle(self) -> None:
         """The bandwidth limit counts from now (start of precopy, start of the push)."""
         self._throttle_start, self._throttle_bytes = self._clock(), 0
@@ -109,16 +122,19 @@ class RamSender:
         count: int,
         *,
         phase: str,
+        ahead: int = 0,
     ) -> int:
         """Send one run of `phase`: "precopy", "downtime", "postcopy" (the push) or
         "requested". Precopy and push runs count against their bandwidth limit (see
-        `wait_for_bandwidth`); the others are never held back."""
+        `wait_for_bandwidth`); the others are never held back. `ahead`: pages the caller
+        sends right after these (their zero pages are found with these: `forget_zero_pages`
+        at every sync of the dirty log)."""
         if count == 1 and block.page_size <= RESEND_MAX_PAGE_SIZE:
             return self._send_page(writer, index, block, first, phase)
         if self.parameters.zero_page_detection == "none":
             zero = np.zeros(count, dtype=np.bool_)
         else:
-            zero = self._zero[id(block)].zero_pages(first, count)
+            zero = self._zero[id(block)].zero_pages(first, count, ahead)
         size = writer.send_ram_run(index, block, first, zero)
         self.accounting.sent(count, int(np.count_nonzero(zero)), size, phase, block.page_size)
         with self._counters_lock:
