@@ -164,6 +164,8 @@ class PageService:
             window = self._needed[index][first : first + count]
             wanted_bits = window.copy()
             window[:] = False
+        if wanted_bits.all():  # the push's common case: nothing taken yet, one run
+            return [(first, count)]
         starts, lengths = runs(wanted_bits)
         return [(first + s, n) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
