@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from postcopy.transport import (
     listen,
 )
 from postcopy.transport import connection as connection_module
+from postcopy.transport.acceptor import AcceptorCounts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -442,6 +444,31 @@ def test_a_silent_peer_does_not_hold_back_the_source_behind_it(
         assert destination.recv_exact(4) == b"ping"
 
 
+def wait_counts(
+    read: Callable[[], AcceptorCounts], holds: Callable[[AcceptorCounts], bool]
+) -> AcceptorCounts:
+    """Until the acceptor's own counters (`read`) say what `holds` asks (they change on its
+    threads); fails naming them if they never do."""
+    pause = threading.Event()
+    for _ in range(3000):
+        counts = read()
+        if holds(counts):
+            return counts
+        pause.wait(0.01)
+    raise AssertionError(f"the acceptor never got there: {read()}")
+
+
+def wait_reported(refused: list[Exception], count: int) -> None:
+    """Until `count` refusals reached on_refused (each from its peer's own thread, after
+    the acceptor counted it)."""
+    pause = threading.Event()
+    for _ in range(3000):
+        if len(refused) >= count:
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"only {len(refused)} of {count} refusals reported: {refused}")
+
+
 def test_a_crowd_of_silent_peers_cannot_lock_the_door(
     pool: ThreadPoolExecutor, closing: list[Connection | Listener]
 ) -> None:
@@ -453,33 +480,80 @@ def test_a_crowd_of_silent_peers_cannot_lock_the_door(
     closing.append(listener)
     listener.handshake_timeout = 60.0
     accepted = pool.submit(listener.accept, 30)
-    pause = threading.Event()
-
-    def wait_dropped(count: int) -> None:
-        # reported from the dropped peers' own threads: give the last one a moment
-        for _ in range(400):
-            if len(refused) >= count:
-                return
-            pause.wait(0.05)
-
+    crowd = 2 * MAX_HANDSHAKES
     with contextlib.ExitStack() as stack:
-        for _ in range(2 * MAX_HANDSHAKES):
+        for _ in range(crowd):
             peer = socket.create_connection(("127.0.0.1", listener.uri.port))
             stack.enter_context(contextlib.closing(peer))
-        # every silent peer taken in before the source comes: the count below depends on
-        # the order of arrival (a source accepted early, its handshake done before the
-        # last silent peer came, leaves one drop fewer; on a loaded host, or with the
-        # listen backlog full, that happened)
-        wait_dropped(MAX_HANDSHAKES)
+        # the acceptor holds the whole crowd before the source comes (connect() returns
+        # before the listener took the peer in, and a source taken in among them, its
+        # handshake done before the rest came, would leave one drop fewer): a full door,
+        # each silent peer beyond the first MAX_HANDSHAKES having dropped the oldest
+        counts = wait_counts(lambda: listener.peer_counts, lambda counts: counts.accepted == crowd)
+        assert counts.in_handshake == MAX_HANDSHAKES, counts
+        assert counts.dropped == crowd - MAX_HANDSHAKES, counts
         source = connect(listener.uri, timeout=30)
         closing.append(source)
         closing.append(accepted.result(30))
-        # the first MAX_HANDSHAKES + 1 silent peers were dropped to make room, with a
-        # reason; the others are still waiting, held open here
-        wait_dropped(MAX_HANDSHAKES + 1)
+        # the source dropped one more, the oldest silent peer, to get in; its handshake is
+        # done and the other silent peers are still waiting, held open here
+        counts = listener.peer_counts
+        assert counts.accepted == crowd + 1, counts
+        assert counts.dropped == crowd - MAX_HANDSHAKES + 1, counts
+        assert counts.in_handshake == MAX_HANDSHAKES - 1, counts
+        # and each dropped peer is refused with the reason, once its thread has ended
+        wait_reported(refused, counts.dropped)
+        assert listener.peer_counts.refused == counts.dropped
         dropped = list(refused)
     assert len(dropped) == MAX_HANDSHAKES + 1
     assert all("newer peers were in their handshake" in str(e) for e in dropped), dropped
+
+
+def test_a_refused_peers_fd_taken_by_the_next_peer_keeps_that_peer_in_the_door(
+    closing: list[Connection | Listener],
+) -> None:
+    """A handshake that closes its socket before it reports back (a refusal does, in
+    Listener._handshake_accepted) frees the fd for a peer accepted after it; the first
+    peer's report must not end that peer's place in the door. (With the door keyed by fd
+    it did: that peer was no longer counted nor ever dropped, so a crowd of 16 silent
+    peers and a source dropped 8 of them instead of 9.) Linux gives accept() its fd when
+    the call starts, so the freed fd goes to the second peer accepted after the close:
+    three come, one at a time."""
+    from postcopy.transport.acceptor import Acceptor
+
+    closed = threading.Event()
+    report = threading.Event()
+
+    def handshake(sock: socket.socket, address: object) -> Connection:
+        if sock.recv(1) == b"q":  # the first peer: refused, its socket closed early
+            sock.close()
+            closed.set()
+            report.wait(30)
+            raise ConnectionClosed("refused")
+        raise ConnectionClosed("dropped")  # a silent peer, until it is closed
+
+    refused: list[Exception] = []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        acceptor = Acceptor(server, handshake, name="test", on_refused=refused.append)
+        stack.callback(acceptor.close)
+        acceptor.start()
+        port = server.getsockname()[1]
+        peers = [stack.enter_context(socket.socket()) for _ in range(4)]
+        peers[0].connect(("127.0.0.1", port))
+        peers[0].sendall(b"q")
+        assert closed.wait(30)
+        for number, peer in enumerate(peers[1:], start=2):
+            peer.connect(("127.0.0.1", port))
+            wait_counts(acceptor.counts, lambda counts, number=number: counts.accepted == number)
+        report.set()  # the first peer reports its refusal now
+        counts = wait_counts(acceptor.counts, lambda counts: counts.refused == 1)
+        assert counts.accepted == 4 and counts.in_handshake == 3, counts
+        for peer in peers[1:]:
+            peer.sendall(b"x")  # each ends as its own
+        counts = wait_counts(acceptor.counts, lambda counts: counts.refused == 4)
+        assert counts.in_handshake == 0 and counts.dropped == 0, counts
+        assert len(refused) == 4
 
 
 def test_refusals_go_to_on_refused_and_accept_returns_only_sources(

@@ -11,6 +11,12 @@ silent peers cannot lock the door: every new peer gets its turn.
 Results come out in the order the handshakes complete: a `Connection`, or the refusal (an
 exception) of a peer that failed its handshake. With an `on_refused` callback, refusals go
 there instead (from the handshake's thread) and `next()` returns connections only.
+
+Each peer in its handshake is known by a number of its own and held by a duplicate of its
+socket that the acceptor owns: the handshake may close its socket before it reports back
+(a refusal does), and the fd it had may already be the next peer's by then, so an fd is
+never the key. `counts()` says how many peers were accepted, are in their handshake, were
+dropped to make room and were refused, each counted where it happens, under the lock.
 """
 
 from __future__ import annotations
@@ -18,20 +24,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import logging
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from postcopy.transport.errors import ConnectionClosed, HandshakeError, TransportError
 
 if TYPE_CHECKING:
     from postcopy.transport.connection import Connection
 
-__all__ = ["MAX_HANDSHAKES", "MAX_READY", "Acceptor"]
+__all__ = ["MAX_HANDSHAKES", "MAX_READY", "Acceptor", "AcceptorCounts"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,15 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Handshake = Callable[[socket.socket, object], "Connection"]
 RefusalSink = Callable[[Exception], None]
+
+
+class AcceptorCounts(NamedTuple):
+    """The acceptor's counters at one moment (taken under its lock, so they agree)."""
+
+    accepted: int  # peers accepted since the start
+    in_handshake: int  # peers in their handshake now
+    dropped: int  # peers dropped in their handshake to make room for a newer one
+    refused: int  # handshakes that failed (the dropped ones too, once their thread ended)
 
 
 class Acceptor:
@@ -61,10 +76,14 @@ class Acceptor:
         self._on_refused = on_refused
         self._cond = threading.Condition()
         self._ready: collections.deque[Connection | Exception] = collections.deque()
-        # fd of each peer in its handshake, oldest first; an entry leaves before its
-        # socket is closed, so an fd found here is still that peer's (see _drop)
-        self._in_handshake: dict[int, float] = {}
-        self._dropped: set[int] = set()
+        # each peer in its handshake, oldest first: its number, and a duplicate of its
+        # socket that only the acceptor closes (see _drop)
+        self._in_handshake: dict[int, socket.socket] = {}
+        self._dropped: set[int] = set()  # numbers of dropped peers whose thread runs on
+        self._numbers = itertools.count()
+        self._accepted = 0
+        self._dropped_count = 0
+        self._refused = 0
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -94,6 +113,15 @@ class Acceptor:
                     raise TimeoutError(f"no source connected to {self._name} within {timeout} s")
                 self._cond.wait(remaining)
 
+    def counts(self) -> AcceptorCounts:
+        with self._cond:
+            return AcceptorCounts(
+                accepted=self._accepted,
+                in_handshake=len(self._in_handshake),
+                dropped=self._dropped_count,
+                refused=self._refused,
+            )
+
     def close(self) -> None:
         """Stop accepting (the caller closes the listening socket), end the handshakes in
         flight, close the connections nobody took."""
@@ -101,8 +129,8 @@ class Acceptor:
             if self._closed:
                 return
             self._closed = True
-            for fd in list(self._in_handshake):
-                self._drop(fd)
+            for number in list(self._in_handshake):
+                self._drop(number)
             unclaimed = [item for item in self._ready if not isinstance(item, Exception)]
             self._ready.clear()
             self._cond.notify_all()
@@ -123,19 +151,31 @@ class Acceptor:
                     log.warning("accepting on %s: %s; retrying", self._name, error.strerror)
                     time.sleep(0.1)
                 continue  # ECONNABORTED and the like: that peer is gone already
+            try:
+                held = sock.dup()  # the acceptor's hold on the peer (see _drop)
+            except OSError as error:  # no fd for it: as for accept()
+                sock.close()
+                log.warning("accepting on %s: %s; retrying", self._name, error.strerror)
+                time.sleep(0.1)
+                continue
             with self._cond:
                 if self._closed:
+                    held.close()
                     sock.close()
                     return
                 if len(self._in_handshake) >= MAX_HANDSHAKES:
-                    self._drop(next(iter(self._in_handshake)))
-                self._in_handshake[sock.fileno()] = time.monotonic()
+                    self._drop(next(iter(self._in_handshake)), to_make_room=True)
+                number = next(self._numbers)
+                self._in_handshake[number] = held
+                self._accepted += 1
             threading.Thread(
-                target=self._handshake_one, args=(sock, address), name="handshake", daemon=True
+                target=self._handshake_one,
+                args=(sock, address, number),
+                name="handshake",
+                daemon=True,
             ).start()
 
-    def _handshake_one(self, sock: socket.socket, address: object) -> None:
-        fd = sock.fileno()
+    def _handshake_one(self, sock: socket.socket, address: object, number: int) -> None:
         refusal: Exception | None = None
         connection: Connection | None = None
         try:
@@ -145,13 +185,16 @@ class Acceptor:
             # alive for as long as the refusal waits to be taken
             refusal = error.with_traceback(None)
         with self._cond:
-            self._in_handshake.pop(fd, None)
-            dropped = fd in self._dropped
-            self._dropped.discard(fd)
+            held = self._in_handshake.pop(number, None)
+            if held is not None:
+                held.close()
+            dropped = number in self._dropped
+            self._dropped.discard(number)
             if connection is not None and dropped:  # it finished as it was being dropped
                 connection.close()
                 connection, refusal = None, ConnectionClosed("connection dropped")
             if refusal is not None:
+                self._refused += 1
                 sock.close()
                 if dropped and isinstance(refusal, ConnectionClosed | OSError):
                     why = (
@@ -186,16 +229,16 @@ class Acceptor:
         self._ready.append(refusal)
         self._cond.notify_all()
 
-    def _drop(self, fd: int) -> None:
-        """End the handshake of the peer on `fd` (called with the lock held: its thread
-        cannot have closed the fd yet). shutdown() acts on the socket, so a duplicate
-        of the fd reaches it even once TLS has taken over the original socket object."""
-        self._in_handshake.pop(fd, None)
-        self._dropped.add(fd)
-        with contextlib.suppress(OSError):
-            duplicate = socket.socket(fileno=os.dup(fd))
-            with contextlib.closing(duplicate):
-                duplicate.shutdown(socket.SHUT_RDWR)
+    def _drop(self, number: int, *, to_make_room: bool = False) -> None:
+        """End the handshake of peer `number` (called with the lock held). shutdown()
+        acts on the socket, so the acceptor's duplicate reaches it whatever the handshake
+        did with its own socket object (TLS takes it over; a refusal closes it)."""
+        held = self._in_handshake.pop(number)
+        self._dropped.add(number)
+        if to_make_room:
+            self._dropped_count += 1
+        with contextlib.closing(held), contextlib.suppress(OSError):
+            held.shutdown(socket.SHUT_RDWR)
 
 
 def _describe(address: object) -> str:

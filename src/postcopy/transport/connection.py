@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from postcopy.closing import Closing
-from postcopy.transport.acceptor import Acceptor, RefusalSink
+from postcopy.transport.acceptor import Acceptor, AcceptorCounts, RefusalSink
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
     AuthConfig,
@@ -319,6 +319,11 @@ class Listener(Closing):
     def uri(self) -> Uri:
         """The bound endpoint, with the real port when port 0 was asked for."""
         return self._uri
+
+    @property
+    def peer_counts(self) -> AcceptorCounts:
+        """Peers accepted, in their handshake now, dropped to make room, refused."""
+        return self._acceptor.counts()
 
     def fileno(self) -> int:
         return self._sock.fileno()
