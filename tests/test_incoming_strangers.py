@@ -103,6 +103,10 @@ def test_peers_that_fail_the_streams_part_are_dropped_and_do_not_hold_back_the_s
     uri = f"tcp:127.0.0.1:{port}"
     destination = VmProcess(tmp_path, "dst", *GUEST, "--incoming", uri)
     vms.append(destination)
+    # the source is up before the silent peer comes: the peer's handshake limit (10 s)
+    # must not also cover a process start on a loaded host, or it is refused (a third)
+    source = VmProcess(tmp_path, "src", *GUEST)
+    vms.append(source)
     newer = connect(uri)
     newer.send_all([struct.pack(">8sII", MAIN_MAGIC, PROTOCOL_VERSION + 1, 0)])
     garbage = connect(uri)
@@ -116,8 +120,6 @@ def test_peers_that_fail_the_streams_part_are_dropped_and_do_not_hold_back_the_s
             for line in lines
         )
         assert any("StreamHeader.magic=80 81 82 83 84 85 86 87 (hex)" in line for line in lines)
-        source = VmProcess(tmp_path, "src", *GUEST)
-        vms.append(source)
         migrate_and_verify(source, destination, uri)
         # the silent peer was never refused: the source did not wait out its handshake
         assert destination.cmd("query-migrate")["x-refused-connections"] == 2

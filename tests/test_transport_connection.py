@@ -570,10 +570,6 @@ def test_refusals_go_to_on_refused_and_accept_returns_only_sources(
     source = connect(listener.uri, timeout=30)
     closing.append(source)
     closing.append(accepted.result(30))
-    pause = threading.Event()
-    for _ in range(200):  # the two handshakes fail on their own threads
-        if len(refused) == 2:
-            break
-        pause.wait(0.05)
-    assert len(refused) == 2
+    wait_reported(refused, 2)  # the two handshakes fail on their own threads
+    assert len(refused) == 2 and listener.peer_counts.refused == 2, listener.peer_counts
     assert any("not a postcopy peer" in str(e) for e in refused)
