@@ -178,6 +178,12 @@ def test_minor_mode_receives_into_the_page_cache_and_continues(scene: Scene, hug
         assert toucher.done.wait(WAIT) and readback.raw == b"\x00"  # page 2: a zero page
         # page 1 came in, page 0 kept what the guest had: never written again
         assert [block.view[p * size] for p in range(3)] == [0x99, 0x22, 0]
+        # huge pages: the CONTINUE of page 1's data is timed (not the zero page, not page 0)
+        timed = placement.placement_us()
+        if hugetlb:
+            assert timed is not None and timed["count"] == 1
+        else:
+            assert timed is None
         again = placement.landing(1, np.zeros(1, dtype=np.bool_))
         assert again.views is not None and again.views[0].nbytes == size  # scratch, not RAM
         assert placement.resolve_fault(3)  # never sent, zero: fallocated and continued

@@ -44,7 +44,6 @@ from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
 from postcopy.migration.incoming.placement import (
-    HugePagePlacement,
     Placement,
     check_huge_page_pool,
     placement_for,
@@ -228,9 +227,9 @@ class IncomingMigration(MigrationBase):
                 block.name: placement.name
                 for block, placement in zip(self._ram, self._placements, strict=True)
             }
-            huge = [p for p in self._placements if isinstance(p, HugePagePlacement)]
+            huge = [p.placement_us() for p in self._placements if p.samples is not None]
             if huge:
-                info["x-huge-page-placement-us"] = huge[0].placement_us()
+                info["x-huge-page-placement-us"] = huge[0]
         if faults is not None and self._shared is not None:
             info["x-shared-faults"] = faults.shared_faults
         if self.recovery is not None:

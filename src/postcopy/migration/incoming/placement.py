@@ -10,7 +10,9 @@ run from LISTEN on and the fault thread (faults.py) calls to fill a known page:
   into a second mapping of the RAM's file, then UFFDIO_CONTINUE maps it.
 What each backend needs of userfaultfd, and why, is in migration/backends.py. No Python
 runs per page: one ioctl per run of normal or zero pages (per huge page on hugetlb);
-EEXIST is counted as a duplicate, EAGAIN retried with pauses (eagain.py).
+EEXIST is counted as a duplicate, EAGAIN retried with pauses (eagain.py). On huge pages
+each placement of data is timed (`PlacementSamples`, x-huge-page-placement-us): the 2 MiB
+COPY, or in minor-fault mode the CONTINUE, the data being in the page cache already.
 `check_huge_page_pool`: after LISTEN emptied the RAM, the pool still holds its huge pages.
 """
 
@@ -57,11 +59,37 @@ def zero_buffer(size: int) -> int:
         return mapping.address
 
 
+class PlacementSamples:
+    """The durations of the last huge page placements (one ioctl each), in microseconds:
+    `placement_us` is the figure the 2 MiB placement budget is checked against."""
+
+    def __init__(self) -> None:
+        self._samples = np.zeros(PLACEMENT_SAMPLES, dtype=np.float64)
+        self._sampled = 0
+        self._samples_lock = threading.Lock()
+
+    def sample(self, seconds: float) -> None:
+        with self._samples_lock:
+            self._samples[self._sampled % PLACEMENT_SAMPLES] = seconds * 1e6
+            self._sampled += 1
+
+    def placement_us(self) -> dict[str, float | int]:
+        """p50/p99 of the last huge page placements, in microseconds, and how many there were."""
+        with self._samples_lock:
+            samples = self._samples[: min(self._sampled, PLACEMENT_SAMPLES)].copy()
+            count = self._sampled
+        if samples.size == 0:
+            return {"count": 0}
+        p50, p99 = np.percentile(samples, [50, 99])
+        return {"count": count, "p50": round(float(p50), 1), "p99": round(float(p99), 1)}
+
+
 class Placement:
     """Places the runs of one RAM block: UFFDIO_COPY for normal pages, UFFDIO_ZEROPAGE for
     zero pages (anonymous and shmem memory). Thread-safe: both receivers may call it."""
 
     name = "copy"
+    samples: PlacementSamples | None = None  # huge pages: each placement's duration
 
     def __init__(self, block: RamBlock, uffd: UserfaultFd) -> None:
         self.block = block
@@ -70,6 +98,11 @@ class Placement:
         self.duplicates = 0  # pages a request had placed already (EEXIST)
         self.ioctls = 0
         self._lock = threading.Lock()
+
+    def placement_us(self) -> dict[str, float | int] | None:
+        """p50/p99 of the last huge page placements (µs) and their count; None where
+        pages are not huge (x-huge-page-placement-us)."""
+        return self.samples.placement_us() if self.samples is not None else None
 
     @property
     def needs(self) -> UffdNeeds:
@@ -163,21 +196,20 @@ class Placement:
 class HugePagePlacement(Placement):
     """hugetlb: one UFFDIO_COPY per huge page (QEMU's postcopy_place_page), zero huge pages
     copied from a zero buffer (no UFFDIO_ZEROPAGE on hugetlb). Each copy's duration is kept
-    (`placement_us`): the figure the 2 MiB placement budget is checked against."""
+    (`samples`)."""
 
     name = "copy-huge"
 
     def __init__(self, block: RamBlock, uffd: UserfaultFd) -> None:
         super().__init__(block, uffd)
         self._zero_address = zero_buffer(self.page_size)
-        self._samples = np.zeros(PLACEMENT_SAMPLES, dtype=np.float64)
-        self._sampled = 0
+        self.samples = self._timed = PlacementSamples()
 
     def _copy(self, destination: int, source: int, length: int) -> None:
         for offset in range(0, length, self.page_size):
             started = time.perf_counter()
             self._loop(self.uffd.copy, destination + offset, source + offset, self.page_size)
-            self._sample(time.perf_counter() - started)
+            self._timed.sample(time.perf_counter() - started)
 
     def _zero(self, destination: int, length: int) -> None:
         for offset in range(0, length, self.page_size):
@@ -185,21 +217,6 @@ class HugePagePlacement(Placement):
 
     def _zero_one(self, address: int) -> None:
         self.uffd.copy(address, self._zero_address, self.page_size)
-
-    def _sample(self, seconds: float) -> None:
-        with self._lock:
-            self._samples[self._sampled % PLACEMENT_SAMPLES] = seconds * 1e6
-            self._sampled += 1
-
-    def placement_us(self) -> dict[str, float | int]:
-        """p50/p99 of the last huge page copies, in microseconds, and how many there were."""
-        with self._lock:
-            samples = self._samples[: min(self._sampled, PLACEMENT_SAMPLES)].copy()
-            count = self._sampled
-        if samples.size == 0:
-            return {"count": 0}
-        p50, p99 = np.percentile(samples, [50, 99])
-        return {"count": count, "p50": round(float(p50), 1), "p99": round(float(p99), 1)}
 
 
 class MinorPlacement(Placement):
@@ -216,6 +233,7 @@ class MinorPlacement(Placement):
                 f"minor faults need shared RAM with a page cache; {block.describe()} is not"
             )
         super().__init__(block, uffd)
+        self.samples = PlacementSamples() if block.hugetlb else None
         self.alias = block.mapping.alias()
         self._claimed = received.copy()  # what precopy left in place needs no claim
         self._scratch = Mapping.anonymous(block.page_size)
@@ -267,10 +285,19 @@ class MinorPlacement(Placement):
                 self.alias.allocate((first_page + start) * size, length * size)
         starts, lengths = runs(mine)
         base = self.block.host_address + first_page * size
+        samples = self.samples
         for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            self._loop(
-                lambda d, _s, n: self.uffd.continue_(d, n), base + start * size, 0, length * size
-            )
+            if samples is None:
+                self._loop(self._continue, base + start * size, 0, length * size)
+                continue
+            for page in range(start, start + length):  # huge pages: one CONTINUE each, timed
+                started = time.perf_counter()
+                self._loop(self._continue, base + page * size, 0, size)
+                if not zero[page]:  # as copy mode, which times the copies of data
+                    samples.sample(time.perf_counter() - started)
+
+    def _continue(self, destination: int, _source: int, length: int) -> int:
+        return self.uffd.continue_(destination, length)
 
     def resolve_fault(self, page: int) -> bool:
         size = self.page_size
