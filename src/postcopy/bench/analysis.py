@@ -69,6 +69,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
     src, dst = run.source, run.destination
     ram = src.get("ram") or {}
     latency = dst.get("x-request-latency") or {}
+    placement = dst.get("x-huge-page-placement-us") or {}
     total_ms = src.get("total-time")
     transferred = ram.get("transferred")
     throughput = transferred / (total_ms / 1000) if transferred is not None and total_ms else None
@@ -142,6 +143,11 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "request_latency_p50_us": latency.get("p50-us") if latency.get("count") else None,
         "request_latency_p99_us": latency.get("p99-us") if latency.get("count") else None,
         "request_latency_max_us": latency.get("max-us") if latency.get("count") else None,
+        # huge pages: each placement's ioctl (2 MiB COPY, or CONTINUE in minor-fault mode)
+        "huge_page_placement_count": placement.get("count"),
+        "huge_page_placement_p50_us": placement.get("p50"),
+        "huge_page_placement_p99_us": placement.get("p99"),
+        "placement": "/".join(sorted(set((dst.get("x-placement") or {}).values()))) or None,
         "destination_rss_bytes": memory.get("rss"),
         "destination_peak_rss_bytes": memory.get("peak_rss"),
         "destination_guest_rss_bytes": memory.get("guest_rss"),

@@ -120,6 +120,13 @@ COLUMNS: list[Column] = [
         wide_only=True,
     ),
     Column(
+        "2 MiB\nplace\np50 µs",
+        "2 MiB place p50: huge pages, the median placement ioctl (COPY; CONTINUE in "
+        "minor-fault mode, the data already in the page cache)",
+        lambda r: _num(r.figures.get("huge_page_placement_p50_us"), ",.0f"),
+        wide_only=True,
+    ),
+    Column(
         "page\nrequests",
         "page requests: the destination's requests the source served",
         lambda r: _num(r.figures.get("postcopy_requests"), ",.0f"),
