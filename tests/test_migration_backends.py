@@ -24,6 +24,7 @@ from postcopy.linux.userfaultfd import (
     UserfaultFd,
 )
 from postcopy.migration.backends import BackendUnsupported, features_for, uffd_needs
+from postcopy.migration.incoming.keptcache import KeptCache
 from postcopy.migration.incoming.placement import (
     HugePagePlacement,
     MinorPlacement,
@@ -189,6 +190,75 @@ def test_minor_mode_receives_into_the_page_cache_and_continues(scene: Scene, hug
         assert placement.resolve_fault(3)  # never sent, zero: fallocated and continued
         assert block.view[3 * size] == 0
         placement.close()
+
+
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["memfd", "memfd-hugetlb"])
+def test_minor_mode_discards_keep_the_page_cache_and_stale_pages_still_fault(
+    scene: Scene, hugetlb: bool
+) -> None:
+    """Minor-fault mode's discard unmaps a page from guest RAM and keeps its page cache
+    (keptcache.py): the page is not freed, so its next copy needs no new page; it must
+    still fault (MINOR) and never show its old data, also when it comes back as a zero page."""
+    with huge_pages(5 if hugetlb else 0):
+        size = HUGE_PAGE_2M if hugetlb else PAGE
+        block = RamBlock("pc.ram", scene.map(Mapping.memfd(5 * size, "t", hugetlb=hugetlb)))
+        ctypes.memset(block.host_address, 0x77, 5 * size)  # precopy wrote every page
+        received = np.ones(5, dtype=np.bool_)
+        kept = KeptCache([block], enabled=True)
+        for first, count in ((1, 1), (2, 3)):  # the source's discards, before LISTEN
+            assert kept.discard(0, first, count)
+            received[first : first + count] = False
+        stale = kept.stale[0]
+        assert stale is not None and stale.tolist() == [False, True, True, True, True]
+        with block.mapping.alias() as other:  # not freed: the page cache has the old data
+            assert [other.view[page * size] for page in range(5)] == [0x77] * 5
+        kept.received(0, 2, np.array([True]))  # page 2 came again, as a zero page
+        received[2] = True
+        assert stale.tolist() == [False, True, False, True, True]
+        kept.unmap_stale()  # at LISTEN
+        uffd = scene.uffd(features_for([block], minor=True))
+        placement = placement_for(block, uffd, received, minor=True, stale=stale)
+        assert isinstance(placement, MinorPlacement)
+        placement.register()
+        # a stale page faults (MINOR: its old data is in the page cache), never reads it
+        readback = ctypes.create_string_buffer(1)
+        toucher = scene.touch(read_at(block.host_address + size + 5, readback))
+        assert wait_faults(uffd, 1)[0].flags & PageFaultFlags.MINOR
+        assert not toucher.done.wait(0.2)
+        # the received zero page: emptied, it faults and is filled with zeros
+        zero_back = ctypes.create_string_buffer(1)
+        zero_toucher = scene.touch(read_at(block.host_address + 2 * size + 5, zero_back))
+        fault = wait_faults(uffd, 1)[0]
+        assert not fault.flags & PageFaultFlags.MINOR
+        assert placement.resolve_fault(2) and zero_toucher.done.wait(WAIT)
+        assert zero_back.raw == b"\x00"
+        # pages 1 (data) and 3 (zero) arrive after LISTEN, 4 only in part (a broken link)
+        zero = np.array([0, 0, 1], dtype=np.bool_)
+        landing = placement.landing(1, zero)
+        assert landing.views is not None and len(landing.views) == 2
+        for view, byte in zip(landing.views, (0x22, 0x33), strict=True):  # page 2: scratch
+            ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(view)), byte, view.nbytes)
+        placement.place(1, zero, None, landing)
+        assert toucher.done.wait(WAIT) and readback.raw == b"\x22"
+        assert block.view[2 * size] == 0  # placed already: kept
+        assert block.view[3 * size] == 0 and block.view[4 * size - 1] == 0  # zero, not 0x77
+        broken = placement.landing(4, np.zeros(1, dtype=np.bool_))
+        placement.abandon(4, broken)
+        again = placement.landing(4, np.zeros(1, dtype=np.bool_))
+        assert again.views is not None and again.views[0].nbytes == size
+        assert ctypes.addressof(ctypes.c_char.from_buffer(again.views[0])) == (
+            placement.alias.address + 4 * size
+        )  # into the page cache again, not into scratch
+        assert stale.tolist() == [False, False, False, False, True]  # 4 not placed yet
+        placement.close()
+
+
+def test_without_minor_mode_discards_punch_holes(scene: Scene) -> None:
+    block = RamBlock("pc.ram", scene.map(Mapping.memfd(4 * PAGE, "t")))
+    kept = KeptCache([block], enabled=False)
+    assert kept.stale == [None] and not kept.discard(0, 0, 1)
+    private = RamBlock("pc.ram", scene.map(Mapping.memfd(4 * PAGE, "t", shared=False)))
+    assert KeptCache([private], enabled=True).stale == [None]  # no page cache to keep
 
 
 def test_minor_mode_is_refused_for_private_memory(scene: Scene) -> None:

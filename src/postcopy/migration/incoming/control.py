@@ -43,11 +43,8 @@ from postcopy.migration.hops import HopLog
 from postcopy.migration.hostcheck import check_host
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.faults import FaultThread
-from postcopy.migration.incoming.placement import (
-    Placement,
-    check_huge_page_pool,
-    placement_for,
-)
+from postcopy.migration.incoming.keptcache import KeptCache
+from postcopy.migration.incoming.placement import Placement, check_huge_page_pool, placement_for
 from postcopy.migration.incoming.placer import PagePlacer, staging_bytes
 from postcopy.migration.incoming.preempt import PreemptReceivers
 from postcopy.migration.incoming.recovery import DestinationRecovery
@@ -148,6 +145,7 @@ class IncomingMigration(MigrationBase):
         self._prefaulter: Prefaulter | None = None  # precopy only: see _receive_run
         self._threads: list[threading.Thread] = []
         self._thp_off = False
+        self._kept = KeptCache(ram, enabled=False)  # minor-fault mode's discards: at ADVISE
         # RAM swap at LISTEN (see _listen): decided at ADVISE, done at LISTEN
         self._swap_ram = False
         self._swap: RamSwap | None = None
@@ -444,6 +442,7 @@ class IncomingMigration(MigrationBase):
                 zero_starts, zero_lengths = runs(stale_zero)
                 for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
                     block.discard(header.first_page + start, length)
+            self._kept.received(header.block, first, header.zero)
             received[:] = True  # before LISTEN: the prefaulter's hint is all that reads it
             return
         assert self.placer is not None
@@ -491,6 +490,8 @@ class IncomingMigration(MigrationBase):
             # swap) hold these same arrays; a new list would leave them a stale one
             received[:] = False
         self._swap_ram = can_swap_ram(self._ram)
+        minor = self.parameters.x_postcopy_minor_faults and self._shared is None  # keptcache.py
+        self._kept = KeptCache(self._ram, enabled=minor and not self._swap_ram)
         self._trace("advise", swap_ram=self._swap_ram)
 
     def _huge_pages_off(self) -> None:
@@ -506,7 +507,7 @@ class IncomingMigration(MigrationBase):
         block = self._ram[discard.block]
         for first, count in discard.ranges:
             self.received[discard.block][first : first + count] = False
-            if not self._swap_ram:
+            if not self._swap_ram and not self._kept.discard(discard.block, first, count):
                 # in place: the page must really be emptied, so that it faults (the seed's
                 # way); a hole punched in shared memory (ram.backend.discard_range)
                 self._huge_pages_off()
@@ -534,9 +535,13 @@ class IncomingMigration(MigrationBase):
             self._swap = RamSwap(self._ram, self.received, uffd, self._trace)
         # khugepaged must not collapse a range with missing pages into a huge page
         self._huge_pages_off()
+        self._kept.unmap_stale()
         try:
             for index, block in enumerate(self._ram):
-                placement = placement_for(block, uffd, self.received[index], minor=minor)
+                stale = self._kept.stale[index]
+                placement = placement_for(
+                    block, uffd, self.received[index], minor=minor, stale=stale
+                )
                 self._placements.append(placement)
                 if self._swap_ram:
                     register_for_swap(uffd, block)
@@ -602,9 +607,7 @@ class IncomingMigration(MigrationBase):
         assert self.listener is not None and self.main is not None
         self.recovery = DestinationRecovery(self, self.listener, self.main.session)
         if self.faults is not None:
-            self.faults.on_send_failed = lambda error, generation: self.link_failed(
-                error, generation
-            )
+            self.faults.on_send_failed = self.link_failed
         self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
         self._resume_as_on_the_source()
         if self._swap is not None:

@@ -31,6 +31,7 @@ from postcopy.linux.userfaultfd import Ioctl, PageExistsError, RetryError, Userf
 from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_possible, uffd_needs
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.errors import IncomingError
+from postcopy.migration.incoming.keptcache import empty_stale
 from postcopy.ram import Bitmap, RamBlock, runs
 
 PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
@@ -161,6 +162,9 @@ class Placement:
             self.uffd.wake(address, self.page_size)
             return False
 
+    def abandon(self, first_page: int, landing: Landing) -> None:
+        """A run read only in part (the link broke before its end); nothing to undo here."""
+
     def close(self) -> None:
         pass
 
@@ -227,7 +231,9 @@ class MinorPlacement(Placement):
 
     name = "continue"
 
-    def __init__(self, block: RamBlock, uffd: UserfaultFd, received: Bitmap) -> None:
+    def __init__(
+        self, block: RamBlock, uffd: UserfaultFd, received: Bitmap, stale: Bitmap | None = None
+    ) -> None:
         if not minor_possible(block):
             raise BackendUnsupported(
                 f"minor faults need shared RAM with a page cache; {block.describe()} is not"
@@ -236,16 +242,23 @@ class MinorPlacement(Placement):
         self.samples = PlacementSamples() if block.hugetlb else None
         self.alias = block.mapping.alias()
         self._claimed = received.copy()  # what precopy left in place needs no claim
+        # pages whose page cache holds old data (discarded, kept: keptcache.py), or None
+        self._stale = stale
         self._scratch = Mapping.anonymous(block.page_size)
 
     @property
     def needs(self) -> UffdNeeds:
         return uffd_needs(self.block.memory_type, minor=True)
 
-    def unclaim(self, first_page: int, count: int) -> None:
-        """Pages discarded again (before LISTEN only): they must be received anew."""
+    def abandon(self, first_page: int, landing: Landing) -> None:
+        """A run whose data did not all arrive (the link broke): the pages it claimed are
+        claimed no more, so that their next copy (the source sends them again after a
+        recovery) lands in the page cache and is mapped, not read into scratch."""
+        if landing.mine is None:
+            return
         with self._lock:
-            self._claimed[first_page : first_page + count] = False
+            window = self._claimed[first_page : first_page + landing.mine.size]
+            window[landing.mine] = False
 
     def landing(self, first_page: int, zero: Bitmap) -> Landing:
         count = zero.size
@@ -279,7 +292,12 @@ class MinorPlacement(Placement):
         assert mine is not None, "a minor-mode run is read where landing() says"
         size = self.page_size
         zero_mine = zero & mine
+        stale = self._stale
         if zero_mine.any():
+            if stale is not None:  # old data in the page cache is no zero page
+                empty_stale(
+                    self.block, first_page, zero_mine & stale[first_page : first_page + zero.size]
+                )
             starts, lengths = runs(zero_mine)
             for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                 self.alias.allocate((first_page + start) * size, length * size)
@@ -295,6 +313,8 @@ class MinorPlacement(Placement):
                 self._loop(self._continue, base + page * size, 0, size)
                 if not zero[page]:  # as copy mode, which times the copies of data
                     samples.sample(time.perf_counter() - started)
+        if stale is not None:
+            stale[first_page : first_page + zero.size][mine] = False
 
     def _continue(self, destination: int, _source: int, length: int) -> int:
         return self.uffd.continue_(destination, length)
@@ -302,6 +322,8 @@ class MinorPlacement(Placement):
     def resolve_fault(self, page: int) -> bool:
         size = self.page_size
         address = self.block.host_address + page * size
+        if self._stale is not None and self._stale[page]:  # never so (keptcache.py): safe
+            self.alias.punch_hole(page * size, size)
         self.alias.allocate(page * size, size)  # a zero page never written: zeros
         try:
             self.uffd.continue_(address, size)
@@ -316,12 +338,18 @@ class MinorPlacement(Placement):
 
 
 def placement_for(
-    block: RamBlock, uffd: UserfaultFd, received: Bitmap, *, minor: bool = False
+    block: RamBlock,
+    uffd: UserfaultFd,
+    received: Bitmap,
+    *,
+    minor: bool = False,
+    stale: Bitmap | None = None,
 ) -> Placement:
-    """The placement for a RAM block: minor-fault mode if asked for and possible, whole huge
-    pages on hugetlb, else COPY/ZEROPAGE."""
+    """The placement for a RAM block: minor-fault mode if asked for and possible (`stale`:
+    its pages whose page cache holds old data, keptcache.py), whole huge pages on hugetlb,
+    else COPY/ZEROPAGE."""
     if minor and minor_possible(block):
-        return MinorPlacement(block, uffd, received)
+        return MinorPlacement(block, uffd, received, stale)
     uffd_needs(block.memory_type)  # raises for memory userfaultfd cannot serve
     if block.hugetlb:
         return HugePagePlacement(block, uffd)

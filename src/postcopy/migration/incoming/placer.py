@@ -102,8 +102,12 @@ class PagePlacer:
             return
         landing = self.landing(header.block, header.first_page, header.zero)
         if landing.views is not None:
-            for view in landing.views:  # straight into the page cache (minor-fault mode)
-                reader.read_data_into(view)
+            try:
+                for view in landing.views:  # straight into the page cache (minor-fault mode)
+                    reader.read_data_into(view)
+            except BaseException:
+                self.placements[header.block].abandon(header.first_page, landing)
+                raise
         elif header.data_length:
             reader.read_data_into(staging.view[: header.data_length])
         self.place(header.block, header.first_page, header.zero, staging.address, landing)
