@@ -1,7 +1,8 @@
 """Soak: memtouch and randwrite on every RAM backend, every mode, 1 and 2 vCPUs, x-verify.
 
     .venv/bin/python benchmarks/backends_soak.py [--ram 256M] [--hugetlb-passes 3]
-        [--backends ram,memfd,memfd-hugetlb,hugetlbfs] [--out FILE.jsonl]
+        [--backends ram,memfd,memfd-hugetlb,hugetlbfs] [--modes precopy,postcopy1,postcopy0]
+        [--minor] [--out FILE.jsonl]
 
 (`make backends-soak`; as root, not part of the test suite.) One migration per
 combination of guest (memtouch, randwrite), backend (ram, memfd, memfd-hugetlb, a file on
@@ -13,6 +14,8 @@ needs from the pool for each run and gives them back (benchmarks run on a shared
 mounts hugetlbfs in a temporary directory for the file backend, and checks after each run
 that the pool is back where it was and the mount holds no file. One JSON line per run;
 the last line is the summary; the exit status is 1 if any run failed or mismatched.
+`--minor`: the destinations in minor-fault mode (x-postcopy-minor-faults; memfd and hugetlb
+backends, the others place by copy as without it).
 """
 
 from __future__ import annotations
@@ -70,7 +73,14 @@ def wait(condition: Any, timeout: float, what: str, *vms: VmChild) -> None:
 
 
 def migrate_once(
-    workdir: Path, guest: str, backend: str, mode: str, vcpus: int, ram: int, mount: str | None
+    workdir: Path,
+    guest: str,
+    backend: str,
+    mode: str,
+    vcpus: int,
+    ram: int,
+    mount: str | None,
+    minor: bool = False,
 ) -> dict[str, Any]:
     marker = GUESTS[guest]
     memory = f"file:{mount}" if backend == "hugetlbfs" else backend
@@ -83,6 +93,8 @@ def migrate_once(
     try:
         dst = destination.connect(60)
         src = source.connect(60)
+        if minor:
+            dst.execute("migrate-set-parameters", {"x-postcopy-minor-faults": True})
         parameters: dict[str, Any] = {"x-max-rounds": 5}
         if MODES[mode] is not None:
             src.execute(
@@ -125,14 +137,20 @@ def main() -> int:
     parser.add_argument("--ram", default="256M")
     parser.add_argument("--hugetlb-passes", type=int, default=3)
     parser.add_argument("--backends", default="ram,memfd,memfd-hugetlb,hugetlbfs")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--minor", action="store_true", help="destinations in minor-fault mode")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     ram = parse_size(args.ram)
     backends = args.backends.split(",")
+    unknown = set(args.modes.split(",")) - MODES.keys()
+    if unknown:
+        parser.error(f"unknown mode {sorted(unknown)[0]!r}: one of {', '.join(MODES)}")
     runs = []
     for backend in backends:
         passes = args.hugetlb_passes if backend in HUGETLB else 1
-        for _, guest, mode, vcpus in itertools.product(range(passes), GUESTS, MODES, (1, 2)):
+        modes = args.modes.split(",")
+        for _, guest, mode, vcpus in itertools.product(range(passes), GUESTS, modes, (1, 2)):
             runs.append((guest, backend, mode, vcpus))
     failures = 0
     per_mode: dict[str, list[int]] = {}
@@ -145,7 +163,9 @@ def main() -> int:
                 stack.enter_context(HugePagePool(2 * ram // HUGE_PAGE_2M))
             if backend == "hugetlbfs":
                 mount = stack.enter_context(hugetlbfs_mount())
-            record = migrate_once(Path(workdir), guest, backend, mode, vcpus, ram, mount)
+            record = migrate_once(
+                Path(workdir), guest, backend, mode, vcpus, ram, mount, args.minor
+            )
         record["pool_restored"] = hugepages_reserved(HUGE_PAGE_2M) == before
         ok = bool(record.get("verify", {}).get("ok")) and record["pool_restored"]
         failures += not ok
