@@ -21,6 +21,7 @@ import pytest
 
 from postcopy.bench.cleanup import pid_alive
 from postcopy.bench.link import our_namespaces
+from postcopy.bench.runner import _vm_args
 from postcopy.bench.scenarios import ScenarioError, load_catalogue, parse_name
 from postcopy.cli.main import main
 from postcopy.migration import trace_points as tp
@@ -92,6 +93,13 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     )
     assert huge.destination_parameters == {"x-postcopy-minor-faults": True}
     assert parse_name("randwrite-1g-2cpu-precopy-hugetlbfs").backend == "hugetlbfs"
+    # minor-fault mode maps a hugetlbfs file twice: both VMs map it shared (QEMU's share=on)
+    shared = _vm_args(
+        parse_name("memtouch-1g-1cpu-postcopy1-hugetlbfs-minor"), Path("k"), Path("t")
+    )
+    assert shared[shared.index("--share") + 1] == "on"
+    private = _vm_args(parse_name("memtouch-1g-1cpu-postcopy1-hugetlbfs"), Path("k"), Path("t"))
+    assert "--share" not in private
     assert parse_name("randwrite-1g-2cpu-postcopy0-memfd").backend == "memfd"
     assert parse_name("memtouch-1g-1cpu-postcopy1").backend == "ram"
     for bad in (

@@ -13,7 +13,8 @@ QEMU's own test guest (a guest that touches memory ~200x slower). The RAM backen
 private anonymous memory unless `-memfd` (a shmem memfd), `-hugetlb` (a hugetlb memfd,
 2 MiB pages) or `-hugetlbfs` (a file on a hugetlbfs mount the bench makes); the bench
 takes the huge pages from the pool for the run and gives them back. `-minor` puts the
-destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends).
+destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends, a
+file on hugetlbfs mapped with --share on for it).
 `-cut` is postcopy recovery: the link goes through a proxy (bench/linkproxy.py) that
 resets every connection `cut_after` bytes (16 MiB; a TOML `cut_after` changes it) into
 the push that follows the switchover, and the source reconnects by itself
