@@ -215,7 +215,6 @@ def test_minor_mode_discards_keep_the_page_cache_and_stale_pages_still_fault(
         kept.received(0, 2, np.array([True]))  # page 2 came again, as a zero page
         received[2] = True
         assert stale.tolist() == [False, True, False, True, True]
-        kept.unmap_stale()  # at LISTEN
         uffd = scene.uffd(features_for([block], minor=True))
         placement = placement_for(block, uffd, received, minor=True, stale=stale)
         assert isinstance(placement, MinorPlacement)

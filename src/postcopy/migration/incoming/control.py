@@ -448,12 +448,8 @@ class IncomingMigration(MigrationBase):
         assert self.placer is not None
         side = self._swap.side(header.block) if self._swap is not None else None
         if self._prefaulter is not None:  # the side mappings' (see _listen)
-            self._prefaulter.advance(
-                header.block,
-                header.first_page,
-                header.zero.size,
-                header.data_length // block.page_size,
-            )
+            count, normal = header.zero.size, header.data_length // block.page_size
+            self._prefaulter.advance(header.block, header.first_page, count, normal)
         self.placer.receive_run(reader, header, self._staging, side)
 
     def _stop_prefaulting(self) -> None:
@@ -505,6 +501,8 @@ class IncomingMigration(MigrationBase):
 
     def _discard(self, discard: Discard) -> None:
         block = self._ram[discard.block]
+        if self._kept.stale[discard.block] is not None:
+            self._stop_prefaulting()  # it would map a stale page again (keptcache.py)
         for first, count in discard.ranges:
             self.received[discard.block][first : first + count] = False
             if not self._swap_ram and not self._kept.discard(discard.block, first, count):
@@ -535,13 +533,10 @@ class IncomingMigration(MigrationBase):
             self._swap = RamSwap(self._ram, self.received, uffd, self._trace)
         # khugepaged must not collapse a range with missing pages into a huge page
         self._huge_pages_off()
-        self._kept.unmap_stale()
         try:
             for index, block in enumerate(self._ram):
-                stale = self._kept.stale[index]
-                placement = placement_for(
-                    block, uffd, self.received[index], minor=minor, stale=stale
-                )
+                received, stale = self.received[index], self._kept.stale[index]
+                placement = placement_for(block, uffd, received, minor=minor, stale=stale)
                 self._placements.append(placement)
                 if self._swap_ram:
                     register_for_swap(uffd, block)

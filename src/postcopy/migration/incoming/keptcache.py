@@ -13,7 +13,11 @@ What stays in the page cache is stale: `stale` marks those pages per block, unti
 data is written again. A zero page that arrives for a stale page must be emptied for real
 (a hole punched) before it counts as received: mapped as it is, it would show the old data.
 Only where minor-fault mode applies (memfd or hugetlb, shared) and no other process maps
-guest RAM (shared.py): a process of its own maps whatever the page cache holds.
+guest RAM (shared.py): a process of its own maps whatever the page cache holds. Nothing may
+map a stale page into guest RAM again before LISTEN registers it: the receiver writes only
+whole pages it receives (then they are current), and the precopy prefaulter, which
+populates ahead of the receiver, stops at the first such discard (discards come at the
+switchover, after the last bulk round).
 """
 
 from __future__ import annotations
@@ -56,17 +60,6 @@ class KeptCache:
         window = stale[first : first + zero.size]
         empty_stale(self._ram[index], first, zero & window)
         window[:] = False
-
-    def unmap_stale(self) -> None:
-        """At LISTEN: no stale page is mapped in guest RAM (whatever mapped one since its
-        discard), so that each faults until it has been received again."""
-        for block, stale in zip(self._ram, self.stale, strict=True):
-            if stale is None:
-                continue
-            starts, lengths = runs(stale)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                size = block.page_size
-                block.mapping.madvise(Advice.DONTNEED, start * size, length * size)
 
 
 def empty_stale(block: RamBlock, first: int, pages: Bitmap) -> None:
