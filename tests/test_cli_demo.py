@@ -223,6 +223,7 @@ def test_bad_arguments_are_one_line() -> None:
         (["--ram", "lots"], "lots"),
         (["--max-bandwidth", "x"], '"x" is not a size'),
         (["--guest", "nosuch"], "unknown guest"),
+        (["--guest", "kvstore", "--cut-link"], "postcopy demo --service"),
         (["--vcpus", "0"], "--vcpus"),
         (["--service", "--modes", "precopy,sideways"], "--modes: sideways"),
         (["--service", "--rate", "0"], "--rate 0"),

@@ -38,6 +38,7 @@ from postcopy.tools.vmchild import VmChild, VmChildError, free_port
 from postcopy.units import format_bytes, parse_rate, parse_size
 
 DEMO_CAPABILITIES = ("postcopy-ram", "postcopy-preempt", "postcopy-blocktime")
+SERVICE_GUEST = "kvstore"  # a service, not a guest that makes passes: `demo --service`
 PASSES_TIMEOUT = 60.0  # seconds for the guest to make the passes we wait for
 CUT_AFTER_PACKAGE = 4 << 20  # --cut-link: bytes of the postcopy push before the cut
 
@@ -60,7 +61,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--guest",
         default="memtouch",
-        help="built-in guest (default memtouch; see `postcopy vm guests`)",
+        help="built-in guest (default memtouch; see `postcopy vm guests`; the kvstore "
+        "service: --service)",
     )
     parser.add_argument(
         "--max-bandwidth",
@@ -114,6 +116,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.guest not in GUESTS:
         print(
             f"postcopy demo: unknown guest {args.guest!r}; built-in guests: {', '.join(GUESTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.guest == SERVICE_GUEST:
+        # it makes no passes of its own: the demo would wait for them, then fail
+        print(
+            f"postcopy demo: the {SERVICE_GUEST} guest answers requests and makes no passes "
+            "over its memory by itself: `postcopy demo --service` migrates it under load",
             file=sys.stderr,
         )
         return 2
