@@ -27,6 +27,13 @@ def test_runs_match_python_model(bits: list[bool]) -> None:
     assert list(zip(starts.tolist(), lengths.tolist(), strict=True)) == python_runs(bits)
 
 
+@given(st.lists(st.booleans(), max_size=300))
+def test_clear_and_set_runs_match_python_model(bits: list[bool]) -> None:
+    bitmap = np.array(bits, dtype=np.bool_)
+    assert bm.set_runs(bitmap) == python_runs(bits)
+    assert bm.clear_runs(bitmap) == python_runs([not bit for bit in bits])
+
+
 @given(st.lists(st.booleans(), max_size=300), st.integers(1, 17))
 def test_split_runs_cover_the_same_pages(bits: list[bool], max_length: int) -> None:
     starts, lengths = bm.split_runs(*bm.runs(np.array(bits, dtype=np.bool_)), max_length)

@@ -33,6 +33,24 @@ def runs(bitmap: Bitmap) -> Runs:
     return starts, lengths
 
 
+def clear_runs(bitmap: Bitmap) -> list[tuple[int, int]]:
+    """(start, length) of the runs of clear entries, as Python ints: of a run's zero
+    bitmap, its runs of normal pages. No `runs` call when none is set (a run whose pages
+    all hold data: most of a bulk round and of the push), where it costs ~20 us."""
+    if not bitmap.any():
+        return [(0, int(bitmap.size))] if bitmap.size else []
+    starts, lengths = runs(~bitmap)
+    return list(zip(starts.tolist(), lengths.tolist(), strict=True))
+
+
+def set_runs(bitmap: Bitmap) -> list[tuple[int, int]]:
+    """(start, length) of the runs of set entries, as Python ints (none: no `runs` call)."""
+    if not bitmap.any():
+        return []
+    starts, lengths = runs(bitmap)
+    return list(zip(starts.tolist(), lengths.tolist(), strict=True))
+
+
 def split_runs(
     starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], max_length: int
 ) -> Runs:

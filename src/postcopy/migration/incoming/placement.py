@@ -32,7 +32,7 @@ from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_pos
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.keptcache import empty_stale
-from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.ram import Bitmap, RamBlock, clear_runs, runs, set_runs
 
 PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
 
@@ -141,13 +141,11 @@ class Placement:
             else:
                 self._copy(base, data_address, size)
             return
-        starts, lengths = runs(~zero)
         offset = 0
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        for start, length in clear_runs(zero):
             self._copy(base + start * size, data_address + offset, length * size)
             offset += length * size
-        starts, lengths = runs(zero)
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        for start, length in set_runs(zero):
             self._zero(base + start * size, length * size)
 
     def resolve_fault(self, page: int) -> bool:

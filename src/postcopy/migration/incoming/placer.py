@@ -23,7 +23,7 @@ from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.placement import Landing, Placement
 from postcopy.migration.shared import SharedClients
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
-from postcopy.ram import Bitmap, RamBlock, runs
+from postcopy.ram import Bitmap, RamBlock, clear_runs, set_runs
 from postcopy.wire import RamRunHeader, max_run_pages
 
 STAGING_BYTES = 4 << 20  # a receiver's staging buffer: the largest run's data fits
@@ -94,11 +94,16 @@ class PagePlacer:
         (the page cache, in minor-fault mode), or back to back into `staging`."""
         block = self.ram[header.block]
         if side is not None:
-            starts, lengths = runs(~header.zero)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            count = int(header.zero.size)
+            # no zero page (the header says: data for every page): one piece, no bitmap work
+            dense = header.data_length == count * block.page_size
+            normal = [(0, count)] if dense else clear_runs(header.zero)
+            for start, length in normal:
                 offset = (header.first_page + start) * block.page_size
                 reader.read_data_into(side.view[offset : offset + length * block.page_size])
-            self.place_from_side(header.block, header.first_page, header.zero, side.address)
+            self.place_from_side(
+                header.block, header.first_page, header.zero, side.address, normal=normal
+            )
             return
         landing = self.landing(header.block, header.first_page, header.zero)
         if landing.views is not None:
@@ -130,15 +135,23 @@ class PagePlacer:
         self._record(block_index, first_page, int(zero.size))
 
     def place_from_side(
-        self, block_index: int, first_page: int, zero: Bitmap, side_address: int
+        self,
+        block_index: int,
+        first_page: int,
+        zero: Bitmap,
+        side_address: int,
+        *,
+        normal: list[tuple[int, int]] | None = None,
     ) -> None:
         """Like `place`, for a run whose normal pages were read into the block's side
         mapping at their own offsets: they move into guest RAM (UFFDIO_MOVE, no copy and
-        no page to allocate), zero pages are filled as usual."""
+        no page to allocate), zero pages are filled as usual. `normal`: the runs of normal
+        pages, if the caller has them (`clear_runs(zero)`)."""
         block = self.ram[block_index]
         page_size = block.page_size
-        normal_starts, normal_lengths = runs(~zero)
-        for start, length in zip(normal_starts.tolist(), normal_lengths.tolist(), strict=True):
+        if normal is None:
+            normal = clear_runs(zero)
+        for start, length in normal:
             offset = (first_page + start) * page_size
             self._fill(
                 "UFFDIO_MOVE",
@@ -149,13 +162,13 @@ class PagePlacer:
                 page_size,
                 fallback=self._copy,
             )
-        self._place_zero_pages(block, first_page, zero)
+        if len(normal) != 1 or normal[0][1] != zero.size:  # some pages are zero pages
+            self._place_zero_pages(block, first_page, zero)
         self._record(block_index, first_page, int(zero.size))
 
     def _place_zero_pages(self, block: RamBlock, first_page: int, zero: Bitmap) -> None:
         page_size = block.page_size
-        zero_starts, zero_lengths = runs(zero)
-        for start, length in zip(zero_starts.tolist(), zero_lengths.tolist(), strict=True):
+        for start, length in set_runs(zero):
             destination = block.host_address + (first_page + start) * page_size
             self._zeropage(destination, length * page_size, page_size)
 
