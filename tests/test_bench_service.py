@@ -3,6 +3,7 @@ windows on the migration's clock, and the per-mode comparison of the longest gap
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from postcopy.bench.servicereport import (
     comparisons,
     scenario_figures,
     service_figure,
+    service_table,
 )
 from postcopy.bench.suite import runs_so_far
 from postcopy.service.checker import Request, summarise
@@ -149,6 +151,16 @@ def test_the_comparison_says_how_much_shorter_the_median_and_worst_gaps_are() ->
     assert "worst 900.0 vs 500.0 ms (1.80x, 80% longer)" in postcopy
     assert "median 100.0 vs 400.0 ms (0.25x, 75% shorter)" in preempt
     assert "worst 125.0 vs 500.0 ms (0.25x, 75% shorter)" in preempt
+
+
+def test_the_table_keeps_each_scenarios_name_whole_on_a_narrow_terminal() -> None:
+    from rich.console import Console
+
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(service_table(_three_modes()))
+    text = console.export_text()
+    assert "kvstore-1g-1cpu-postcopy1-preempt " in text
+    assert "…" not in text  # figures wrap instead
 
 
 def test_the_plot_puts_the_modes_side_by_side_and_every_runs_gap_beside_them() -> None:

@@ -146,8 +146,9 @@ def service_table(records: Sequence[dict[str, Any]]) -> Table | None:
     if not rows:
         return None
     table = Table(
-        title="the service through the migration (medians over runs; p99 of requests sent "
-        "during the migration; gap: longest time with a request waiting and no answer)"
+        title="the service through the migration (medians over runs; migrating: latency of "
+        "the requests sent during the migration; gap: longest time with a request waiting "
+        "and no answer)"
     )
     for name in (
         "scenario",
@@ -161,9 +162,16 @@ def service_table(records: Sequence[dict[str, Any]]) -> Table | None:
         "downtime ms",
         "stop→run ms",
         "blocktime ms",
-        "total s",
     ):
-        table.add_column(name, justify="left" if name in ("scenario", "mode") else "right")
+        # the scenario's name whole (other columns wrap first): it is what a reader looks
+        # up; a figure too wide for its column wraps, never cut short
+        table.add_column(
+            name,
+            justify="left" if name in ("scenario", "mode") else "right",
+            overflow="fold",
+            no_wrap=name == "scenario",
+            min_width=max(len(r["scenario"]) for r in rows) if name == "scenario" else None,
+        )
     for row in rows:
         clean = f"{row['clean_runs']}/{row['runs']}"
         table.add_row(
@@ -178,7 +186,6 @@ def service_table(records: Sequence[dict[str, Any]]) -> Table | None:
             _text(row["downtime_ms"], ".2f"),
             _text(row["downtime_to_run_ms"], ".1f"),
             _text(row["blocktime_ms"]),
-            _text(row["total_s"], ".2f"),
         )
     return table
 
