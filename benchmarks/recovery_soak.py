@@ -214,7 +214,8 @@ def cut_link(
         proxy.thaw()
     elif mechanism == "blocked":
         proxy.drop("up")  # requests lost: a vCPU waits on a page that does not come
-        wait(lambda: query(dst).get("x-postcopy-requests-sent", 0) > 0, 30, "a request", *vms)
+        sent = query(dst).get("x-postcopy-requests-sent", 0)  # after the drop: lost ones
+        wait(lambda: query(dst).get("x-postcopy-requests-sent", 0) > sent, 30, "a request", *vms)
         time.sleep(0.3)
         proxy.reset()
         wait(lambda: query(src).get("x-recoveries", 0) > 0, 60, "a recovery", *vms)
