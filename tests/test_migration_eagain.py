@@ -130,8 +130,8 @@ class _FlakyUffd:
     def release(self) -> None:
         self._released.set()
 
-    def fault(self, address: int) -> None:
-        self._faults.append(PageFault(address, PageFaultFlags.WRITE, 0))
+    def fault(self, address: int, thread_id: int = 0) -> None:
+        self._faults.append(PageFault(address, PageFaultFlags.WRITE, thread_id))
         self._ready.write(1)
 
     def fileno(self) -> int:
@@ -196,6 +196,69 @@ def test_the_fault_thread_defers_a_fault_that_meets_eagain(ram: RamList) -> None
         faults.stop()
         faults.close()
         uffd.close()
+
+
+def test_each_vcpu_fault_is_counted_once_by_its_outcome(ram: RamList) -> None:
+    """vCPU faults = needed a page from the source + resolved here, counted where each is
+    handled: a fault deferred by EAGAIN counts once, when it is resolved; the same fault
+    raised again (the vCPU still waits on that page) and a fault of a thread that is no
+    vCPU do not count; a page asked for counts for each vCPU that waits on it."""
+    stuck = ram[0].host_address + 5 * PAGE
+    uffd = _FlakyUffd(stuck)
+    received = [np.ones(PAGES, dtype=np.bool_)]
+    received[0][8] = False  # at the source still
+    blocktime = BlocktimeTracker(3)
+    latency = LatencyRecorder([PAGES])
+    faults = FaultThread(
+        cast(UserfaultFd, uffd),
+        ram,
+        received,
+        None,  # paused: requests stay pending, which is all this needs
+        latency=latency,
+        blocktime=blocktime,
+        swap=None,
+        clock=time.monotonic,
+        placements=[Placement(ram[0], cast(UserfaultFd, uffd))],
+    )
+    vcpu = [101, 102, 103]  # the vCPUs' thread ids
+    faults.set_vcpu_threads(vcpu)
+    faults.start()
+
+    def counts() -> tuple[int, int, int]:
+        view = blocktime.as_qmp()
+        return (
+            view["x-postcopy-vcpu-faults"],
+            view["x-postcopy-vcpu-faults-from-source"],
+            view["x-postcopy-vcpu-faults-resolved-here"],
+        )
+
+    try:
+        uffd.fault(stuck, vcpu[0])
+        _until(lambda: uffd.refusals >= 2, "the EAGAIN fault was not tried again")
+        assert counts() == (0, 0, 0)  # not handled yet
+        uffd.fault(ram[0].host_address + 6 * PAGE, vcpu[1])
+        _until(lambda: counts() == (1, 0, 1), f"vCPU 1's fault: {counts()}")
+        uffd.release()
+        _until(lambda: faults.local_zero_faults == 2, "the deferred fault was not resolved")
+        _until(lambda: counts() == (2, 0, 2), f"vCPU 0's deferred fault: {counts()}")
+        uffd.fault(ram[0].host_address + 7 * PAGE, 999)  # no vCPU's thread
+        _until(lambda: faults.local_zero_faults == 3, "the other thread's fault")
+        missing = ram[0].host_address + 8 * PAGE
+        uffd.fault(missing, vcpu[1])
+        _until(lambda: counts() == (3, 1, 2), f"vCPU 1's request: {counts()}")
+        uffd.fault(missing + 64, vcpu[1])  # the same fault again: still one wait
+        uffd.fault(missing, vcpu[2])  # another vCPU waits on the page already asked for
+        _until(lambda: counts() == (4, 2, 2), f"vCPU 2 on the same page: {counts()}")
+        assert faults.pending()[0].nonzero()[0].tolist() == [8]  # asked for once
+    finally:
+        faults.stop()
+        faults.close()
+        uffd.close()
+    # all three wait for page 8 or were resolved; no fault is left out of the sum
+    view = blocktime.as_qmp()
+    assert view["x-postcopy-vcpu-faults"] == (
+        view["x-postcopy-vcpu-faults-from-source"] + view["x-postcopy-vcpu-faults-resolved-here"]
+    )
 
 
 def _wait_readable(uffd: UserfaultFd) -> bool:

@@ -75,6 +75,36 @@ def test_blocktime_counts_per_vcpu_and_all_blocked_overlap() -> None:
     assert view["postcopy-vcpu-blocktime"] == [2000, 3000]
 
 
+def test_blocktime_a_vcpu_faulting_on_another_page_no_longer_waits_on_the_first() -> None:
+    """A vCPU waits in one fault at a time: a fault on another page means it was woken
+    from the first (placed and not yet recorded: the placer wakes, then records). That
+    wait ends there and the new one begins; the same fault raised again is the same wait.
+    (Ignoring the new fault, the vCPU stayed 'waiting' on the first page: the fault was
+    not counted and the wait for the second page was charged to no one.)"""
+    clock = FakeClock()
+    tracker = BlocktimeTracker(vcpus=2, clock=clock)
+    assert tracker.fault(0, block=0, page=10, when=1.0)
+    assert not tracker.fault(0, block=0, page=10, when=1.5)  # raised again: one wait
+    assert tracker.fault(0, block=0, page=20, when=3.0)  # woken from page 10 by now
+    assert tracker.per_vcpu == [2.0, 0.0]
+    clock.now = 3.5
+    tracker.placed(0, 10, 1)  # its record, late: no one waits there any more
+    assert tracker.per_vcpu == [2.0, 0.0]
+    assert tracker.fault(1, block=0, page=30, when=4.0)  # both wait from t=4
+    clock.now = 5.0
+    tracker.placed(0, 20, 1)
+    assert tracker.per_vcpu == [4.0, 0.0] and tracker.total == 1.0
+    clock.now = 6.0
+    tracker.placed(0, 30, 1)
+    assert tracker.per_vcpu == [4.0, 2.0] and tracker.total == 1.0
+    for from_source in (True, True, False):
+        tracker.handled(from_source=from_source)
+    view = tracker.as_qmp()
+    assert view["x-postcopy-vcpu-faults"] == 3
+    assert view["x-postcopy-vcpu-faults-from-source"] == 2
+    assert view["x-postcopy-vcpu-faults-resolved-here"] == 1
+
+
 def test_latency_recorder_measures_only_requested_pages() -> None:
     clock = FakeClock()
     recorder = LatencyRecorder([100], clock=clock)

@@ -165,14 +165,17 @@ def postcopy_rows(source: dict[str, Any], destination: dict[str, Any]) -> list[t
                 ),
             ]
     faults = destination.get("x-postcopy-vcpu-faults")
-    latency = destination.get("x-request-latency") or {}
-    requested = latency.get("count")
+    # each vCPU fault counted by its outcome where it was handled (BlocktimeTracker), so
+    # the two add up; not the requested pages (x-request-latency's count), which include
+    # pages other processes and prefetching asked for, and one page two vCPUs waited on
+    from_source = destination.get("x-postcopy-vcpu-faults-from-source")
+    resolved_here = destination.get("x-postcopy-vcpu-faults-resolved-here")
     if faults is not None:
         rows.append(("vCPU faults (a vCPU touched a missing page)", _count(faults)))
-        if requested is not None:
+        if from_source is not None and resolved_here is not None:
             rows += [
-                ("├ needed a page from the source", _count(requested)),
-                ("└ resolved on the destination", _count(max(int(faults) - int(requested), 0))),
+                ("├ needed a page from the source", _count(from_source)),
+                ("└ resolved on the destination", _count(resolved_here)),
             ]
     sent = destination.get("x-postcopy-requests-sent")
     received = ram.get("postcopy-requests")

@@ -154,13 +154,19 @@ class _Waiter:
 @dataclass
 class BlocktimeTracker:
     """QEMU's postcopy-blocktime: per vCPU the time it waited for pages, and the total time
-    during which all vCPUs waited at once. Times are in milliseconds in the QMP view."""
+    during which all vCPUs waited at once. Times are in milliseconds in the QMP view.
+
+    And the vCPU faults, each counted once its outcome is known (`handled`): it needed a
+    page from the source (asked for by it or before it), or it was resolved here (the
+    precopy copy moved back, a zero page filled, the page placed meanwhile). So `faults`
+    is by construction their sum; a fault that meets EAGAIN counts when it is handled."""
 
     vcpus: int
     clock: Clock = time.monotonic
     per_vcpu: list[float] = field(default_factory=list)
     total: float = 0.0
-    faults: int = 0
+    faults_from_source: int = 0
+    faults_resolved_here: int = 0
 
     def __post_init__(self) -> None:
         self.per_vcpu = [0.0] * self.vcpus
@@ -169,16 +175,42 @@ class BlocktimeTracker:
         self._all_blocked_since = 0.0
         self._lock = threading.Lock()
 
-    def fault(self, vcpu: int, block: int, page: int, when: float) -> None:
+    @property
+    def faults(self) -> int:
+        """vCPU faults handled: from the source + resolved here."""
+        return self.faults_from_source + self.faults_resolved_here
+
+    def fault(self, vcpu: int, block: int, page: int, when: float) -> bool:
+        """vCPU `vcpu` faulted on (block, page), read at `when`. True when a wait began
+        there: a fault to count once `handled`; False for the page it already waits on
+        (the same fault raised again, as after a signal: one wait, one fault)."""
         with self._lock:
             waiter = self._waiting[vcpu]
             if waiter.block >= 0:
-                return  # already counted as waiting; a vCPU waits on one page at a time
+                if (waiter.block, waiter.page) == (block, page):
+                    return False
+                # a thread waits in one fault at a time: this vCPU was woken from the other
+                # page, which is placed and not yet recorded (the placer wakes, then records)
+                # or which it left on a signal. Its wait ended by now: charge it until now
+                # and wait on this page. (QEMU's mark_postcopy_blocktime_begin drops the
+                # earlier wait's time instead; a fault on the same page restarts its clock.)
+                self.per_vcpu[vcpu] += max(when - waiter.since, 0.0)
+                waiter.block, waiter.page, waiter.since = block, page, when
+                return True
             waiter.block, waiter.page, waiter.since = block, page, when
-            self.faults += 1
             self._blocked += 1
             if self._blocked == self.vcpus:
                 self._all_blocked_since = when
+            return True
+
+    def handled(self, *, from_source: bool) -> None:
+        """A fault that `fault` began a wait for was handled: its page had to come from the
+        source, or it was resolved here."""
+        with self._lock:
+            if from_source:
+                self.faults_from_source += 1
+            else:
+                self.faults_resolved_here += 1
 
     def placed(self, block: int, first_page: int, count: int) -> None:
         with self._lock:
@@ -194,10 +226,16 @@ class BlocktimeTracker:
                     self._blocked -= 1
 
     def as_qmp(self) -> dict[str, Any]:
+        with self._lock:  # one moment: the fault counts add up
+            return self._as_qmp()
+
+    def _as_qmp(self) -> dict[str, Any]:
         return {
             "postcopy-blocktime": int(self.total * 1000),
             "postcopy-vcpu-blocktime": [int(t * 1000) for t in self.per_vcpu],
             "x-postcopy-blocktime-us": round(self.total * 1e6, 1),
             "x-postcopy-vcpu-blocktime-us": [round(t * 1e6, 1) for t in self.per_vcpu],
             "x-postcopy-vcpu-faults": self.faults,
+            "x-postcopy-vcpu-faults-from-source": self.faults_from_source,
+            "x-postcopy-vcpu-faults-resolved-here": self.faults_resolved_here,
         }

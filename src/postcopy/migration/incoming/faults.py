@@ -168,8 +168,9 @@ class FaultThread:
         poller.register(uffd.fileno(), select.POLLIN)
         poller.register(self._quit.fileno(), select.POLLIN)
         clients = self._watch_clients(poller, {})
-        # faults to try again: the kernel said EAGAIN (the client is None for a vCPU's)
-        deferred: list[tuple[int, int, SharedClient | None]] = []
+        # faults to try again: the kernel said EAGAIN (the client is None for a vCPU's;
+        # `counted`: a vCPU fault whose outcome the blocktime tracker waits for)
+        deferred: list[tuple[int, int, SharedClient | None, bool]] = []
         while True:
             # with deferred faults, come back to them soon; never spin (this is SCHED_FIFO)
             ready = poller.poll(DEFER_SECONDS * 1000 if deferred else None)
@@ -178,9 +179,9 @@ class FaultThread:
             now = self._clock()
             requests: list[tuple[int, int]] = []  # (block, page): built into frames once
             retry, deferred = deferred, []
-            for block_index, page, client in retry:
-                if not self._handle(block_index, page, now, requests, client):
-                    deferred.append((block_index, page, client))
+            for block_index, page, client, counted in retry:
+                if not self._handle(block_index, page, now, requests, client, counted):
+                    deferred.append((block_index, page, client, counted))
             for fd, _ in ready:
                 if fd == uffd.fileno():
                     source: SharedClient | None = None
@@ -203,9 +204,9 @@ class FaultThread:
                     located = self._locate_event(event, source, now)
                     if located is None:
                         continue
-                    block_index, page = located
-                    if not self._handle(block_index, page, now, requests, source):
-                        deferred.append((block_index, page, source))
+                    block_index, page, counted = located
+                    if not self._handle(block_index, page, now, requests, source, counted):
+                        deferred.append((block_index, page, source, counted))
             with self._return_lock:
                 writer, generation = self._return, self._generation
             if writer is not None and requests:
@@ -216,19 +217,20 @@ class FaultThread:
 
     def _locate_event(
         self, event: PageFault, client: SharedClient | None, now: float
-    ) -> tuple[int, int] | None:
-        """(block, page) of a fault, charged to its vCPU (blocktime) or its client."""
+    ) -> tuple[int, int, bool] | None:
+        """(block, page, counted) of a fault, charged to its vCPU (blocktime) or its
+        client; `counted`: a vCPU fault that began a wait, counted once handled."""
         if client is None:
             block_index, page = self._locate(event.address)
             vcpu = self._tid_to_vcpu.get(event.thread_id)
-            if vcpu is not None:
-                self._blocktime.fault(vcpu, block_index, page, now)
-            return block_index, page
+            counted = vcpu is not None and self._blocktime.fault(vcpu, block_index, page, now)
+            return block_index, page, counted
         located = client.locate(event.address)
-        if located is not None:  # else not guest RAM: it registered more than it was given
-            client.faults += 1
-            self.shared_faults += 1
-        return located
+        if located is None:  # not guest RAM: it registered more than it was given
+            return None
+        client.faults += 1
+        self.shared_faults += 1
+        return located[0], located[1], False
 
     def _watch_clients(
         self, poller: select.poll, watched: dict[int, SharedClient]
@@ -252,10 +254,12 @@ class FaultThread:
         now: float,
         requests: list[tuple[int, int]],
         client: SharedClient | None = None,
+        counted: bool = False,
     ) -> bool:
         """One fault: resolved here, or asked for (in `requests`), or False: the kernel
         answered EAGAIN, try again later (the vCPU sleeps on until then). A sharing
-        process (`client`) is woken once its page is here, now or after placement."""
+        process (`client`) is woken once its page is here, now or after placement. A
+        `counted` vCPU fault is counted by its outcome (blocktime.handled), once."""
         swap = self._swap
         # `_unmoved` is cleared by the mover too, without a lock: see RamSwap.is_unmoved
         if swap is not None and swap.is_unmoved(block_index, page):
@@ -279,6 +283,8 @@ class FaultThread:
         if self._received[block_index][page]:
             if not self._resolve_locally(block_index, page):
                 return False
+            if counted:
+                self._blocktime.handled(from_source=False)
             if client is not None:
                 client.wake(block_index, page, 1)
             return True
@@ -286,6 +292,8 @@ class FaultThread:
             self._requested[block_index][page] = True
             self._latency.asked(block_index, page, 1, now)
             requests.append((block_index, page))
+        if counted:  # asked for now, or already on its way: it comes from the source
+            self._blocktime.handled(from_source=True)
         return True
 
     def _bring_in_ahead(self) -> None:
