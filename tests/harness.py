@@ -30,12 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+import postcopy
 from postcopy.closing import Closing
 from postcopy.migration.incoming import IncomingMigration
 from postcopy.migration.outgoing import OutgoingMigration
@@ -515,19 +517,34 @@ class Migration(Closing):
 
     def finish(self, timeout: float = 90.0) -> None:
         """Wait until both sides completed; then stop the destination's vCPUs. `timeout` is
-        a guard against a hang, not a figure: on a loaded host each of the fake guest's
-        syncs may wait up to 5 s for its passes (test_precopy hit 20 s twice in full runs)."""
+        a guard against a hang, not a figure: each of the fake guest's syncs waits for two
+        of its passes (up to 5 s), and with a few percent of a CPU (a loaded host) a
+        migration takes 10-20 s, not a hang (the old 20 s wait failed so in full runs).
+        A timeout says where each side and each thread stood (`whereabouts`)."""
         try:
             source = self.wait_source("completed", "failed", "cancelled", timeout=timeout)
+            destination = self.wait_destination("completed", "failed", timeout=timeout)
         except TimeoutError as error:
-            # where it stands, for the next reader of a CI log
-            raise TimeoutError(f"{error}; source: {self.outgoing.query()}") from None
-        destination = self.wait_destination("completed", "failed", timeout=timeout)
+            raise TimeoutError(f"{error}\n{self.whereabouts()}") from None
         assert (source, destination) == ("completed", "completed"), (
             self.outgoing.query(),
             self.incoming.query(),
         )
         self.destination.stop()
+
+    def whereabouts(self) -> str:
+        """Where the migration stands, for the reader of a CI log: each side's query and
+        last timeline entries, and where every other thread of this process is (the
+        innermost frames of the project's code): a wait, a lock or a busy loop."""
+        lines = [f"source: {self.outgoing.query()}", f"destination: {self.incoming.query()}"]
+        for side, timeline in (
+            ("source", self.outgoing.timeline),
+            ("destination", self.incoming.timeline),
+        ):
+            lines.append(f"{side} timeline: {list(timeline)[-4:]}")
+        lines.append("threads:")
+        lines.extend(thread_stacks())
+        return "\n".join(lines)
 
     def verify(self) -> None:
         """Every page arrived whole, in place and current: the destination holds what the
@@ -567,3 +584,24 @@ def _wait(holder: Any, statuses: Iterable[str], timeout: float) -> str:
     if not holder.wait_for(wanted, timeout):
         raise TimeoutError(f"status {holder.value.value}, not one of {sorted(statuses)}")
     return str(holder.value.value)
+
+
+def thread_stacks(depth: int = 6) -> list[str]:
+    """Every thread but the caller's, with its `depth` innermost frames of the project
+    (src/postcopy, tests), innermost first: "name: file:line function <- ..."."""
+    ours_only = (os.path.dirname(postcopy.__file__), os.path.dirname(os.path.abspath(__file__)))
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    caller = threading.get_ident()
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        if ident == caller:
+            continue
+        ours = [
+            f"{os.path.basename(entry.filename)}:{entry.lineno} {entry.name}"
+            for entry in reversed(traceback.extract_stack(frame))
+            if entry.filename.startswith(ours_only)
+        ]
+        lines.append(
+            f"  {names.get(ident, ident)}: {' <- '.join(ours[:depth]) or '(no frame of ours)'}"
+        )
+    return sorted(lines)

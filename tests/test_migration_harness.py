@@ -166,3 +166,29 @@ def test_postcopy_on_shared_and_huge_page_memory(backend: str, minor: bool) -> N
         needed = pair.outgoing.query()["x-postcopy"]["needed-pages"]
         if backend == "memfd-hugetlb":
             assert needed <= PAGES // 512  # in huge pages
+
+
+def test_a_migration_held_past_the_guard_says_where_each_thread_waits() -> None:
+    """finish() is a hang guard, and its timeout must tell a hang from a slow host: held
+    by the proxy (nothing passes either way), the migration cannot end, and the error
+    names where the source's threads wait, besides each side's query and timeline."""
+    with Migration(
+        pages=PAGES,
+        working_set=TOP,
+        parameters={"max-bandwidth": 1, "x-max-rounds": 1},
+        proxy=True,
+    ) as pair:
+        assert pair.proxy is not None
+        pair.start()
+        pair.wait_source("active")
+        pair.proxy.hold()
+        pair.set_parameter("max-bandwidth", 0)
+        with pytest.raises(TimeoutError) as raised:
+            pair.finish(timeout=1.0)
+        text = str(raised.value)
+        assert text.startswith("status active, not one of"), text
+        lines = {line.split(":")[0].strip(): line for line in text.splitlines()}
+        assert "control.py" in lines["migration"], text  # the migration thread's own frames
+        assert "returnpath.py" in lines["return-path"], text
+        assert "'x-rounds': 1" in lines["source"], text
+        assert "timeline" in text and "harness.py" in lines["vcpu0"], text
