@@ -15,7 +15,7 @@ mounts hugetlbfs in a temporary directory for the file backend, and checks after
 that the pool is back where it was and the mount holds no file. One JSON line per run;
 the last line is the summary; the exit status is 1 if any run failed or mismatched.
 `--minor`: the destinations in minor-fault mode (x-postcopy-minor-faults; memfd and hugetlb
-backends, the others place by copy as without it).
+backends, a hugetlbfs file then mapped --share on; `ram` places by copy as without it).
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def migrate_once(
 ) -> dict[str, Any]:
     marker = GUESTS[guest]
     memory = f"file:{mount}" if backend == "hugetlbfs" else backend
-    common = ["--guest", guest, "--ram", str(ram), "--vcpus", str(vcpus), "--memory-backend"]
+    common = ["--guest", guest, "--ram", str(ram), "--vcpus", str(vcpus)]
+    if minor and backend == "hugetlbfs":
+        common += ["--share", "on"]  # minor-fault mode maps the file twice: shared only
+    common.append("--memory-backend")
     caps = [] if MODES[mode] is None else ["--migrate-capability", "postcopy-ram"]
     uri = f"tcp:127.0.0.1:{free_port()}"
     destination = VmChild("destination", workdir, [*common, memory, "--incoming", uri, *caps])
@@ -166,7 +169,10 @@ def main() -> int:
             record = migrate_once(
                 Path(workdir), guest, backend, mode, vcpus, ram, mount, args.minor
             )
-        record["pool_restored"] = hugepages_reserved(HUGE_PAGE_2M) == before
+        after = hugepages_reserved(HUGE_PAGE_2M)
+        record["pool_restored"] = after == before
+        if after != before:  # (total, free): another user of the pool, or ours left over
+            record["pool"] = {"before": list(before), "after": list(after)}
         ok = bool(record.get("verify", {}).get("ok")) and record["pool_restored"]
         failures += not ok
         if backend in HUGETLB:
