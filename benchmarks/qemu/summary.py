@@ -111,6 +111,7 @@ def compare(setup: str, mine: list[dict[str, Any]], qemu: list[dict[str, Any]]) 
     for label, key in (
         ("request p50 µs", "request_latency_p50_us"),
         ("2 MiB placement p50 µs", "huge_page_placement_p50_us"),
+        ("2 MiB placement CPU p50 µs", "huge_page_placement_cpu_p50_us"),
     ):
         print(f"| {label} | {spread([f.get(key) for f in fig])} | - | |")
     for label, key, target in (

@@ -147,6 +147,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "huge_page_placement_count": placement.get("count"),
         "huge_page_placement_p50_us": placement.get("p50"),
         "huge_page_placement_p99_us": placement.get("p99"),
+        "huge_page_placement_cpu_p50_us": placement.get("cpu-p50"),
         "placement": "/".join(sorted(set((dst.get("x-placement") or {}).values()))) or None,
         "destination_rss_bytes": memory.get("rss"),
         "destination_peak_rss_bytes": memory.get("peak_rss"),
