@@ -7,7 +7,8 @@ One file per concern, along QEMU's seams:
   (QEMU's migration.c and savevm.c).
 - `placer`: `PagePlacer`, reading a postcopy run to where it lands and placing it
   atomically, then recording it as received (postcopy_place_page); `placement`: how a
-  run is placed for each RAM backend (COPY/ZEROPAGE, huge pages, CONTINUE).
+  run is placed for each RAM backend (COPY/ZEROPAGE, huge pages, CONTINUE); `keptcache`:
+  minor-fault mode's discards, which keep the page cache for the page's next copy.
 - `swap`: `RamSwap`, the side mappings the precopy pages move out to at LISTEN and the
   mover thread that moves the valid ones back.
 - `faults`: `FaultThread`, vCPU faults in, REQ_PAGES out (postcopy_ram_fault_thread).
