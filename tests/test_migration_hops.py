@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postcopy.migration.hops import MAIN, URGENT, HopLog, hop_summary, join_hops
+from postcopy.migration.hops import MAIN, URGENT, HopLog, hop_summary, join_hops, wait_summary
 
 
 class FakeClock:
@@ -59,3 +59,16 @@ def test_the_log_is_bounded() -> None:
     for page in range(5):
         log.request_sent(0, page, 1, fault_read=1.0)
     assert log.as_qmp()["requests"]["first"] == [0, 1]
+
+
+def test_waits_are_summed_per_kind() -> None:
+    waits = {
+        "kind": ["asked", "moved", "asked"],
+        "begin": [1.0, 2.0, 3.0],
+        "end": [1.004, 2.0001, 3.002],
+    }
+    summary = wait_summary(waits)
+    assert summary["all"]["count"] == 3
+    assert summary["asked"]["count"] == 2 and summary["asked"]["sum-ms"] == pytest.approx(6.0)
+    assert summary["moved"]["max-us"] == pytest.approx(100.0)
+    assert wait_summary({}) == {}

@@ -16,7 +16,7 @@ from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
 from postcopy.migration.prepaging import BACKWARD, FORWARD, FaultWindow
 from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
-from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
+from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder, VcpuSleep
 from postcopy.migration.status import (
     CANCELLABLE,
     IllegalTransition,
@@ -103,6 +103,62 @@ def test_blocktime_a_vcpu_faulting_on_another_page_no_longer_waits_on_the_first(
     assert view["x-postcopy-vcpu-faults"] == 3
     assert view["x-postcopy-vcpu-faults-from-source"] == 2
     assert view["x-postcopy-vcpu-faults-resolved-here"] == 1
+
+
+def test_blocktime_logs_each_wait_and_closes_one_its_vcpu_ran_out_of() -> None:
+    """A vCPU that faults again on another page was woken without its page being placed
+    (it ran): its wait ends at the new fault, and the new one is counted (QEMU's
+    mark_postcopy_blocktime_begin restarts the vCPU's wait there too). The same page read
+    twice is one wait."""
+    clock = FakeClock()
+    tracker = BlocktimeTracker(vcpus=1, clock=clock)
+    tracker.fault(0, block=0, page=10, when=1.0)
+    tracker.note(0, 0, 10, "asked")
+    tracker.fault(0, block=0, page=10, when=1.5)  # the same wait, read again
+    tracker.fault(0, block=0, page=70, when=2.0)  # it ran: the wait on page 10 is over
+    tracker.note(0, 0, 70, "moved")
+    clock.now = 2.25
+    tracker.placed(0, 64, 64)
+    clock.now = 9.0
+    tracker.placed(0, 10, 1)  # page 10 comes at last: nobody waits for it any more
+    tracker.fault(0, block=0, page=5, when=9.0)
+    tracker.placed(0, 5, 1)  # resolved at once, before the fault thread said how
+    tracker.note(0, 0, 5, "here")
+    assert tracker.per_vcpu == [1.25] and tracker.total == 1.25
+    assert tracker.refaults == 1
+    log = tracker.wait_log()
+    assert log["page"] == [10, 70, 5] and log["kind"] == ["asked", "moved", "here"]
+    assert log["begin"] == [1.0, 2.0, 9.0] and log["end"] == [2.0, 2.25, 9.0]
+    assert log["run_pages"] == [0, 64, 1]
+    assert tracker.as_qmp()["x-postcopy-vcpu-refaults"] == 1
+
+
+def test_vcpu_sleep_counts_the_time_a_thread_was_blocked() -> None:
+    """The kernel's view beside the blocktime counter: a thread blocked the whole time
+    slept the whole time; the figure is taken once, at stop()."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocked() -> None:
+        started.set()
+        release.wait()
+
+    thread = threading.Thread(target=blocked, daemon=True)
+    thread.start()
+    started.wait()
+    clock = FakeClock()
+    clock.now = 100.0
+    sleep = VcpuSleep([thread.native_id or 0], clock)
+    assert sleep.as_qmp() == {}
+    release.wait(0.2)  # the thread stays blocked: it is released only below
+    clock.now = 130.0  # 30 s on the migration's clock, of which it ran well under 1 s
+    sleep.stop()
+    release.set()
+    thread.join()
+    assert sleep.slept is not None and 29.0 < sleep.slept[0] <= 30.0
+    clock.now = 200.0
+    sleep.stop()  # taken once
+    assert sleep.as_qmp() == {"x-vcpu-slept-us": [round(sleep.slept[0] * 1e6, 1)]}
 
 
 def test_latency_recorder_measures_only_requested_pages() -> None:

@@ -138,6 +138,7 @@ def figures(record: dict[str, Any]) -> dict[str, Any]:
         "vcpu_blocktime_ms": dst.get("postcopy-vcpu-blocktime"),
         "vcpu_blocktime_us": dst.get("x-postcopy-vcpu-blocktime-us"),
         "vcpu_faults": dst.get("x-postcopy-vcpu-faults"),
+        "vcpu_slept_us": dst.get("x-vcpu-slept-us"),
         **_per_run_figures(record, src, dst),
         "request_latency_count": latency.get("count"),
         "request_latency_p50_us": latency.get("p50-us") if latency.get("count") else None,

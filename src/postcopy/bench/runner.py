@@ -52,7 +52,7 @@ from postcopy.bench.scenarios import Scenario
 from postcopy.bench.service import ServiceRun
 from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool
 from postcopy.linux.memory import Advice, Mapping
-from postcopy.migration.hops import hop_summary, join_hops
+from postcopy.migration.hops import hop_summary, join_hops, wait_summary
 from postcopy.tools.qmpclient import QmpClientError
 from postcopy.tools.runfile import RunWriter, Sampler, end_records, header_record
 from postcopy.tools.vmchild import VmChild, VmChildError, free_port
@@ -264,15 +264,25 @@ def _cpu_usage(
     return usage
 
 
-def _request_hops(source: VmHandle, destination: VmHandle) -> dict[str, Any] | None:
-    """Where the page requests' latency went, hop by hop (migration/hops.py)."""
+WAIT_HOPS_KEPT = 2000  # requests whose hops go in the record beside the wait log
+
+
+def _request_hops(
+    source: VmHandle, destination: VmHandle
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Where the page requests' latency went, hop by hop, and the vCPUs' waits: the wait
+    log as columns and a summary per kind of wait (migration/hops.py)."""
     try:
         outgoing = source.qmp.execute("x-request-hops").get("outgoing") or {}
         incoming = destination.qmp.execute("x-request-hops").get("incoming") or {}
     except QmpClientError:
-        return None
+        return None, None
     joined = join_hops(incoming, outgoing)
-    return hop_summary(joined) if joined else None
+    log = incoming.get("waits") or {}
+    waits = None
+    if log.get("kind"):  # with the requests' hops, to blame a long wait on a hop
+        waits = {"summary": wait_summary(log), "log": log, "hops": joined[:WAIT_HOPS_KEPT]}
+    return (hop_summary(joined) if joined else None), waits
 
 
 def _migrate(
@@ -436,7 +446,7 @@ def _migrate(
         if service is not None:  # before x-verify: a guest idle between batches verifies
             record["service"] = service.finish(bench_run(record))
         record["cpu_series"] = cpu_series.cpu
-        record["request_hops"] = _request_hops(source, destination)
+        record["request_hops"], record["blocktime_waits"] = _request_hops(source, destination)
         record["destination_console_passes"] = destination.console().count(marker)
         if destination.process.poll() is None:
             record["destination_memory"] = memory_figures(destination.pid, scenario.ram)

@@ -46,3 +46,12 @@ def get_policy(tid: int = 0) -> tuple[Policy, int]:
     """sched_getscheduler and sched_getparam: the thread's policy and real-time priority."""
     tid = tid or thread_id()
     return Policy(os.sched_getscheduler(tid)), os.sched_getparam(tid).sched_priority
+
+
+def runnable_seconds(tid: int) -> float:
+    """How long a thread of this process has been runnable, on a CPU or waiting for one
+    (/proc/self/task/TID/schedstat: run time + run-queue wait, ns): the rest of its life
+    it slept (blocked in the kernel: a userfault, a futex, I/O)."""
+    with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as stat:
+        run, wait, _slices = stat.read().split()
+    return (int(run) + int(wait)) / 1e9

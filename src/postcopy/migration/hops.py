@@ -144,3 +144,27 @@ def hop_summary(joined: list[dict[str, float]]) -> dict[str, dict[str, float]]:
                 "max-us": round(float(values.max()) * 1e6, 1),
             }
     return summary
+
+
+def wait_summary(waits: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
+    """Per kind of wait (the fault thread's `kind`, stats.BlocktimeTracker), and over all:
+    how many, their sum in ms, p50/p99/max in µs: which waits make the blocktime."""
+    import numpy as np
+
+    kinds = waits.get("kind") or []
+    lengths = np.array(waits.get("end") or [], dtype=np.float64) - np.array(
+        waits.get("begin") or [], dtype=np.float64
+    )
+    summary: dict[str, dict[str, float]] = {}
+    for kind in ["all", *sorted(set(kinds))]:
+        chosen = lengths if kind == "all" else lengths[np.array(kinds) == kind]
+        if chosen.size:
+            p50, p99 = np.percentile(chosen, [50, 99])
+            summary[kind or "unknown"] = {
+                "count": int(chosen.size),
+                "sum-ms": round(float(chosen.sum()) * 1e3, 3),
+                "p50-us": round(float(p50) * 1e6, 1),
+                "p99-us": round(float(p99) * 1e6, 1),
+                "max-us": round(float(chosen.max()) * 1e6, 1),
+            }
+    return summary

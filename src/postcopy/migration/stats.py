@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from postcopy.linux.sched import runnable_seconds
+
 Clock = Callable[[], float]
 
 
@@ -144,11 +146,17 @@ class LatencyRecorder:
             return np.concatenate([*self._samples, np.array(self._single, dtype=np.float64)])
 
 
+# the wait log (x-request-hops "waits"): one row per counted wait, in the order they end
+WAIT_FIELDS = ("vcpu", "block", "page", "kind", "begin", "end", "run_pages")
+WAIT_LOG_CAPACITY = 20_000
+
+
 @dataclass
 class _Waiter:
     block: int = -1
     page: int = -1
     since: float = 0.0
+    kind: str = ""
 
 
 @dataclass
@@ -159,7 +167,13 @@ class BlocktimeTracker:
     And the vCPU faults, each counted once its outcome is known (`handled`): it needed a
     page from the source (asked for by it or before it), or it was resolved here (the
     precopy copy moved back, a zero page filled, the page placed meanwhile). So `faults`
-    is by construction their sum; a fault that meets EAGAIN counts when it is handled."""
+    is by construction their sum; a fault that meets EAGAIN counts when it is handled.
+
+    Besides the sums, each wait is logged (up to WAIT_LOG_CAPACITY): the vCPU, the page,
+    what the fault thread did about it (`kind`: asked for it, found it in flight, moved it
+    back, found it there), when the wait began and ended, and the size of the run whose
+    placement ended it (0: the vCPU ran on without it): where the blocktime goes, wait by
+    wait (x-request-hops)."""
 
     vcpus: int
     clock: Clock = time.monotonic
@@ -167,6 +181,8 @@ class BlocktimeTracker:
     total: float = 0.0
     faults_from_source: int = 0
     faults_resolved_here: int = 0
+    refaults: int = 0  # a fault of a vCPU recorded as waiting for another page
+    waits: list[tuple[int, int, int, str, float, float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.per_vcpu = [0.0] * self.vcpus
@@ -174,6 +190,7 @@ class BlocktimeTracker:
         self._blocked = 0
         self._all_blocked_since = 0.0
         self._lock = threading.Lock()
+        self.vcpu_sleep: VcpuSleep | None = None
 
     @property
     def faults(self) -> int:
@@ -195,9 +212,11 @@ class BlocktimeTracker:
                 # and wait on this page. (QEMU's mark_postcopy_blocktime_begin drops the
                 # earlier wait's time instead; a fault on the same page restarts its clock.)
                 self.per_vcpu[vcpu] += max(when - waiter.since, 0.0)
-                waiter.block, waiter.page, waiter.since = block, page, when
+                self.refaults += 1
+                self._log(vcpu, waiter, when, 0)
+                waiter.block, waiter.page, waiter.since, waiter.kind = block, page, when, ""
                 return True
-            waiter.block, waiter.page, waiter.since = block, page, when
+            waiter.block, waiter.page, waiter.since, waiter.kind = block, page, when, ""
             self._blocked += 1
             if self._blocked == self.vcpus:
                 self._all_blocked_since = when
@@ -212,6 +231,27 @@ class BlocktimeTracker:
             else:
                 self.faults_resolved_here += 1
 
+    def watch_vcpus(self, thread_ids: list[int]) -> None:
+        """At RUN, the running vCPUs' threads: the kernel's view of their waits beside
+        the counter (VcpuSleep, x-vcpu-slept-us)."""
+        if thread_ids:
+            self.vcpu_sleep = VcpuSleep(thread_ids, self.clock)
+
+    def all_placed(self) -> None:
+        """Every page is in: the vCPUs wait for no page from here on."""
+        if self.vcpu_sleep is not None:
+            self.vcpu_sleep.stop()
+
+    def note(self, vcpu: int, block: int, page: int, kind: str) -> None:
+        """What the fault thread did about the wait of `vcpu` on this page (the wait log)."""
+        with self._lock:
+            waiter = self._waiting[vcpu]
+            if waiter.block == block and waiter.page == page:
+                waiter.kind = kind
+            elif self.waits and self.waits[-1][:4] == (vcpu, block, page, ""):
+                # resolved at once, before the fault thread said how (a local fault)
+                self.waits[-1] = (vcpu, block, page, kind, *self.waits[-1][4:])
+
     def placed(self, block: int, first_page: int, count: int) -> None:
         with self._lock:
             if self._blocked == 0:
@@ -222,8 +262,31 @@ class BlocktimeTracker:
                     if self._blocked == self.vcpus:
                         self.total += now - self._all_blocked_since
                     self.per_vcpu[vcpu] += now - waiter.since
+                    self._log(vcpu, waiter, now, count)
                     waiter.block = -1
                     self._blocked -= 1
+
+    def _log(self, vcpu: int, waiter: _Waiter, end: float, run_pages: int) -> None:
+        """A wait ended (the lock held): into the wait log while it has room."""
+        if len(self.waits) < WAIT_LOG_CAPACITY:
+            self.waits.append(
+                (vcpu, waiter.block, waiter.page, waiter.kind, waiter.since, end, run_pages)
+            )
+
+    def wait_log(self) -> dict[str, list[Any]]:
+        """The waits as columns (times in seconds of the host's monotonic clock, to the µs)."""
+        with self._lock:
+            rows = list(self.waits)
+        columns: dict[str, list[Any]] = {name: [] for name in WAIT_FIELDS}
+        for vcpu, block, page, kind, begin, end, run_pages in rows:
+            columns["vcpu"].append(vcpu)
+            columns["block"].append(block)
+            columns["page"].append(page)
+            columns["kind"].append(kind)
+            columns["begin"].append(round(begin, 6))
+            columns["end"].append(round(end, 6))
+            columns["run_pages"].append(run_pages)
+        return columns
 
     def as_qmp(self) -> dict[str, Any]:
         with self._lock:  # one moment: the fault counts add up
@@ -238,4 +301,45 @@ class BlocktimeTracker:
             "x-postcopy-vcpu-faults": self.faults,
             "x-postcopy-vcpu-faults-from-source": self.faults_from_source,
             "x-postcopy-vcpu-faults-resolved-here": self.faults_resolved_here,
+            "x-postcopy-vcpu-refaults": self.refaults,
+            **(self.vcpu_sleep.as_qmp() if self.vcpu_sleep is not None else {}),
         }
+
+
+class VcpuSleep:
+    """The kernel's view of the vCPUs' waits in postcopy, beside the blocktime counter: how
+    long each vCPU thread slept (neither running nor runnable) from RUN to the last page,
+    from its schedstat. A guest that never halts sleeps only while it waits for a page
+    (from the fault itself, before the fault thread reads it, to the wake-up) or for the
+    GIL after an exit to the VMM; the blocktime counts from the fault read to the
+    placement, as QEMU's. A counter above this figure counts time a vCPU ran."""
+
+    def __init__(self, thread_ids: list[int], clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._tids = thread_ids
+        self._start = clock()
+        self._runnable = [_runnable(tid) for tid in thread_ids]
+        self.slept: list[float] | None = None
+
+    def stop(self) -> None:
+        """The last page is in: the vCPUs wait for no page from here on."""
+        if self.slept is not None:
+            return
+        wall = self._clock() - self._start
+        now = [_runnable(tid) for tid in self._tids]
+        self.slept = [
+            max(0.0, wall - (after - before))
+            for before, after in zip(self._runnable, now, strict=True)
+        ]
+
+    def as_qmp(self) -> dict[str, Any]:
+        if self.slept is None:
+            return {}
+        return {"x-vcpu-slept-us": [round(t * 1e6, 1) for t in self.slept]}
+
+
+def _runnable(tid: int) -> float:
+    try:
+        return runnable_seconds(tid)
+    except OSError:  # the thread is gone: it slept no more
+        return 0.0

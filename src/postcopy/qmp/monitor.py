@@ -418,10 +418,15 @@ class VmMonitor:
 
     def x_request_hops(self, args: dict[str, Any]) -> dict[str, Any]:
         """Both roles' page-request hop logs (migration/hops.py): `outgoing` as a source,
-        `incoming` as a destination; each {requests, placed, served} as columns."""
+        `incoming` as a destination; each {requests, placed, served} as columns, and the
+        destination's vCPU waits (`waits`, migration/stats.py BlocktimeTracker)."""
         return {
             "outgoing": self.outgoing.hops.as_qmp() if self.outgoing is not None else None,
-            "incoming": self.incoming.hops.as_qmp() if self.incoming is not None else None,
+            "incoming": (
+                {**self.incoming.hops.as_qmp(), "waits": self.incoming.blocktime.wait_log()}
+                if self.incoming is not None
+                else None
+            ),
         }
 
     def x_request_device(self, args: dict[str, Any]) -> dict[str, Any]:

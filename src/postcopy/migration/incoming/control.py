@@ -605,6 +605,7 @@ class IncomingMigration(MigrationBase):
             self.faults.on_send_failed = self.link_failed
         self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
         self._resume_as_on_the_source()
+        self.blocktime.watch_vcpus(self.machine.vcpu_thread_ids() if self.machine.running else [])
         if self._swap is not None:
             self._swap.guest_started()
         assert self._reader is not None
@@ -662,6 +663,7 @@ class IncomingMigration(MigrationBase):
             recovery.check(generation)
             if self._clock() > deadline + 30.0:
                 raise IncomingError("valid precopy pages were still being moved after 30 s")
+        self.blocktime.all_placed()
         recovery.stop()  # from here no pause: the last steps are local, and SHUT
         self._stop_fault_thread()
         self._release_uffd()

@@ -169,8 +169,8 @@ class FaultThread:
         poller.register(self._quit.fileno(), select.POLLIN)
         clients = self._watch_clients(poller, {})
         # faults to try again: the kernel said EAGAIN (the client is None for a vCPU's;
-        # `counted`: a vCPU fault whose outcome the blocktime tracker waits for)
-        deferred: list[tuple[int, int, SharedClient | None, bool]] = []
+        # `counted`: the vCPU whose fault's outcome the blocktime tracker waits for)
+        deferred: list[tuple[int, int, SharedClient | None, int | None]] = []
         while True:
             # with deferred faults, come back to them soon; never spin (this is SCHED_FIFO)
             ready = poller.poll(DEFER_SECONDS * 1000 if deferred else None)
@@ -217,20 +217,21 @@ class FaultThread:
 
     def _locate_event(
         self, event: PageFault, client: SharedClient | None, now: float
-    ) -> tuple[int, int, bool] | None:
+    ) -> tuple[int, int, int | None] | None:
         """(block, page, counted) of a fault, charged to its vCPU (blocktime) or its
-        client; `counted`: a vCPU fault that began a wait, counted once handled."""
+        client; `counted`: the vCPU of a fault that began a wait, counted once handled."""
         if client is None:
             block_index, page = self._locate(event.address)
             vcpu = self._tid_to_vcpu.get(event.thread_id)
-            counted = vcpu is not None and self._blocktime.fault(vcpu, block_index, page, now)
-            return block_index, page, counted
+            if vcpu is not None and self._blocktime.fault(vcpu, block_index, page, now):
+                return block_index, page, vcpu
+            return block_index, page, None
         located = client.locate(event.address)
         if located is None:  # not guest RAM: it registered more than it was given
             return None
         client.faults += 1
         self.shared_faults += 1
-        return located[0], located[1], False
+        return located[0], located[1], None
 
     def _watch_clients(
         self, poller: select.poll, watched: dict[int, SharedClient]
@@ -254,12 +255,14 @@ class FaultThread:
         now: float,
         requests: list[tuple[int, int]],
         client: SharedClient | None = None,
-        counted: bool = False,
+        counted: int | None = None,
     ) -> bool:
         """One fault: resolved here, or asked for (in `requests`), or False: the kernel
         answered EAGAIN, try again later (the vCPU sleeps on until then). A sharing
-        process (`client`) is woken once its page is here, now or after placement. A
-        `counted` vCPU fault is counted by its outcome (blocktime.handled), once."""
+        process (`client`) is woken once its page is here, now or after placement. The
+        fault of a `counted` vCPU is counted by its outcome (blocktime.handled), once, and
+        what was done goes in the wait log: "moved" (a valid precopy page moved back),
+        "here" (resolved locally), "asked" (requested now), "in-flight" (requested before)."""
         swap = self._swap
         # `_unmoved` is cleared by the mover too, without a lock: see RamSwap.is_unmoved
         if swap is not None and swap.is_unmoved(block_index, page):
@@ -277,23 +280,30 @@ class FaultThread:
                 self._ahead.append(window)
             else:
                 swap.follow(block_index, window.pivot)
+            kind = "moved"
+        else:
+            kind = "here"
         # `received` is set only after a page is placed (PagePlacer._record): a page seen
         # here as received is in guest RAM or a known zero page, and a page placed after
         # this read is asked for once more at worst (the source sends it again; EEXIST)
         if self._received[block_index][page]:
             if not self._resolve_locally(block_index, page):
                 return False
-            if counted:
+            if counted is not None:
                 self._blocktime.handled(from_source=False)
+                self._blocktime.note(counted, block_index, page, kind)
             if client is not None:
                 client.wake(block_index, page, 1)
             return True
+        kind = "in-flight"
         if not self._requested[block_index][page]:
             self._requested[block_index][page] = True
             self._latency.asked(block_index, page, 1, now)
             requests.append((block_index, page))
-        if counted:  # asked for now, or already on its way: it comes from the source
+            kind = "asked"
+        if counted is not None:  # asked for now, or already on its way: from the source
             self._blocktime.handled(from_source=True)
+            self._blocktime.note(counted, block_index, page, kind)
         return True
 
     def _bring_in_ahead(self) -> None:
