@@ -664,13 +664,12 @@ class OutgoingMigration(MigrationBase):
         self.downtime = self._clock() - stop_time
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         self._emit_pass(sync_number)  # outside the downtime
-        # not needed any more, and re-registering the memory slot takes a while: after RUN
-        self.machine.stop_dirty_log()
         self._sender.restart_throttle()
         self.recovery.finish_postcopy(writer, RUN_PING, self._check_cancel)
         if self.run_confirmed:
             self.downtime_to_run = self._return_path.pong_time(RUN_PING) - stop_time
         self._complete()
+        self.machine.stop_dirty_log()  # last: 30-55 ms that held back the push's first requests
 
     def _harvest_stale(
         self, writer: StreamWriter, needed: list[Bitmap], needed_pages: list[int]
