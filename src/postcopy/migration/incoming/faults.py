@@ -276,6 +276,9 @@ class FaultThread:
             swap.move_pages(block_index, near, FAULT_MOVE_PAGES, on_demand=True)
             if swap.is_unmoved(block_index, page):
                 return False  # not known to be in guest RAM: a ZEROPAGE now would lose it
+            # the move woke its vCPU: its wait ends here, not after the resolving below (a
+            # vCPU whose page was a hole faults again, and that wait is counted anew)
+            self._blocktime.placed(block_index, near, FAULT_MOVE_PAGES)
             if window.count > FAULT_MOVE_PAGES:
                 self._ahead.append(window)
             else:

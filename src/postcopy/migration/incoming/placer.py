@@ -162,6 +162,9 @@ class PagePlacer:
                 page_size,
                 fallback=self._copy,
             )
+            # the move woke the vCPUs waiting there: their waits end now, not once the
+            # whole run is recorded
+            self.blocktime.placed(block_index, first_page + start, length)
         if len(normal) != 1 or normal[0][1] != zero.size:  # some pages are zero pages
             self._place_zero_pages(block, first_page, zero)
         self._record(block_index, first_page, int(zero.size))

@@ -143,7 +143,8 @@ class RamSwap:
         Safe to run in two threads at once on the same pages (see _mover).
 
         Holes (zero pages never written) are skipped; they stay missing and a fault on one
-        is filled with a zero page by the fault thread. On the fault thread's behalf
+        is filled with a zero page by the fault thread. The move wakes the threads waiting
+        on the range (a waiter on a hole faults again). On the fault thread's behalf
         (`on_demand`) an EAGAIN is not waited out: False, and the pages not known to have
         moved keep their `_unmoved` bit (moving them again later is harmless: a page that
         did move left a hole, which is skipped). The mover retries (eagain.py).
@@ -164,7 +165,7 @@ class RamSwap:
                         block.host_address + offset + done,
                         old.address + offset + done,
                         size - done,
-                        dontwake=on_demand,
+                        dontwake=False,  # a vCPU waiting here runs on at once
                         allow_src_holes=True,
                     )
                 except PageExistsError as error:
