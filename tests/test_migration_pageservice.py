@@ -10,12 +10,18 @@ import numpy as np
 
 from postcopy.linux.memory import Mapping
 from postcopy.migration.channel import StreamWriter
-from postcopy.migration.outgoing.pageservice import PageRequest, PageService
+from postcopy.migration.outgoing.pageservice import (
+    PUSH_BACKLOG_BYTES,
+    PUSH_PING_BYTES,
+    PageRequest,
+    PageService,
+)
 from postcopy.migration.outgoing.sender import RamSender
 from postcopy.migration.parameters import Parameters
 from postcopy.ram import RamBlock, RamList
 from postcopy.transport.connection import Connection
 from postcopy.wire import Direction, layout
+from postcopy.wire.frames import FrameType
 
 PAGES = 64
 PAGE = 4096
@@ -117,3 +123,89 @@ def test_zero_pages_found_ahead_are_found_again_after_a_sync() -> None:
     assert np.flatnonzero(~np.array(sent[2][2])).tolist() == [36]  # and now with its data
     assert sent[2][3] == b"\x07" + bytes(PAGE - 1)
     assert sender.pages_not_read == 63 + 64 + 63  # never touched, each time it was sent
+
+
+def _frames(raw: bytes) -> list[tuple[int, int, int]]:
+    """(frame type, offset of the frame's end in `raw`, PING value or 0) of every whole
+    frame in `raw` (RAM_RUN frames with their page data)."""
+    found = []
+    position = 0
+    while position + layout.FRAME_HEADER.size <= len(raw):
+        kind, _, _, length = layout.FRAME_HEADER.unpack_from(raw, position)
+        body = position + layout.FRAME_HEADER.size
+        end = body + length
+        value = 0
+        if kind == FrameType.RAM_RUN:
+            _, _, count = layout.RAM_RUN.unpack_from(raw, body)
+            bits = np.unpackbits(
+                np.frombuffer(raw[body + layout.RAM_RUN.size : end], np.uint8), bitorder="little"
+            )[:count]
+            end += int(np.count_nonzero(bits == 0)) * PAGE
+        elif kind == FrameType.PING:
+            (value,) = layout.U32.unpack_from(raw, body)
+        if end > len(raw):
+            break
+        found.append((kind, end, value))
+        position = end
+    return found
+
+
+def test_without_preempt_the_push_keeps_what_the_destination_has_not_read_bounded() -> None:
+    """A requested page waits behind what the push wrote and the destination has not read:
+    the push stops PUSH_BACKLOG_BYTES ahead of the last PONG, and goes on with the PONGs."""
+    pages = 4096  # 16 MiB: far more than the backlog allows
+    mapping = Mapping.anonymous(pages * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    mapping.view[:] = b"\xa5" * mapping.length  # no zero pages: every run carries its data
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    service = PageService(ram, sender)
+    service.set_needed([np.ones(pages, dtype=np.bool_)])
+    ours, theirs = Connection.socketpair()
+    received = bytearray()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def drain() -> None:  # reads everything at once, and answers no PING by itself
+        buffer = memoryview(bytearray(1 << 20))
+        while count := theirs.recv_into(buffer):
+            with lock:
+                received.extend(buffer[:count])
+
+    def push() -> None:
+        service.push(StreamWriter(ours, Direction.MAIN), lambda: None)
+        done.set()
+
+    with mapping, ours, theirs:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        # the push writes up to the bound and then waits for a PONG: it never goes beyond
+        deadline = time.monotonic() + 30
+        while len(received) < PUSH_BACKLOG_BYTES and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a push that does not wait to overrun the bound
+        with lock:
+            held = bytes(received)
+        assert PUSH_BACKLOG_BYTES <= len(held) <= PUSH_BACKLOG_BYTES + PUSH_PING_BYTES + 4 * 8192
+        assert not done.is_set()
+        # the destination reads on, PONG by PONG: the push goes on to its end
+        parsed = 0
+        while not done.is_set() and time.monotonic() < deadline:
+            with lock:
+                fresh = bytes(received[parsed:])
+            for kind, end, value in _frames(fresh):
+                if kind == FrameType.PING:
+                    service.pong(value)
+                parsed_end = end
+            if fresh and _frames(fresh):
+                parsed += parsed_end
+            time.sleep(0.001)
+        assert done.is_set()
+        ours.shutdown()
+        reader.join(5)
+    frames = _frames(bytes(received))
+    pushed = sum(1 for kind, _, _ in frames if kind == FrameType.RAM_RUN)
+    pings = sum(1 for kind, _, _ in frames if kind == FrameType.PING)
+    assert sender.counters.pages_pushed == pages and pushed == pages // 64
+    assert pings >= pages * PAGE // PUSH_PING_BYTES - 1

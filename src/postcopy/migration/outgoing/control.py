@@ -134,6 +134,7 @@ class OutgoingMigration(MigrationBase):
         self.recovery = SourceRecovery(self)
         self._return_path.on_broken = self._return_path_broken
         self._return_path.on_recovery = self.recovery.recovery_message
+        self._return_path.on_pong = self._pages.pong
 
     # -- for recovery.py -------------------------------------------------------------------
 

@@ -9,6 +9,13 @@ each run. Every page is claimed (test and clear of `needed` under a lock) before
 sent, so none is forgotten and none is pushed twice. QEMU's ram_save_queue_pages and
 postcopy's page request handling in ram.c. After a recovery, `rebuild` makes `needed`
 exactly what the destination's received bitmaps lack (QEMU's ram_dirty_bitmap_reload).
+
+Without postcopy-preempt a requested page queues behind whatever the push has put on the
+main channel and the destination has not read yet: socket buffers autotune to megabytes
+(13 MB were waiting at RUN in one run, and the first request waited 124 ms behind them).
+So the push keeps at most PUSH_BACKLOG_BYTES unread: a PING every PUSH_PING_BYTES, whose
+PONG says the destination has read up to there, and the push waits for PONGs (serving
+requests meanwhile) when it is that far ahead.
 """
 
 from __future__ import annotations
@@ -24,8 +31,13 @@ from postcopy.migration.channel import StreamWriter
 from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
 from postcopy.ram import Bitmap, RamList, pages_after, runs, split_runs
+from postcopy.wire import Ping
 
 SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
+PUSH_BACKLOG_BYTES = 1 << 20  # without preempt: what a requested page may queue behind
+PUSH_PING_BYTES = 256 << 10  # a PING this often measures what the destination has read
+BACKLOG_PING = 0x4000_0000  # the push's PING values (neither the heartbeat's nor 1, 2, ...)
+BACKLOG_WAIT = 0.005  # seconds between checks while the push waits for the destination
 
 
 def _runs_of(first: int, bits: list[bool]) -> list[tuple[int, int]]:
@@ -64,6 +76,14 @@ class PageService:
         self._needed: list[Bitmap] = []
         self._needed_lock = threading.Lock()
         self._jump: tuple[int, int] | None = None
+        # the unread backlog of the main channel (the push's thread; pongs from the return
+        # path): bytes written, bytes known read, and the bytes each PING in flight stood at
+        self._written = 0
+        self._read = 0
+        self._ping_at: dict[int, int] = {}
+        self._next_ping = 0
+        self._pings = 0
+        self._attention = threading.Event()  # a request or a PONG came
 
     def set_urgent_channel(self, writer: StreamWriter | None) -> None:
         """With postcopy-preempt: requested pages go out at once on `writer` (None while
@@ -106,6 +126,15 @@ class PageService:
         else:
             self._requests.put(request)
             self._sender.interrupt_wait()
+            self._attention.set()
+
+    def pong(self, value: int) -> None:
+        """The return path got a PONG: if it is the push's, the destination has read all
+        that was written before that PING."""
+        written = self._ping_at.pop(value, None)  # one writer per key, and pop is atomic
+        if written is not None:
+            self._read = max(self._read, written)
+            self._attention.set()
 
     def push(self, writer: StreamWriter, check_cancel: Callable[[], None]) -> None:
         """Send every needed page; requested pages first, then onward from the last request."""
@@ -113,6 +142,9 @@ class PageService:
         # automatic: 2 MiB per run with an urgent channel, else 256 KiB, so that a queued
         # request waits behind little (one huge page per run on hugetlb)
         run_bytes = (512 if self._urgent is not None else 64) * 4096
+        # a new channel (the first push, or after a recovery) holds nothing unread
+        self._written = self._read = self._next_ping = 0
+        self._ping_at.clear()
         for index, block in enumerate(self._ram):
             block_run_pages = run_pages_for(
                 block, configured or max(1, run_bytes // block.page_size)
@@ -128,6 +160,8 @@ class PageService:
                 while position < starts.size:
                     check_cancel()
                     self._serve_queued_requests(writer)
+                    if not self._room_in_backlog():
+                        continue  # a request or a PONG came: serve, then look again
                     if not self._sender.wait_for_bandwidth("postcopy"):
                         continue  # a request came (or the end): serve it first
                     # read and cleared without a lock while the return path may set it: a
@@ -140,7 +174,7 @@ class PageService:
                     end = start + length + after[position]
                     position += 1
                     for sub_start, sub_length in self._claim(index, start, length):
-                        self._sender.send_pages(
+                        self._written += self._sender.send_pages(
                             writer,
                             index,
                             block,
@@ -150,7 +184,26 @@ class PageService:
                             ahead=end - sub_start - sub_length,
                         )
                         self._counters.pages_pushed += sub_length  # only the push writes it
+                    self._ping_if_due(writer)
         self._counters.remaining = 0
+
+    def _room_in_backlog(self) -> bool:
+        """Without an urgent channel: True when the destination has read all but
+        PUSH_BACKLOG_BYTES of what the push wrote; else wait a little for a PONG, False."""
+        if self._urgent is not None or self._written - self._read <= PUSH_BACKLOG_BYTES:
+            return True
+        self._attention.wait(BACKLOG_WAIT)
+        self._attention.clear()
+        return self._written - self._read <= PUSH_BACKLOG_BYTES
+
+    def _ping_if_due(self, writer: StreamWriter) -> None:
+        if self._urgent is not None or self._written < self._next_ping:
+            return
+        self._pings += 1
+        value = BACKLOG_PING | (self._pings % BACKLOG_PING)
+        self._ping_at[value] = self._written
+        writer.send(Ping(value))
+        self._next_ping = self._written + PUSH_PING_BYTES
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
         """Take the still-needed pages of a range (test and clear), as runs."""
@@ -191,7 +244,11 @@ class PageService:
         block = self._ram[request.block]
         claimed = self._claim(request.block, request.first_page, request.page_count)
         for start, length in claimed:
-            self._sender.send_pages(writer, request.block, block, start, length, phase="requested")
+            size = self._sender.send_pages(
+                writer, request.block, block, start, length, phase="requested"
+            )
+            if not urgent:
+                self._written += size  # the push's thread: on the main channel
             # one thread serves requests in a given mode (the return path with preempt,
             # else the push): each of these counters has one writer
             self._counters.pages_requested += length

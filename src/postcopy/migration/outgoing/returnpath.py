@@ -57,6 +57,7 @@ class ReturnPath:
         self.last_heard: float | None = None
         self.on_broken: Callable[[BaseException, int], bool] = lambda error, generation: False
         self.on_recovery: Callable[[Message, int], None] | None = None
+        self.on_pong: Callable[[int], None] = lambda value: None  # the push's backlog
         self._ended: dict[int, threading.Event] = {}
 
     def start(self, reader: StreamReader, generation: int = 0) -> None:
@@ -139,6 +140,7 @@ class ReturnPath:
                     with self._pong:
                         self._pongs[message.value] = self._clock()
                         self._pong.notify_all()
+                    self.on_pong(message.value)
                 elif isinstance(message, RecvBitmap | ResumeAck) and self.on_recovery:
                     self.on_recovery(message, generation)
                 elif isinstance(message, Shut) and message.error and generation > 0:
