@@ -314,6 +314,8 @@ def test_prepaging_window_grows_along_a_walk_and_starts_over_elsewhere() -> None
     up = [faults.window(0, page, 10_000) for page in (1064, 1192, 1448)]
     assert [(w.first, w.count) for w in up] == [(1064, 128), (1192, 256), (1448, 256)]
     assert faults.streak_faults == 3
+    # beyond the far edge by less than the maximum: the mover filled the gap, same walk
+    assert (faults.window(0, 1904, 10_000).first, faults.streak_faults) == (1904, 4)
     elsewhere = faults.window(0, 5000, 10_000)
     assert (elsewhere.first, elsewhere.count) == (5000, 64)
     # another block is elsewhere too, whatever the page

@@ -4,9 +4,10 @@ Hines and Gopalan's idea (post-copy live migration with adaptive pre-paging, VEE
 not QEMU's fixed neighbourhood: a fault at page p is a hint that the guest will touch the
 pages around p next, in the direction its faults have been going. `FaultWindow` turns a
 fault into a window of pages to bring in: `base` pages from p forward for a fault out of
-the blue; while faults keep coming at the edge of the last window (a guest walking through
-its memory, up or down), the window doubles in that direction, up to `maximum`. A fault
-elsewhere starts again at `base`. One window per block at a time: the last fault's.
+the blue; while faults keep coming at the edge of the last window or up to `maximum` pages
+beyond it (a guest walking through its memory, up or down, behind the mover, which goes on
+from the edge), the window doubles in that direction, up to `maximum`. A fault elsewhere
+starts again at `base`. One window per block at a time: the last fault's.
 
 Pure policy (no I/O): the destination's fault thread asks it which valid precopy pages to
 move back on a fault (incoming/faults.py), and the mover continues from the window's far
@@ -57,9 +58,12 @@ class FaultWindow:
         direction, size = FORWARD, self.base
         if last is not None and last.block == block:
             grown = min(last.count * 2, self.maximum)
-            if last.direction == FORWARD and last.first <= page < last.end + self.base:
-                direction, size = FORWARD, grown  # at (or just past) the far edge: on up
-            elif last.direction == BACKWARD and last.first - self.base <= page < last.end:
+            # the mover goes on from the far edge (the pivot), so a walking guest's next
+            # fault may come up to a window beyond it: still the same walk
+            reach = self.maximum
+            if last.direction == FORWARD and last.first <= page < last.end + reach:
+                direction, size = FORWARD, grown  # at (or past) the far edge: on up
+            elif last.direction == BACKWARD and last.first - reach <= page < last.end:
                 direction, size = BACKWARD, grown  # on down
             elif last.first - self.base <= page < last.first:
                 direction, size = BACKWARD, min(self.base * 2, self.maximum)  # turned down

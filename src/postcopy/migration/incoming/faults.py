@@ -47,7 +47,7 @@ from postcopy.wire import ReqPages
 
 FAULT_BATCH = 64
 FAULT_MOVE_PAGES = 64  # valid pages moved back on a fault before its vCPU is woken
-PREPAGE_MAX_PAGES = 1024  # the most a streak of faults brings in at once (prepaging.py)
+PREPAGE_MAX_PAGES = 4096  # the most a streak of faults brings in at once (prepaging.py)
 
 
 class FaultThread:
