@@ -165,10 +165,12 @@ def test_killed_destination_leaves_source_running(tmp_path: Path, vms: list[VmPr
 def test_bandwidth_cap_keeps_precopy_iterating(tmp_path: Path, vms: list[VmProcess]) -> None:
     # The cap must be well below the guest's dirty rate, or precopy converges after all:
     # memtouch dirties ~40-70 MB/s here (each first write after a sync is a protection
-    # fault), so at 16 MiB/s its 16 MiB are all dirty again within each one-second round;
-    # downtime-limit 0: only a round in which the guest wrote nothing could end it.
+    # fault), so at 4 MiB/s its 16 MiB are all dirty again within each four-second round;
+    # downtime-limit 0: only a round in which the guest wrote nothing could end it, and a
+    # round that long holds that state on a loaded host too (one-second rounds did not:
+    # a guest starved of CPU for a whole round let precopy complete, 1 run in 4)
     source, _destination, uri = start_pair(tmp_path, vms, ram="16M")
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20, "downtime-limit": 0})
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20, "downtime-limit": 0})
     # a guest that has not begun to write dirties nothing, and its untouched RAM crosses
     # as zero markers in no time: that round would converge
     source.wait_passes(b"B", 1)
