@@ -209,3 +209,48 @@ def test_without_preempt_the_push_keeps_what_the_destination_has_not_read_bounde
     pings = sum(1 for kind, _, _ in frames if kind == FrameType.PING)
     assert sender.counters.pages_pushed == pages and pushed == pages // 64
     assert pings >= pages * PAGE // PUSH_PING_BYTES - 1
+
+
+def test_requested_pages_beyond_the_backlog_bound_get_a_ping_of_their_own() -> None:
+    """Served requests fill the backlog too (a 2 MiB huge page each): the push PINGs for
+    what they added before it waits for a PONG, or it would wait for good."""
+    pages = 1024
+    mapping = Mapping.anonymous(pages * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    mapping.view[:] = b"\x5a" * mapping.length
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    service = PageService(ram, sender)
+    service.set_needed([np.ones(pages, dtype=np.bool_)])
+    # more than the bound, requested before the push sends anything (and so any PING)
+    requested = PUSH_BACKLOG_BYTES // PAGE + 64
+    for page in range(0, 2 * requested, 2):
+        service.request(PageRequest(0, page, 1))
+    ours, theirs = Connection.socketpair()
+    done = threading.Event()
+
+    def destination() -> None:  # reads everything and answers every PING, as it does
+        buffer = bytearray()
+        chunk = memoryview(bytearray(1 << 20))
+        while count := theirs.recv_into(chunk):
+            buffer.extend(chunk[:count])
+            frames = _frames(bytes(buffer))
+            for kind, _, value in frames:
+                if kind == FrameType.PING:
+                    service.pong(value)
+            if frames:
+                del buffer[: frames[-1][1]]
+
+    def push() -> None:
+        service.push(StreamWriter(ours, Direction.MAIN), lambda: None)
+        done.set()
+
+    with mapping, ours, theirs:
+        reader = threading.Thread(target=destination, daemon=True)
+        reader.start()
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        assert done.wait(30), "the push waits for a PONG no PING asked for"
+        ours.shutdown()
+        reader.join(5)
+    assert sender.counters.pages_requested == requested
+    assert sender.counters.pages_pushed == pages - requested

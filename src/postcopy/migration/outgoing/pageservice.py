@@ -160,7 +160,7 @@ class PageService:
                 while position < starts.size:
                     check_cancel()
                     self._serve_queued_requests(writer)
-                    if not self._room_in_backlog():
+                    if not self._room_in_backlog(writer):
                         continue  # a request or a PONG came: serve, then look again
                     if not self._sender.wait_for_bandwidth("postcopy"):
                         continue  # a request came (or the end): serve it first
@@ -187,11 +187,15 @@ class PageService:
                     self._ping_if_due(writer)
         self._counters.remaining = 0
 
-    def _room_in_backlog(self) -> bool:
+    def _room_in_backlog(self, writer: StreamWriter) -> bool:
         """Without an urgent channel: True when the destination has read all but
-        PUSH_BACKLOG_BYTES of what the push wrote; else wait a little for a PONG, False."""
+        PUSH_BACKLOG_BYTES of what the push wrote; else wait a little for a PONG, False.
+        Requested pages count too, and nothing may wait for a PONG that no PING asks
+        for: what they added since the last PING gets one first (a 2 MiB huge page each,
+        served back to back, held the push for good)."""
         if self._urgent is not None or self._written - self._read <= PUSH_BACKLOG_BYTES:
             return True
+        self._ping_if_due(writer)  # the last PING is then at most PUSH_PING_BYTES behind
         self._attention.wait(BACKLOG_WAIT)
         self._attention.clear()
         return self._written - self._read <= PUSH_BACKLOG_BYTES
