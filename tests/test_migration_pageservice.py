@@ -27,6 +27,20 @@ PAGES = 64
 PAGE = 4096
 
 
+def _draining(connection: Connection) -> tuple[threading.Thread, bytearray]:
+    """A thread that reads `connection` to its end into the bytearray returned with it."""
+    received = bytearray()
+
+    def drain() -> None:
+        buffer = memoryview(bytearray(1 << 16))
+        while count := connection.recv_into(buffer):
+            received.extend(buffer[:count])
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return reader, received
+
+
 def _runs_sent(raw: bytes) -> list[tuple[int, int, list[bool], bytes]]:
     """(first page, count, zero bits, data) of each RAM_RUN frame in `raw`."""
     found = []
@@ -54,16 +68,9 @@ def test_a_request_sends_what_is_needed_and_again_what_the_push_took() -> None:
     sender = RamSender(ram, Parameters(), time.monotonic)
     service = PageService(ram, sender)
     ours, theirs = Connection.socketpair()
-    received = bytearray()
-
-    def drain() -> None:
-        buffer = memoryview(bytearray(1 << 16))
-        while count := theirs.recv_into(buffer):
-            received.extend(buffer[:count])
 
     with mapping, ours, theirs:
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
+        reader, received = _draining(theirs)
         service.set_urgent_channel(StreamWriter(ours, Direction.MAIN))
         needed = np.ones(PAGES, dtype=np.bool_)
         needed[11] = False  # the push took page 11 already
@@ -97,16 +104,9 @@ def test_zero_pages_found_ahead_are_found_again_after_a_sync() -> None:
     mapping.view[5 * PAGE] = 1
     sender = RamSender(ram, Parameters(), time.monotonic)
     ours, theirs = Connection.socketpair()
-    received = bytearray()
-
-    def drain() -> None:
-        buffer = memoryview(bytearray(1 << 16))
-        while count := theirs.recv_into(buffer):
-            received.extend(buffer[:count])
 
     with mapping, ours, theirs:
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
+        reader, received = _draining(theirs)
         writer = StreamWriter(ours, Direction.MAIN)
         block = ram[0]
         sender.send_pages(writer, 0, block, 0, 64, phase="precopy", ahead=pages - 64)

@@ -212,17 +212,10 @@ def comparison_lines(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def plot_service(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """service_figure(records) as a PNG at `path` (None: no kvstore scenario)."""
-    import matplotlib.pyplot as plt
+    from postcopy.tools.plot import save_figure
 
     figure = service_figure(records)
-    if figure is None:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)
-    return path
+    return None if figure is None else save_figure(figure, path)
 
 
 def service_figure(records: Sequence[dict[str, Any]]) -> Any:

@@ -72,12 +72,16 @@ def plot_run(
     cpu_title: str = "",
 ) -> Path:
     """Draw `run` into a PNG at `path`; PlotError if matplotlib is missing."""
-    import matplotlib.pyplot as plt
-
     figure = draw_run(
         run, title=title, rate_limit=rate_limit, cpu_lines=cpu_lines, cpu_title=cpu_title
     )
-    path = Path(path)
+    return save_figure(figure, Path(path))
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write `figure` as a PNG at `path` (its directory made) and free it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         figure.savefig(path, dpi=100)
