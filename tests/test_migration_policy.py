@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postcopy.linux.memory import Mapping
 from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_ranges
+from postcopy.migration.outgoing.sender import RamSender
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
 from postcopy.migration.prepaging import BACKWARD, FORWARD, FaultWindow
 from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
@@ -23,6 +25,7 @@ from postcopy.migration.status import (
     MigrationStatus,
     StatusHolder,
 )
+from postcopy.ram import RamBlock, RamList
 
 
 class FakeClock:
@@ -338,3 +341,59 @@ def test_prepaging_window_always_holds_the_fault_and_stays_in_the_block(pages: l
         assert window.block == 3
         assert window.first <= page < window.end <= 1000
         assert 1 <= window.count <= 128
+
+
+class _CountingWriter:
+    """A fake stream for the bandwidth policy: each run is `run_bytes` on the wire."""
+
+    def __init__(self, run_bytes: int) -> None:
+        self.run_bytes = run_bytes
+
+    def send_ram_run(self, index: int, block: RamBlock, first: int, zero: object) -> int:
+        return self.run_bytes
+
+
+def _runs_before_a_wait(sender: RamSender, writer: _CountingWriter, block: RamBlock) -> int:
+    """Runs of precopy the limit lets go at once (the clock stands still): a wait ends in
+    `give_up` here, so the count stops at the first run that would have to wait."""
+    sent = 0
+    while sender.wait_for_bandwidth("precopy") and sent < 1000:
+        sender.send_pages(writer, 0, block, 0, 2, phase="precopy")  # type: ignore[arg-type]
+        sent += 1
+    return sent
+
+
+def test_a_new_bandwidth_limit_counts_from_when_it_is_set() -> None:
+    """The bytes sent under one max-bandwidth are neither a debt nor a credit under the
+    next one (QEMU's limit is per 100 ms window): a lowered limit once waited for 1 GiB at
+    1 MiB/s (~1,000 s), and a limit lifted after a held second let a second of the new
+    rate go at once (a test that held the first pass at 1 byte/s, then ran it at
+    128 MiB/s, saw its sync come at once)."""
+    mapping = Mapping.anonymous(16 * 4096)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    clock = FakeClock()
+    parameters = Parameters()
+    sender = RamSender(ram, parameters, clock, give_up=lambda: True)
+    try:
+        block = ram[0]
+        writer = _CountingWriter(1 << 20)  # 1 MiB a run
+        parameters.max_bandwidth = 1 << 30
+        sender.restart_throttle()
+        assert _runs_before_a_wait(sender, writer, block) == 1
+        clock.now += 1.0  # a second at 1 GiB/s: 1,024 runs
+        writer.run_bytes = 1 << 20
+        assert _runs_before_a_wait(sender, writer, block) > 100
+        # a debt: 1 GiB sent, then 1 MiB/s; the next run goes within a second
+        parameters.max_bandwidth = 1 << 20
+        assert _runs_before_a_wait(sender, writer, block) == 1
+        clock.now += 1.0
+        assert _runs_before_a_wait(sender, writer, block) == 1
+        # a credit: held at 1 byte/s for half a second, then lifted to 128 MiB/s
+        parameters.max_bandwidth = 1
+        assert _runs_before_a_wait(sender, writer, block) == 1
+        clock.now += 0.5
+        parameters.max_bandwidth = 128 << 20
+        assert _runs_before_a_wait(sender, writer, block) == 1  # not 64 (half a second's)
+    finally:
+        sender.close()
+        mapping.close()

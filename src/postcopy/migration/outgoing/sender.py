@@ -83,6 +83,7 @@ class RamSender:
         self._counters_lock = threading.Lock()  # the rate meter's (Accounting has its own)
         self._throttle_start = 0.0
         self._throttle_bytes = 0
+        self._throttle_limit = 0  # the limit the bytes since the start were counted against
         self._wake = threading.Event()
         self._pagemap: Pagemap | None = None
         with contextlib.suppress(OSError):  # no /proc: every page is read
@@ -107,6 +108,10 @@ class RamSender:
     def restart_throttle(self) -> None:
         """The bandwidth limit counts from now (start of precopy, start of the push)."""
         self._throttle_start, self._throttle_bytes = self._clock(), 0
+
+    def _restart_throttle(self, limit: int) -> None:
+        self.restart_throttle()
+        self._throttle_limit = limit
 
     def bandwidth(self) -> float:
         elapsed = self._clock() - self._throttle_start
@@ -175,10 +180,16 @@ class RamSender:
 
         The wait goes in slices and reads the limit again after each one, so that a limit
         set during the migration (migrate-set-parameters) takes effect at once, also to
-        lift a very low one: a test holds precopy or the push with 1 byte/s."""
+        lift a very low one: a test holds precopy or the push with 1 byte/s. A new limit
+        counts from when it is seen, as QEMU's per-window rate limit does: the bytes sent
+        under the old one are neither a debt (1 GiB sent at 1 GiB/s, then 1 MiB/s, waited
+        1,000 s) nor a credit (a limit lifted after a hold of one second let a second's
+        worth go at once, far above the new limit)."""
         limit = self._limit(phase)
         if limit <= 0:
             return True
+        if limit != self._throttle_limit:
+            self._restart_throttle(limit)
         while True:
             delay = self._throttle_start + self._throttle_bytes / limit - self._clock()
             if delay <= 0:
@@ -192,6 +203,9 @@ class RamSender:
                 return False
             limit = self._limit(phase)
             if limit <= 0:
+                return True
+            if limit != self._throttle_limit:
+                self._restart_throttle(limit)
                 return True
 
     def _limit(self, phase: str) -> int:
