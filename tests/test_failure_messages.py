@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hold import HOLD_RATE
+from tests.hold import HOLD_RATE, PRECOPY_HELD
 from tests.vmprocess import QmpCommandError, VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -81,10 +81,12 @@ def test_a_reset_connection_is_named_not_blamed_on_the_destination(
     vms.append(source)
     proxy = ResettingProxy(port)
     try:
-        source.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})  # held active
+        source.cmd("migrate-set-parameters", **PRECOPY_HELD)  # held active
         source.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
         source.wait_migration({"active"})
         proxy.reset()
+        # plain precopy has no return path: the source learns of the reset when it sends
+        source.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
         failed = source.wait_migration({"failed", "completed"})
     finally:
         proxy.close()
@@ -102,7 +104,7 @@ def test_a_connection_killed_on_this_host_is_named_so(tmp_path: Path, vms: list[
     vms.append(destination)
     source = VmProcess(tmp_path, "src", *GUEST)
     vms.append(source)
-    source.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})  # held active
+    source.cmd("migrate-set-parameters", **PRECOPY_HELD)  # held active
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     source.wait_migration({"active"})
     # the source's ends of this migration's connections (no one else's: the port is ours)
@@ -113,6 +115,8 @@ def test_a_connection_killed_on_this_host_is_named_so(tmp_path: Path, vms: list[
         check=False,
     )
     assert f"127.0.0.1:{port}" in killed.stdout, (killed.stdout, killed.stderr)
+    # plain precopy has no return path: the source learns of the abort when it sends
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     failed = source.wait_migration({"failed", "completed"})
     assert failed["status"] == "failed"
     assert "aborted on this host (ECONNABORTED)" in failed["error-desc"], failed["error-desc"]

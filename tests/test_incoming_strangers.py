@@ -16,7 +16,7 @@ import pytest
 
 from postcopy.transport import connect
 from postcopy.wire import MAIN_MAGIC, PROTOCOL_VERSION
-from tests.hold import HOLD_RATE
+from tests.hold import PRECOPY_HELD
 from tests.vmprocess import VmProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -143,7 +143,7 @@ def test_a_second_source_while_a_migration_runs_is_told_so(
     vms.append(first)
     second = VmProcess(tmp_path, "second", *GUEST)
     vms.append(second)
-    first.cmd("migrate-set-parameters", **{"max-bandwidth": HOLD_RATE})
+    first.cmd("migrate-set-parameters", **PRECOPY_HELD)
     first.cmd("migrate", uri=uri)
     first.wait_migration({"active"})
     second.cmd("migrate", uri=uri)
