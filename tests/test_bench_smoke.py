@@ -7,17 +7,22 @@ network namespaces, veth pairs) is gone afterwards, also when the bench is inter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from postcopy.bench.cleanup import pid_alive
 from postcopy.bench.link import our_namespaces
@@ -122,8 +127,8 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     }
 
 
-def _run_bench(out: Path, *args: str) -> dict[str, Any]:
-    main(["bench", SMOKE, "--repeat", "1", "--fault-probes", "300", "--out", str(out), *args])
+def _run_bench(out: Path, *args: str, scenario: str = SMOKE) -> dict[str, Any]:
+    main(["bench", scenario, "--repeat", "1", "--fault-probes", "300", "--out", str(out), *args])
     lines = out.read_text().splitlines()
     assert len(lines) == 1
     record: dict[str, Any] = json.loads(lines[0])
@@ -133,9 +138,75 @@ def _run_bench(out: Path, *args: str) -> dict[str, Any]:
     return record
 
 
+HELD = "smoke-held"  # SMOKE with its push held until a page is requested (a short name:
+# its run directory holds the VMs' QMP sockets, and AF_UNIX paths end at 107 bytes)
+
+
+def _lift_the_push_once_a_page_is_requested(workdirs: Path, finished: threading.Event) -> None:
+    """The bench's source starts its push at 1 byte/s (HELD's parameters): the guest, now
+    on the destination, must ask for a page it lacks; once the source has served one
+    request, the push goes on at full speed. (With the push free, on a loaded host the
+    destination's vCPU could wait for a core until the push had brought every page it
+    lacked: a run with no request, and so no request latency.)"""
+    client: QEMUMonitorProtocol | None = None
+    try:
+        while client is None:  # the source VM's QMP, once it listens
+            if finished.wait(0.05):
+                return
+            qmp = next(workdirs.glob(f"postcopy-bench-*/{HELD}-*/source.qmp"), None)
+            if qmp is not None:
+                client = QEMUMonitorProtocol(str(qmp))
+                try:
+                    client.connect(negotiate=True)
+                except (OSError, QMPError):
+                    with contextlib.suppress(Exception):
+                        client.close()
+                    client = None
+        while not finished.is_set():
+            info = client.cmd_raw("query-migrate")["return"]
+            if info.get("ram", {}).get("postcopy-requests", 0) > 0 or info.get("status") in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                break
+            time.sleep(0.05)
+        client.cmd_raw("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+    except (OSError, QMPError):  # the bench ended the source: its record says why
+        pass
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
 @pytest.mark.timeout(240)
-def test_smoke_run_on_loopback_reports_every_figure_and_ratio(tmp_path: Path) -> None:
-    record = _run_bench(tmp_path / "smoke.jsonl", "--plot")
+def test_smoke_run_on_loopback_reports_every_figure_and_ratio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenarios = tmp_path / "scenarios"
+    scenarios.mkdir()
+    (scenarios / "held.toml").write_text(
+        f'[[scenario]]\nname = "{HELD}"\nbase = "{SMOKE}"\n'
+        'parameters = { "max-postcopy-bandwidth" = 1 }\n'
+    )
+    # the bench's run directories, where the thread finds the source's QMP (not under
+    # tmp_path: too long a path for a socket)
+    workdirs = Path(tempfile.mkdtemp(prefix="smoke-"))
+    monkeypatch.setattr(tempfile, "tempdir", str(workdirs))
+    finished = threading.Event()
+    lifter = threading.Thread(
+        target=_lift_the_push_once_a_page_is_requested, args=(workdirs, finished)
+    )
+    lifter.start()
+    try:
+        record = _run_bench(
+            tmp_path / "smoke.jsonl", "--plot", "--scenario-dir", str(scenarios), scenario=HELD
+        )
+    finally:
+        finished.set()
+        lifter.join()
+        shutil.rmtree(workdirs, ignore_errors=True)
     figures, limits, ratios = record["figures"], record["limits"], record["ratios"]
     missing = [name for name in FIGURES_OF_A_POSTCOPY_RUN if figures.get(name) is None]
     assert not missing, f"figures missing: {missing}"
