@@ -1,8 +1,9 @@
 """Test helper: huge pages taken for a test and given back, also when the test fails.
 
 `huge_pages(n)` grows the 2 MiB pool by n pages (`HugePagePool`: relative to what is
-there, under a lock, so other users of the machine keep theirs) and `hugetlbfs_mount(n)`
-also mounts hugetlbfs in a temporary directory. Both skip, saying why, only when the
+there, under a lock, so other users of the machine keep theirs), and checks when it gives
+them back that none is still in use; `hugetlbfs_mount(n)` also mounts hugetlbfs in a
+temporary directory. Both skip, saying why, only when the
 kernel refuses; on this machine (root) that is a failure to investigate.
 """
 
@@ -20,7 +21,10 @@ from postcopy.linux.hugepages import HUGE_PAGE_2M, HugePagePool, PoolError
 
 
 @contextmanager
-def huge_pages(pages: int) -> Iterator[HugePagePool]:
+def huge_pages(pages: int, *, outlived: bool = False) -> Iterator[HugePagePool]:
+    """`pages` more 2 MiB pages, given back at the end; then none may still be in use,
+    unless the caller says its mappings `outlived` the reservation (a fixture unmaps them
+    later: the kernel frees those pages then)."""
     pool = HugePagePool(pages, HUGE_PAGE_2M)
     try:
         pool.reserve()
@@ -28,8 +32,18 @@ def huge_pages(pages: int) -> Iterator[HugePagePool]:
         pytest.skip(f"cannot reserve {pages} 2 MiB huge pages: {error}")
     try:
         yield pool
-    finally:
+    except BaseException:
         pool.release()
+        raise
+    pool.release()
+    if outlived:
+        return
+    # what this test added, not the machine-wide count (others reserve pages meanwhile):
+    # every page must leave the pool, none still held by a mapping of the test's
+    assert pool.still_in_use == 0, (
+        f"{pool.still_in_use} of the {pages} huge pages taken for the test were still in "
+        "use when it gave them back (a VM or a mapping outlived the test)"
+    )
 
 
 @contextmanager

@@ -109,7 +109,7 @@ def test_shmem_runs_are_copied_and_zero_pages_zero_filled(scene: Scene) -> None:
 def test_huge_pages_are_placed_one_copy_each_and_zero_ones_without_zeropage(
     scene: Scene,
 ) -> None:
-    with huge_pages(4):
+    with huge_pages(4, outlived=True):  # the scene unmaps its maps later
         block = RamBlock("pc.ram", scene.map(Mapping.memfd(4 * HUGE_PAGE_2M, "t", hugetlb=True)))
         uffd = scene.uffd(features_for([block]))
         placement = placement_for(block, uffd, np.zeros(4, dtype=np.bool_))
@@ -157,7 +157,7 @@ def test_a_vcpu_like_waiter_anywhere_in_a_huge_page_is_woken_by_its_copy(
 
 @pytest.mark.parametrize("hugetlb", [False, True], ids=["memfd", "memfd-hugetlb"])
 def test_minor_mode_receives_into_the_page_cache_and_continues(scene: Scene, hugetlb: bool) -> None:
-    with huge_pages(4 if hugetlb else 0):
+    with huge_pages(4 if hugetlb else 0, outlived=True):  # the scene unmaps its maps later
         size = HUGE_PAGE_2M if hugetlb else PAGE
         block = RamBlock("pc.ram", scene.map(Mapping.memfd(4 * size, "t", hugetlb=hugetlb)))
         received = np.zeros(4, dtype=np.bool_)
@@ -202,7 +202,7 @@ def test_minor_mode_discards_keep_the_page_cache_and_stale_pages_still_fault(
     """Minor-fault mode's discard unmaps a page from guest RAM and keeps its page cache
     (keptcache.py): the page is not freed, so its next copy needs no new page; it must
     still fault (MINOR) and never show its old data, also when it comes back as a zero page."""
-    with huge_pages(5 if hugetlb else 0):
+    with huge_pages(5 if hugetlb else 0, outlived=True):  # the scene unmaps its maps later
         size = HUGE_PAGE_2M if hugetlb else PAGE
         block = RamBlock("pc.ram", scene.map(Mapping.memfd(5 * size, "t", hugetlb=hugetlb)))
         ctypes.memset(block.host_address, 0x77, 5 * size)  # precopy wrote every page

@@ -3,7 +3,7 @@
 Real KVM guests on memfd, hugetlb memfd and hugetlbfs files, real userfaultfd, loopback
 TCP; each ends with x-verify on the stopped destination. Tests that need huge pages take
 them from the pool for themselves and give them back (tests/hugepages.py), and check that
-the pool is back where it was and the mount holds no files once both VMs are gone.
+none of those pages is still in use and the mount holds no files once both VMs are gone.
 The full grid (both guests, every backend and mode, 1 and 2 vCPUs, 20 runs per mode on
 hugetlb) is `make backends-soak`, not part of this suite.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.linux import hugepages
 from tests.hugepages import huge_pages, hugetlbfs_mount
 from tests.vmprocess import VmProcess, free_port
 
@@ -29,12 +28,12 @@ RAM_HUGE_PAGES = 128  # of one 256 MiB VM
 
 @pytest.fixture
 def pool() -> Iterator[ExitStack]:
-    """Huge pages for a source and a destination, a hugetlbfs mount on request; the pool
-    must be back where it was when the test ends (checked after the VMs are gone)."""
-    before = hugepages.hugepages_reserved()
+    """Huge pages for a source and a destination, a hugetlbfs mount on request; when the
+    test ends (after its VMs are gone), every page it took must leave the pool, none still
+    in use (tests.hugepages.huge_pages checks it: what the test itself reserved, not the
+    machine-wide count, which others change while they reserve pages)."""
     with ExitStack() as stack:
         yield stack
-    assert hugepages.hugepages_reserved() == before
 
 
 def start_pair(

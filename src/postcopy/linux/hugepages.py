@@ -104,6 +104,13 @@ class HugePagePool:
     theirs) and `release()` shrinks it by exactly what was added, never below what the
     pool held when the reservation began. Both read-modify-write nr_hugepages under an
     flock, so that processes reserving at the same time do not undo each other. Root only.
+
+    `still_in_use`, after `release()`: how many of the pages could not leave the pool
+    because a mapping still held them (the kernel keeps them as surplus pages and frees
+    them when they are unmapped). It says whether this reservation's users are gone, which
+    the machine-wide counts cannot say while others reserve pages too. It errs one way
+    only: while others hold free pages in the pool, the kernel may free those instead and
+    read 0; it reads more than 0 only when pages are still in use beyond every reservation.
     """
 
     def __init__(
@@ -114,6 +121,7 @@ class HugePagePool:
         self.pages = pages
         self.size = size
         self.added = 0
+        self.still_in_use = 0
         self._lock_path = lock_path
 
     @contextlib.contextmanager
@@ -150,7 +158,10 @@ class HugePagePool:
     def _shrink(self) -> None:
         if self.added:
             current, _ = hugepages_reserved(self.size)
-            set_hugepages(max(current - self.added, 0), self.size)
+            target = max(current - self.added, 0)
+            # below the pages in use, the kernel turns the rest into surplus pages, and
+            # nr_hugepages reads above the target until they are unmapped
+            self.still_in_use = max(set_hugepages(target, self.size) - target, 0)
             self.added = 0
 
     def __enter__(self) -> HugePagePool:
