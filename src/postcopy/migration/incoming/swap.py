@@ -37,7 +37,15 @@ from postcopy.ram import Bitmap, RamBlock, runs
 
 log = logging.getLogger(__name__)
 
-MOVE_CHUNK_PAGES = 64  # a fault on a page being moved waits for at most one chunk
+# the mover's chunk: one UFFDIO_MOVE and a few numpy calls each. With 64 pages (3,600
+# chunks per GiB, Python most of the mover's CPU at nice +5) the mover trailed the push by
+# 0.3-1.1 s on a loaded host, the end of postcopy waiting for it, and the guest faulted on
+# valid precopy pages it had not reached (7-16 ms of blocktime); with 512 it ended 2-32 ms
+# after the push and those waits were 0-1 ms (memtouch-1g postcopy1, loaded host, 3 runs
+# each). A vCPU that faults on a page of
+# the chunk being moved does not wait for the chunk: the fault thread moves that page
+# itself (or finds it moved: a hole it skips) and its move wakes the vCPU
+MOVE_CHUNK_PAGES = 512
 
 Trace = Callable[..., None]
 
