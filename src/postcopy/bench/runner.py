@@ -281,7 +281,14 @@ def _request_hops(
     log = incoming.get("waits") or {}
     waits = None
     if log.get("kind"):  # with the requests' hops, to blame a long wait on a hop
-        waits = {"summary": wait_summary(log), "log": log, "hops": joined[:WAIT_HOPS_KEPT]}
+        # and every run placed, in order (the push's order and pace: what the vCPUs rode)
+        placed = {k: v[:WAIT_HOPS_KEPT] for k, v in (incoming.get("placed") or {}).items()}
+        waits = {
+            "summary": wait_summary(log),
+            "log": log,
+            "hops": joined[:WAIT_HOPS_KEPT],
+            "placed": placed,
+        }
     return (hop_summary(joined) if joined else None), waits
 
 
