@@ -3,6 +3,7 @@ the scheduling of its threads (on the real kernel)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -17,7 +18,11 @@ from postcopy.migration.discard import MAX_DISCARD_RANGES, discard_ranges, page_
 from postcopy.migration.outgoing.sender import RamSender
 from postcopy.migration.parameters import Capabilities, ParameterError, Parameters
 from postcopy.migration.prepaging import BACKWARD, FORWARD, FaultWindow
-from postcopy.migration.scheduling import prefer_this_thread, set_thread_nice
+from postcopy.migration.scheduling import (
+    prefer_this_thread,
+    set_thread_nice,
+    urgent_for_a_moment,
+)
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder, VcpuSleep
 from postcopy.migration.status import (
     CANCELLABLE,
@@ -305,6 +310,36 @@ def test_urgent_threads_run_real_time_and_bulk_threads_at_their_nice() -> None:
     assert seen["urgent"] == (os.SCHED_FIFO, 1)
     assert seen["fallback"] == (os.SCHED_OTHER, -10)
     assert seen["bulk"] == -5
+
+
+def test_a_bulk_thread_is_real_time_only_for_its_moment_and_gets_its_nice_back() -> None:
+    """The source's migration thread during the downtime: SCHED_FIFO inside the block,
+    its normal policy and nice value after it, also when the block raises."""
+    seen: dict[str, object] = {}
+
+    def policy() -> tuple[int, int, int]:
+        tid = threading.get_native_id()
+        return (
+            os.sched_getscheduler(tid),
+            os.sched_getparam(tid).sched_priority,
+            os.getpriority(os.PRIO_PROCESS, tid),
+        )
+
+    def bulk() -> None:
+        set_thread_nice(-5)
+        with urgent_for_a_moment():
+            seen["inside"] = policy()
+        seen["after"] = policy()
+        with contextlib.suppress(KeyError), urgent_for_a_moment():
+            raise KeyError("the block failed")
+        seen["after a failure"] = policy()
+
+    thread = threading.Thread(target=bulk)
+    thread.start()
+    thread.join()
+    assert seen["inside"] == (os.SCHED_FIFO, 1, -5)
+    assert seen["after"] == (os.SCHED_OTHER, 0, -5)
+    assert seen["after a failure"] == (os.SCHED_OTHER, 0, -5)
 
 
 def test_prepaging_window_grows_along_a_walk_and_starts_over_elsewhere() -> None:

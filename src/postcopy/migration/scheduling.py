@@ -14,11 +14,16 @@ Three classes of thread, set by each thread on itself when it starts:
   win a contended CPU.
 - background (`set_thread_nice(BACKGROUND_NICE)`): the destination's mover, which must
   never delay a fault.
+A bulk thread is urgent for a moment (`urgent_for_a_moment`) where the guest waits for it:
+the source's `migration` thread from the stop to the package (or the last pages) sent, the
+downtime. Its few milliseconds of work are otherwise interleaved with the destination's
+receiver and prefaulter, still applying discards at the same nice on the same two cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 from postcopy.linux import sched
 
@@ -41,3 +46,21 @@ def prefer_this_thread(realtime: bool = True) -> None:
             sched.set_policy(sched.Policy.FIFO, URGENT_RT_PRIORITY)
             return
     set_thread_nice(URGENT_NICE)
+
+
+@contextlib.contextmanager
+def urgent_for_a_moment() -> Iterator[None]:
+    """The calling thread SCHED_FIFO at priority 1 inside the block (as is without
+    CAP_SYS_NICE), then back to its normal policy and nice value. For a bounded piece of
+    work only: a real-time thread that spins keeps normal threads off its CPU."""
+    nice = sched.get_nice()
+    try:
+        sched.set_policy(sched.Policy.FIFO, URGENT_RT_PRIORITY)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        sched.set_policy(sched.Policy.OTHER)
+        set_thread_nice(nice)

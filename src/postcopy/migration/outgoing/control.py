@@ -34,7 +34,7 @@ from postcopy.migration.outgoing.returnpath import ReturnPath
 from postcopy.migration.outgoing.sender import RamSender, run_pages_for, runs_ahead
 from postcopy.migration.parameters import Capabilities, Parameters
 from postcopy.migration.recovery import HEARTBEAT_PING, watch_link
-from postcopy.migration.scheduling import set_thread_nice
+from postcopy.migration.scheduling import set_thread_nice, urgent_for_a_moment
 from postcopy.migration.stats import Clock
 from postcopy.migration.status import (
     CANCELLABLE,
@@ -572,22 +572,23 @@ class OutgoingMigration(MigrationBase):
         """Stop, then send what the last round left dirty plus what was dirtied since."""
         self._drain(writer)
         self.status.move(MigrationStatus.DEVICE)
-        stop_time = self._stop_vm()
-        self._trace("stop", phase="precopy")
-        final = self._sync_dirty(final=True)
-        newly = sum(int(np.count_nonzero(f & ~p)) for p, f in zip(pending, final, strict=True))
-        dirty = [p | f for p, f in zip(pending, final, strict=True)]
-        self._count_sync(newly, self._pending_bytes(dirty))
-        for index, block in enumerate(self.machine.ram):
-            run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
-            starts, lengths = split_runs(*runs(dirty[index]), run_pages)
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                self._sender.send_pages(writer, index, block, start, length, phase="downtime")
-        self.counters.remaining = 0
-        writer.send(self._device_state())
-        if not self.status.refuse_cancel():  # past this the destination may run the guest
-            raise Cancelled("migration cancelled")
-        writer.send(PrecopyComplete())
+        with urgent_for_a_moment():  # the guest waits for this thread: the downtime
+            stop_time = self._stop_vm()
+            self._trace("stop", phase="precopy")
+            final = self._sync_dirty(final=True)
+            newly = sum(int(np.count_nonzero(f & ~p)) for p, f in zip(pending, final, strict=True))
+            dirty = [p | f for p, f in zip(pending, final, strict=True)]
+            self._count_sync(newly, self._pending_bytes(dirty))
+            for index, block in enumerate(self.machine.ram):
+                run_pages = run_pages_for(block, self.parameters.x_precopy_run_pages)
+                starts, lengths = split_runs(*runs(dirty[index]), run_pages)
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    self._sender.send_pages(writer, index, block, start, length, phase="downtime")
+            self.counters.remaining = 0
+            writer.send(self._device_state())
+            if not self.status.refuse_cancel():  # past this the destination may run the guest
+                raise Cancelled("migration cancelled")
+            writer.send(PrecopyComplete())
         shut = self._return_path.wait_shut(self._cancel.is_set, lambda: None)  # never postcopy
         if shut.error:
             raise MigrationError(f"destination failed to load the VM: {shut.reason}")
@@ -629,40 +630,38 @@ class OutgoingMigration(MigrationBase):
             if found <= STALE_HARVEST_ENOUGH:
                 break
         self.status.move(MigrationStatus.POSTCOPY_ACTIVE)
-        stop_time = self._stop_vm()
-        self.postcopy_start = stop_time
-        self._trace("stop", phase="postcopy")
-        final = self._sync_dirty(final=True)
-        self._trace("final-sync")
-        newly_dirty = harvested
-        in_downtime = 0
-        for index in range(len(ram)):
-            newly_stale = np.flatnonzero(final[index] & ~needed[index])
-            newly_dirty += newly_stale.size
-            in_downtime += writer.send_discards(index, *page_runs(newly_stale))
-            needed[index] |= final[index]
-            needed_pages[index] += newly_stale.size
-        discarded += in_downtime
-        self.needed_at_switchover = sum(needed_pages)
-        self.discarded_pages = discarded
-        # the final sync counts as QEMU's does (ram_postcopy_send_discard_bitmap syncs); it
-        # sets `remaining`, which must happen before the return path can serve requests
-        sync_number = self._sender.accounting.sync(
-            newly_dirty,
-            sum(count * b.page_size for count, b in zip(needed_pages, ram, strict=True)),
-        )
-        # from here on the return path may serve requests (and count them) concurrently
-        self._pages.set_needed(needed)
-        self._trace("discards-sent", pages=in_downtime)
-        writer.send(Listen())
-        writer.send(Package((self._device_state(), Run())))
-        # from here the destination may run the guest: a broken link pauses, never fails
-        self.recovery.package_on_its_way(
-            writer, [c for c in (self._main, self._preempt) if c is not None]
-        )
-        # QEMU's postcopy downtime ends when the package is on its way; the stricter figure,
-        # until the destination confirms the guest runs, comes with the Pong
-        self.downtime = self._clock() - stop_time
+        with urgent_for_a_moment():  # the guest waits for this thread till the package is sent
+            stop_time = self._stop_vm()
+            self.postcopy_start = stop_time
+            self._trace("stop", phase="postcopy")
+            final = self._sync_dirty(final=True)
+            self._trace("final-sync")
+            newly_dirty = harvested
+            in_downtime = 0
+            for index in range(len(ram)):
+                newly_stale = np.flatnonzero(final[index] & ~needed[index])
+                newly_dirty += newly_stale.size
+                in_downtime += writer.send_discards(index, *page_runs(newly_stale))
+                needed[index] |= final[index]
+                needed_pages[index] += newly_stale.size
+            discarded += in_downtime
+            self.needed_at_switchover = sum(needed_pages)
+            self.discarded_pages = discarded
+            # the final sync counts as QEMU's does (ram_postcopy_send_discard_bitmap syncs); it
+            # sets `remaining`, which must happen before the return path can serve requests
+            sync_number = self._sender.accounting.sync(
+                newly_dirty,
+                sum(count * b.page_size for count, b in zip(needed_pages, ram, strict=True)),
+            )
+            # from here on the return path may serve requests (and count them) concurrently
+            self._pages.set_needed(needed)
+            self._trace("discards-sent", pages=in_downtime)
+            writer.send(Listen())
+            writer.send(Package((self._device_state(), Run())))
+            # from here the destination may run the guest: a broken link pauses, never fails
+            self.recovery.package_on_its_way(writer, [c for c in (self._main, self._preempt) if c])
+            # QEMU's downtime ends with the package sent; until the guest runs: the Pong's
+            self.downtime = self._clock() - stop_time
         self._trace("package-sent", discarded=discarded, needed=self.needed_at_switchover)
         self._emit_pass(sync_number)  # outside the downtime
         self._sender.restart_throttle()

@@ -110,6 +110,11 @@ class SourceRecovery:
             self._main_writer = writer
             self._connections = list(connections)
             paused_early, self._pause_requested = self._pause_requested, None
+        if paused_early is not None:
+            self.link_failed(paused_early, self.generation)
+
+    def _start_heartbeat(self) -> None:
+        """Started after the downtime is taken (a thread's start waits for it to run)."""
         parameters = self._parameters
         self._heartbeat = Heartbeat(
             "heartbeat",
@@ -126,8 +131,6 @@ class SourceRecovery:
             clock=self._clock,
         )
         self._heartbeat.start()
-        if paused_early is not None:
-            self.link_failed(paused_early, self.generation)
 
     def finished(self) -> None:
         if self._heartbeat is not None:
@@ -164,6 +167,7 @@ class SourceRecovery:
         what the destination still lacks."""
         owner = self._owner
         generation = 0
+        self._start_heartbeat()
         try:
             while True:
                 try:
