@@ -96,38 +96,49 @@ class RateMeter:
 
 
 class LatencyRecorder:
-    """Request latency, fault read to page placed, per page; vectorised per placed run."""
+    """Request latency, fault read to page placed, per page.
+
+    The pages asked for and not placed yet are a dict per block (page -> when asked): a
+    handful at a time, so the fault thread's `asked` and the urgent receiver's one-page
+    `placed` are a dict operation each, and the main receiver's `placed` of a pushed run
+    (every 2 MiB) sees an empty dict and returns without taking the lock. A per-page
+    array cost both receivers numpy calls (microseconds each here) under the lock the
+    fault thread takes on every request."""
 
     def __init__(self, block_pages: list[int], clock: Clock = time.monotonic) -> None:
         self._clock = clock
-        self._asked_at = [np.full(pages, np.nan) for pages in block_pages]
-        self._samples: list[npt.NDArray[np.float64]] = []
-        self._single: list[float] = []  # samples of one-page runs, kept without numpy
+        self._asked_at: list[dict[int, float]] = [{} for _ in block_pages]
+        self._samples: list[float] = []
         self._lock = threading.Lock()
 
     def asked(self, block: int, first_page: int, count: int, when: float) -> None:
         with self._lock:
-            if count == 1:
-                self._asked_at[block][first_page] = when
-            else:
-                self._asked_at[block][first_page : first_page + count] = when
+            asked_at = self._asked_at[block]
+            for page in range(first_page, first_page + count):
+                asked_at[page] = when
 
     def placed(self, block: int, first_page: int, count: int) -> None:
+        asked_at = self._asked_at[block]
+        # read without the lock: a page asked for after this read was placed before its
+        # request went out (the fault thread read `received` before this run was recorded),
+        # as if `asked` had taken the lock after us: its sample comes with the copy the
+        # request brings (a page asked for before it is in the dict by now)
+        if not asked_at:
+            return
         # two receivers may place the same page (a request raced the push): the lock makes
         # test-and-clear one step, so each request yields one sample
         with self._lock:
-            if count == 1:  # a requested page: scalar work (a numpy call costs microseconds)
-                asked_at = self._asked_at[block]
-                when = float(asked_at[first_page])
-                if when == when:  # not NaN: asked for
-                    self._single.append(self._clock() - when)
-                    asked_at[first_page] = np.nan
+            if count == 1:
+                when = asked_at.pop(first_page, None)
+                if when is not None:
+                    self._samples.append(self._clock() - when)
                 return
-            asked = self._asked_at[block][first_page : first_page + count]
-            waiting = ~np.isnan(asked)
-            if waiting.any():
-                self._samples.append(self._clock() - asked[waiting])
-                asked[waiting] = np.nan
+            end = first_page + count
+            found = [page for page in asked_at if first_page <= page < end]
+            if found:
+                now = self._clock()
+                for page in found:
+                    self._samples.append(now - asked_at.pop(page))
 
     def summary(self) -> dict[str, float | int]:
         samples = self.samples()
@@ -143,7 +154,7 @@ class LatencyRecorder:
 
     def samples(self) -> npt.NDArray[np.float64]:
         with self._lock:
-            return np.concatenate([*self._samples, np.array(self._single, dtype=np.float64)])
+            return np.array(self._samples, dtype=np.float64)
 
 
 # the wait log (x-request-hops "waits"): one row per counted wait, in the order they end
