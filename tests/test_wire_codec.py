@@ -1113,3 +1113,17 @@ def test_discard_frames_check_every_range() -> None:
     with pytest.raises(ProtocolError, match=r"main stream"):
         Encoder(Direction.RETURN, blocks=BLOCKS).discard_frames(1, starts, ones)
     assert encoder.discard_frames(1, starts[:0], ones[:0]) == b""
+
+
+def test_req_pages_is_checked_against_the_blocks() -> None:
+    """A page request is encoded by a path of its own (the latency-critical one): it
+    refuses what decoding would, and a refused one leaves the block elision as it was."""
+    encoder = Encoder(Direction.RETURN, blocks=BLOCKS)
+    assert encoder.encode(ReqPages(1, 0, 1))[1] == FLAG_BLOCK_NAMED
+    with pytest.raises(ProtocolError, match=r"ReqPages.block=3 out of range"):
+        encoder.encode(ReqPages(3, 0, 1))
+    with pytest.raises(ProtocolError, match=r"ReqPages.page_count=2 pages from page 262143"):
+        encoder.encode(ReqPages(0, 262143, 2))
+    assert encoder.encode(ReqPages(1, 5, 1))[1] == 0  # still block 1's
+    with pytest.raises(ProtocolError, match=r"belongs to the return stream"):
+        Encoder(Direction.MAIN, blocks=BLOCKS).encode(ReqPages(0, 0, 1))
