@@ -235,6 +235,21 @@ class UnknownEvent:
 Event = PageFault | Fork | Remap | Remove | Unmap | UnknownEvent
 
 
+# the flags of a page fault, decoded once per value: an IntFlag made from an int costs
+# microseconds (enum machinery), and the fault thread decodes every fault on a page
+# request's path
+_FAULT_FLAGS: dict[int, PageFaultFlags] = {}
+
+
+def _fault_flags(value: int) -> PageFaultFlags:
+    flags = _FAULT_FLAGS.get(value)
+    if flags is None:
+        flags = PageFaultFlags(value)
+        if len(_FAULT_FLAGS) < 64:  # the kernel's flags are few; never grow without bound
+            _FAULT_FLAGS[value] = flags
+    return flags
+
+
 def parse_events(data: bytes | bytearray | memoryview) -> list[Event]:
     """Decode consecutive 32-byte uffd_msg records."""
     if len(data) % MSG_SIZE:
@@ -244,7 +259,7 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Event]:
         (code,) = _MSG_HEAD.unpack_from(data, offset)
         if code == UFFD_EVENT_PAGEFAULT:
             flags, address, ptid = _MSG_PAGEFAULT.unpack_from(data, offset)
-            events.append(PageFault(address, PageFaultFlags(flags), ptid))
+            events.append(PageFault(address, _fault_flags(flags), ptid))
         elif code == UFFD_EVENT_REMOVE:
             events.append(Remove(*_MSG_REMOVE.unpack_from(data, offset)))
         elif code == UFFD_EVENT_UNMAP:
