@@ -194,7 +194,7 @@ class Placement:
     def _loop(
         self, ioctl: Callable[[int, int, int], int], destination: int, source: int, length: int
     ) -> None:
-        retry = Retrier(f"placing pages of {self.block.name} ({self.name})")
+        retry: Retrier | None = None  # made at the first EAGAIN: most loops meet none
         done = 0
         while done < length:
             self.ioctls += 1
@@ -206,6 +206,8 @@ class Placement:
                     self.duplicates += 1
             except RetryError as error:
                 done += error.done
+                if retry is None:
+                    retry = Retrier(f"placing pages of {self.block.name} ({self.name})")
                 retry.again(error)
 
 
