@@ -111,13 +111,21 @@ class StreamWriter:
                 self.connection.send_all([data])
         return int(lengths.sum())
 
-    def send_ram_page(self, block_index: int, block: RamBlock, page: int, zero: bool) -> int:
-        """`send_ram_run` for one page (a requested page), without numpy."""
+    def send_ram_page(
+        self,
+        block_index: int,
+        block: RamBlock,
+        page: int,
+        zero: bool,
+        view: memoryview | None = None,
+    ) -> int:
+        """`send_ram_run` for one page (a requested page), without numpy. `view`: the
+        page's `block.page_view(page, 1)`, if the caller has it."""
         header = self._encoder.ram_page_header(block_index, page, zero, block.page_size)
         if zero:
             self._send([header])
             return len(header)
-        self._send([header, block.page_view(page, 1)])
+        self._send([header, block.page_view(page, 1) if view is None else view])
         return len(header) + block.page_size
 
     def _send(self, buffers: list[Any]) -> None:

@@ -211,6 +211,13 @@ class PageService:
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
         """Take the still-needed pages of a range (test and clear), as runs."""
+        if count == 1:  # a requested page: two scalar accesses
+            with self._needed_lock:
+                needed = self._needed[index]
+                wanted = bool(needed[first])
+                if wanted:
+                    needed[first] = False
+            return [(first, 1)] if wanted else []
         if count <= SMALL_CLAIM_PAGES:  # a page request: Python beats numpy's call overhead
             with self._needed_lock:
                 window = self._needed[index][first : first + count]
@@ -257,11 +264,15 @@ class PageService:
             # else the push): each of these counters has one writer
             self._counters.pages_requested += length
         if urgent and resend_taken_pages(block):
-            taken = [True] * request.page_count
-            for start, length in claimed:
-                offset = start - request.first_page
-                taken[offset : offset + length] = [False] * length
-            for start, length in _runs_of(request.first_page, taken):
+            if request.page_count == 1:
+                resend = [] if claimed else [(request.first_page, 1)]
+            else:
+                taken = [True] * request.page_count
+                for start, length in claimed:
+                    offset = start - request.first_page
+                    taken[offset : offset + length] = [False] * length
+                resend = _runs_of(request.first_page, taken)
+            for start, length in resend:
                 self._sender.send_pages(
                     writer, request.block, block, start, length, phase="requested"
                 )

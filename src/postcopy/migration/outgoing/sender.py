@@ -160,7 +160,7 @@ class RamSender:
         zero = self.parameters.zero_page_detection != "none" and bytes(view) == _zero_page(
             block.page_size
         )
-        size = writer.send_ram_page(index, block, page, zero)
+        size = writer.send_ram_page(index, block, page, zero, view)
         self.accounting.sent(1, int(zero), size, phase, block.page_size)
         with self._counters_lock:
             self._rate.add(size)
