@@ -214,7 +214,7 @@ def test_without_preempt_the_push_keeps_what_the_destination_has_not_read_bounde
 def test_requested_pages_beyond_the_backlog_bound_get_a_ping_of_their_own() -> None:
     """Served requests fill the backlog too (a 2 MiB huge page each): the push PINGs for
     what they added before it waits for a PONG, or it would wait for good."""
-    pages = 1024
+    pages = 4 * PUSH_BACKLOG_BYTES // PAGE  # room for the requests, every other page
     mapping = Mapping.anonymous(pages * PAGE)
     ram = RamList([RamBlock("pc.ram", mapping)])
     mapping.view[:] = b"\x5a" * mapping.length

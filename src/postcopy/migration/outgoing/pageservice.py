@@ -16,6 +16,15 @@ main channel and the destination has not read yet: socket buffers autotune to me
 So the push keeps at most PUSH_BACKLOG_BYTES unread: a PING every PUSH_PING_BYTES, whose
 PONG says the destination has read up to there, and the push waits for PONGs (serving
 requests meanwhile) when it is that far ahead.
+
+The bound sets the push's pace on a loaded host: the push waits for a PONG, the destination
+for the data that PONG lets through, and each wake-up waits for a core. With 1 MiB and a
+PING every 256 KiB both sides slept most of the push (memtouch-1g postcopy1, 365 runs of
+256 KiB in 508 ms: the push waited 0.33 s for PONGs and the destination 0.35 s for data);
+with 2 MiB and a PING every 512 KiB (half the PONGs, each a wake-up of the source's return
+path) the push ran at 207-299 MB/s against 127-195 (postcopy1) and 281-326 against 263-272
+(postcopy from the start, worst-vCPU blocktime 625-1,237 ms against 1,306-1,335 ms), the
+first request's wait unchanged (7-10 ms against 8-19 ms); same window, 3 runs each.
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ from postcopy.ram import Bitmap, RamList, pages_after, runs, split_runs
 from postcopy.wire import Ping
 
 SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
-PUSH_BACKLOG_BYTES = 1 << 20  # without preempt: what a requested page may queue behind
-PUSH_PING_BYTES = 256 << 10  # a PING this often measures what the destination has read
+PUSH_BACKLOG_BYTES = 2 << 20  # without preempt: what a requested page may queue behind
+PUSH_PING_BYTES = 512 << 10  # a PING this often measures what the destination has read
 BACKLOG_PING = 0x4000_0000  # the push's PING values (neither the heartbeat's nor 1, 2, ...)
 BACKLOG_WAIT = 0.005  # seconds between checks while the push waits for the destination
 
