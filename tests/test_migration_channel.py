@@ -87,3 +87,27 @@ def test_the_buffered_reader_says_when_the_peer_closed_mid_frame() -> None:
         reader = BufferedStreamReader(theirs, Direction.MAIN, StreamContext(Direction.MAIN))
         with pytest.raises(ConnectionClosed, match="closed the connection after 5 of"):
             reader.read_stream_header()
+
+
+def _read_frames(block: RamBlock, piece_bytes: int) -> tuple[list[object], int]:
+    ours, theirs = Connection.socketpair()
+    with ours, theirs:
+        writer = StreamWriter(ours, Direction.MAIN)
+        writer.piece_bytes = piece_bytes
+        sender = threading.Thread(target=_frames, args=(writer, block))
+        sender.start()
+        reader = StreamReader(theirs, Direction.MAIN, StreamContext(Direction.MAIN))
+        got = _read_all(reader), reader.bytes_received
+        sender.join(5)
+    return got
+
+
+@pytest.mark.parametrize("piece_bytes", [1000, PAGE, 5000, PAGE * 3 + 20])
+def test_a_run_sent_in_pieces_reads_as_one_frame(piece_bytes: int) -> None:
+    """The push's runs cross in pieces (the socket's lock is shared with the page
+    requests): the stream is the same bytes, whatever the piece size."""
+    with Mapping.anonymous(PAGES * PAGE) as mapping:
+        block = RamBlock("pc.ram", mapping)
+        for page in range(PAGES):
+            mapping.view[page * PAGE : (page + 1) * PAGE] = bytes([page + 1]) * PAGE
+        assert _read_frames(block, piece_bytes) == _read_frames(block, 0)

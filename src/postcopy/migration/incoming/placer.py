@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import PageExistsError, RetryError, UffdError, UserfaultFd
-from postcopy.migration.channel import StreamReader
+from postcopy.migration.channel import SHARED_SOCKET_PIECE, StreamReader
 from postcopy.migration.hops import MAIN, HopLog
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.placement import Landing, Placement
@@ -100,7 +100,10 @@ class PagePlacer:
             normal = [(0, count)] if dense else clear_runs(header.zero)
             for start, length in normal:
                 offset = (header.first_page + start) * block.page_size
-                reader.read_data_into(side.view[offset : offset + length * block.page_size])
+                end = offset + length * block.page_size
+                # in pieces: the fault thread's page requests share this socket's lock
+                for piece in range(offset, end, SHARED_SOCKET_PIECE):
+                    reader.read_data_into(side.view[piece : min(piece + SHARED_SOCKET_PIECE, end)])
             self.place_from_side(
                 header.block, header.first_page, header.zero, side.address, normal=normal
             )

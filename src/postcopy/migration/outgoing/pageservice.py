@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from postcopy.migration.channel import StreamWriter
+from postcopy.migration.channel import SHARED_SOCKET_PIECE, StreamWriter
 from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.sender import RamSender, resend_taken_pages, run_pages_for
 from postcopy.ram import Bitmap, RamList, pages_after, runs, split_runs
@@ -154,6 +154,21 @@ class PageService:
         # a new channel (the first push, or after a recovery) holds nothing unread
         self._written = self._read = self._next_ping = 0
         self._ping_at.clear()
+        # the return path reads requests from this socket: never hold its lock long
+        writer.piece_bytes = SHARED_SOCKET_PIECE
+        try:
+            self._push(writer, check_cancel, configured, run_bytes)
+        finally:
+            writer.piece_bytes = 0
+        self._counters.remaining = 0
+
+    def _push(
+        self,
+        writer: StreamWriter,
+        check_cancel: Callable[[], None],
+        configured: int,
+        run_bytes: int,
+    ) -> None:
         for index, block in enumerate(self._ram):
             block_run_pages = run_pages_for(
                 block, configured or max(1, run_bytes // block.page_size)
@@ -194,7 +209,6 @@ class PageService:
                         )
                         self._counters.pages_pushed += sub_length  # only the push writes it
                     self._ping_if_due(writer)
-        self._counters.remaining = 0
 
     def _room_in_backlog(self, writer: StreamWriter) -> bool:
         """Without an urgent channel: True when the destination has read all but
