@@ -215,7 +215,7 @@ def cut_link(
     elif mechanism == "blocked":
         proxy.drop("up")  # requests lost: a vCPU waits on a page that does not come
         sent = query(dst).get("x-postcopy-requests-sent", 0)  # after the drop: lost ones
-        wait(lambda: query(dst).get("x-postcopy-requests-sent", 0) > sent, 30, "a request", *vms)
+        wait(lambda: proxy.request_lost(query(dst), sent), 30, "a lost request", *vms)
         time.sleep(0.3)
         proxy.reset()
         wait(lambda: query(src).get("x-recoveries", 0) > 0, 60, "a recovery", *vms)

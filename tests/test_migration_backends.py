@@ -126,7 +126,9 @@ def test_huge_pages_are_placed_one_copy_each_and_zero_ones_without_zeropage(
         assert placement.ioctls == 3  # one per huge page, the zero one included
         timed = placement.placement_us()
         assert timed is not None and timed["count"] == 2
-        assert 0 < timed["cpu-p50"] <= timed["p50"] + 1
+        # CPU time within the wall time; two clocks (thread CPU, monotonic) that NTP's slew
+        # can set apart by a few hundred ppm: 4154 against 4151.7 µs was seen in CI
+        assert 0 < timed["cpu-p50"] <= timed["p50"] * 1.01 + 1
         # a fault on the fourth (never sent, known zero) is filled locally
         assert placement.resolve_fault(3)
         assert first_bytes(block) == [0x40, 0, 0x41, 0]
@@ -185,7 +187,7 @@ def test_minor_mode_receives_into_the_page_cache_and_continues(scene: Scene, hug
         timed = placement.placement_us()
         if hugetlb:
             assert timed is not None and timed["count"] == 1
-            assert 0 < timed["cpu-p50"] <= timed["p50"] + 1  # CPU time within the wall time
+            assert 0 < timed["cpu-p50"] <= timed["p50"] * 1.01 + 1  # as above
         else:
             assert timed is None
         again = placement.landing(1, np.zeros(1, dtype=np.bool_))

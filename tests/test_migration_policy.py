@@ -185,6 +185,20 @@ def test_latency_recorder_measures_only_requested_pages() -> None:
     assert sorted(recorder.samples().tolist()) == [0.25, 0.25, 0.5]
 
 
+def test_latency_recorder_shows_pages_still_waiting_and_the_oldest_wait() -> None:
+    clock = FakeClock()
+    recorder = LatencyRecorder([100, 100], clock=clock)
+    assert recorder.waiting() == (0, 0.0)
+    recorder.asked(0, 5, 1, when=1.0)
+    recorder.asked(1, 7, 2, when=3.0)
+    clock.now = 4.0
+    assert recorder.waiting() == (3, 3.0)
+    recorder.placed(0, 5, 1)  # the oldest arrives: the next oldest is 1 s old
+    assert recorder.waiting() == (2, 1.0)
+    summary = recorder.summary()
+    assert (summary["waiting"], summary["oldest-waiting-ms"]) == (2, 1000.0)
+
+
 def test_status_table_refuses_illegal_moves() -> None:
     seen: list[MigrationStatus] = []
     status = StatusHolder(seen.append)

@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from postcopy.bench.frametracker import FrameTracker
 from postcopy.transport.uri import Uri, parse_uri
@@ -209,6 +209,18 @@ class LinkProxy:
                 connection.dropping.add(direction)
 
         self._call(run)
+
+    @staticmethod
+    def request_lost(destination_info: dict[str, Any], sent_before: int) -> bool:
+        """After `drop("up")`: has a vCPU a request that was lost? `destination_info` is the
+        destination's query-migrate, `sent_before` its `x-postcopy-requests-sent` counted
+        after the drop. A request sent after the count was lost; so was one sent just
+        before it that is still not answered two seconds on (a page that was already on its
+        way is placed in a round trip): the vCPU waits on it and asks nothing more."""
+        if destination_info.get("x-postcopy-requests-sent", 0) > sent_before:
+            return True
+        latency = destination_info.get("x-request-latency") or {}
+        return latency.get("waiting", 0) >= 1 and latency.get("oldest-waiting-ms", 0.0) >= 2000
 
     def refuse_new(self, refuse: bool = True) -> None:
         """New connections are reset as soon as they are accepted (True) or forwarded."""

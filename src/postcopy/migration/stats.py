@@ -140,17 +140,29 @@ class LatencyRecorder:
                 for page in found:
                     self._samples.append(now - asked_at.pop(page))
 
+    def waiting(self) -> tuple[int, float]:
+        """The pages asked for and not placed yet, and how long the oldest has waited (s):
+        a request lost on the way shows here as a wait that only grows."""
+        with self._lock:
+            oldest = min(
+                (min(asked_at.values()) for asked_at in self._asked_at if asked_at), default=None
+            )
+            count = sum(len(asked_at) for asked_at in self._asked_at)
+        return count, 0.0 if oldest is None else self._clock() - oldest
+
     def summary(self) -> dict[str, float | int]:
         samples = self.samples()
+        waiting, oldest = self.waiting()
+        pending = {"waiting": waiting, "oldest-waiting-ms": round(oldest * 1e3, 1)}
         if samples.size == 0:
-            return {"count": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
+            return {"count": 0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0} | pending
         p50, p99 = np.percentile(samples, [50, 99])
         return {
             "count": int(samples.size),
             "p50-us": round(float(p50) * 1e6, 1),
             "p99-us": round(float(p99) * 1e6, 1),
             "max-us": round(float(samples.max()) * 1e6, 1),
-        }
+        } | pending
 
     def samples(self) -> npt.NDArray[np.float64]:
         with self._lock:
