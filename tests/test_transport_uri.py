@@ -60,6 +60,7 @@ def test_str_gives_canonical_form(text: str, canonical: str) -> None:
         ("tcp:host:http", "not a number"),
         ("tcp:host:-1", "not a number"),
         ("tcp:host:65536", "outside 0..65535"),
+        ("tcp:host:" + "9" * 5000, "outside 0..65535"),  # beyond int()'s digit limit
         ("tcp:::1:4444", "needs brackets"),
         ("tcp:[::1:4444", "closing ']'"),
         ("tcp:[::1]4444", "':PORT'"),

@@ -18,7 +18,10 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f'"{text}" is not a size (examples: 4096, 256M, 1G)')
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not size < 1 << 63:  # also inf, from a number of hundreds of digits
+        raise ValueError(f'"{text[:40]}" is too large a size (at most 8 EiB)')
+    return int(size)
 
 
 def parse_rate(text: str) -> int:

@@ -146,6 +146,8 @@ def _parse_port(port_text: str, text: str) -> int:
         raise UriError(
             f"{text!r}: port {port_text!r} is not a number (service names are not supported)"
         )
+    if len(port_text.lstrip("0")) > 5:  # int() of thousands of digits is slow, then refused
+        raise UriError(f"{text!r}: port {port_text[:12]!r}... is outside 0..65535")
     return _check_port(int(port_text), text)
 
 
