@@ -67,6 +67,18 @@ def test_forwards_both_ways_and_passes_eof_on() -> None:
         assert proxy.connections[0].forwarded == {"down": 6000, "up": 5}
 
 
+def test_the_relay_sends_small_frames_at_once_as_the_ends_do() -> None:
+    # Nagle on the proxy's sockets held a small frame behind an unacknowledged one for the
+    # peer's delayed ACK (~40 ms): the bench's reconnect-to-active read 5 or 47 ms by chance
+    with proxied() as (proxy, client, server):
+        client.sendall(b"x")
+        assert server.recv(1) == b"x"
+        connection = proxy.connections[0]
+        assert connection.server is not None
+        for sock in (connection.client, connection.server):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_reset_gives_both_ends_a_connection_reset() -> None:
     with proxied() as (proxy, client, server):
         client.sendall(b"x")

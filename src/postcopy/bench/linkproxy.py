@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from postcopy.bench.frametracker import FrameTracker
+from postcopy.transport.sockets import tune
 from postcopy.transport.uri import Uri, parse_uri
 
 __all__ = ["Cut", "CutReport", "LinkProxy", "ProxiedConnection"]
@@ -364,6 +365,7 @@ class LinkProxy:
         except (BlockingIOError, InterruptedError):
             return
         client.setblocking(False)
+        tune(client, None)  # as the ends do: Nagle on a relay held each small frame ~40 ms
         connection = ProxiedConnection(index=len(self.connections), client=client, server=None)
         connection.frozen = self._frozen
         for direction in ("down", "up"):
@@ -394,6 +396,7 @@ class LinkProxy:
             family = socket.AF_INET6 if ":" in (uri.host or "") else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             address = (uri.host or "127.0.0.1", uri.port)
+        tune(sock, None)
         sock.setblocking(False)
         error = sock.connect_ex(address)  # type: ignore[arg-type]
         if error not in (0, errno.EINPROGRESS, errno.EAGAIN):
