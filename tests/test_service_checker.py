@@ -143,6 +143,12 @@ def test_put_values_are_unique_and_sized() -> None:
         {"read": 0.9, "delete": 0.2},
         {"value_size": 49},
         {"distribution": "pareto"},
+        {"zipf_s": float("nan")},
+        {"zipf_s": float("inf")},
+        {"rate": float("nan")},
+        {"read": float("nan")},
+        {"duration": float("nan")},
+        {"grace": float("nan")},
     ],
 )
 def test_load_options_are_checked(change: dict[str, object]) -> None:

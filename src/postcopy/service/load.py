@@ -19,6 +19,7 @@ answered, latency, verdict), then the summary.
 from __future__ import annotations
 
 import json
+import math
 import selectors
 import socket
 import struct
@@ -67,7 +68,7 @@ class LoadOptions:
     def check(self) -> None:
         if self.clients < 1:
             raise ValueError(f"--clients {self.clients}: at least one client")
-        if self.rate < 0:
+        if not (math.isfinite(self.rate) and self.rate >= 0):  # float() reads "nan" too
             raise ValueError(f"--rate {self.rate}: a rate is not negative (0 = closed loop)")
         if self.depth < 1:
             raise ValueError(f"--depth {self.depth}: at least one request in flight")
@@ -75,7 +76,7 @@ class LoadOptions:
             raise ValueError(f"--keys {self.keys}: at least one key per client")
         if self.distribution not in ("zipf", "uniform"):
             raise ValueError(f"--distribution {self.distribution!r}: zipf or uniform")
-        if self.zipf_s <= 0:
+        if not (math.isfinite(self.zipf_s) and self.zipf_s > 0):
             raise ValueError(f"zipf exponent {self.zipf_s}: it must be above 0")
         if not (0 <= self.read <= 1 and 0 <= self.delete <= 1 and self.read + self.delete <= 1):
             raise ValueError(
@@ -83,9 +84,9 @@ class LoadOptions:
             )
         if not 1 <= self.value_size <= kv.VALUE_MAX:
             raise ValueError(f"--value-size {self.value_size}: 1 to {kv.VALUE_MAX} bytes")
-        if self.duration is not None and self.duration <= 0:
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
             raise ValueError(f"--duration {self.duration}: above 0")
-        if self.grace < 0:
+        if not (math.isfinite(self.grace) and self.grace >= 0):
             raise ValueError(f"--grace {self.grace}: not negative")
 
 
