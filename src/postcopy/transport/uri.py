@@ -147,7 +147,8 @@ def _parse_port(port_text: str, text: str) -> int:
             f"{text!r}: port {port_text!r} is not a number (service names are not supported)"
         )
     if len(port_text.lstrip("0")) > 5:  # int() of thousands of digits is slow, then refused
-        raise UriError(f"{text!r}: port {port_text[:12]!r}... is outside 0..65535")
+        shown = port_text if len(port_text) <= 12 else port_text[:12] + "..."
+        raise UriError(f"{text!r}: port {shown!r} is outside 0..65535")
     return _check_port(int(port_text), text)
 
 
