@@ -8,10 +8,12 @@ import time
 
 import numpy as np
 
+from postcopy.linux.hugepages import HUGE_PAGE_2M
 from postcopy.linux.memory import Mapping
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.outgoing.pageservice import (
     PUSH_BACKLOG_BYTES,
+    PUSH_BACKLOG_PAGES,
     PUSH_PING_BYTES,
     PageRequest,
     PageService,
@@ -22,6 +24,7 @@ from postcopy.ram import RamBlock, RamList
 from postcopy.transport.connection import Connection
 from postcopy.wire import Direction, layout
 from postcopy.wire.frames import FrameType
+from tests.hugepages import huge_pages
 
 PAGES = 64
 PAGE = 4096
@@ -125,9 +128,9 @@ def test_zero_pages_found_ahead_are_found_again_after_a_sync() -> None:
     assert sender.pages_not_read == 63 + 64 + 63  # never touched, each time it was sent
 
 
-def _frames(raw: bytes) -> list[tuple[int, int, int]]:
+def _frames(raw: bytes, page: int = PAGE) -> list[tuple[int, int, int]]:
     """(frame type, offset of the frame's end in `raw`, PING value or 0) of every whole
-    frame in `raw` (RAM_RUN frames with their page data)."""
+    frame in `raw` (RAM_RUN frames with their page data, pages of `page` bytes)."""
     found = []
     position = 0
     while position + layout.FRAME_HEADER.size <= len(raw):
@@ -140,7 +143,7 @@ def _frames(raw: bytes) -> list[tuple[int, int, int]]:
             bits = np.unpackbits(
                 np.frombuffer(raw[body + layout.RAM_RUN.size : end], np.uint8), bitorder="little"
             )[:count]
-            end += int(np.count_nonzero(bits == 0)) * PAGE
+            end += int(np.count_nonzero(bits == 0)) * page
         elif kind == FrameType.PING:
             (value,) = layout.U32.unpack_from(raw, body)
         if end > len(raw):
@@ -254,3 +257,62 @@ def test_requested_pages_beyond_the_backlog_bound_get_a_ping_of_their_own() -> N
         reader.join(5)
     assert sender.counters.pages_requested == requested
     assert sender.counters.pages_pushed == pages - requested
+
+
+def test_without_preempt_the_push_keeps_two_huge_pages_unread_not_one() -> None:
+    """A huge page is 2 MiB by itself: with the bound in bytes alone the push sent one,
+    waited for its PONG (read and placed), and only then sent the next: stop and wait.
+    It keeps PUSH_BACKLOG_PAGES of them unread, and no more."""
+    pages = 6
+    with huge_pages(pages):
+        mapping = Mapping.memfd(pages * HUGE_PAGE_2M, "t", hugetlb=True)
+        with mapping:
+            ram = RamList([RamBlock("pc.ram", mapping)])
+            mapping.view[:] = b"\x3c" * mapping.length
+            sender = RamSender(ram, Parameters(), time.monotonic)
+            service = PageService(ram, sender)
+            service.set_needed([np.ones(pages, dtype=np.bool_)])
+            ours, theirs = Connection.socketpair()
+            received = bytearray()
+            lock = threading.Lock()
+            done = threading.Event()
+
+            def drain() -> None:  # reads everything at once, and answers no PING
+                buffer = memoryview(bytearray(1 << 20))
+                while count := theirs.recv_into(buffer):
+                    with lock:
+                        received.extend(buffer[:count])
+
+            def push() -> None:
+                service.push(StreamWriter(ours, Direction.MAIN), lambda: None)
+                done.set()
+
+            def runs_read() -> list[tuple[int, int, int]]:
+                with lock:
+                    raw = bytes(received)
+                return [f for f in _frames(raw, HUGE_PAGE_2M) if f[0] == FrameType.RAM_RUN]
+
+            with ours, theirs:
+                threading.Thread(target=drain, daemon=True).start()
+                pusher = threading.Thread(target=push, daemon=True)
+                pusher.start()
+                deadline = time.monotonic() + 30
+                while len(runs_read()) < PUSH_BACKLOG_PAGES and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)  # room for a push that does not wait to overrun the bound
+                assert len(runs_read()) == PUSH_BACKLOG_PAGES
+                assert not done.is_set()
+                # the destination reads on, PONG by PONG: the push goes on to its end
+                answered = 0
+                while not done.is_set() and time.monotonic() < deadline:
+                    with lock:
+                        raw = bytes(received)
+                    pongs = [v for k, _, v in _frames(raw, HUGE_PAGE_2M) if k == FrameType.PING]
+                    for value in pongs[answered:]:
+                        service.pong(value)
+                    answered = len(pongs)
+                    time.sleep(0.001)
+                assert done.is_set()
+                ours.shutdown()
+                pusher.join(5)
+            assert sender.counters.pages_pushed == pages

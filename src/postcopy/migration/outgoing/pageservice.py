@@ -25,6 +25,13 @@ with 2 MiB and a PING every 512 KiB (half the PONGs, each a wake-up of the sourc
 path) the push ran at 207-299 MB/s against 127-195 (postcopy1) and 281-326 against 263-272
 (postcopy from the start, worst-vCPU blocktime 625-1,237 ms against 1,306-1,335 ms), the
 first request's wait unchanged (7-10 ms against 8-19 ms); same window, 3 runs each.
+
+On huge pages the bound is PUSH_BACKLOG_PAGES pages: one 2 MiB page (plus its frame
+header) is already past a 2 MiB bound, so the push sent a page, waited for the PONG that
+said the destination had read and placed it, and only then read and sent the next: stop
+and wait, the destination idle while the source read and sent, the source idle while the
+destination copied (1 GiB memtouch on hugetlbfs: a page placed every 5-7 ms, and a guest
+riding the push waited that long for each page).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from postcopy.wire import Ping
 
 SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
 PUSH_BACKLOG_BYTES = 2 << 20  # without preempt: what a requested page may queue behind
+PUSH_BACKLOG_PAGES = 2  # ... or this many pages, if more: one being read, the next sent
 PUSH_PING_BYTES = 512 << 10  # a PING this often measures what the destination has read
 BACKLOG_PING = 0x4000_0000  # the push's PING values (neither the heartbeat's nor 1, 2, ...)
 BACKLOG_WAIT = 0.005  # seconds between checks while the push waits for the destination
@@ -92,6 +100,9 @@ class PageService:
         self._ping_at: dict[int, int] = {}
         self._next_ping = 0
         self._pings = 0
+        self._backlog_bytes = max(
+            [PUSH_BACKLOG_BYTES, *(PUSH_BACKLOG_PAGES * block.page_size for block in ram)]
+        )
         self._attention = threading.Event()  # a request or a PONG came
 
     def set_urgent_channel(self, writer: StreamWriter | None) -> None:
@@ -212,16 +223,17 @@ class PageService:
 
     def _room_in_backlog(self, writer: StreamWriter) -> bool:
         """Without an urgent channel: True when the destination has read all but
-        PUSH_BACKLOG_BYTES of what the push wrote; else wait a little for a PONG, False.
+        PUSH_BACKLOG_BYTES (or PUSH_BACKLOG_PAGES huge pages) of what the push wrote; else
+        wait a little for a PONG, False.
         Requested pages count too, and nothing may wait for a PONG that no PING asks
         for: what they added since the last PING gets one first (a 2 MiB huge page each,
         served back to back, held the push for good)."""
-        if self._urgent is not None or self._written - self._read <= PUSH_BACKLOG_BYTES:
+        if self._urgent is not None or self._written - self._read <= self._backlog_bytes:
             return True
         self._ping_if_due(writer)  # the last PING is then at most PUSH_PING_BYTES behind
         self._attention.wait(BACKLOG_WAIT)
         self._attention.clear()
-        return self._written - self._read <= PUSH_BACKLOG_BYTES
+        return self._written - self._read <= self._backlog_bytes
 
     def _ping_if_due(self, writer: StreamWriter) -> None:
         if self._urgent is not None or self._written < self._next_ping:
