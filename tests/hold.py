@@ -31,7 +31,7 @@ HOLD_RATE = 1 << 20
 PRECOPY_HELD: dict[str, int | str] = {"max-bandwidth": 1, "zero-page-detection": "none"}
 
 
-def set_parameters(qmp_path: str, **parameters: int) -> None:
+def set_parameters(qmp_path: str, **parameters: object) -> None:
     """migrate-set-parameters through a QMP connection of our own (the VM's QMP server
     takes several clients at once, so a CLI that drives the VM keeps its own)."""
     client = QEMUMonitorProtocol(qmp_path)

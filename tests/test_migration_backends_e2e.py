@@ -49,7 +49,7 @@ def start_pair(
     share: str | None = None,
 ) -> tuple[VmProcess, VmProcess, str]:
     uri = f"tcp:127.0.0.1:{free_port()}"
-    common = ("--guest", guest, "--ram", RAM, "--vcpus", str(vcpus))
+    common: tuple[str, ...] = ("--guest", guest, "--ram", RAM, "--vcpus", str(vcpus))
     if share is not None:
         common += ("--share", share)
     cap_args = tuple(arg for cap in caps for arg in ("--migrate-capability", cap))

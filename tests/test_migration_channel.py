@@ -76,7 +76,9 @@ def test_the_buffered_reader_reads_what_the_plain_one_does(buffer_size: int) -> 
     frames, _ = results[1]
     assert frames[2] == (0, 3, [False], bytes([4]) * PAGE)
     assert frames[3] == (0, 4, [True], b"")
-    assert frames[4][3] == bytes([9]) * PAGE + bytes([11]) * PAGE + bytes([12]) * PAGE
+    run = frames[4]
+    assert isinstance(run, tuple)
+    assert run[3] == bytes([9]) * PAGE + bytes([11]) * PAGE + bytes([12]) * PAGE
 
 
 def test_the_buffered_reader_says_when_the_peer_closed_mid_frame() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from postcopy.migration.hops import MAIN, URGENT, HopLog, hop_summary, join_hops, wait_summary
@@ -62,7 +64,7 @@ def test_the_log_is_bounded() -> None:
 
 
 def test_waits_are_summed_per_kind() -> None:
-    waits = {
+    waits: dict[str, list[Any]] = {
         "kind": ["asked", "moved", "asked"],
         "begin": [1.0, 2.0, 3.0],
         "end": [1.004, 2.0001, 3.002],

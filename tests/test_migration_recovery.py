@@ -353,7 +353,7 @@ def test_a_vcpu_blocked_through_the_outage_gets_its_page_first(
 def test_a_kernel_reset_with_ss_kill(tmp_path: Path, vms: list[VmProcess]) -> None:
     """`ss -K` destroys the source's main socket in the kernel (RST to the peer)."""
     pair = start_pair(tmp_path, vms)
-    held_postcopy(pair, **{"x-postcopy-auto-recover": True})
+    held_postcopy(pair, None, **{"x-postcopy-auto-recover": True})
     port = pair.uri.rsplit(":", 1)[1]
     subprocess.run(
         ["ss", "-K", "-t", "dst", "127.0.0.1", "dport", "=", port],

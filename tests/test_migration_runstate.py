@@ -105,7 +105,7 @@ def test_a_failed_migration_resumes_only_a_guest_it_stopped(
     incoming.start()
     try:
         outgoing = OutgoingMigration(
-            StateCannotBeSaved(source),  # type: ignore[arg-type]
+            StateCannotBeSaved(source),
             uri,
             parameters=Parameters(),
             capabilities=Capabilities(),

@@ -52,8 +52,8 @@ RAM = 16 << 20
 CANARY = 1 << 20
 ERROR_CLASSES = {c.value for c in ErrorClass}
 
-INTEGERS = (0, 1, -1, 2, 7, 255, 4096, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, -(2**63))
-INTEGERS += (2**63, 2**64 - 1, 2**64, -(2**64), 10**30)
+INTEGERS: tuple[int, ...] = (0, 1, -1, 2, 7, 255, 4096, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1)
+INTEGERS += (-(2**63), 2**63, 2**64 - 1, 2**64, -(2**64), 10**30)
 ODD_STRINGS = (
     "",
     " ",
@@ -298,13 +298,13 @@ def check_response(response: dict[str, object]) -> str:
         return "return"
     if keys != {"error"}:
         raise Escape(f"response with members {sorted(keys)}: {response}")
-    error = response["error"]
-    assert isinstance(error, dict) and set(error) == {"class", "desc"}, response
-    if error["class"] not in ERROR_CLASSES or not isinstance(error["desc"], str):
-        raise Escape(f"error outside QEMU's classes: {error}")
-    if "Traceback" in error["desc"]:
-        raise Escape(f"a traceback in an error: {error}")
-    return str(error["class"])
+    member = response["error"]
+    assert isinstance(member, dict) and set(member) == {"class", "desc"}, response
+    if member["class"] not in ERROR_CLASSES or not isinstance(member["desc"], str):
+        raise Escape(f"error outside QEMU's classes: {member}")
+    if "Traceback" in member["desc"]:
+        raise Escape(f"a traceback in an error: {member}")
+    return str(member["class"])
 
 
 @pytest.mark.timeout(600 + ITERATIONS // 200)  # long campaigns get time in proportion
@@ -346,6 +346,7 @@ def test_fuzz_qmp_answers_everything_and_no_handler_escapes(target: Target) -> N
                         commands[command.name] += 1
                 if escapes.records:
                     record = escapes.records[0]
+                    assert record.exc_info is not None
                     raise Escape(
                         f"input {index} (seed {SEED}): a handler escaped: "
                         f"{record.getMessage()}: {record.exc_info[1]!r}; input {data[:300]!r}"
@@ -383,7 +384,8 @@ def test_the_escape_oracle_sees_an_escape(target: Target) -> None:
     watched = logging.getLogger("postcopy.qmp.server")
     watched.addHandler(escapes)
     try:
-        target.server.register("x-broken", lambda args: {}["missing"])
+        missing: dict[str, object] = {}
+        target.server.register("x-broken", lambda args: missing["missing"])
         response, _ = target.server._execute(target.client, b'{"execute": "x-broken"}')
     finally:
         target.server.unregister("x-broken")

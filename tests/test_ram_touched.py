@@ -108,6 +108,7 @@ def test_shared_memory_holes_are_zero_and_data_is_found_wherever_written() -> No
     # a shared page can hold data in the page cache with no mapping in this process: the
     # file says where its data is, the holes are zero pages, never read (nor allocated)
     with Mapping.memfd(64 * PAGE) as mapping, Pagemap() as pagemap:
+        assert mapping.fd is not None
         alias = mmap.mmap(mapping.fd, 64 * PAGE)
         try:
             alias[2 * PAGE] = 1  # written through another mapping: absent from ours

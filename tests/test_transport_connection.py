@@ -545,7 +545,11 @@ def test_a_refused_peers_fd_taken_by_the_next_peer_keeps_that_peer_in_the_door(
         assert closed.wait(30)
         for number, peer in enumerate(peers[1:], start=2):
             peer.connect(("127.0.0.1", port))
-            wait_counts(acceptor.counts, lambda counts, number=number: counts.accepted == number)
+
+            def accepted(counts: AcceptorCounts, number: int = number) -> bool:
+                return counts.accepted == number
+
+            wait_counts(acceptor.counts, accepted)
         report.set()  # the first peer reports its refusal now
         counts = wait_counts(acceptor.counts, lambda counts: counts.refused == 1)
         assert counts.accepted == 4 and counts.in_handshake == 3, counts

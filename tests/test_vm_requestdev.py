@@ -154,7 +154,7 @@ def test_everything_in_flight_moves_and_is_answered_once(front: Front) -> None:
             rest += more
         exchange_done = threading.Thread(target=exchange, args=(destination, previous))
         exchange_done.start()  # hands the last answers over (then waits a moment: idle)
-        reader, got = FrameReader(), []
+        reader, got = FrameReader(), list[Any]()
         while len(got) < 65:
             reader.feed(client.recv(65536))
             got += list(reader.frames())
