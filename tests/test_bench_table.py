@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from postcopy.bench.analysis import judge
-from postcopy.bench.table import COLUMNS, print_summary
+from postcopy.bench.table import COLUMNS, never_cut, print_summary, recovery_line
 
 
 def record(run_id: str, repetition: int = 1) -> dict[str, Any]:
@@ -100,3 +100,20 @@ def test_wide_shows_every_column_and_the_limits() -> None:
     assert explained(text) == [name(c) for c in COLUMNS]
     assert "…" not in text and "--wide shows" not in text
     assert "line rate 2,250 MB/s" in text and "raw fault round trip 104 µs" in text
+
+
+def test_a_cut_run_whose_postcopy_ended_before_the_cut_says_it_was_never_cut() -> None:
+    # a kvstore guest's postcopy sent under 16 MiB: four "-cut" runs read "verified" with
+    # no recovery in them, as if they had recovered
+    uncut = record("kvstore-1g-1cpu-postcopy1-cut")
+    uncut["scenario"]["cut_after"] = 16 << 20
+    cut = record("memtouch-1g-1cpu-postcopy1-cut")
+    cut["scenario"]["cut_after"] = 16 << 20
+    cut["figures"].update(pauses=1, paused_ms=510, reconnect_to_active_ms=7.1)
+    assert never_cut(uncut) and not never_cut(cut) and not never_cut(record("plain"))
+    line = recovery_line(uncut)
+    assert line is not None and "never cut" in line and "16,777,216" in line
+    assert "never cut" not in str(recovery_line(cut))
+    out = io.StringIO()
+    print_summary([uncut, cut], Console(file=out, width=200, color_system=None))
+    assert out.getvalue().count("not cut") == 1

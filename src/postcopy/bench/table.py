@@ -155,7 +155,14 @@ def _result(record: dict[str, Any]) -> str:
     if status != "completed":
         return f"[red]{status}[/]"
     verified = (record.get("figures") or {}).get("verify_ok")
-    return {True: "verified", False: "[red]BAD memory[/]", None: "completed"}[verified]
+    result = {True: "verified", False: "[red]BAD memory[/]", None: "completed"}[verified]
+    return f"{result}, [yellow]not cut[/]" if never_cut(record) else result
+
+
+def never_cut(record: dict[str, Any]) -> bool:
+    """A -cut run whose postcopy ended before its cut point: it shows no recovery."""
+    cut_after = (record.get("scenario") or {}).get("cut_after")
+    return cut_after is not None and (record.get("figures") or {}).get("pauses") is None
 
 
 def _table(
@@ -298,6 +305,12 @@ def cpu_lines(record: dict[str, Any]) -> list[str]:
 def recovery_line(record: dict[str, Any]) -> str | None:
     """A -cut run: where the link broke and what the recovery cost."""
     figures = record.get("figures") or {}
+    if never_cut(record):
+        cut_after = record["scenario"]["cut_after"]
+        return (
+            f"{record.get('run_id')}: the link was never cut: postcopy ended before "
+            f"{cut_after:,} bytes after the PACKAGE (give the scenario a smaller cut_after)"
+        )
     if figures.get("pauses") is None:
         return None
     frame = figures.get("cut_frame_type")
