@@ -32,6 +32,7 @@ from postcopy.migration.backends import BackendUnsupported, UffdNeeds, minor_pos
 from postcopy.migration.incoming.eagain import Retrier
 from postcopy.migration.incoming.errors import IncomingError
 from postcopy.migration.incoming.keptcache import empty_stale
+from postcopy.migration.stats import percentiles
 from postcopy.ram import Bitmap, RamBlock, clear_runs, runs, set_runs
 
 PLACEMENT_SAMPLES = 4096  # the last N huge page copies' durations, for x-huge-page-placement-us
@@ -89,8 +90,8 @@ class PlacementSamples:
             count = self._sampled
         if samples.size == 0:
             return {"count": 0}
-        p50, p99 = np.percentile(samples[:, 0], [50, 99])
-        cpu = np.percentile(samples[:, 1], 50)
+        p50, p99 = percentiles(samples[:, 0], (50, 99))
+        (cpu,) = percentiles(samples[:, 1], (50,))
         return {
             "count": count,
             "p50": round(float(p50), 1),
