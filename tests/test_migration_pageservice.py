@@ -13,8 +13,8 @@ from postcopy.linux.memory import Mapping
 from postcopy.migration.channel import StreamWriter
 from postcopy.migration.outgoing.pageservice import (
     PUSH_BACKLOG_BYTES,
-    PUSH_BACKLOG_PAGES,
     PUSH_PING_BYTES,
+    PUSH_PING_PAGES,
     PageRequest,
     PageService,
 )
@@ -259,11 +259,12 @@ def test_requested_pages_beyond_the_backlog_bound_get_a_ping_of_their_own() -> N
     assert sender.counters.pages_pushed == pages - requested
 
 
-def test_without_preempt_the_push_keeps_two_huge_pages_unread_not_one() -> None:
+def test_without_preempt_the_push_keeps_huge_pages_unread_by_the_page() -> None:
     """A huge page is 2 MiB by itself: with the bound in bytes alone the push sent one,
     waited for its PONG (read and placed), and only then sent the next: stop and wait.
-    It keeps PUSH_BACKLOG_PAGES of them unread, and no more."""
-    pages = 6
+    It PINGs every PUSH_PING_PAGES pages and keeps twice that unread, and no more."""
+    held = 2 * PUSH_PING_PAGES
+    pages = held + 2
     with huge_pages(pages):
         mapping = Mapping.memfd(pages * HUGE_PAGE_2M, "t", hugetlb=True)
         with mapping:
@@ -297,10 +298,10 @@ def test_without_preempt_the_push_keeps_two_huge_pages_unread_not_one() -> None:
                 pusher = threading.Thread(target=push, daemon=True)
                 pusher.start()
                 deadline = time.monotonic() + 30
-                while len(runs_read()) < PUSH_BACKLOG_PAGES and time.monotonic() < deadline:
+                while len(runs_read()) < held and time.monotonic() < deadline:
                     time.sleep(0.01)
                 time.sleep(0.2)  # room for a push that does not wait to overrun the bound
-                assert len(runs_read()) == PUSH_BACKLOG_PAGES
+                assert len(runs_read()) == held
                 assert not done.is_set()
                 # the destination reads on, PONG by PONG: the push goes on to its end
                 answered = 0

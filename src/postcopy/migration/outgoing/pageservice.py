@@ -26,12 +26,16 @@ path) the push ran at 207-299 MB/s against 127-195 (postcopy1) and 281-326 again
 (postcopy from the start, worst-vCPU blocktime 625-1,237 ms against 1,306-1,335 ms), the
 first request's wait unchanged (7-10 ms against 8-19 ms); same window, 3 runs each.
 
-On huge pages the bound is PUSH_BACKLOG_PAGES pages: one 2 MiB page (plus its frame
-header) is already past a 2 MiB bound, so the push sent a page, waited for the PONG that
-said the destination had read and placed it, and only then read and sent the next: stop
-and wait, the destination idle while the source read and sent, the source idle while the
-destination copied (1 GiB memtouch on hugetlbfs: a page placed every 5-7 ms, and a guest
-riding the push waited that long for each page).
+On huge pages both scale with the page: a PING every PUSH_PING_PAGES pages, and twice
+that unread. A 2 MiB page (plus its frame header) is already past a 2 MiB bound, so the push
+sent a page, waited for the PONG that said the destination had read and placed it, and only
+then read and sent the next: stop and wait (1 GiB memtouch on hugetlbfs: a page placed every
+5-7 ms, and a guest riding the push waited that long for each page). With two pages unread
+and a PING after each page it streamed, yet each PONG cost the pace too: it wakes the
+source's return path (SCHED_FIFO), which preempts whatever runs on that core, and then the
+push (1 GiB memtouch postcopy from the start on a hugetlb memfd, a page every 3.1 ms with a
+PING per page and 2 pages unread, 2.0 with a PING per page and no bound at all, 1.7 with a
+PING every 2 pages and 4 unread).
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ from postcopy.wire import Ping
 
 SMALL_CLAIM_PAGES = 16  # up to this many pages, a claim is a Python list, not numpy
 PUSH_BACKLOG_BYTES = 2 << 20  # without preempt: what a requested page may queue behind
-PUSH_BACKLOG_PAGES = 2  # ... or this many pages, if more: one being read, the next sent
 PUSH_PING_BYTES = 512 << 10  # a PING this often measures what the destination has read
+PUSH_PING_PAGES = 2  # ... or every this many pages, if more (huge pages); the bound is twice
 BACKLOG_PING = 0x4000_0000  # the push's PING values (neither the heartbeat's nor 1, 2, ...)
 BACKLOG_WAIT = 0.005  # seconds between checks while the push waits for the destination
 
@@ -100,9 +104,11 @@ class PageService:
         self._ping_at: dict[int, int] = {}
         self._next_ping = 0
         self._pings = 0
-        self._backlog_bytes = max(
-            [PUSH_BACKLOG_BYTES, *(PUSH_BACKLOG_PAGES * block.page_size for block in ram)]
-        )
+        largest = max((block.page_size for block in ram), default=0)
+        self._ping_bytes = max(PUSH_PING_BYTES, PUSH_PING_PAGES * largest)
+        # the last PING is at most _ping_bytes behind what was written when the push waits
+        # (_room_in_backlog), so its PONG always makes room: the bound must be above that
+        self._backlog_bytes = max(PUSH_BACKLOG_BYTES, 2 * self._ping_bytes)
         self._attention = threading.Event()  # a request or a PONG came
 
     def set_urgent_channel(self, writer: StreamWriter | None) -> None:
@@ -223,14 +229,14 @@ class PageService:
 
     def _room_in_backlog(self, writer: StreamWriter) -> bool:
         """Without an urgent channel: True when the destination has read all but
-        PUSH_BACKLOG_BYTES (or PUSH_BACKLOG_PAGES huge pages) of what the push wrote; else
+        PUSH_BACKLOG_BYTES (or 2 x PUSH_PING_PAGES huge pages) of what the push wrote; else
         wait a little for a PONG, False.
         Requested pages count too, and nothing may wait for a PONG that no PING asks
         for: what they added since the last PING gets one first (a 2 MiB huge page each,
         served back to back, held the push for good)."""
         if self._urgent is not None or self._written - self._read <= self._backlog_bytes:
             return True
-        self._ping_if_due(writer)  # the last PING is then at most PUSH_PING_BYTES behind
+        self._ping_if_due(writer)  # the last PING is then at most _ping_bytes behind
         self._attention.wait(BACKLOG_WAIT)
         self._attention.clear()
         return self._written - self._read <= self._backlog_bytes
@@ -242,7 +248,7 @@ class PageService:
         value = BACKLOG_PING | (self._pings % BACKLOG_PING)
         self._ping_at[value] = self._written
         writer.send(Ping(value))
-        self._next_ping = self._written + PUSH_PING_BYTES
+        self._next_ping = self._written + self._ping_bytes
 
     def _claim(self, index: int, first: int, count: int) -> list[tuple[int, int]]:
         """Take the still-needed pages of a range (test and clear), as runs."""
