@@ -384,6 +384,34 @@ def test_read_events_returns_nothing_when_nothing_is_pending(scene: Scene) -> No
     uffd = scene.uffd()
     assert uffd.read_events() == []
     assert uffd.read_raw() == b""
+    assert uffd.read_events(hold_gil=True) == []
+    assert uffd.read_raw(hold_gil=True) == b""
+
+
+def test_the_calls_that_keep_the_gil_read_and_place_as_the_others(scene: Scene) -> None:
+    """read_events and copy with hold_gil (the fault thread's read, a requested page's
+    placement): the same events, the same placement and the same typed errors."""
+    target = scene.map(Mapping.anonymous(2 * PAGE))
+    source = scene.source(2 * PAGE, 0x66)
+    uffd = scene.uffd(Feature.THREAD_ID)
+    uffd.register(target.address, target.length, RegisterMode.MISSING)
+    toucher = scene.touch(write_at(target.address + PAGE + 1, 0x77, 1))
+    wait_readable(uffd)
+    assert uffd.read_events(hold_gil=True) == [
+        PageFault(target.address + PAGE, PageFaultFlags.WRITE, toucher.native_id)
+    ]
+    assert uffd.copy(target.address + PAGE, source.address, PAGE, hold_gil=True) == PAGE
+    assert toucher.done.wait(WAIT)
+    assert bytes(target.view[PAGE : PAGE + 3]) == b"\x66\x77\x66"
+    with pytest.raises(PageExistsError) as exists:
+        uffd.copy(target.address + PAGE, source.address, PAGE, hold_gil=True)
+    assert (exists.value.errno, exists.value.done) == (errno.EEXIST, 0)
+    with pytest.raises(RetryError) as partial:  # the second page is there: one done
+        uffd.copy(target.address, source.address, 2 * PAGE, hold_gil=True)
+    assert partial.value.done == PAGE
+    with pytest.raises(UffdError) as misaligned:
+        uffd.copy(target.address + 1, source.address, PAGE, hold_gil=True)
+    assert type(misaligned.value) is UffdError and misaligned.value.errno == errno.EINVAL
 
 
 # -- write protection, minor faults, move, poison ------------------------------------------

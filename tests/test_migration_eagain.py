@@ -137,7 +137,7 @@ class _FlakyUffd:
     def fileno(self) -> int:
         return self._ready.fileno()
 
-    def read_events(self, max_events: int) -> list[PageFault]:
+    def read_events(self, max_events: int, *, hold_gil: bool = False) -> list[PageFault]:
         self._ready.read()
         faults, self._faults = self._faults, []
         return faults

@@ -231,6 +231,28 @@ def test_send_all_of_nothing_sends_nothing(
     assert destination.recv_exact(1) == b"x"
 
 
+def test_send_now_sends_what_fits_and_never_blocks(
+    closing: list[Connection | Listener], pool: ThreadPoolExecutor
+) -> None:
+    """send_now (a page request, keeping the GIL): what the socket takes at once, 0 on a
+    full buffer, an error on a closed peer; send_all sends the rest."""
+    source, destination = pair("tcp:127.0.0.1:0", pool, closing)
+    assert source.send_now(b"request") == 7
+    assert destination.recv_exact(7) == b"request"
+    chunk = bytes(1 << 20)
+    sent = 0
+    while (count := source.send_now(chunk)) > 0:  # until the buffers are full
+        sent += count
+    assert sent > 0 and source.send_now(b"x") == 0
+    receiving = pool.submit(destination.recv_exact, sent)
+    assert receiving.result(10) == bytes(sent)
+    destination.close()
+    with pytest.raises(OSError) as raised:
+        for _ in range(100):  # the reset comes with the peer's answer to the first sends
+            source.send_now(b"y" * 4096)
+    assert raised.value.errno in (errno.EPIPE, errno.ECONNRESET)
+
+
 def test_eof_names_bytes_received_and_expected() -> None:
     source, destination = Connection.socketpair()
     with source, destination:

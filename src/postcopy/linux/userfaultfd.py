@@ -27,6 +27,9 @@ ctypes; CPython copies buffers up to 1024 bytes and releases the GIL during the 
 The bytearrays are preallocated per thread (a threading.local: allocating one per call
 costs more than a third of the binding's overhead), so every method is safe to call
 from any number of threads at once. (Not from a signal handler interrupting a call.)
+`copy(..., hold_gil=True)` and `read_raw(..., hold_gil=True)` keep the GIL instead
+(`_libc.held_libc`), for a thread that must not queue for it again after a few
+microseconds in the kernel (a page request's hops).
 
 The GIL rule: a Python thread that touches a registered missing page while holding the
 GIL deadlocks the process when the handler is a thread of the same process. Fault such
@@ -46,7 +49,7 @@ import threading
 from dataclasses import dataclass
 
 from postcopy.closing import Closing
-from postcopy.linux._libc import libc
+from postcopy.linux._libc import held_libc, libc
 
 # -- constants (include/uapi/linux/userfaultfd.h) ---------------------------------------
 
@@ -107,6 +110,14 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.copy = bytearray(_COPY.size)
         self.range_mode_result = bytearray(_RANGE_MODE_RESULT.size)
+        # for the calls that keep the GIL (`hold_gil`): C memory, passed by address
+        self.held_copy = ctypes.create_string_buffer(_COPY.size)
+        self.held_copy_address = ctypes.addressof(self.held_copy)
+        self.events = ctypes.create_string_buffer(MSG_SIZE * _HELD_READ_EVENTS)
+        self.events_address = ctypes.addressof(self.events)
+
+
+_HELD_READ_EVENTS = 64  # the most a read that keeps the GIL takes at once
 
 
 _scratch = _Scratch()
@@ -503,14 +514,27 @@ class UserfaultFd(Closing):
             raise _error(error.errno or errno.EINVAL, name, start, length) from None
 
     def copy(
-        self, dst: int, src: int, length: int, *, dontwake: bool = False, wp: bool = False
+        self,
+        dst: int,
+        src: int,
+        length: int,
+        *,
+        dontwake: bool = False,
+        wp: bool = False,
+        hold_gil: bool = False,
     ) -> int:
         """UFFDIO_COPY: atomically fill missing [dst, dst+length) from src; bytes copied.
 
-        `wp` leaves the new pages write-protected (range registered with WP).
+        `wp` leaves the new pages write-protected (range registered with WP). `hold_gil`:
+        the call keeps the GIL (no other thread of the process runs Python meanwhile),
+        for a page or a few on a thread that must not wait to take it back. Safe under
+        the GIL rule: the kernel fills the missing pages; src must be present memory
+        that no userfaultfd of this process watches.
         """
-        buffer = _scratch.copy
         mode = (UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (UFFDIO_COPY_MODE_WP if wp else 0)
+        if hold_gil:
+            return self._copy_holding_gil(dst, src, length, mode)
+        buffer = _scratch.copy
         _COPY.pack_into(buffer, 0, dst, src, length, mode, 0)
         try:
             fcntl.ioctl(self.fd, UFFDIO_COPY, buffer, True)
@@ -518,6 +542,22 @@ class UserfaultFd(Closing):
             raise self._result_error(
                 error, buffer, _COPY_RESULT_OFFSET, "UFFDIO_COPY", dst, length
             ) from None
+        return length
+
+    def _copy_holding_gil(self, dst: int, src: int, length: int, mode: int) -> int:
+        scratch = _scratch
+        buffer = scratch.held_copy
+        _COPY.pack_into(buffer, 0, dst, src, length, mode, 0)
+        if held_libc.ioctl(self.fd, UFFDIO_COPY, scratch.held_copy_address) < 0:
+            err = ctypes.get_errno()
+            raise self._result_error(
+                OSError(err, os.strerror(err)),
+                buffer,
+                _COPY_RESULT_OFFSET,
+                "UFFDIO_COPY",
+                dst,
+                length,
+            )
         return length
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
@@ -609,7 +649,12 @@ class UserfaultFd(Closing):
 
     @staticmethod
     def _result_error(
-        error: OSError, buffer: bytearray, offset: int, name: str, start: int, length: int
+        error: OSError,
+        buffer: bytearray | ctypes.Array[ctypes.c_char],
+        offset: int,
+        name: str,
+        start: int,
+        length: int,
     ) -> UffdError:
         # The kernel writes the signed result before failing: > 0 is a partial count
         # (the ioctl then fails with EAGAIN), < 0 is -errno; fcntl copies it back to us.
@@ -620,17 +665,28 @@ class UserfaultFd(Closing):
 
     # -- events -----------------------------------------------------------------------
 
-    def read_raw(self, max_events: int = 64) -> bytes:
+    def read_raw(self, max_events: int = 64, *, hold_gil: bool = False) -> bytes:
         """Up to `max_events` raw 32-byte messages; b"" when none are pending (non-blocking
-        fd). A blocking fd waits (without the GIL) for at least one."""
+        fd). A blocking fd waits (without the GIL) for at least one. `hold_gil`: the read
+        keeps the GIL (at most 64 messages), for a non-blocking fd only."""
+        if hold_gil:
+            scratch = _scratch
+            size = MSG_SIZE * min(max_events, _HELD_READ_EVENTS)
+            count = held_libc.read(self.fd, scratch.events_address, size)
+            if count < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    return b""
+                raise OSError(err, os.strerror(err))
+            return ctypes.string_at(scratch.events_address, count)
         try:
             return os.read(self.fd, MSG_SIZE * max_events)
         except BlockingIOError:
             return b""
 
-    def read_events(self, max_events: int = 64) -> list[Event]:
+    def read_events(self, max_events: int = 64, *, hold_gil: bool = False) -> list[Event]:
         """Up to `max_events` decoded events; [] when none are pending (non-blocking fd)."""
-        return parse_events(self.read_raw(max_events))
+        return parse_events(self.read_raw(max_events, hold_gil=hold_gil))
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from postcopy.wire import (
 # copies, so a 2 MiB run sent or received in one call kept a page request waiting for the
 # copy (~0.5-1 ms here) on either side. The push's runs cross in pieces of this size.
 SHARED_SOCKET_PIECE = 256 << 10
+SEND_NOW_BYTES = 4096  # frames up to this size are sent keeping the GIL (send_now)
 
 
 class StreamWriter:
@@ -58,9 +59,19 @@ class StreamWriter:
     def send(self, message: Message) -> int:
         with self._lock:
             frame = self._encoder.encode(message)
-            self.connection.send_all([frame])
+            self._send_frame(frame)
             self._send_waiting()
         return len(frame)
+
+    def _send_frame(self, frame: bytes) -> None:
+        """With the lock held: a small frame (a page request, a PONG) goes out keeping
+        the GIL (`Connection.send_now`), the rest as usual. Given away around the send,
+        the GIL came back to a page request's thread after the threads that took it
+        meanwhile (perf, 1 GiB memtouch postcopy from the start: the fault thread's waits
+        right after its REQ_PAGES, p99 ~0.5 ms)."""
+        sent = self.connection.send_now(frame) if len(frame) <= SEND_NOW_BYTES else 0
+        if sent < len(frame):
+            self.connection.send_all([memoryview(frame)[sent:]] if sent else [frame])
 
     def send_soon(self, message: Message) -> bool:
         """Send a small, stateless frame (PING, PONG) without blocking: at once if the

@@ -8,7 +8,8 @@ Sending is scatter-gather: `send_all` gives the kernel a list of buffers per `se
 call (memoryviews of guest RAM go out without being joined), and after a partial send
 it advances through the list by slicing views, never copying. Receiving fills a
 caller's buffer with `recv_into` until it is full. The GIL is released inside both
-system calls, so a receiver thread and a sender thread run in parallel.
+system calls, so a receiver thread and a sender thread run in parallel; `send_now` is
+the exception, for a short frame on a page request's path: it never blocks and keeps it.
 
 Second channel: a source that uses QEMU-style postcopy-preempt opens a second
 connection with `channel="preempt"` and the `session` of its main connection; the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from postcopy.closing import Closing
+from postcopy.linux._libc import held_libc
 from postcopy.transport.acceptor import Acceptor, AcceptorCounts, RefusalSink
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
@@ -87,6 +90,7 @@ _TLS_COALESCE = 256 * 1024
 
 
 _BYTE_STRINGS = (bytes, bytearray)
+_SEND_NOW_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 def _nbytes(buffer: Buffer) -> int:
@@ -184,6 +188,21 @@ class Connection(Closing):
         if batch:
             self._sock.sendall(batch)
         return total
+
+    def send_now(self, data: bytes) -> int:
+        """Send what the socket takes of `data` at once, keeping the GIL (a short frame on
+        a page request's path: see linux._libc.held_libc); returns the bytes sent, 0 if
+        none (a full socket buffer, or TLS, which this does not do). The caller sends
+        the rest with `send_all`."""
+        if self.tls:
+            return 0
+        sent = held_libc.send(self._sock.fileno(), data, len(data), _SEND_NOW_FLAGS)
+        if sent >= 0:
+            return int(sent)
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            return 0
+        raise OSError(err, os.strerror(err))
 
     def recv_into(self, view: memoryview) -> int:
         """One receive into `view`; returns the byte count, 0 when the peer closed."""

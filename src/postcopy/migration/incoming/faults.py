@@ -193,7 +193,12 @@ class FaultThread:
                         clients = self._watch_clients(poller, clients)
                     continue
                 try:
-                    events = (uffd if source is None else source.uffd).read_events(FAULT_BATCH)
+                    if source is None:
+                        # our own fd is non-blocking: the read keeps the GIL (given away
+                        # for its few microseconds, it often took hundreds to come back)
+                        events = uffd.read_events(FAULT_BATCH, hold_gil=True)
+                    else:
+                        events = source.uffd.read_events(FAULT_BATCH)
                 except OSError as error:
                     if error.errno == errno.EBADF:
                         return
