@@ -41,7 +41,7 @@ from postcopy.wire import (
 # copies, so a 2 MiB run sent or received in one call kept a page request waiting for the
 # copy (~0.5-1 ms here) on either side. The push's runs cross in pieces of this size.
 SHARED_SOCKET_PIECE = 256 << 10
-SEND_NOW_BYTES = 4096  # frames up to this size are sent keeping the GIL (send_now)
+SEND_NOW_BYTES = 80 << 10  # frames up to this size are sent keeping the GIL (send_now)
 
 
 class StreamWriter:
@@ -64,11 +64,11 @@ class StreamWriter:
         return len(frame)
 
     def _send_frame(self, frame: bytes) -> None:
-        """With the lock held: a small frame (a page request, a PONG) goes out keeping
-        the GIL (`Connection.send_now`), the rest as usual. Given away around the send,
-        the GIL came back to a page request's thread after the threads that took it
-        meanwhile (perf, 1 GiB memtouch postcopy from the start: the fault thread's waits
-        right after its REQ_PAGES, p99 ~0.5 ms)."""
+        """With the lock held: a small frame (a page request, a PONG, a requested page)
+        goes out keeping the GIL (`Connection.send_now`), the rest as usual. Given away
+        around the send, the GIL came back to a page request's thread after the threads
+        that took it meanwhile (perf, 1 GiB memtouch postcopy from the start: the fault
+        thread's waits right after its REQ_PAGES, p99 ~0.5 ms)."""
         sent = self.connection.send_now(frame) if len(frame) <= SEND_NOW_BYTES else 0
         if sent < len(frame):
             self.connection.send_all([memoryview(frame)[sent:]] if sent else [frame])
@@ -161,16 +161,18 @@ class StreamWriter:
         block: RamBlock,
         page: int,
         zero: bool,
-        view: memoryview | None = None,
+        data: bytes | None = None,
     ) -> int:
-        """`send_ram_run` for one page (a requested page), without numpy. `view`: the
-        page's `block.page_view(page, 1)`, if the caller has it."""
+        """`send_ram_run` for one page (a requested page), without numpy, in one send that
+        keeps the GIL (`_send_frame`). `data`: the page's content, if the caller has it
+        (`bytes(block.page_view(page, 1))`)."""
         header = self._encoder.ram_page_header(block_index, page, zero, block.page_size)
-        if zero:
-            self._send([header])
-            return len(header)
-        self._send([header, block.page_view(page, 1) if view is None else view])
-        return len(header) + block.page_size
+        if not zero:
+            header += bytes(block.page_view(page, 1)) if data is None else data
+        with self._lock:
+            self._send_frame(header)
+            self._send_waiting()
+        return len(header)
 
     def _send(self, buffers: list[Any]) -> None:
         with self._lock:
