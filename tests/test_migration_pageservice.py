@@ -3,6 +3,7 @@ every page is claimed once (migration/outgoing/pageservice.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -15,6 +16,7 @@ from postcopy.migration.outgoing.pageservice import (
     PUSH_BACKLOG_BYTES,
     PUSH_PING_BYTES,
     PUSH_PING_PAGES,
+    PUSH_RUN_FLOOR_BYTES,
     PageRequest,
     PageService,
 )
@@ -212,6 +214,54 @@ def test_without_preempt_the_push_keeps_what_the_destination_has_not_read_bounde
     pings = sum(1 for kind, _, _ in frames if kind == FrameType.PING)
     assert sender.counters.pages_pushed == pages and pushed == pages // 64
     assert pings >= pages * PAGE // PUSH_PING_BYTES - 1
+
+
+def test_scattered_one_page_runs_count_as_the_destinations_work_per_run() -> None:
+    """Every other page needed (a kvstore guest's postcopy): each run is one page, and the
+    destination's work per run, not its 4 KiB, is what a requested page waits behind. The
+    push stops PUSH_BACKLOG_BYTES / PUSH_RUN_FLOOR_BYTES runs ahead of the last PONG, not
+    512 runs (2 MiB of pages)."""
+    pages = 8192
+    mapping = Mapping.anonymous(pages * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    mapping.view[:] = b"\x3c" * mapping.length
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    service = PageService(ram, sender)
+    needed = np.zeros(pages, dtype=np.bool_)
+    needed[::2] = True
+    service.set_needed([needed])
+    ours, theirs = Connection.socketpair()
+    stop = threading.Event()
+
+    def check_cancel() -> None:
+        if stop.is_set():
+            raise _Stopped
+
+    def push() -> None:
+        with contextlib.suppress(_Stopped):
+            service.push(StreamWriter(ours, Direction.MAIN), check_cancel)
+
+    with mapping, ours, theirs:
+        reader, received = _draining(theirs)  # answers no PING: the push must hold
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        bound = PUSH_BACKLOG_BYTES // PUSH_RUN_FLOOR_BYTES
+        deadline = time.monotonic() + 30
+        while len(_frames(bytes(received))) < bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a push that does not wait to overrun the bound
+        runs_held = sum(1 for kind, _, _ in _frames(bytes(received)) if kind == FrameType.RAM_RUN)
+        assert bound <= runs_held <= bound + PUSH_PING_BYTES // PUSH_RUN_FLOOR_BYTES + 1
+        assert sender.counters.pages_pushed < pages // 2
+        stop.set()
+        pusher.join(10)
+        assert not pusher.is_alive()
+        ours.shutdown()
+        reader.join(5)
+
+
+class _Stopped(Exception):
+    """The test's end, raised in the push by its check_cancel."""
 
 
 def test_requested_pages_beyond_the_backlog_bound_get_a_ping_of_their_own() -> None:
