@@ -257,6 +257,52 @@ def test_minor_mode_discards_keep_the_page_cache_and_stale_pages_still_fault(
         placement.close()
 
 
+@pytest.mark.parametrize("hugetlb", [False, True], ids=["memfd", "memfd-hugetlb"])
+def test_minor_mode_one_page_runs_land_as_longer_ones_do(scene: Scene, hugetlb: bool) -> None:
+    """A run of one page (every run of huge pages: the push sends one per run) takes a
+    path without numpy: into the page cache and continued, a stale page that comes back
+    as a zero page emptied first, a page claimed already read into scratch and left."""
+    with huge_pages(3 if hugetlb else 0, outlived=True):  # the scene unmaps its maps later
+        size = HUGE_PAGE_2M if hugetlb else PAGE
+        block = RamBlock("pc.ram", scene.map(Mapping.memfd(3 * size, "t", hugetlb=hugetlb)))
+        ctypes.memset(block.host_address, 0x77, 3 * size)  # precopy wrote every page
+        received = np.ones(3, dtype=np.bool_)
+        kept = KeptCache([block], enabled=True)
+        assert kept.discard(0, 0, 3)
+        received[:] = False
+        stale = kept.stale[0]
+        assert stale is not None and stale.all()
+        uffd = scene.uffd(features_for([block], minor=True))
+        placement = placement_for(block, uffd, received, minor=True, stale=stale)
+        assert isinstance(placement, MinorPlacement)
+        placement.register()
+        readback = ctypes.create_string_buffer(1)
+        toucher = scene.touch(read_at(block.host_address + 5, readback))
+        wait_faults(uffd, 1)
+        data, zero = np.zeros(1, dtype=np.bool_), np.ones(1, dtype=np.bool_)
+        landing = placement.landing(0, data)
+        assert landing.views is not None and len(landing.views) == 1
+        assert ctypes.addressof(ctypes.c_char.from_buffer(landing.views[0])) == (
+            placement.alias.address
+        )  # straight into the page cache
+        ctypes.memset(placement.alias.address, 0x22, size)
+        placement.place(0, data, None, landing)
+        assert toucher.done.wait(WAIT) and readback.raw == b"\x22"
+        zero_landing = placement.landing(1, zero)
+        assert zero_landing.views == []
+        placement.place(1, zero, None, zero_landing)
+        assert block.view[size] == 0 and block.view[2 * size - 1] == 0  # zero, not 0x77
+        taken = placement.landing(0, data)  # page 0 again (a request raced the push)
+        assert taken.views is not None and taken.views[0].nbytes == size
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(taken.views[0])), 0x33, size)
+        placement.place(0, data, None, taken)
+        assert block.view[0] == 0x22  # scratch: never over the page in use
+        assert stale.tolist() == [False, False, True]  # 2 not placed yet
+        timed = placement.placement_us()
+        assert (timed is not None and timed["count"] == 1) if hugetlb else timed is None
+        placement.close()
+
+
 def test_without_minor_mode_discards_punch_holes(scene: Scene) -> None:
     block = RamBlock("pc.ram", scene.map(Mapping.memfd(4 * PAGE, "t")))
     kept = KeptCache([block], enabled=False)
