@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip --disable-pip-version-check
 SYSTEM_PACKAGES := python3 python3-venv python3-dev gcc binutils make iproute2 procps openssl util-linux
 
 .PHONY: system venv venv-dev demo test lint guests guest clean backends-soak soak fuzz fuzz-wire fuzz-qmp \
-	service-bench recovery-soak
+	service-bench recovery-soak qemu
 
 system:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -39,6 +39,13 @@ venv-dev: $(SYSTEM)
 
 demo: venv
 	$(VENV)/bin/postcopy demo
+
+# not for the demo or the tests: QEMU 7.2 (Debian 12's) for benchmarks/qemu/, the
+# comparison against QEMU's own postcopy on this machine (compare.sh, compare-hugetlbfs.sh)
+qemu:
+	apt-get update -qq >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  qemu-system-x86 >/dev/null
 
 test: venv-dev
 	$(VENV)/bin/python -m pytest

@@ -621,6 +621,12 @@ def main() -> int:
         help="seconds allowed for boot, first pass and the migration each",
     )
     args = parser.parse_args()
+    if not os.access(args.qemu, os.X_OK):
+        parser.exit(
+            2,
+            f"run.py: no QEMU at {args.qemu}: `make qemu` installs Debian 12's qemu-system-x86"
+            " (7.2), or give --qemu PATH\n",
+        )
 
     ram_bytes = parse_size(args.ram)
     workdir = Path(tempfile.mkdtemp(prefix="qemu-postcopy-image-"))
