@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +14,18 @@ from tests.handshakes import Closing
 from tests.hugepages import hugetlbfs_mount
 from tests.test_linux_userfaultfd import Scene
 from tests.vmprocess import VmProcess, vm_processes
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"pytest got signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite ended by SIGTERM (timeout(1), a CI job cancelled) ends as Ctrl-C does, with
+    every fixture's teardown: Python's default for SIGTERM is to die where it stands, and
+    the VM processes a test had started lived on (one for 43 minutes, its parent gone)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture
