@@ -136,3 +136,48 @@ def test_a_page_as_large_as_a_piece_crosses_in_one_send(piece_bytes: int, sends:
             ours.send_all = counted  # type: ignore[method-assign,assignment]
             writer.send_ram_run(0, block, 0, np.zeros(4, dtype=bool))  # 4 pages of data
             assert len(calls) == sends
+
+
+def test_a_large_run_goes_by_reference_and_reads_as_the_same_frame() -> None:
+    """A run of at least SPLICE_MIN_BYTES of page data crosses by vmsplice and splice (only
+    its header through send_all), zero pages left out as with sendmsg."""
+    pages = 300
+    with Mapping.anonymous(pages * PAGE) as mapping:
+        block = RamBlock("pc.ram", mapping)
+        for page in range(pages):
+            mapping.view[page * PAGE : (page + 1) * PAGE] = bytes([page % 251 + 1]) * PAGE
+        zero = np.zeros(pages, dtype=bool)
+        zero[[0, 7, 8, 9, 150, 299]] = True
+        ours, theirs = Connection.socketpair()
+        with ours, theirs:
+            writer = StreamWriter(ours, Direction.MAIN)
+            sent: list[list[bytes | memoryview]] = []
+            send_all = ours.send_all
+
+            def recorded(buffers: list[bytes | memoryview]) -> int:
+                sent.append(list(buffers))
+                return send_all(buffers)
+
+            writer.send_stream_header()
+            writer.send(Handshake(frozenset(), (BlockInfo("pc.ram", pages * PAGE, PAGE),), 1))
+            ours.send_all = recorded  # type: ignore[method-assign,assignment]
+            sending = threading.Thread(
+                target=lambda: writer.send_ram_run(0, block, 0, zero), daemon=True
+            )
+            sending.start()
+            reader = StreamReader(theirs, Direction.MAIN, StreamContext(Direction.MAIN))
+            reader.read_stream_header()
+            assert isinstance(reader.read(), Handshake)
+            header = reader.read()
+            assert isinstance(header, RamRunHeader)
+            data = memoryview(bytearray(header.data_length))
+            reader.read_data_into(data)
+            sending.join(5)
+        assert header.zero.tolist() == zero.tolist()
+        expected = b"".join(
+            bytes(mapping.view[page * PAGE : (page + 1) * PAGE])
+            for page in range(pages)
+            if not zero[page]
+        )
+        assert bytes(data) == expected
+        assert len(sent) == 1 and len(sent[0]) == 1  # the header alone went by sendmsg
