@@ -647,3 +647,28 @@ def test_close_ends_a_blocked_splice_and_leaves_no_descriptor(pool: ThreadPoolEx
         with pytest.raises(OSError, match="closed"):
             source.send_spliced(b"h", [(memory.address, 4096)])
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_piece_bounds_each_splice(
+    pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a piece (the postcopy push on a socket the page requests share), no splice
+    moves more than the piece, however much the pipe holds."""
+    from postcopy.linux.splice import SplicePipe
+
+    sizes: list[int] = []
+    splice_to = SplicePipe.splice_to
+
+    def recorded(pipe: SplicePipe, fd: int, length: int, flags: int = 0) -> int:
+        sizes.append(length)
+        return splice_to(pipe, fd, length, flags)
+
+    monkeypatch.setattr(SplicePipe, "splice_to", recorded)
+    source, destination = Connection.socketpair()
+    with source, destination, Mapping.anonymous(2 * MiB) as memory:
+        memory.view[:] = random_bytes(2 * MiB, seed=3).tobytes()
+        sending = pool.submit(source.send_spliced, b"h", [(memory.address, 2 * MiB)], 256 << 10)
+        received = destination.recv_exact(1 + 2 * MiB)
+        assert sending.result(10) == 1 + 2 * MiB
+        assert received == b"h" + bytes(memory.view)
+    assert sizes and max(sizes) <= 256 << 10

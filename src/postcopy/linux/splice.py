@@ -40,7 +40,8 @@ _vmsplice = ctypes.CFUNCTYPE(
 
 
 class SplicePipe(Closing):
-    """A pipe for moving memory into a socket by reference (vmsplice, then splice)."""
+    """A pipe for moving memory into a socket by reference (vmsplice, then splice). One
+    thread at a time."""
 
     def __init__(self, size: int) -> None:
         """`size`: the capacity asked for (F_SETPIPE_SZ rounds it up to a power of two
@@ -51,6 +52,8 @@ class SplicePipe(Closing):
         except OSError:
             self.close()
             raise
+        self._vector = _IoVec()  # one, reused: ctypes objects cost microseconds to make
+        self._vector_ref = ctypes.byref(self._vector)
 
     @property
     def closed(self) -> bool:
@@ -59,8 +62,9 @@ class SplicePipe(Closing):
     def vmsplice(self, address: int, length: int, flags: int = 0) -> int:
         """Put up to `length` bytes of our memory at `address` into the pipe by reference;
         returns how many went in (at most the room left in the pipe)."""
-        vector = _IoVec(address, length)
-        moved = _vmsplice(self._write_fd, ctypes.byref(vector), 1, flags)
+        self._vector.iov_base = address
+        self._vector.iov_len = length
+        moved = _vmsplice(self._write_fd, self._vector_ref, 1, flags)
         if moved < 0:
             error = ctypes.get_errno()
             raise OSError(error, f"vmsplice({address:#x}, {length}): {os.strerror(error)}")

@@ -143,8 +143,8 @@ class StreamWriter:
     def _send_spliced(
         self, header: bytes, block: RamBlock, first_page: int, zero: Bitmap, normal: int
     ) -> None:
-        """`send_ram_run` by reference. Each splice moves at most the pipe's 256 KiB, so
-        a shared socket's lock is held no longer than for a piece (SHARED_SOCKET_PIECE)."""
+        """`send_ram_run` by reference; with `piece_bytes` set, no splice moves more than
+        a piece, so a shared socket's lock is held no longer (SHARED_SOCKET_PIECE)."""
         page_size = block.page_size
         base = block.host_address + first_page * page_size
         if normal == zero.size:
@@ -156,7 +156,7 @@ class StreamWriter:
                 for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)
             ]
         with self._lock:
-            self.connection.send_spliced(header, regions)
+            self.connection.send_spliced(header, regions, self.piece_bytes)
             self._send_waiting()
 
     def _send_in_pieces(self, buffers: list[bytes | memoryview], piece: int) -> None:

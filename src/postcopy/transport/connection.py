@@ -92,9 +92,11 @@ _TLS_COALESCE = 256 * 1024
 
 _BYTE_STRINGS = (bytes, bytearray)
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-# the pipe of `send_spliced`: what one splice into the socket moves at most, and so how
-# long it holds the socket's lock, like a piece of a shared socket (SHARED_SOCKET_PIECE)
-SPLICE_PIPE_BYTES = 256 * 1024
+# the pipe of `send_spliced`: the most that one vmsplice takes (pipe-max-size, the
+# largest an unprivileged process may ask for). With 256 KiB, the eight vmsplice and
+# splice calls per 2 MiB run cost the source's migration thread as much CPU in Python
+# and GIL hand-overs as the copy they saved
+SPLICE_PIPE_BYTES = 1 << 20
 _SPLICE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
@@ -205,13 +207,14 @@ class Connection(Closing):
             and self._sock.gettimeout() is None
         )
 
-    def send_spliced(self, head: bytes, regions: Sequence[tuple[int, int]]) -> int:
+    def send_spliced(self, head: bytes, regions: Sequence[tuple[int, int]], piece: int = 0) -> int:
         """Send `head`, then each (address, length) region of this process's memory by
         reference (vmsplice into a pipe, splice into the socket): no copy into the
         kernel, which was half the CPU of sending RAM with sendmsg. A page written before
         the receiver has read it arrives with its new content (the caller's dirty
-        tracking must send it again anyway). Only where `can_splice`. Returns the bytes
-        sent."""
+        tracking must send it again anyway). Only where `can_splice`. `piece`: if not 0,
+        no splice moves more than that (how long it holds the socket's lock). Returns the
+        bytes sent."""
         with self._pipe_lock:
             if self._closed:
                 raise OSError(errno.EBADF, f"connection to {self.peer} is closed")
@@ -228,7 +231,8 @@ class Connection(Closing):
                         length -= moved
                         more = 0 if last_region and not length else SPLICE_F_MORE
                         while moved:
-                            sent = pipe.splice_to(self._sock.fileno(), moved, more)
+                            size = min(moved, piece) if piece else moved
+                            sent = pipe.splice_to(self._sock.fileno(), size, more)
                             moved -= sent
                             total += sent
                 return total
