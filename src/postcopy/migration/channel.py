@@ -71,6 +71,15 @@ class StreamWriter:
             self._send_waiting()
         return len(frame)
 
+    def send_req_pages(self, block: int, first_page: int, page_count: int) -> int:
+        """`send(ReqPages(block, first_page, page_count))` without the message object
+        (the fault thread's request: a page request's critical path)."""
+        with self._lock:
+            frame = self._encoder.req_pages_frame(block, first_page, page_count)
+            self._send_frame(frame)
+            self._send_waiting()
+        return len(frame)
+
     def _send_frame(self, frame: bytes) -> None:
         """With the lock held: a small frame (a page request, a PONG, a requested page)
         goes out keeping the GIL (`Connection.send_now`), the rest as usual. Given away
@@ -273,6 +282,16 @@ class BufferedStreamReader(StreamReader):
         return parse_stream_header(data, self.direction)
 
     def read(self) -> Message | RamRunHeader:
+        if self._end - self._start < FRAME_HEADER_SIZE <= len(self._buffer):
+            self._fill(FRAME_HEADER_SIZE)
+        # a page request's frame (REQ_PAGES, a one-page RAM_RUN) in one step, else as usual
+        hot = self.context.parse_hot(self._buffer, self._start, self._end - self._start)
+        if hot is not None:
+            message, size = hot
+            self._start += size
+            self.bytes_received += size
+            self.last_activity = time.monotonic()
+            return message
         header = parse_frame_header(self._take(FRAME_HEADER_SIZE), self.direction)
         payload = self._take(header.length) if header.length else b""
         self.bytes_received += FRAME_HEADER_SIZE + header.length
@@ -293,6 +312,21 @@ class BufferedStreamReader(StreamReader):
         if buffered < target.nbytes:
             self.connection.recv_exact_into(target[buffered:])
 
+    def _fill(self, size: int) -> None:
+        """Receive until at least `size` (<= the buffer's size) bytes are buffered."""
+        held = self._end - self._start
+        if self._start:  # move what is left to the front
+            self._buffer[:held] = self._view[self._start : self._end]
+            self._start, self._end = 0, held
+        while self._end < size:
+            count = self.connection.recv_into(self._view[self._end :])
+            if count == 0:
+                raise ConnectionClosed(
+                    f"{self.connection.peer} closed the connection after "
+                    f"{self._end} of {size} bytes"
+                )
+            self._end += count
+
     def _take(self, size: int) -> bytes:
         """The next `size` bytes, receiving as needed."""
         if size > len(self._buffer):  # a large frame (a bitmap): past the buffer
@@ -300,18 +334,7 @@ class BufferedStreamReader(StreamReader):
             self._read_into(memoryview(large))
             return bytes(large)
         if self._end - self._start < size:
-            held = self._end - self._start
-            if self._start:  # move what is left to the front
-                self._buffer[:held] = self._view[self._start : self._end]
-                self._start, self._end = 0, held
-            while self._end < size:
-                count = self.connection.recv_into(self._view[self._end :])
-                if count == 0:
-                    raise ConnectionClosed(
-                        f"{self.connection.peer} closed the connection after "
-                        f"{self._end} of {size} bytes"
-                    )
-                self._end += count
+            self._fill(size)
         data = bytes(self._view[self._start : self._start + size])
         self._start += size
         return data

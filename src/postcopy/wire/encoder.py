@@ -10,6 +10,7 @@ written by its entry in `writers.WRITERS`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from postcopy.wire.frames import (
 from postcopy.wire.messages import (
     MAX_BLOCKS,
     MAX_DISCARD_RANGES,
+    U32_MAX,
     U64_MAX,
     BlockInfo,
     Handshake,
@@ -69,6 +71,10 @@ class Encoder:
     def __init__(self, direction: Direction, *, blocks: Sequence[BlockInfo] | None = None) -> None:
         self.direction = direction
         self._blocks = own_blocks(blocks)
+        # per block checked by `ram_page_header`: its pages and page size (the blocks'
+        # own figures, kept while the blocks are these)
+        self._one_page_blocks: dict[int, tuple[int, int]] = {}
+        self._block_pages = _pages_of(self._blocks)  # per block, its pages
         self._target_page_size: int | None = None
         # The block of the last ReqPages on this stream: the next names its block if it differs.
         self.last_req_block: int | None = None
@@ -100,12 +106,37 @@ class Encoder:
         check_header(spec, flags, len(payload), None)
         if isinstance(message, Handshake):
             self._blocks = message.blocks
+            self._one_page_blocks = {}
+            self._block_pages = _pages_of(self._blocks)
             self._target_page_size = message.target_page_size
         elif isinstance(message, ReqPages):
             self.last_req_block = message.block
         data = message.data if isinstance(message, RamRun) else b""
         header = layout.FRAME_HEADER.pack(spec.frame_type, flags, 0, len(payload))
         return b"".join((header, payload, data))
+
+    def req_pages_frame(self, block: int, first_page: int, page_count: int) -> bytes:
+        """`encode(ReqPages(block, first_page, page_count))` from the fields, without the
+        message object: the same bytes and checks (a request that is not plainly inside a
+        declared block goes the usual way, which says what is wrong)."""
+        pages = self._block_pages
+        if (
+            self.direction is Direction.RETURN
+            and type(block) is int
+            and type(first_page) is int
+            and type(page_count) is int
+            and 0 <= block < len(pages)
+            and first_page >= 0
+            and 1 <= page_count <= U32_MAX
+            and first_page + page_count <= pages[block]
+        ):
+            if block != self.last_req_block:
+                self.last_req_block = block
+                return _REQ_PAGES_NAMED_HEADER + layout.REQ_PAGES_NAMED.pack(
+                    block, first_page, page_count
+                )
+            return _REQ_PAGES_HEADER + layout.REQ_PAGES.pack(first_page, page_count)
+        return self.encode(ReqPages(block, first_page, page_count))
 
     def _req_pages_frame(self, message: ReqPages) -> bytes:
         """`encode` of a ReqPages (a page request: the latency-critical path): the same
@@ -191,7 +222,11 @@ class Encoder:
 
     def ram_page_header(self, block: int, page: int, zero: bool, page_size: int) -> bytes:
         """`ram_run_header` for a run of one page (a requested page: the latency-critical
-        path), the same bytes and checks without numpy."""
+        path), the same bytes and checks without numpy; once a block's page size has
+        been checked, its page is the only thing left to check."""
+        known = self._one_page_blocks.get(block)
+        if known is not None and known[1] == page_size and 0 <= page < known[0]:
+            return _ONE_PAGE_FRAME.pack(_ONE_PAGE_FRAME_HEADER, block, page, 1, 1 if zero else 0)
         if not is_page_size(page_size):
             raise ProtocolError("RamRun.page_size", page_size, "is not a valid page size")
         if not 0 <= block < MAX_BLOCKS:
@@ -205,6 +240,8 @@ class Encoder:
                 page_size,
                 f"differs from block {info.name!r}'s {info.page_size}",
             )
+        if info is not None:
+            self._one_page_blocks[block] = (info.pages, page_size)
         return (
             _ONE_PAGE_FRAME_HEADER
             + layout.RAM_RUN.pack(block, page, 1)
@@ -212,9 +249,15 @@ class Encoder:
         )
 
 
+def _pages_of(blocks: Sequence[BlockInfo] | None) -> tuple[int, ...]:
+    return tuple(block.pages for block in blocks or ())
+
+
 # a one-page RAM_RUN: its payload is the fixed part and one byte of zero bitmap (bit 0)
 _ONE_PAGE_FRAME_HEADER = layout.FRAME_HEADER.pack(FrameType.RAM_RUN, 0, 0, layout.RAM_RUN.size + 1)
 _ZERO_BIT, _NORMAL_BIT = b"\x01", b"\x00"
+# ... in one piece: the frame header, then block, page, 1 page, the zero bit
+_ONE_PAGE_FRAME = struct.Struct(f">{len(_ONE_PAGE_FRAME_HEADER)}sHQIB")
 # a ReqPages frame's header, with the block named or not (writers._write_req_pages)
 _REQ_PAGES_NAMED_HEADER = layout.FRAME_HEADER.pack(
     FrameType.REQ_PAGES, FLAG_BLOCK_NAMED, 0, layout.REQ_PAGES_NAMED.size

@@ -197,15 +197,15 @@ def _read_ram_run(ctx: StreamContext, flags: int, payload: bytes | memoryview) -
         if bit > 1:
             raise ProtocolError("RamRun.zero", bit, "last byte has padding bits set past 1 entries")
         return RamRunHeader(
-            block_index, first_page, _ONE_ZERO if bit else _ONE_NORMAL, (1 - bit) * block.page_size
+            block_index, first_page, ONE_ZERO if bit else ONE_NORMAL, (1 - bit) * block.page_size
         )
     zero, zero_pages = _unpack_bits("RamRun.zero", payload[layout.RAM_RUN.size :], count)
     return RamRunHeader(block_index, first_page, zero, (count - zero_pages) * block.page_size)
 
 
 # the zero bitmap of a one-page run, shared by every such header: read-only
-_ONE_ZERO, _ONE_NORMAL = np.ones(1, dtype=np.bool_), np.zeros(1, dtype=np.bool_)
-_ONE_ZERO.flags.writeable = _ONE_NORMAL.flags.writeable = False
+ONE_ZERO, ONE_NORMAL = np.ones(1, dtype=np.bool_), np.zeros(1, dtype=np.bool_)
+ONE_ZERO.flags.writeable = ONE_NORMAL.flags.writeable = False
 
 
 def _read_end_of_round(ctx: StreamContext, flags: int, payload: bytes | memoryview) -> EndOfRound:
