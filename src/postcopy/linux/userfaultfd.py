@@ -97,8 +97,8 @@ _REGISTER = struct.Struct("=QQQQ")  # start, len, mode, ioctls (out)
 _COPY = struct.Struct("=QQQQq")  # dst, src, len, mode, copy (out)
 _RANGE_MODE_RESULT = struct.Struct("=QQQq")  # zeropage / continue / poison
 _WRITEPROTECT = struct.Struct("=QQQ")  # start, len, mode
-_MSG_HEAD = struct.Struct("=B7x")
 _MSG_PAGEFAULT = struct.Struct("=8xQQI4x")  # flags, address, ptid
+_MSG_AS_PAGEFAULT = struct.Struct("=B7xQQI4x")  # event, then a page fault's fields
 _MSG_FORK = struct.Struct("=8xI20x")
 _MSG_REMAP = struct.Struct("=8xQQQ")
 _MSG_REMOVE = struct.Struct("=8xQQ8x")  # also UNMAP
@@ -267,9 +267,10 @@ def parse_events(data: bytes | bytearray | memoryview) -> list[Event]:
         raise ValueError(f"{len(data)} bytes is not a whole number of {MSG_SIZE}-byte messages")
     events: list[Event] = []
     for offset in range(0, len(data), MSG_SIZE):
-        (code,) = _MSG_HEAD.unpack_from(data, offset)
+        # read as a page fault (the fault thread's every event, on a page request's path:
+        # one unpack), and as what it is if it is not one
+        code, flags, address, ptid = _MSG_AS_PAGEFAULT.unpack_from(data, offset)
         if code == UFFD_EVENT_PAGEFAULT:
-            flags, address, ptid = _MSG_PAGEFAULT.unpack_from(data, offset)
             events.append(PageFault(address, _fault_flags(flags), ptid))
         elif code == UFFD_EVENT_REMOVE:
             events.append(Remove(*_MSG_REMOVE.unpack_from(data, offset)))

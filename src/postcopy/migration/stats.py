@@ -134,6 +134,11 @@ class LatencyRecorder:
             for page in range(first_page, first_page + count):
                 asked_at[page] = when
 
+    def asked_page(self, block: int, page: int, when: float) -> None:
+        """`asked` for one page (the fault thread's common case, before its request)."""
+        with self._lock:
+            self._asked_at[block][page] = when
+
     def placed(self, block: int, first_page: int, count: int) -> None:
         asked_at = self._asked_at[block]
         # read without the lock: a page asked for after this read was placed before its

@@ -6,7 +6,9 @@ reads faults in batches, and for each one either resolves it locally (moving bac
 still-valid precopy page a vCPU waits for and its neighbours in the direction the faults
 go, a window that grows along a streak of faults (prepaging.py), zero-filling a page known to
 be zero, waking a vCPU whose page was placed after the fault was raised) or sends REQ_PAGES
-on the return path, once per page (`requested`). Pages are the block's pages: a fault
+on the return path, once per page (`requested`): a vCPU's fault on a page from the source
+is asked for first and its wait counted after the send (`_ask`, `_count_waits`), the
+request being the critical path. Pages are the block's pages: a fault
 anywhere in a huge page asks for the huge page; how a page is filled here depends on the
 RAM backend (backends.py). A sharing process's fault is served the same way, and the
 process is woken once its page is here. It runs SCHED_FIFO: it is one of the three hops
@@ -71,7 +73,11 @@ class FaultThread:
         self._uffd = uffd
         self._hops = hops
         self._ram = ram
-        self._block_index = {block: index for index, block in enumerate(ram)}
+        # per block: where it lies in this process and its page size (`_locate`)
+        self._spans = [
+            (block.host_address, block.host_address + block.length, block.page_size)
+            for block in ram
+        ]
         self._received = received
         self._return = return_path
         self._generation = 0
@@ -84,7 +90,10 @@ class FaultThread:
         self._clock = clock
         self._placements = placements
         self._shared = shared
-        self._requested = [np.zeros(block.pages, dtype=np.bool_) for block in ram]
+        # pages asked for: a bytearray per block (`_ask` indexes it, microseconds cheaper
+        # than a numpy array) and a numpy view of the same bytes (`pending`)
+        self._requested_bytes = [bytearray(block.pages) for block in ram]
+        self._requested = [np.frombuffer(bits, dtype=np.bool_) for bits in self._requested_bytes]
         self._window = FaultWindow(FAULT_MOVE_PAGES, PREPAGE_MAX_PAGES)
         self._ahead: list[Window] = []  # windows to bring in once this batch is answered
         self._quit = EventFd()
@@ -146,6 +155,19 @@ class FaultThread:
                 )
         return sent
 
+    def _send_one(
+        self, writer: StreamWriter, generation: int, block: int, page: int, fault_read: float
+    ) -> int:
+        """`_send` of a request for one page, without a ReqPages object."""
+        try:
+            writer.send_req_pages(block, page, 1)
+        except OSError as error:
+            self.on_send_failed(error, generation)
+            return 0
+        if self._hops is not None:
+            self._hops.request_sent(block, page, 1, fault_read)
+        return 1
+
     def set_vcpu_threads(self, thread_ids: list[int]) -> None:
         """The vCPUs' native thread ids (index = vCPU), to charge faults to vCPUs."""
         # a new dict, assigned once (by the receiver at RUN): the fault thread reads either
@@ -171,11 +193,16 @@ class FaultThread:
         # faults to try again: the kernel said EAGAIN (the client is None for a vCPU's;
         # `counted`: the vCPU whose fault's outcome the blocktime tracker waits for)
         deferred: list[tuple[int, int, SharedClient | None, int | None]] = []
+        # the waits of vCPUs whose page is asked for (or on its way), counted once the
+        # requests are sent: (vcpu, block, page, kind); see `_count_waits`
+        waits: list[tuple[int, int, int, str]] = []
+        quit_fd, uffd_fd = self._quit.fileno(), uffd.fileno()
         while True:
             # with deferred faults, come back to them soon; never spin (this is SCHED_FIFO)
             ready = poller.poll(DEFER_SECONDS * 1000 if deferred else None)
-            if any(fd == self._quit.fileno() for fd, _ in ready):
-                return
+            for fd, _ in ready:
+                if fd == quit_fd:
+                    return
             now = self._clock()
             requests: list[tuple[int, int]] = []  # (block, page): built into frames once
             retry, deferred = deferred, []
@@ -183,7 +210,7 @@ class FaultThread:
                 if not self._handle(block_index, page, now, requests, client, counted):
                     deferred.append((block_index, page, client, counted))
             for fd, _ in ready:
-                if fd == uffd.fileno():
+                if fd == uffd_fd:
                     source: SharedClient | None = None
                 elif fd in clients:
                     source = clients[fd]
@@ -206,7 +233,23 @@ class FaultThread:
                 for event in events:
                     if not isinstance(event, PageFault):
                         continue
-                    located = self._locate_event(event, source, now)
+                    if source is None:
+                        block_index, page = self._locate(event.address)
+                        vcpu = self._tid_to_vcpu.get(event.thread_id)
+                        if vcpu is not None:
+                            # a vCPU's fault on a page to come from the source: asked for
+                            # now, its wait counted once the request is out
+                            kind = self._ask(block_index, page, now, requests)
+                            if kind is not None:
+                                waits.append((vcpu, block_index, page, kind))
+                                continue
+                            # the waits before this one are counted before it, in order
+                            self._count_waits(waits, now)
+                        located: tuple[int, int, int | None] | None = self._begin_wait(
+                            block_index, page, vcpu, now
+                        )
+                    else:
+                        located = self._locate_client_event(event, source)
                     if located is None:
                         continue
                     block_index, page, counted = located
@@ -214,23 +257,66 @@ class FaultThread:
                         deferred.append((block_index, page, source, counted))
             with self._return_lock:
                 writer, generation = self._return, self._generation
-            if writer is not None and requests:
+            # this thread is the only writer of requests_sent (QMP reads it)
+            if writer is not None and len(requests) == 1:  # the common case: no objects
+                self.requests_sent += self._send_one(writer, generation, *requests[0], now)
+            elif writer is not None and requests:
                 frames = [ReqPages(b, first, count) for b, first, count in coalesce(requests)]
-                # this thread is the only writer of requests_sent (QMP reads it)
                 self.requests_sent += self._send(writer, generation, frames, now)
+            self._count_waits(waits, now)
             self._bring_in_ahead()
 
-    def _locate_event(
-        self, event: PageFault, client: SharedClient | None, now: float
+    def _ask(
+        self, block_index: int, page: int, now: float, requests: list[tuple[int, int]]
+    ) -> str | None:
+        """A vCPU's fault, first the page request's critical path: if the page is to come
+        from the source (not received, not a precopy page to move back), ask for it now
+        (into `requests`) unless it was asked for before; "asked" or "in-flight". None:
+        the fault is resolved here (`_begin_wait`, `_handle`)."""
+        swap = self._swap
+        # `received` is set only after a page is placed (PagePlacer._record), see `_handle`
+        if self._received[block_index][page] or (
+            swap is not None and swap.is_unmoved(block_index, page)
+        ):
+            return None
+        requested = self._requested_bytes[block_index]
+        if requested[page]:
+            return "in-flight"
+        requested[page] = 1
+        # before the request goes out: its copy may be placed before `asked` could follow
+        self._latency.asked_page(block_index, page, now)
+        requests.append((block_index, page))
+        return "asked"
+
+    def _count_waits(self, waits: list[tuple[int, int, int, str]], now: float) -> None:
+        """The blocktime of the faults `_ask` asked for (or found on their way), after the
+        requests went out: a wait begins at `now` (when the faults were read, as for every
+        fault), is counted as a fault from the source and says what was done. A page
+        placed meanwhile (by the push: the request's own copy is a round trip away) found
+        no waiter there, so its wait ends here, now: the placer sets `received` before it
+        tells the tracker, so either it ends the wait or this sees the page."""
+        blocktime, received = self._blocktime, self._received
+        for vcpu, block_index, page, kind in waits:
+            if blocktime.fault(vcpu, block_index, page, now):
+                blocktime.handled(from_source=True)
+                blocktime.note(vcpu, block_index, page, kind)
+                if received[block_index][page]:
+                    blocktime.placed(block_index, page, 1)
+        waits.clear()
+
+    def _begin_wait(
+        self, block_index: int, page: int, vcpu: int | None, now: float
+    ) -> tuple[int, int, int | None]:
+        """(block, page, counted) of a vCPU's fault, charged to the vCPU (blocktime);
+        `counted`: the vCPU of a fault that began a wait, counted once handled."""
+        if vcpu is not None and self._blocktime.fault(vcpu, block_index, page, now):
+            return block_index, page, vcpu
+        return block_index, page, None
+
+    def _locate_client_event(
+        self, event: PageFault, client: SharedClient
     ) -> tuple[int, int, int | None] | None:
-        """(block, page, counted) of a fault, charged to its vCPU (blocktime) or its
-        client; `counted`: the vCPU of a fault that began a wait, counted once handled."""
-        if client is None:
-            block_index, page = self._locate(event.address)
-            vcpu = self._tid_to_vcpu.get(event.thread_id)
-            if vcpu is not None and self._blocktime.fault(vcpu, block_index, page, now):
-                return block_index, page, vcpu
-            return block_index, page, None
+        """(block, page, None) of a sharing process's fault, charged to it."""
         located = client.locate(event.address)
         if located is None:  # not guest RAM: it registered more than it was given
             return None
@@ -327,11 +413,11 @@ class FaultThread:
             swap.follow(ahead[-1].block, ahead[-1].pivot)
 
     def _locate(self, address: int) -> tuple[int, int]:
-        try:
-            block, offset = self._ram.find_host(address)
-        except LookupError:
-            raise IncomingError(f"fault at {address:#x} outside guest RAM") from None
-        return self._block_index[block], offset // block.page_size
+        """(block, page) of a fault's address: a scan of the few blocks, no objects."""
+        for index, (start, end, page_size) in enumerate(self._spans):
+            if start <= address < end:
+                return index, (address - start) // page_size
+        raise IncomingError(f"fault at {address:#x} outside guest RAM")
 
     def _resolve_locally(self, block_index: int, page: int) -> bool:
         """A fault on a page we already know: a zero page never populated, or one placed

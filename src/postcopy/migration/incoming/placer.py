@@ -183,7 +183,10 @@ class PagePlacer:
         # thread reads these bits without a lock and resolves a fault on a set one locally
         # (ZEROPAGE, or WAKE on EEXIST), so a set bit must mean "in guest RAM". Both
         # receivers may set the same bits (a request raced the push): both write True.
-        self.received[block_index][first_page : first_page + count] = True
+        if count == 1:  # a requested page: a scalar store, not a slice (microseconds here)
+            self.received[block_index][first_page] = True
+        else:
+            self.received[block_index][first_page : first_page + count] = True
         with self._lock:
             self.placed_pages += count
         self.latency.placed(block_index, first_page, count)
