@@ -12,6 +12,7 @@ import numpy as np
 from postcopy.linux.hugepages import HUGE_PAGE_2M
 from postcopy.linux.memory import Mapping
 from postcopy.migration.channel import StreamWriter
+from postcopy.migration.hops import HopLog
 from postcopy.migration.outgoing.pageservice import (
     PUSH_BACKLOG_BYTES,
     PUSH_PING_BYTES,
@@ -97,6 +98,42 @@ def test_a_request_sends_what_is_needed_and_again_what_the_push_took() -> None:
     counters = sender.counters
     assert (counters.pages_requested, counters.pages_resent) == (4, 2)
     assert (counters.normal, counters.duplicate) == (3, 3)
+
+
+def test_a_one_page_request_sends_its_page_once_or_again_if_the_push_took_it() -> None:
+    """The urgent channel's one-page requests (PageService._serve_page): a needed page is
+    claimed and sent, a page the push took is sent again (small pages), both counted and
+    logged in the hops; the push goes on after the page."""
+    mapping = Mapping.anonymous(PAGES * PAGE)
+    ram = RamList([RamBlock("pc.ram", mapping)])
+    mapping.view[3 * PAGE : 4 * PAGE] = b"\x07" * PAGE
+    sender = RamSender(ram, Parameters(), time.monotonic)
+    hops = HopLog()
+    service = PageService(ram, sender, hops)
+    ours, theirs = Connection.socketpair()
+    with mapping, ours, theirs:
+        reader, received = _draining(theirs)
+        service.set_urgent_channel(StreamWriter(ours, Direction.MAIN))
+        needed = np.ones(PAGES, dtype=np.bool_)
+        needed[5] = False  # the push took page 5 already
+        service.set_needed([needed])
+        service.request(PageRequest(0, 3, 1, read_at=1.0))
+        service.request(PageRequest(0, 5, 1, read_at=2.0))
+        ours.shutdown()
+        reader.join(5)
+        sent = _runs_sent(bytes(received))
+    assert [(first, count, bits) for first, count, bits, _ in sent] == [
+        (3, 1, [False]),
+        (5, 1, [True]),
+    ]
+    assert sent[0][3] == b"\x07" * PAGE
+    assert not needed[3] and not needed[5] and needed[:3].all() and needed[6:].all()
+    assert (sender.counters.pages_requested, sender.counters.pages_resent) == (1, 1)
+    assert [(block, first, count, read) for block, first, count, read, _ in hops.served] == [
+        (0, 3, 1, 1.0),
+        (0, 5, 1, 2.0),
+    ]
+    assert service._jump == (0, 6)
 
 
 def test_zero_pages_found_ahead_are_found_again_after_a_sync() -> None:

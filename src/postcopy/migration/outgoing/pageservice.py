@@ -155,7 +155,9 @@ class PageService:
         """A page request from the return path: served at once on the preempt channel, or
         queued for the push."""
         urgent = self._urgent
-        if urgent is not None:
+        if urgent is not None and request.page_count == 1:
+            self._serve_page(urgent, request)
+        elif urgent is not None:
             self._serve_request(urgent, request, urgent=True)
         else:
             self._requests.put(request)
@@ -290,6 +292,28 @@ class PageService:
             except queue.Empty:
                 return
             self._serve_request(writer, request)
+
+    def _serve_page(self, writer: StreamWriter, request: PageRequest) -> None:
+        """`_serve_request` of a request for one page on the urgent channel (a vCPU's
+        fault: nearly every request), with the claim inline and the page sent first: the
+        page if it was still needed, else again if `resend_taken_pages` (see there)."""
+        index, page = request.block, request.first_page
+        block = self._ram[index]
+        with self._needed_lock:
+            needed = self._needed[index]
+            wanted = bool(needed[page])
+            if wanted:
+                needed[page] = False
+        if wanted or resend_taken_pages(block):
+            self._sender.send_pages(writer, index, block, page, 1, phase="requested")
+            # the return path is the only writer of these two with preempt
+            if wanted:
+                self._counters.pages_requested += 1
+            else:
+                self._counters.pages_resent += 1
+        self._jump = (index, page + 1)
+        if self._hops is not None:
+            self._hops.request_served(index, page, 1, request.read_at)
 
     def _serve_request(
         self, writer: StreamWriter, request: PageRequest, *, urgent: bool = False

@@ -45,6 +45,7 @@ class ReturnPath:
         clock: Clock,
     ) -> None:
         self._ram = ram
+        self._block_pages = [block.pages for block in ram]  # a request's bounds
         self._status = status
         self._counters = counters
         self._on_request = on_request
@@ -121,18 +122,16 @@ class ReturnPath:
             reader.read_stream_header()
             while True:
                 message = reader.read()
-                self.last_heard = self._clock()
+                self.last_heard = heard = self._clock()
                 if isinstance(message, ReqPages):
                     self._counters.postcopy_requests += 1  # this thread is its only writer
                     if self._status.value != MigrationStatus.POSTCOPY_ACTIVE:
                         raise MigrationError("destination requested pages before postcopy")
-                    block = self._ram[message.block]
-                    if message.first_page + message.page_count > block.pages:
-                        raise MigrationError(f"page request outside block {block.name!r}")
+                    if message.first_page + message.page_count > self._block_pages[message.block]:
+                        name = self._ram[message.block].name
+                        raise MigrationError(f"page request outside block {name!r}")
                     self._on_request(
-                        PageRequest(
-                            message.block, message.first_page, message.page_count, self._clock()
-                        )
+                        PageRequest(message.block, message.first_page, message.page_count, heard)
                     )
                 elif isinstance(message, Pong):
                     if message.value == HEARTBEAT_PONG or message.value & HEARTBEAT_PING:
