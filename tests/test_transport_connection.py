@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postcopy.linux.memory import Mapping
 from postcopy.transport import (
     ConnectError,
     Connection,
@@ -600,75 +599,3 @@ def test_refusals_go_to_on_refused_and_accept_returns_only_sources(
     wait_reported(refused, 2)  # the two handshakes fail on their own threads
     assert len(refused) == 2 and listener.peer_counts.refused == 2, listener.peer_counts
     assert any("not a postcopy peer" in str(e) for e in refused)
-
-
-@pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_spliced_regions_arrive_intact_after_their_head(
-    kind: str, tmp_path: Path, pool: ThreadPoolExecutor, closing: list[Connection | Listener]
-) -> None:
-    """send_spliced: the head, then regions of our memory by reference, several pipefuls
-    each, in order; nothing copied through send_all but the head."""
-    source, destination = pair(endpoints(tmp_path)[kind], pool, closing)
-    assert source.can_splice
-    with Mapping.anonymous(8 * MiB) as memory:
-        payload = random_bytes(8 * MiB, seed=2)
-        memory.view[:] = payload.tobytes()
-        regions = [(memory.address, 3 * MiB + 4096), (memory.address + 5 * MiB, 3 * MiB)]
-        head = b"head-of-frame"
-        sending = pool.submit(source.send_spliced, head, regions)
-        expected = head + bytes(memory.view[: 3 * MiB + 4096]) + bytes(memory.view[5 * MiB :])
-        received = destination.recv_exact(len(expected))
-        assert sending.result(30) == len(expected)
-        assert received == expected
-
-
-def test_tls_and_timeouts_do_not_splice() -> None:
-    source, destination = Connection.socketpair()
-    with source, destination:
-        assert source.can_splice
-        source.set_timeout(5.0)  # the socket is non-blocking underneath: splice would not wait
-        assert not source.can_splice
-
-
-def test_close_ends_a_blocked_splice_and_leaves_no_descriptor(pool: ThreadPoolExecutor) -> None:
-    """A send_spliced blocked on a full socket is ended by close() from another thread,
-    with an error, and its pipe is closed with it."""
-    fds_before = len(os.listdir("/proc/self/fd"))
-    source, destination = Connection.socketpair()
-    with Mapping.anonymous(16 * MiB) as memory, destination:
-        memory.view[:] = b"\x01" * (16 * MiB)
-        sending = pool.submit(source.send_spliced, b"h", [(memory.address, 16 * MiB)])
-        with contextlib.suppress(TimeoutError):
-            sending.result(0.5)  # nobody reads: the socket and the pipe fill, it blocks
-        assert not sending.done()
-        source.close()
-        with pytest.raises(OSError):
-            sending.result(10)
-        with pytest.raises(OSError, match="closed"):
-            source.send_spliced(b"h", [(memory.address, 4096)])
-    assert len(os.listdir("/proc/self/fd")) == fds_before
-
-
-def test_a_piece_bounds_each_splice(
-    pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With a piece (the postcopy push on a socket the page requests share), no splice
-    moves more than the piece, however much the pipe holds."""
-    from postcopy.linux.splice import SplicePipe
-
-    sizes: list[int] = []
-    splice_to = SplicePipe.splice_to
-
-    def recorded(pipe: SplicePipe, fd: int, length: int, flags: int = 0) -> int:
-        sizes.append(length)
-        return splice_to(pipe, fd, length, flags)
-
-    monkeypatch.setattr(SplicePipe, "splice_to", recorded)
-    source, destination = Connection.socketpair()
-    with source, destination, Mapping.anonymous(2 * MiB) as memory:
-        memory.view[:] = random_bytes(2 * MiB, seed=3).tobytes()
-        sending = pool.submit(source.send_spliced, b"h", [(memory.address, 2 * MiB)], 256 << 10)
-        received = destination.recv_exact(1 + 2 * MiB)
-        assert sending.result(10) == 1 + 2 * MiB
-        assert received == b"h" + bytes(memory.view)
-    assert sizes and max(sizes) <= 256 << 10

@@ -1,8 +1,7 @@
 """Frames over a connection: the glue between the sans-IO codec and a transport.
 
 StreamWriter sends whole frames (several threads may share one, a lock keeps frames whole)
-and sends RAM runs straight from guest memory: by reference (vmsplice and splice, no copy
-into the kernel) on a plain socket, else with one scatter-gather send. `send_soon`
+and sends RAM runs straight from guest memory with one scatter-gather send. `send_soon`
 is for heartbeats: it never blocks (a stuck link must not stop the thread that watches
 for one) and goes out right after the frame being sent when the channel is busy.
 StreamReader reads frames; for a RAM run it returns the checked header and the caller reads
@@ -43,13 +42,6 @@ from postcopy.wire import (
 # copy (~0.5-1 ms here) on either side. The push's runs cross in pieces of this size.
 SHARED_SOCKET_PIECE = 256 << 10
 SEND_NOW_BYTES = 80 << 10  # frames up to this size are sent keeping the GIL (send_now)
-# RAM runs of at least this much page data go by reference (`Connection.send_spliced`):
-# sendmsg's copy into the kernel was ~half of the source migration thread's CPU (perf,
-# 1 GiB memtouch bulk round); below this the two extra system calls cost more than it
-SPLICE_MIN_BYTES = 64 << 10
-# what may be spliced: memory of 4 KiB pages that get_user_pages can pin (not hugetlb,
-# whose pages cross in one send anyway, nor files of other file systems)
-_SPLICE_MEMORY = ("anonymous", "shmem")
 
 
 class StreamWriter:
@@ -125,15 +117,8 @@ class StreamWriter:
         log catches such writes, so the copy that crosses is never the last word on a page.
         """
         header = self._encoder.ram_run_header(block_index, first_page, zero, block.page_size)
-        normal = zero.size - int(np.count_nonzero(zero))
-        if (
-            normal * block.page_size >= SPLICE_MIN_BYTES
-            and block.memory_type in _SPLICE_MEMORY
-            and self.connection.can_splice
-        ):
-            self._send_spliced(header, block, first_page, zero, normal)
-            return len(header) + normal * block.page_size
         buffers: list[bytes | memoryview] = [header]
+        normal = zero.size - int(np.count_nonzero(zero))
         if normal == zero.size:  # the common case: every page has data, one buffer
             buffers.append(block.page_view(first_page, normal))
         elif normal:
@@ -148,25 +133,6 @@ class StreamWriter:
         else:
             self._send(buffers)
         return len(header) + normal * block.page_size
-
-    def _send_spliced(
-        self, header: bytes, block: RamBlock, first_page: int, zero: Bitmap, normal: int
-    ) -> None:
-        """`send_ram_run` by reference; with `piece_bytes` set, no splice moves more than
-        a piece, so a shared socket's lock is held no longer (SHARED_SOCKET_PIECE)."""
-        page_size = block.page_size
-        base = block.host_address + first_page * page_size
-        if normal == zero.size:
-            regions = [(base, normal * page_size)]
-        else:
-            starts, lengths = runs(~zero)
-            regions = [
-                (base + start * page_size, length * page_size)
-                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)
-            ]
-        with self._lock:
-            self.connection.send_spliced(header, regions, self.piece_bytes)
-            self._send_waiting()
 
     def _send_in_pieces(self, buffers: list[bytes | memoryview], piece: int) -> None:
         """One frame, sent in sends of at most `piece` bytes (SHARED_SOCKET_PIECE)."""

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 
 from postcopy.closing import Closing
 from postcopy.linux._libc import held_libc
-from postcopy.linux.splice import SPLICE_F_MORE, SplicePipe
 from postcopy.transport.acceptor import Acceptor, AcceptorCounts, RefusalSink
 from postcopy.transport.auth import (
     MAIN_CHANNEL,
@@ -92,12 +91,6 @@ _TLS_COALESCE = 256 * 1024
 
 _BYTE_STRINGS = (bytes, bytearray)
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-# the pipe of `send_spliced`: the most that one vmsplice takes (pipe-max-size, the
-# largest an unprivileged process may ask for). With 256 KiB, the eight vmsplice and
-# splice calls per 2 MiB run cost the source's migration thread as much CPU in Python
-# and GIL hand-overs as the copy they saved
-SPLICE_PIPE_BYTES = 1 << 20
-_SPLICE_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
 def _nbytes(buffer: Buffer) -> int:
@@ -129,8 +122,6 @@ class Connection(Closing):
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._closed = False
         self._close_lock = threading.Lock()
-        self._pipe: SplicePipe | None = None
-        self._pipe_lock = threading.Lock()  # held by a send_spliced for its whole frame
 
     @classmethod
     def socketpair(cls) -> tuple[Connection, Connection]:
@@ -197,54 +188,6 @@ class Connection(Closing):
         if batch:
             self._sock.sendall(batch)
         return total
-
-    @property
-    def can_splice(self) -> bool:
-        """Whether `send_spliced` may be used: a plain (not TLS), blocking socket."""
-        return (
-            not self.tls
-            and self._sock.family in _SPLICE_FAMILIES
-            and self._sock.gettimeout() is None
-        )
-
-    def send_spliced(self, head: bytes, regions: Sequence[tuple[int, int]], piece: int = 0) -> int:
-        """Send `head`, then each (address, length) region of this process's memory by
-        reference (vmsplice into a pipe, splice into the socket): no copy into the
-        kernel, which was half the CPU of sending RAM with sendmsg. A page written before
-        the receiver has read it arrives with its new content (the caller's dirty
-        tracking must send it again anyway). Only where `can_splice`. `piece`: if not 0,
-        no splice moves more than that (how long it holds the socket's lock). Returns the
-        bytes sent."""
-        with self._pipe_lock:
-            if self._closed:
-                raise OSError(errno.EBADF, f"connection to {self.peer} is closed")
-            pipe = self._pipe
-            if pipe is None:
-                pipe = self._pipe = SplicePipe(SPLICE_PIPE_BYTES)
-            try:
-                total = self.send_all([head])
-                for index, (address, length) in enumerate(regions):
-                    last_region = index == len(regions) - 1
-                    while length:
-                        moved = pipe.vmsplice(address, min(length, pipe.capacity))
-                        address += moved
-                        length -= moved
-                        more = 0 if last_region and not length else SPLICE_F_MORE
-                        while moved:
-                            size = min(moved, piece) if piece else moved
-                            sent = pipe.splice_to(self._sock.fileno(), size, more)
-                            moved -= sent
-                            total += sent
-                return total
-            except BaseException:
-                # what is left in the pipe belongs to a frame that will never be whole
-                pipe.close()
-                self._pipe = None
-                raise
-            finally:
-                if self._closed and self._pipe is not None:
-                    self._pipe.close()
-                    self._pipe = None
 
     def send_now(self, data: bytes) -> int:
         """Send what the socket takes of `data` at once, keeping the GIL (a short frame on
@@ -337,14 +280,6 @@ class Connection(Closing):
         with contextlib.suppress(OSError):
             self.shutdown()
         self._sock.close()
-        # a send_spliced in progress (woken by the shutdown) closes the pipe itself
-        if self._pipe_lock.acquire(blocking=False):
-            try:
-                if self._pipe is not None:
-                    self._pipe.close()
-                    self._pipe = None
-            finally:
-                self._pipe_lock.release()
 
     @property
     def closed(self) -> bool:
