@@ -74,3 +74,35 @@ def test_waits_are_summed_per_kind() -> None:
     assert summary["asked"]["count"] == 2 and summary["asked"]["sum-ms"] == pytest.approx(6.0)
     assert summary["moved"]["max-us"] == pytest.approx(100.0)
     assert wait_summary({}) == {}
+
+
+def test_a_request_the_push_answered_has_its_own_hop() -> None:
+    """Without preempt the page a vCPU faults on is often in a pushed run already on its
+    way: its header is read before the source serves the request. That request's copy
+    hops are not the page's; it counts in "request sent -> header read (pushed copy)"."""
+    clock = FakeClock()
+    destination, source = HopLog(clock), HopLog(clock)
+    # request 1, for page 7: the push's run 0..63 is read at 10.0015 and placed at 10.002,
+    # the source serves the request only at 10.003
+    clock.now = 10.001
+    destination.request_sent(0, 7, 1, fault_read=10.000)
+    clock.now = 10.002
+    destination.run_placed(0, 0, 64, header_read=10.0015, channel=MAIN)
+    clock.now = 10.003
+    source.request_served(0, 7, 1, read=10.0012)
+    # request 2, for page 100: served by the source at 10.005, its run read at 10.006
+    clock.now = 10.004
+    destination.request_sent(0, 100, 1, fault_read=10.0035)
+    clock.now = 10.005
+    source.request_served(0, 100, 1, read=10.0045)
+    clock.now = 10.007
+    destination.run_placed(0, 100, 1, header_read=10.006, channel=MAIN)
+    joined = join_hops(destination.as_qmp(), source.as_qmp())
+    assert [row.get("pushed") for row in joined] == [1.0, None]
+    summary = hop_summary(joined)
+    assert summary["page sent -> header read"]["count"] == 1
+    assert summary["page sent -> header read"]["p50-us"] == pytest.approx(1000, abs=1)
+    assert summary["read -> page sent (source)"]["count"] == 1
+    pushed = summary["request sent -> header read (pushed copy)"]
+    assert pushed["count"] == 1 and pushed["p50-us"] == pytest.approx(500, abs=1)
+    assert summary["fault read -> placed"]["count"] == 2

@@ -87,13 +87,23 @@ HOPS = (
     ("page sent -> header read", "served", "header_read"),
     ("header read -> placed", "header_read", "placed"),
     ("fault read -> placed", "fault_read", "placed"),
+    # a request the push answered: its page was in a pushed run whose header the
+    # destination read before the source had served the request (`pushed` in join_hops)
+    ("request sent -> header read (pushed copy)", "sent", "header_read"),
 )
+# the hops of the source's own copy of the page: not the copy a pushed request got
+_SERVICE_HOPS = ("read -> page sent (source)", "page sent -> header read")
+_PUSHED_HOP = "request sent -> header read (pushed copy)"
 
 
 def join_hops(destination: dict[str, Any], source: dict[str, Any]) -> list[dict[str, float]]:
     """Each destination request with the times of all its hops (seconds), where found: the
     source's entry for the same (block, first, count) read after it was sent, and the first
-    run placed after it that holds its first page. One dict per request."""
+    run placed after it that holds its first page. One dict per request. `pushed` (1.0)
+    marks a request whose page came in a run of the push (main channel) whose header was
+    read before the source served the request: the push answered it, and the source's
+    copy, if any, came later (without preempt the page a vCPU faults on is often on its
+    way already; these made "page sent -> header read" negative)."""
     requests = destination.get("requests") or {}
     placed = destination.get("placed") or {}
     served = source.get("served") or {}
@@ -123,18 +133,28 @@ def join_hops(destination: dict[str, Any], source: dict[str, Any]) -> list[dict[
         for done, run_first, run_count, header_read, channel in entries[position:]:
             if run_first <= first < run_first + run_count:
                 row["header_read"], row["placed"], row["channel"] = header_read, done, channel
+                if channel == MAIN and "served" in row and header_read < row["served"]:
+                    row["pushed"] = 1.0
                 break
         joined.append(row)
     return joined
 
 
 def hop_summary(joined: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """p50/p99/max in µs of each hop over the requests that have both ends of it."""
+    """p50/p99/max in µs of each hop over the requests that have both ends of it. The
+    source's copy's hops leave out the requests the push answered (`pushed`), which have
+    a hop of their own instead."""
     import numpy as np
 
     summary: dict[str, dict[str, float]] = {}
     for name, start, end in HOPS:
-        values = np.array([r[end] - r[start] for r in joined if start in r and end in r])
+        if name in _SERVICE_HOPS:
+            chosen = [r for r in joined if not r.get("pushed")]
+        elif name == _PUSHED_HOP:
+            chosen = [r for r in joined if r.get("pushed")]
+        else:
+            chosen = joined
+        values = np.array([r[end] - r[start] for r in chosen if start in r and end in r])
         if values.size:
             p50, p99 = np.percentile(values, [50, 99])
             summary[name] = {
