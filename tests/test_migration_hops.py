@@ -79,7 +79,7 @@ def test_waits_are_summed_per_kind() -> None:
 def test_a_request_the_push_answered_has_its_own_hop() -> None:
     """Without preempt the page a vCPU faults on is often in a pushed run already on its
     way: its header is read before the source serves the request. That request's copy
-    hops are not the page's; it counts in "request sent -> header read (pushed copy)"."""
+    hops are not the page's; it counts in "request sent -> pushed copy's header read"."""
     clock = FakeClock()
     destination, source = HopLog(clock), HopLog(clock)
     # request 1, for page 7: the push's run 0..63 is read at 10.0015 and placed at 10.002,
@@ -103,6 +103,6 @@ def test_a_request_the_push_answered_has_its_own_hop() -> None:
     assert summary["page sent -> header read"]["count"] == 1
     assert summary["page sent -> header read"]["p50-us"] == pytest.approx(1000, abs=1)
     assert summary["read -> page sent (source)"]["count"] == 1
-    pushed = summary["request sent -> header read (pushed copy)"]
+    pushed = summary["request sent -> pushed copy's header read"]
     assert pushed["count"] == 1 and pushed["p50-us"] == pytest.approx(500, abs=1)
     assert summary["fault read -> placed"]["count"] == 2

@@ -88,12 +88,14 @@ HOPS = (
     ("header read -> placed", "header_read", "placed"),
     ("fault read -> placed", "fault_read", "placed"),
     # a request the push answered: its page was in a pushed run whose header the
-    # destination read before the source had served the request (`pushed` in join_hops)
-    ("request sent -> header read (pushed copy)", "sent", "header_read"),
+    # destination read before the source had served the request (`pushed` in join_hops);
+    # negative when the run was already being read as the request went out (the vCPU
+    # faulted on a page that was arriving: then "header read -> placed" is the rest)
+    ("request sent -> pushed copy's header read", "sent", "header_read"),
 )
 # the hops of the source's own copy of the page: not the copy a pushed request got
 _SERVICE_HOPS = ("read -> page sent (source)", "page sent -> header read")
-_PUSHED_HOP = "request sent -> header read (pushed copy)"
+_PUSHED_HOP = "request sent -> pushed copy's header read"
 
 
 def join_hops(destination: dict[str, Any], source: dict[str, Any]) -> list[dict[str, float]]:
