@@ -18,11 +18,9 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from postcopy.linux.memory import Advice, EventFd, Mapping
+from postcopy.linux.memory import Advice, Mapping
 from postcopy.linux.userfaultfd import (
     Feature,
-    PageFault,
-    PageFaultFlags,
     RegisterMode,
     Remove,
     RetryError,
@@ -36,6 +34,7 @@ from postcopy.migration.incoming.placement import Placement
 from postcopy.migration.incoming.placer import PagePlacer
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import RamBlock, RamList
+from tests.faultqueue import QueuedFaults
 
 PAGE = 4096
 PAGES = 16
@@ -114,33 +113,20 @@ def test_a_placement_that_keeps_meeting_eagain_fails_instead_of_spinning(
     staging.close()
 
 
-class _FlakyUffd:
-    """A stand-in for the fault thread's userfaultfd: hands out queued faults through an
-    eventfd, and answers ZEROPAGE at `stuck` with EAGAIN until `release()` (as the kernel
-    does until another thread has done its part), every other page at once."""
+class _FlakyUffd(QueuedFaults):
+    """A stand-in for the fault thread's userfaultfd: hands out queued faults, and answers
+    ZEROPAGE at `stuck` with EAGAIN until `release()` (as the kernel does until another
+    thread has done its part), every other page at once."""
 
     def __init__(self, stuck: int) -> None:
+        super().__init__()
         self.stuck = stuck
         self.refusals = 0
         self.zeroed: list[int] = []
         self._released = threading.Event()
-        self._ready = EventFd()
-        self._faults: list[PageFault] = []
 
     def release(self) -> None:
         self._released.set()
-
-    def fault(self, address: int, thread_id: int = 0) -> None:
-        self._faults.append(PageFault(address, PageFaultFlags.WRITE, thread_id))
-        self._ready.write(1)
-
-    def fileno(self) -> int:
-        return self._ready.fileno()
-
-    def read_events(self, max_events: int, *, hold_gil: bool = False) -> list[PageFault]:
-        self._ready.read()
-        faults, self._faults = self._faults, []
-        return faults
 
     def zeropage(self, start: int, length: int) -> int:
         if start == self.stuck and not self._released.is_set():
@@ -148,12 +134,6 @@ class _FlakyUffd:
             raise RetryError(errno.EAGAIN, "UFFDIO_ZEROPAGE", start, length)
         self.zeroed.append(start)
         return length
-
-    def wake(self, start: int, length: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self._ready.close()
 
 
 def _until(condition: Callable[[], bool], what: str) -> None:

@@ -15,13 +15,14 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from postcopy.linux.memory import EventFd, Mapping
+from postcopy.linux.memory import Mapping
 from postcopy.linux.userfaultfd import PageFault, PageFaultFlags, UserfaultFd
 from postcopy.migration.incoming.faults import FaultThread
 from postcopy.migration.incoming.placement import Placement
 from postcopy.migration.stats import BlocktimeTracker, LatencyRecorder
 from postcopy.ram import RamBlock, RamList
 from postcopy.wire import ReqPages
+from tests.faultqueue import QueuedFaults
 
 PAGE = 4096
 PAGES = 16
@@ -33,35 +34,6 @@ def ram() -> Iterator[RamList]:
     ram = RamList([RamBlock("pc.ram", Mapping.anonymous(PAGES * PAGE))])
     yield ram
     ram.close()
-
-
-class _Uffd:
-    """Hands out queued faults through an eventfd."""
-
-    def __init__(self) -> None:
-        self._ready = EventFd()
-        self._faults: list[PageFault] = []
-
-    def fault(self, address: int, thread_id: int) -> None:
-        self._faults.append(PageFault(address, PageFaultFlags.WRITE, thread_id))
-        self._ready.write(1)
-
-    def fileno(self) -> int:
-        return self._ready.fileno()
-
-    def read_events(self, max_events: int, *, hold_gil: bool = False) -> list[PageFault]:
-        self._ready.read()
-        faults, self._faults = self._faults, []
-        return faults
-
-    def zeropage(self, start: int, length: int) -> int:
-        return length
-
-    def wake(self, start: int, length: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self._ready.close()
 
 
 class _ReturnPath:
@@ -95,7 +67,7 @@ def test_a_requested_pages_wait_is_counted_after_the_request(
     is sent); the wait begins at the fault read either way and ends at the placement, or,
     for a page placed before the wait was counted (the push's copy), when the fault
     thread sees it placed. The latency sample is taken once, by the placement."""
-    uffd = _Uffd()
+    uffd = QueuedFaults()
     received = [np.zeros(PAGES, dtype=np.bool_)]
     blocktime = BlocktimeTracker(1)
     latency = LatencyRecorder([PAGES])
@@ -153,7 +125,7 @@ def test_a_requested_pages_wait_is_counted_after_the_request(
 def test_faults_of_a_batch_are_counted_in_order(ram: RamList) -> None:
     """A batch with a fault asked for and then one resolved here (the same vCPU, woken
     in between): the first wait is counted before the second begins, as before."""
-    uffd = _Uffd()
+    uffd = QueuedFaults()
     received = [np.zeros(PAGES, dtype=np.bool_)]
     received[0][9] = True  # known here: resolved locally
     blocktime = BlocktimeTracker(1)
