@@ -105,6 +105,14 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
     assert shared[shared.index("--share") + 1] == "on"
     private = _vm_args(parse_name("memtouch-1g-1cpu-postcopy1-hugetlbfs"), Path("k"), Path("t"))
     assert "--share" not in private
+    assert "--mem-prealloc" not in private
+    prealloc = parse_name("memtouch-4g-1cpu-postcopy1-libvirt-prealloc")
+    assert (prealloc.prealloc, prealloc.switch_by_tool, prealloc.as_json()["prealloc"]) == (
+        True,
+        True,
+        True,
+    )
+    assert "--mem-prealloc" in _vm_args(prealloc, Path("k"), Path("t"))
     assert parse_name("randwrite-1g-2cpu-postcopy0-memfd").backend == "memfd"
     assert parse_name("memtouch-1g-1cpu-postcopy1").backend == "ram"
     for bad in (
@@ -113,6 +121,7 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
         "memtouch-1g-1cpu-precopy-preempt",
         "memtouch-1g-1cpu-precopy-memfd-minor",  # minor needs postcopy
         "memtouch-1g-1cpu-postcopy1-minor",  # and a memfd or hugetlb backend
+        "memtouch-1g-1cpu-postcopy1-prealloc-memfd",  # the backend comes first
         "memtouch-3m-1cpu-postcopy1-hugetlb",  # not whole huge pages
     ):
         with pytest.raises(ScenarioError):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hold import HOLD_RATE
 from tests.hugepages import huge_pages, hugetlbfs_mount
 from tests.vmprocess import VmProcess, free_port
 
@@ -313,3 +314,54 @@ def test_a_second_process_reads_unreceived_pages_through_the_request_path(
             if helper.stdin is not None:
                 helper.stdin.close()
             helper.wait(30)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.mark.parametrize(
+    ("backend", "prealloc", "kept"),
+    [
+        ("ram", True, True),  # anonymous RAM swaps at LISTEN: zeros need no emptying
+        ("ram", False, False),  # nothing populated, nothing to keep
+        ("memfd", True, False),  # in place: emptied at ADVISE, as QEMU does
+    ],
+)
+def test_preallocated_ram_stays_populated_through_the_postcopy_advise(
+    tmp_path: Path, vms: list[VmProcess], backend: str, prealloc: bool, kept: bool
+) -> None:
+    """--mem-prealloc populates all guest RAM at start-up. ADVISE empties the destination's
+    RAM unless RAM swap makes that needless (all zeros, and LISTEN moves every page aside):
+    held in the first round after a few runs, the destination still holds all its RAM, and
+    the guest arrives whole."""
+    args = ("--mem-prealloc",) if prealloc else ()
+    source, destination, uri = start_pair(
+        tmp_path, vms, backend, dest_args=args, share=None if backend == "ram" else "on"
+    )
+    ram_bytes = 256 << 20
+    assert (_rss_bytes(destination.process.pid) >= ram_bytes) == prealloc
+    source.wait_passes(b"B", 1)
+    source.cmd(
+        "migrate-set-parameters",
+        **{"max-bandwidth": HOLD_RATE, "zero-page-detection": "none", "x-postcopy-after-rounds": 1},
+    )
+    source.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + 60
+    while destination.cmd("query-migrate").get("x-bytes-received", 0) < 1 << 20:
+        assert time.monotonic() < deadline, destination.cmd("query-migrate")
+        time.sleep(0.05)
+    # past ADVISE (it comes before any page), a few MiB received, the rest held back
+    assert (_rss_bytes(destination.process.pid) >= ram_bytes) == kept
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    info = source.wait_migration({"completed", "failed"})
+    assert info["status"] == "completed", (info.get("error-desc"), destination.stderr())
+    assert info["x-postcopy"]["needed-pages"] > 0  # postcopy really happened
+    assert destination.wait_migration({"completed", "failed"})["status"] == "completed"
+    destination.wait_passes(b"B", destination.console().count(b"B") + 1)
+    destination.cmd("stop")
+    result = destination.cmd("x-verify")
+    assert result["ok"], result["detail"]

@@ -25,6 +25,7 @@ from postcopy.linux.memory import (
     MappingError,
     filesystem_type,
 )
+from postcopy.linux.pagemap import Pagemap
 from postcopy.linux.userfaultfd import Feature, PageFault, RegisterMode
 from postcopy.ram import BackendError, MemoryBackend, RamBlock, discard_range, fold, unfold
 from tests.hugepages import huge_pages, hugetlbfs_mount
@@ -50,6 +51,21 @@ def test_backend_names_are_qemus() -> None:
     assert (str(spec), spec.shared) == ("file:/dev/hugepages,share=on", True)
     assert str(MemoryBackend.parse("memfd", share=False)) == "memfd,share=off"
     assert not MemoryBackend.parse("file:/x").shared  # QEMU's default for files: private
+
+
+def test_prealloc_is_qemus_prealloc_on_and_populates_every_page() -> None:
+    backend = MemoryBackend.parse("ram", prealloc=True)
+    assert backend.qemu_object == "memory-backend-ram,share=off,prealloc=on"
+    assert str(backend) == "ram,prealloc=on"
+    with Pagemap() as pagemap:
+        for text in ("ram", "memfd"):
+            for prealloc in (True, False):
+                with MemoryBackend.parse(text, prealloc=prealloc).allocate(64 * PAGE) as mapping:
+                    present = pagemap.present(mapping.address, mapping.length)
+                    assert bool(present.all()) == prealloc, (text, prealloc)
+                    assert prealloc or not present.any()
+                    # populated with zeros: what a new VM's RAM must read
+                    assert ctypes.string_at(mapping.address, mapping.length).count(0) == 64 * PAGE
 
 
 @pytest.mark.parametrize(

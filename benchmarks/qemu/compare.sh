@@ -7,7 +7,10 @@
 # SETUPs: 1g (CPL3), 1g-cpl0 (QEMU's classic CPL0 guest), 4g (CPL3); default all three.
 # PREEMPT=1 adds postcopy-preempt on both sides; SWITCH=source has our source switch by
 # itself (x-postcopy-after-rounds 1, the old comparison) while QEMU keeps libvirt's.
-# Results: OUT_DIR/ours.jsonl (postcopy bench records), OUT_DIR/qemu-SETUP[-preempt].jsonl
+# PREALLOC=1 starts both VMs on both sides with all RAM populated (our --mem-prealloc,
+# QEMU's -mem-prealloc: libvirt's <allocation mode='immediate'/>), so that neither
+# destination receives into memory the host backs only on its first touch.
+# Results: OUT_DIR/ours.jsonl (postcopy bench records), OUT_DIR/qemu-SETUP[-preempt][-prealloc].jsonl
 # (run.py); `benchmarks/qemu/summary.py OUT_DIR` prints the medians side by side.
 set -eu
 out=${1:?usage: compare.sh OUT_DIR [ROUNDS] [SETUP...]}
@@ -17,6 +20,7 @@ setups=${*:-1g 1g-cpl0 4g}
 python=${PYTHON:-.venv/bin/python}
 preempt=${PREEMPT:-0}
 switch=${SWITCH:-libvirt}
+prealloc=${PREALLOC:-0}
 mkdir -p "$out"
 for _ in $(seq "$rounds"); do
   for setup in $setups; do
@@ -32,6 +36,7 @@ for _ in $(seq "$rounds"); do
     suffix=""
     if [ "$preempt" = 1 ]; then name="$name-preempt"; qargs+=(--preempt); suffix="-preempt"; fi
     name="$name$cpl"
+    if [ "$prealloc" = 1 ]; then name="$name-prealloc"; qargs+=(--prealloc); suffix="$suffix-prealloc"; fi
     "$python" -m postcopy bench "$name" --repeat 1 --out "$out/ours.jsonl" >> "$out/ours.log" 2>&1 || true
     "$python" benchmarks/qemu/run.py "${qargs[@]}" --out "$out/qemu-$setup$suffix.jsonl" >> "$out/qemu.log" 2>&1 || true
   done

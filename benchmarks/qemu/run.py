@@ -219,6 +219,7 @@ class Options:
     extra: list[str] = field(default_factory=list)
     hugetlbfs: bool = False  # guest RAM in a file on a hugetlbfs mount (2 MiB pages)
     downtime_limit: int | None = None  # ms; None: QEMU's default (300)
+    prealloc: bool = False  # -mem-prealloc (prealloc=on): RAM populated before the guest runs
 
 
 def qemu_command(
@@ -229,7 +230,8 @@ def qemu_command(
         # QEMU's memory-backend-file on hugetlbfs (share=off, its default, like ours)
         memory = [
             "-object",
-            f"memory-backend-file,id=pc.ram,size={options.ram_bytes},mem-path={mem_path}",
+            f"memory-backend-file,id=pc.ram,size={options.ram_bytes},mem-path={mem_path}"
+            + (",prealloc=on" if options.prealloc else ""),
             "-machine",
             "memory-backend=pc.ram",
         ]
@@ -256,6 +258,7 @@ def qemu_command(
         "-qmp",
         f"unix:{vm.qmp_path},server=on,wait=off",
         *memory,
+        *(["-mem-prealloc"] if options.prealloc and mem_path is None else []),
         *options.extra,
     ]
     if incoming is not None:
@@ -343,6 +346,7 @@ def _run_once(
         "max_bandwidth": options.bandwidth,
         "hugetlbfs": options.hugetlbfs,
         "downtime_limit": options.downtime_limit,
+        "prealloc": options.prealloc,
         "load_before": os.getloadavg(),
     }
     try:
@@ -575,6 +579,12 @@ def main() -> int:
         help="guest RAM on 2 MiB huge pages: memory-backend-file on a hugetlbfs mount made "
         "for the run, the pool grown for it and given back (root)",
     )
+    parser.add_argument(
+        "--prealloc",
+        action="store_true",
+        help="-mem-prealloc on both sides (libvirt's <allocation mode='immediate'/>): all "
+        "guest RAM populated when QEMU starts, before the migration",
+    )
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     parser.add_argument(
         "--guest",
@@ -647,6 +657,7 @@ def main() -> int:
                 switch=args.switch,
                 hugetlbfs=args.hugetlbfs,
                 downtime_limit=args.downtime_limit,
+                prealloc=args.prealloc,
             )
             for repetition in range(args.repeat):
                 record = run_once(options, repetition)

@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/qemu/summary.py OUT_DIR
 
 Reads OUT_DIR/ours.jsonl (postcopy bench records) and OUT_DIR/qemu-*.jsonl (run.py) and
-prints, per setup (1g, 1g-cpl0, 4g, hugetlbfs, each maybe -preempt; ours also in minor-fault
-mode beside QEMU's setup, e.g. hugetlbfs-minor, from compare-hugetlbfs.sh's EXTRA): total
-time, downtime and the
-worst vCPU's blocktime (QEMU 7.2's all-vCPU total undercounts) on both sides with issue
-18's ratios (total <= 1/3 of QEMU's, downtime <= QEMU's, blocktime <= 1/2 of QEMU's),
-whether postcopy really happened in every run, page requests per GiB, and ours' bulk
-round against min(line rate, fill rate) and request latency against the raw fault round
-trip of the same run. Medians of the completed runs; [min-max] beside them.
+prints, per setup (1g, 1g-cpl0, 4g, hugetlbfs, each maybe -preempt and -prealloc; ours
+also in minor-fault mode beside QEMU's setup, e.g. hugetlbfs-minor, from
+compare-hugetlbfs.sh's EXTRA): total time, downtime and the worst vCPU's blocktime (QEMU
+7.2's all-vCPU total undercounts) on both sides with issue 18's ratios (total <= 1/3 of
+QEMU's, downtime <= QEMU's, blocktime <= 1/2 of QEMU's), whether postcopy really happened
+in every run, page requests per GiB, and ours' bulk round against min(line rate, fill
+rate) and request latency against the raw fault round trip of the same run. Medians of
+the completed runs; [min-max] beside them.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def setup_of_ours(record: dict[str, Any]) -> str:
     else:
         name = f"{ram}g" + ("-cpl0" if scenario.get("cpl") == 0 else "")
     name += "-preempt" if scenario.get("preempt") else ""
+    name += "-prealloc" if scenario.get("prealloc") else ""
     return name + ("-minor" if scenario.get("minor") else "")
 
 

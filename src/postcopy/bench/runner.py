@@ -226,6 +226,8 @@ def _vm_args(scenario: Scenario, key: Path, trace: Path, memory: str = "ram") ->
     ]
     if scenario.minor and scenario.backend == "hugetlbfs":
         args += ["--share", "on"]  # minor-fault mode maps the file twice: shared only
+    if scenario.prealloc:
+        args.append("--mem-prealloc")
     for name, value in scenario.guest_params.items():
         args += ["--guest-param", f"{name}={value}"]
     for capability in scenario.capabilities:

@@ -1,7 +1,7 @@
 """Benchmark scenarios: what one run migrates and how, named so the name says it all.
 
 A scenario name is
-`<guest>-<ram>-<N>cpu-<mode>[-libvirt][-preempt][-cpl0][-<backend>][-minor][-cut]`,
+`<guest>-<ram>-<N>cpu-<mode>[-libvirt][-preempt][-cpl0][-<backend>][-prealloc][-minor][-cut]`,
 for example `memtouch-1g-1cpu-postcopy1`: guest memtouch, 1 GiB of RAM, 1 vCPU, postcopy
 after one precopy round. Modes: `precopy` (postcopy off), `postcopy0` (postcopy from the
 start), `postcopyN` (postcopy after N precopy rounds); `-libvirt` makes that switch as a
@@ -12,7 +12,10 @@ postcopy-preempt channel; `-cpl0` runs the guest at CPL0, emulated on this host 
 QEMU's own test guest (a guest that touches memory ~200x slower). The RAM backend is
 private anonymous memory unless `-memfd` (a shmem memfd), `-hugetlb` (a hugetlb memfd,
 2 MiB pages) or `-hugetlbfs` (a file on a hugetlbfs mount the bench makes); the bench
-takes the huge pages from the pool for the run and gives them back. `-minor` puts the
+takes the huge pages from the pool for the run and gives them back. `-prealloc` starts
+both VMs with --mem-prealloc (QEMU's -mem-prealloc, libvirt's immediate allocation): RAM
+populated before the migration, the time it took in the VMs' start-up, not in the run's
+(benchmarks/qemu/run.py --prealloc does the same for QEMU). `-minor` puts the
 destination in minor-fault mode (x-postcopy-minor-faults; memfd or hugetlb backends, a
 file on hugetlbfs mapped with --share on for it).
 `-cut` is postcopy recovery: the link goes through a proxy (bench/linkproxy.py) that
@@ -57,7 +60,8 @@ CUT_AFTER = 16 << 20  # -cut: bytes of the postcopy push before the link is rese
 NAME = re.compile(
     r"^(?P<guest>[a-z]+)-(?P<ram>\d+[mg])-(?P<vcpus>\d+)cpu-"
     r"(?P<mode>precopy|postcopy\d+)(?P<libvirt>-libvirt)?(?P<preempt>-preempt)?(?P<cpl0>-cpl0)?"
-    r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<minor>-minor)?(?P<cut>-cut)?$"
+    r"(?P<backend>-memfd|-hugetlb|-hugetlbfs)?(?P<prealloc>-prealloc)?(?P<minor>-minor)?"
+    r"(?P<cut>-cut)?$"
 )
 
 
@@ -83,6 +87,7 @@ class Scenario:
     load: Mapping[str, Any] = field(default_factory=dict)  # kvstore: the service's load
     backend: str = "ram"  # ram, memfd, memfd-hugetlb, hugetlbfs (a file on a mount)
     minor: bool = False  # the destination in minor-fault mode
+    prealloc: bool = False  # both VMs with --mem-prealloc
     cut: bool = False  # the link is reset in postcopy, and the migration recovers
     cut_after: int = CUT_AFTER  # bytes of the push after the PACKAGE before the cut
 
@@ -153,6 +158,7 @@ class Scenario:
             **({"load": dict(self.load)} if self.load else {}),
             "backend": self.backend,
             "minor": self.minor,
+            "prealloc": self.prealloc,
             **({"cut_after": self.cut_after} if self.cut else {}),
         }
 
@@ -163,7 +169,7 @@ def parse_name(name: str) -> Scenario:
         raise ScenarioError(
             f"{name!r} is not a scenario name: expected "
             "<guest>-<ram>-<N>cpu-<precopy|postcopyN>[-libvirt][-preempt][-cpl0]"
-            "[-memfd|-hugetlb|-hugetlbfs][-minor][-cut], "
+            "[-memfd|-hugetlb|-hugetlbfs][-prealloc][-minor][-cut], "
             "e.g. memtouch-1g-1cpu-postcopy1"
         )
     guest = match.group("guest")
@@ -206,6 +212,7 @@ def parse_name(name: str) -> Scenario:
         load=dict(DEFAULT_LOAD) if guest == "kvstore" else {},
         backend=backend,
         minor=minor,
+        prealloc=match.group("prealloc") is not None,
         cut=cut,
     )
 
@@ -321,6 +328,7 @@ def _from_table(entry: dict[str, Any], path: Path) -> Scenario:
         load=load,
         backend=base.backend,
         minor=base.minor,
+        prealloc=base.prealloc,
         cut=base.cut,
         cut_after=_cut_after(entry, base, path),
     )

@@ -81,6 +81,14 @@ def add_parser(subparsers: Any) -> None:
         help="QEMU's share=on|off: map RAM shared (default: on for memfd backends, else off)",
     )
     run.add_argument(
+        "--mem-prealloc",
+        action="store_true",
+        help="QEMU's -mem-prealloc (prealloc=on): populate all guest RAM at start-up, so "
+        "that neither the guest nor an incoming migration waits for the host to back it "
+        "(on a destination with postcopy-ram only anonymous RAM stays populated: other "
+        "backends are emptied at the postcopy advise, as in QEMU)",
+    )
+    run.add_argument(
         "--guest-cpl",
         type=int,
         choices=(0, 3),
@@ -282,7 +290,9 @@ def run_vm(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ValueError(f"--ram {args.ram}: {error}") from None
         backend = MemoryBackend.parse(
-            args.memory_backend, None if args.share is None else args.share == "on"
+            args.memory_backend,
+            None if args.share is None else args.share == "on",
+            prealloc=args.mem_prealloc,
         )
         if args.x_memory_socket is not None and (backend.kind == "ram" or not backend.shared):
             raise ValueError(

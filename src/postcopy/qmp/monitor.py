@@ -259,6 +259,8 @@ class VmMonitor:
                     exit_on_error=exit_on_error,
                     shared=self.shared,
                     guest=self.guest_identity,
+                    # an incoming VM's anonymous RAM: nothing wrote it since it was made
+                    ram_zero=all(b.mapping.kind == "anonymous" for b in self.vm.ram),
                 )
                 migration.start()
             except Exception as error:
