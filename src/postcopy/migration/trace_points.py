@@ -112,8 +112,9 @@ HANDSHAKE = TracePoint(
 ADVISE = TracePoint(
     "advise",
     DESTINATION,
-    ("swap_ram",),
-    "postcopy advised: userfaultfd ready; whether RAM moves to a side mapping at LISTEN",
+    ("swap_ram", "ram_kept"),
+    "postcopy advised: userfaultfd ready; whether RAM moves to a side mapping at LISTEN, "
+    "and whether RAM (all zeros: a preallocation) was kept instead of emptied",
 )
 DISCARDS_DONE = TracePoint("discards-done", DESTINATION, (), "the source's discards are applied")
 LISTEN = TracePoint(
