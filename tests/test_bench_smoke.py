@@ -24,6 +24,7 @@ import pytest
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from postcopy.bench.analysis import limits_for
 from postcopy.bench.cleanup import pid_alive
 from postcopy.bench.link import our_namespaces
 from postcopy.bench.runner import _vm_args
@@ -113,6 +114,11 @@ def test_scenario_names_parse_and_sets_resolve() -> None:
         True,
     )
     assert "--mem-prealloc" in _vm_args(prealloc, Path("k"), Path("t"))
+    # its destination never writes to fresh memory: the limit is the warm fill rate
+    limits = {"line_rate": 4e9, "fill_rate": 4e8, "warm_fill_rate": 2e9, "throughput_limit": 4e8}
+    assert limits_for({"scenario": prealloc.as_json(), "limits": limits})["throughput_limit"] == 2e9
+    cold = parse_name("memtouch-4g-1cpu-postcopy1-libvirt").as_json()
+    assert limits_for({"scenario": cold, "limits": limits})["throughput_limit"] == 4e8
     assert parse_name("randwrite-1g-2cpu-postcopy0-memfd").backend == "memfd"
     assert parse_name("memtouch-1g-1cpu-postcopy1").backend == "ram"
     for bad in (

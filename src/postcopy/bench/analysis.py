@@ -330,8 +330,19 @@ def judge(ratios: dict[str, Any]) -> dict[str, Any]:
     return verdicts
 
 
+def limits_for(record: dict[str, Any]) -> dict[str, Any]:
+    """The run's limits as its ratios take them. A `-prealloc` run's destination writes to
+    memory populated before the run, never to fresh memory: its throughput limit is
+    min(line rate, warm fill rate), not the first-touch fill rate."""
+    limits = dict(record.get("limits") or {})
+    if (record.get("scenario") or {}).get("prealloc") and limits.get("warm_fill_rate"):
+        line, warm = limits.get("line_rate"), limits["warm_fill_rate"]
+        limits["throughput_limit"] = min(line, warm) if line else warm
+    return limits
+
+
 def analyse(record: dict[str, Any]) -> dict[str, Any]:
     """{"figures", "ratios", "targets"} for a run record."""
     found = figures(record)
-    found_ratios = ratios(found, record.get("limits") or {})
+    found_ratios = ratios(found, limits_for(record))
     return {"figures": found, "ratios": found_ratios, "targets": judge(found_ratios)}

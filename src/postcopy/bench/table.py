@@ -74,7 +74,8 @@ COLUMNS: list[Column] = [
     Column(
         "through-\nput MB/s\nx limit",
         "throughput: bytes sent / total time; x limit: against min(line rate, fill rate) "
-        f"measured on this link before the run ({_bound('throughput_vs_limit')})",
+        "measured on this link before the run (a -prealloc run: the warm fill rate) "
+        f"({_bound('throughput_vs_limit')})",
         lambda r: _against(r, "throughput_bytes_per_s", ".0f", MB, "throughput_vs_limit"),
     ),
     Column(
