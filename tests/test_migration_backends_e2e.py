@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from postcopy.bench.procinfo import memory_figures
 from tests.hold import HOLD_RATE
 from tests.hugepages import huge_pages, hugetlbfs_mount
 from tests.vmprocess import VmProcess, free_port
@@ -316,13 +317,6 @@ def test_a_second_process_reads_unreceived_pages_through_the_request_path(
             helper.wait(30)
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 @pytest.mark.parametrize(
     ("backend", "prealloc", "kept"),
     [
@@ -343,7 +337,11 @@ def test_preallocated_ram_stays_populated_through_the_postcopy_advise(
         tmp_path, vms, backend, dest_args=args, share=None if backend == "ram" else "on"
     )
     ram_bytes = 256 << 20
-    assert (_rss_bytes(destination.process.pid) >= ram_bytes) == prealloc
+
+    def guest_rss() -> int:
+        return int(memory_figures(destination.process.pid, ram_bytes)["guest_rss"] or 0)
+
+    assert (guest_rss() >= ram_bytes) == prealloc
     source.wait_passes(b"B", 1)
     source.cmd(
         "migrate-set-parameters",
@@ -355,7 +353,7 @@ def test_preallocated_ram_stays_populated_through_the_postcopy_advise(
         assert time.monotonic() < deadline, destination.cmd("query-migrate")
         time.sleep(0.05)
     # past ADVISE (it comes before any page), a few MiB received, the rest held back
-    assert (_rss_bytes(destination.process.pid) >= ram_bytes) == kept
+    assert (guest_rss() >= ram_bytes) == kept
     source.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
     info = source.wait_migration({"completed", "failed"})
     assert info["status"] == "completed", (info.get("error-desc"), destination.stderr())
